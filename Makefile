@@ -1,0 +1,44 @@
+# pipeline: batch LLM inference over tables. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/summarise-reviews.yaml
+
+.DEFAULT_GOAL := help
+.PHONY: help setup local-model run test check lint bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	@echo "setup: creating $(VENV) and installing pipeline with its dev tools"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install --quiet --upgrade pip
+	@$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+setup: $(VENV)/.installed ## create .venv and install the project (idempotent)
+
+local-model: setup ## install the embedded model server (compiles llama.cpp once, ~5 min)
+	@scripts/install-local-model.sh $(PY)
+
+run: local-model ## set up, then run the demo job on the embedded local model
+	@$(VENV)/bin/pipeline run $(CONFIG)
+	@$(VENV)/bin/pipeline show out/reviews-summary.parquet --rows 5
+
+test: local-model ## set up, then run the test suite (offline)
+	@$(PY) -m pytest -q
+
+lint: setup ## ruff and mypy
+	@$(VENV)/bin/ruff check pipeline tests bench
+	@$(VENV)/bin/ruff format --check pipeline tests bench
+	@$(VENV)/bin/mypy
+
+check: lint test ## ruff, mypy and the tests
+
+bench: setup ## measure throughput, rate-limit adherence, memory and resume cost
+	@$(PY) bench/run.py
+
+clean: ## remove the venv, outputs and caches
+	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache bench/results

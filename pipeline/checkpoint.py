@@ -1,0 +1,163 @@
+"""The checkpoint store: every answered request, durable from the moment it is answered.
+
+Layout of the folder (next to the output unless --checkpoint-dir says otherwise):
+
+    results.parquet            compacted results of earlier runs (atomic rename)
+    journal-<ns>-<pid>.jsonl   this run's results, one JSON line each, appended
+    lock                       held (flock) by the run using the folder
+
+Each result is appended with one unbuffered write as soon as it is parsed, so a
+SIGKILL at any moment loses nothing already written; a torn last line (a kill
+in mid-write) is ignored on reading. At the start of a run, journals are folded
+into results.parquet (write temp, fsync, rename, then delete the journals; a
+crash in between only leaves duplicates, and the newest result per key wins).
+No request body is stored, so no API key can end up here.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import polars as pl
+
+from pipeline.errors import InputError
+
+RESULT_SCHEMA: dict[str, pl.DataType] = {
+    "completion": pl.String(),
+    "prompt_tokens": pl.Int64(),
+    "completion_tokens": pl.Int64(),
+    "total_tokens": pl.Int64(),
+    "finish_reason": pl.String(),
+    "model": pl.String(),
+    "status": pl.String(),
+    "error": pl.String(),
+    "attempts": pl.Int64(),
+    "latency_ms": pl.Float64(),
+    "request_key": pl.String(),
+    "tokens_estimated": pl.Boolean(),
+}
+RESULT_COLUMNS = tuple(RESULT_SCHEMA)
+SYNC_EVERY = 1.0  # seconds between fsyncs: a kill loses nothing; a power cut at most this much
+
+
+class Checkpoint:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._fd: int | None = None
+        self._lock_fd: int | None = None
+        self._last_sync = 0.0
+        self.appended = 0
+
+    def open(self) -> None:
+        """Take the folder's lock; a second run on the same checkpoint is refused."""
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise InputError(f"Cannot create the checkpoint folder {self.folder}: {exc.strerror}. Choose another with --checkpoint-dir.") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(
+                f"Another pipeline run is using the checkpoint {self.folder}. Wait for it to finish, or give this run its own --output."
+            ) from None
+
+    def load(self) -> pl.DataFrame:
+        """Fold journals into results.parquet and return the rows answered `ok`, sorted by key."""
+        frames = []
+        compacted = self.folder / "results.parquet"
+        if compacted.exists():
+            frames.append(pl.read_parquet(compacted))
+        journals = sorted(self.folder.glob("journal-*.jsonl"))
+        frames.extend(_read_journal(j) for j in journals)
+        frames = [f for f in frames if f.height]
+        if not frames:
+            return pl.DataFrame(schema=RESULT_SCHEMA)
+        everything = pl.concat(frames, how="vertical_relaxed")
+        # Newest answer per key, but an `ok` is never replaced by a later error
+        # (say from a --fresh run): nothing answered is ever lost.
+        ok = everything.filter(pl.col("status") == "ok").unique(subset="request_key", keep="last", maintain_order=True)
+        failed = (
+            everything.filter(pl.col("status") != "ok")
+            .join(ok.select("request_key"), on="request_key", how="anti")
+            .unique(subset="request_key", keep="last", maintain_order=True)
+        )
+        everything = pl.concat([ok, failed])
+        if journals:
+            tmp = compacted.with_suffix(".parquet.tmp")
+            everything.write_parquet(tmp)
+            _fsync_path(tmp)
+            os.replace(tmp, compacted)
+            _fsync_path(self.folder)
+            for j in journals:
+                j.unlink()
+        return everything.filter(pl.col("status") == "ok").sort("request_key")
+
+    def start_journal(self) -> None:
+        name = f"journal-{time.time_ns():020d}-{os.getpid()}.jsonl"
+        self._fd = os.open(self.folder / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    def append(self, result: tuple[Any, ...]) -> None:
+        """Record one result; called as soon as it is known."""
+        assert self._fd is not None
+        os.write(self._fd, orjson.dumps(dict(zip(RESULT_COLUMNS, result, strict=True))) + b"\n")
+        self.appended += 1
+        now = time.monotonic()
+        if now - self._last_sync >= SYNC_EVERY:
+            os.fsync(self._fd)
+            self._last_sync = now
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+
+def _read_journal(path: Path) -> pl.DataFrame:
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1  # a torn last line (killed mid-write) is dropped
+    if end == 0:
+        return pl.DataFrame(schema=RESULT_SCHEMA)
+    try:
+        return pl.read_ndjson(io.BytesIO(data[:end]), schema=RESULT_SCHEMA)
+    except pl.exceptions.PolarsError:
+        # A damaged line in the middle: keep every line that still parses.
+        rows = []
+        for line in data[:end].splitlines():
+            try:
+                rows.append(orjson.loads(line))
+            except orjson.JSONDecodeError:
+                continue
+        return pl.DataFrame(rows, schema=RESULT_SCHEMA)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def lookup(done: pl.DataFrame, keys: pl.Series) -> tuple[pl.Series, pl.DataFrame]:
+    """For each key, whether `done` (sorted by key) has it, and the matching rows in key order.
+
+    A binary search per batch instead of a join: a join would rebuild a hash
+    table of the whole checkpoint for every batch.
+    """
+    done_keys = done.get_column("request_key")
+    if done.height == 0:
+        return pl.Series([False] * len(keys)), done.clear()
+    idx = done_keys.search_sorted(keys.fill_null(""), side="left").clip(0, done.height - 1)
+    hit = (done_keys.gather(idx) == keys).fill_null(False)
+    return hit, done[idx.filter(hit)]

@@ -1,0 +1,133 @@
+"""The command line: the only module that imports click."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from pipeline import errors
+from pipeline.config import build_config, load_yaml
+from pipeline.run import EXIT_USAGE, run_job
+
+RUN_EXAMPLES = """
+\b
+Examples:
+  pipeline run configs/summarise-reviews.yaml
+  pipeline run configs/summarise-reviews.yaml --limit 5 --fresh
+  pipeline run --input data/reviews.csv --prompt 'Summarise in one sentence: {text}' \\
+      --output out/reviews.parquet --base-url http://127.0.0.1:8080/v1 --model SmolLM2
+  MODELSLAB_API_KEY=... pipeline run configs/modelslab-llama-3.2-1b.yaml
+
+\b
+Exit codes: 0 done; 1 error rate above --max-error-rate, or stopped by a fatal
+answer (bad key, no quota); 2 bad usage, config or input (nothing sent);
+130 interrupted (the checkpoint is saved; run again to resume).
+"""
+
+
+class UsageFailure(click.ClickException):
+    """A user mistake: one paragraph, exit code 2, no traceback."""
+
+    exit_code = EXIT_USAGE
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"pipeline: error: {self.format_message()}", err=True)
+
+
+def run_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--input", "-i", "input", multiple=True, help="Input table: CSV, Parquet or JSONL. Repeat, or give a quoted glob."),
+        click.option("--output", "-o", help="Output Parquet file."),
+        click.option("--prompt", "-p", help="Prompt template with {column} placeholders."),
+        click.option("--prompt-column", help="Column that already holds the whole prompt (instead of --prompt)."),
+        click.option("--system", help="System prompt sent with every row."),
+        click.option("--id-column", help="Column identifying a row; identical prompts on different ids are sent separately."),
+        click.option("--provider", type=click.Choice(["openai", "modelslab", "anthropic", "local"]), help="API to speak. Default: openai."),
+        click.option("--base-url", help="Server base URL, e.g. http://127.0.0.1:8080/v1."),
+        click.option("--model", "-m", help="Model name (model_id for ModelsLab)."),
+        click.option("--api-key-env", help="Environment variable holding the API key."),
+        click.option("--max-tokens", type=int, help="Most tokens to generate per row. Default: 256."),
+        click.option("--temperature", type=float, help="Sampling temperature."),
+        click.option("--top-p", type=float, help="Nucleus sampling."),
+        click.option("--rpm", type=float, help="Requests per minute, paced evenly."),
+        click.option("--tpm", type=float, help="Tokens per minute (prompt estimate + max tokens)."),
+        click.option("--concurrency", "-c", type=int, help="Most requests in flight."),
+        click.option("--max-attempts", type=int, help="Attempts per row, retries included. Default: 6."),
+        click.option("--timeout", type=float, help="Seconds to wait for one answer."),
+        click.option("--limit", type=int, help="Only the first N rows (a try-out)."),
+        click.option("--checkpoint-dir", help="Checkpoint folder. Default: next to the output."),
+        click.option("--max-error-rate", type=float, help="Exit 1 if more than this share of rows fail. Default: 0."),
+        click.option("--batch-size", type=int, help="Rows read and written per batch. Default: 5000."),
+        click.option("--fresh", is_flag=True, default=None, help="Ignore the checkpoint: send every row again."),
+        click.option("--no-progress", "progress", flag_value=False, default=None, help="No progress bar."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="pipeline")
+def cli() -> None:
+    """Batch LLM inference over tables: one prompt per row in, completions and token counts out, in Parquet."""
+
+
+@cli.command(epilog=RUN_EXAMPLES)
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@run_options
+def run(config: str | None, **flags: Any) -> None:
+    """Run a job: render a prompt per row, send them all, write the results.
+
+    CONFIG is a YAML file whose keys are the flags' names (max_tokens for
+    --max-tokens); flags given on the command line win. Re-running the same
+    command resumes: rows already answered are not sent again.
+    """
+    flags["input"] = flags["input"] or None
+    try:
+        values = load_yaml(config) if config else {}
+        cfg = build_config(values, flags, source=f"config {config}" if config else "flags")
+        code = run_job(cfg)
+    except errors.UserError as exc:
+        raise UsageFailure(str(exc)) from None
+    sys.exit(code)
+
+
+@cli.command(name="serve-local", epilog="\b\nExample:\n  pipeline serve-local --port 8080\n  pipeline run configs/openai-compatible.yaml --base-url http://127.0.0.1:8080/v1")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8080, show_default=True)
+def serve_local(host: str, port: int) -> None:
+    """Serve the embedded model (SmolLM2-135M-Instruct) as an OpenAI-compatible server until Ctrl-C."""
+    from pipeline.local_model import MODEL_ALIAS, LocalServer
+
+    try:
+        server = LocalServer(host=host, port=port).start()
+    except errors.UserError as exc:
+        raise UsageFailure(str(exc)) from None
+    click.echo(f"Serving {MODEL_ALIAS} at {server.base_url} (model name {MODEL_ALIAS!r}); Ctrl-C to stop.", err=True)
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+@cli.command(epilog="\b\nExample:\n  pipeline show out/reviews-summary.parquet --rows 5")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--rows", "-n", type=int, default=5, show_default=True, help="How many rows to show.")
+def show(path: str, rows: int) -> None:
+    """Print the first rows of an output file and its status counts."""
+    import polars as pl
+
+    df = pl.read_parquet(path, n_rows=rows)
+    counts = pl.scan_parquet(path).group_by("status").len().sort("status").collect()
+    with pl.Config(tbl_rows=rows, fmt_str_lengths=60, tbl_width_chars=160, tbl_hide_dataframe_shape=True):
+        click.echo(df.drop([c for c in ("request_key", "model", "latency_ms", "attempts") if c in df.columns]))
+        click.echo(", ".join(f"{r['status']}: {r['len']}" for r in counts.iter_rows(named=True)))
+
+
+def main() -> None:
+    cli(prog_name="pipeline")

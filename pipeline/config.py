@@ -1,0 +1,182 @@
+"""The run configuration: read once from YAML and flags, validated, frozen.
+
+A config file and command-line flags use the same names (``max_tokens`` in
+YAML is ``--max-tokens`` on the command line); flags win. Everything below
+the CLI receives one `RunConfig` and never looks at flags or files again.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import ConfigError
+
+Provider = Literal["openai", "modelslab", "anthropic", "local"]
+
+# What each provider means when the user leaves a setting out.
+PROVIDER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "openai": {"base_url": "https://api.openai.com/v1", "concurrency": 16, "timeout": 60.0},
+    "modelslab": {
+        "base_url": "https://modelslab.com/api/v7/llm",
+        "api_key_env": "MODELSLAB_API_KEY",
+        "model": "meta-llama-Llama-3.2-1B",
+        # ModelsLab limits requests in flight per account (5 on the smallest plan).
+        "concurrency": 5,
+        "timeout": 120.0,
+    },
+    "anthropic": {
+        "base_url": "https://api.anthropic.com",
+        "api_key_env": "ANTHROPIC_API_KEY",
+        "concurrency": 16,
+        "timeout": 120.0,
+    },
+    # The embedded llama.cpp server answers one request at a time; more in
+    # flight would only queue there and hit the timeout.
+    "local": {"model": "SmolLM2-135M-Instruct", "concurrency": 1, "timeout": 300.0},
+}
+OPENAI_DEFAULT_BASE = PROVIDER_DEFAULTS["openai"]["base_url"]
+
+
+class RunConfig(BaseModel):
+    """Every setting of one `pipeline run`. Paths are as the user wrote them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: tuple[str, ...] = Field(min_length=1)
+    output: str
+    prompt: str | None = None
+    prompt_column: str | None = None
+    system: str | None = None
+    id_column: str | None = None
+    provider: Provider = "openai"
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str | None = None
+    max_tokens: int | None = Field(default=256, ge=1)
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+    rpm: float | None = Field(default=None, gt=0)
+    tpm: float | None = Field(default=None, gt=0)
+    concurrency: int | None = Field(default=None, ge=1, le=4096)
+    max_attempts: int = Field(default=6, ge=1, le=100)
+    timeout: float | None = Field(default=None, gt=0)
+    limit: int | None = Field(default=None, ge=1)
+    checkpoint_dir: str | None = None
+    max_error_rate: float = Field(default=0.0, ge=0, le=1)
+    batch_size: int = Field(default=5000, ge=1)
+    progress: bool = True
+    fresh: bool = False
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("params")
+    @classmethod
+    def _params_not_reserved(cls, value: dict[str, Any]) -> dict[str, Any]:
+        reserved = {"messages", "model", "model_id", "key", "stream", "system"}
+        clash = sorted(reserved & value.keys())
+        if clash:
+            raise ValueError(f"params may not set {', '.join(clash)}: the pipeline builds these itself")
+        return value
+
+    @model_validator(mode="after")
+    def _prompt_source(self) -> RunConfig:
+        if (self.prompt is None) == (self.prompt_column is None):
+            raise ValueError(
+                "give exactly one of 'prompt' (a template such as 'Summarise: {text}') "
+                "or 'prompt_column' (a column that already holds the prompt)"
+            )
+        return self
+
+    def setting(self, name: str) -> Any:
+        """A setting, falling back to the provider's default where the user gave none."""
+        value = getattr(self, name)
+        if value is None:
+            return PROVIDER_DEFAULTS[self.provider].get(name)
+        return value
+
+    @property
+    def checkpoint_path(self) -> Path:
+        if self.checkpoint_dir:
+            return Path(self.checkpoint_dir)
+        out = Path(self.output)
+        return out.with_name(out.stem + ".checkpoint")
+
+    def key_env(self) -> str | None:
+        """The environment variable that holds the key, if this run needs one."""
+        if self.api_key_env:
+            return self.api_key_env
+        if self.provider == "openai":
+            # Never send OPENAI_API_KEY to a server the user did not name it for.
+            base = self.base_url or OPENAI_DEFAULT_BASE
+            return "OPENAI_API_KEY" if base.rstrip("/") == OPENAI_DEFAULT_BASE else None
+        return PROVIDER_DEFAULTS[self.provider].get("api_key_env")
+
+    def api_key(self) -> str | None:
+        """Read the key from the environment; refuse early when it is missing."""
+        env = self.key_env()
+        if env is None:
+            return None
+        key = os.environ.get(env, "").strip()
+        if not key:
+            raise ConfigError(
+                f"The {self.provider} provider needs an API key in the environment variable "
+                f"{env}, which is not set. Set it (export {env}=...) and run again, or name "
+                f"another variable with --api-key-env."
+            )
+        return key
+
+
+FIELDS = tuple(RunConfig.model_fields)
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Read a config file into a plain dict, or explain why it cannot be read."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"Config file {path} does not exist. Check the path, or run without a config and give --input/--output/--prompt.")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"Config file {path} is not readable YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {path} must be a mapping of settings (key: value), not a {type(data).__name__}.")
+    return data
+
+
+def build_config(file_values: dict[str, Any], overrides: dict[str, Any], source: str = "config") -> RunConfig:
+    """Merge the file with the flags (flags win) and validate the result."""
+    merged = {**file_values, **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, source)) from None
+
+
+def _explain(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "(config)"
+        if err["type"] == "extra_forbidden":
+            near = difflib.get_close_matches(key, FIELDS, n=1)
+            hint = f" Did you mean '{near[0]}'?" if near else ""
+            lines.append(f"unknown setting '{key}'.{hint} Valid settings: {', '.join(FIELDS)}.")
+        elif err["type"] == "missing":
+            flag = "--" + key.replace("_", "-")
+            lines.append(f"'{key}' is required: set it in the config or pass {flag}.")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            shown = "" if err["type"].startswith("value_error") else f" (got {err.get('input')!r})"
+            lines.append(f"'{key}': {msg}{shown}." if key != "(config)" else f"{msg}.")
+    return f"Invalid {source}: " + " ".join(lines)

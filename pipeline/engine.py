@@ -1,0 +1,238 @@
+"""The asynchronous core: admit rows in order, send them through the limits, retry,
+record every answer in the checkpoint, and hand finished batches to the sink in order.
+
+Tasks alive at once: one producer, `concurrency` workers, one writer, whatever
+the table size. A retry waits on a timer, not in a worker, so a row backing
+off never holds one of the `concurrency` slots. Memory is bounded by
+`window_rows`: the producer admits no more rows while that many are
+unfinished or unwritten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+
+from pipeline import errors
+from pipeline.checkpoint import Checkpoint, lookup
+from pipeline.limits import Limits
+from pipeline.prompts import EST_TOKENS, KEY, PROMPT, SKIP_REASON, Renderer, estimate_tokens
+from pipeline.providers import Completion, Provider
+from pipeline.retry import RetryPolicy
+from pipeline.sink import ParquetSink, result_frame
+from pipeline.stats import RunStats
+from pipeline.transport import Transport
+
+Result = tuple[Any, ...]  # in checkpoint.RESULT_COLUMNS order
+
+
+@dataclass(eq=False)
+class Batch:
+    frame: pl.DataFrame  # the input columns, as read
+    results: list[Result | None]
+    pending: int
+    done: asyncio.Future[None]
+
+    def settle(self, row: int, result: Result) -> None:
+        self.results[row] = result
+        self.pending -= 1
+        if self.pending == 0:
+            self.done.set_result(None)
+
+
+@dataclass(eq=False, slots=True)
+class Work:
+    key: str
+    prompt: str
+    tokens: int
+    waiters: list[tuple[Batch, int]] = field(default_factory=list)
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One input batch after rendering and the checkpoint look-up (built off the event loop)."""
+
+    frame: pl.DataFrame
+    prompts: list[str | None]
+    skip: list[str | None]
+    keys: list[str | None]
+    tokens: list[int]
+    cached: dict[int, Result]  # row -> result already in the checkpoint
+
+
+def prepare(frame: pl.DataFrame, renderer: Renderer, done: pl.DataFrame) -> Prepared:
+    rendered = renderer.render(frame)
+    keys = rendered.get_column(KEY)
+    cached: dict[int, Result] = {}
+    if done.height:
+        hit, rows = lookup(done, keys)
+        cached = dict(zip(hit.arg_true().to_list(), rows.rows(), strict=True))
+    return Prepared(
+        frame=frame,
+        prompts=rendered.get_column(PROMPT).to_list(),
+        skip=rendered.get_column(SKIP_REASON).to_list(),
+        keys=keys.to_list(),
+        tokens=rendered.get_column(EST_TOKENS).to_list(),
+        cached=cached,
+    )
+
+
+def error_result(message: str, attempts: int, key: str | None) -> Result:
+    return (None, None, None, None, None, None, "error", message, attempts, None, key, False)
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        provider: Provider,
+        transport: Transport,
+        limits: Limits,
+        policy: RetryPolicy,
+        concurrency: int,
+        checkpoint: Checkpoint,
+        sink: ParquetSink,
+        stats: RunStats,
+        system_prompt: str | None = None,
+        window_rows: int | None = None,
+    ) -> None:
+        self._provider = provider
+        self._transport = transport
+        self._limits = limits
+        self._policy = policy
+        self._concurrency = concurrency
+        self._checkpoint = checkpoint
+        self._sink = sink
+        self._stats = stats
+        self._system = system_prompt or ""
+        self._window = window_rows or max(20_000, 64 * concurrency)
+        self._queue: asyncio.Queue[Work | None] = asyncio.Queue()
+        self._order: asyncio.Queue[Batch | None] = asyncio.Queue()
+        self._inflight: dict[str, Work] = {}
+        self._outstanding = 0
+        self._room = asyncio.Condition()
+        self._any_success = False
+
+    async def run(self, batches: Iterator[pl.DataFrame], prep: Callable[[pl.DataFrame], Prepared]) -> None:
+        """Send every row; returns when every batch is written, raises FatalError to stop early."""
+        async with asyncio.TaskGroup() as group:
+            workers = [group.create_task(self._worker()) for _ in range(self._concurrency)]
+            writer = group.create_task(self._writer())
+            await self._produce(batches, prep)
+            self._order.put_nowait(None)
+            await writer
+            for _ in workers:
+                self._queue.put_nowait(None)
+
+    async def _produce(self, batches: Iterator[pl.DataFrame], prep: Callable[[pl.DataFrame], Prepared]) -> None:
+        def next_prepared() -> Prepared | None:
+            frame = next(batches, None)
+            return None if frame is None else prep(frame)
+
+        while (p := await asyncio.to_thread(next_prepared)) is not None:
+            n = p.frame.height
+            async with self._room:
+                await self._room.wait_for(lambda: self._outstanding < self._window)
+                self._outstanding += n
+            batch = Batch(frame=p.frame, results=[None] * n, pending=n, done=asyncio.get_running_loop().create_future())
+            self._order.put_nowait(batch)
+            for row in range(n):
+                reason, key = p.skip[row], p.keys[row]
+                if reason is not None or key is None:
+                    self._finish_row(batch, row, error_result(reason or "not sent: empty prompt", 0, None))
+                elif (hit := p.cached.get(row)) is not None:
+                    self._stats.from_checkpoint += 1
+                    self._finish_row(batch, row, hit)
+                elif (work := self._inflight.get(key)) is not None:
+                    work.waiters.append((batch, row))  # same request already on its way: share the answer
+                else:
+                    prompt = p.prompts[row]
+                    assert prompt is not None
+                    work = Work(key=key, prompt=prompt, tokens=p.tokens[row], waiters=[(batch, row)])
+                    self._inflight[key] = work
+                    self._queue.put_nowait(work)
+
+    async def _writer(self) -> None:
+        while (batch := await self._order.get()) is not None:
+            await batch.done
+            frame = batch.frame
+            results = batch.results
+            await asyncio.to_thread(lambda: self._sink.write(frame.hstack(result_frame(results))))  # type: ignore[arg-type]
+            async with self._room:
+                self._outstanding -= frame.height
+                self._room.notify_all()
+
+    async def _worker(self) -> None:
+        while (work := await self._queue.get()) is not None:
+            await self._attempt(work)
+
+    async def _attempt(self, work: Work) -> None:
+        await self._limits.acquire(work.tokens)
+        work.attempts += 1
+        self._stats.requests_sent += 1
+        started = time.monotonic()
+        try:
+            status, headers, body = await self._transport.post(self._provider.url, self._provider.headers, self._provider.body(work.prompt))
+            completion = self._provider.parse(status, headers, body)
+        except errors.RequestError as err:
+            self._failed(work, err)
+            return
+        latency = (time.monotonic() - started) * 1000
+        self._any_success = True
+        self._stats.record_latency(latency)
+        self._finish(work, self._ok_result(work, completion, latency))
+
+    def _ok_result(self, work: Work, c: Completion, latency: float) -> Result:
+        pt, ct = c.prompt_tokens, c.completion_tokens
+        estimated = pt is None or ct is None
+        if pt is None:
+            pt = estimate_tokens(self._system + work.prompt)
+        if ct is None:
+            ct = estimate_tokens(c.text)
+        self._stats.prompt_tokens += pt
+        self._stats.completion_tokens += ct
+        self._stats.estimated_rows += estimated
+        return (c.text, pt, ct, pt + ct, c.finish_reason, c.model, "ok", None, work.attempts, round(latency, 2), work.key, estimated)
+
+    def _failed(self, work: Work, err: errors.RequestError) -> None:
+        if err.fatal:
+            raise err
+        delay = self._policy.delay(work.attempts, err)
+        if delay is not None:
+            self._stats.retries += 1
+            if isinstance(err, errors.RateLimited):
+                self._limits.pause(delay)  # everyone waits: the limit is the account's, not this row's
+            asyncio.get_running_loop().call_later(delay, self._queue.put_nowait, work)
+            return
+        if err.kind == "connect" and not self._any_success:
+            raise errors.FatalError(
+                f"Cannot reach the server ({err.message}) after {work.attempts} attempts. "
+                "Check --base-url and that the server is running; nothing was answered yet.",
+                kind="connect",
+            )
+        self._stats.error_kinds[err.kind] += 1
+        self._finish(work, error_result(f"{err.message} (after {work.attempts} attempt{'s' if work.attempts > 1 else ''})", work.attempts, work.key))
+
+    def _finish(self, work: Work, result: Result) -> None:
+        del self._inflight[work.key]
+        self._stats.rows_sent += 1
+        self._checkpoint.append(result)
+        for batch, row in work.waiters:
+            self._finish_row(batch, row, result)
+
+    def _finish_row(self, batch: Batch, row: int, result: Result) -> None:
+        stats = self._stats
+        stats.rows_done += 1
+        if result[6] == "ok":
+            stats.ok += 1
+        else:
+            stats.errors += 1
+            if result[10] is None:
+                stats.error_kinds["not_sent"] += 1
+        batch.settle(row, result)

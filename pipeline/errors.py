@@ -1,0 +1,111 @@
+"""One exception tree for the whole package.
+
+    PipelineError
+    ├── UserError                 exit 2, raised before any request is sent
+    │   ├── ConfigError           a bad config file, key, value or flag
+    │   └── InputError            a missing/unreadable/empty table, a missing column
+    ├── RequestError              one request failed; the row records `kind` and message
+    │   ├── TransientError        worth another attempt (after `retry_after` if given)
+    │   │   ├── RateLimited       429, ModelsLab's "Rate limit exceeded"
+    │   │   ├── ServerError       408, 409, 5xx, 529
+    │   │   ├── TransportError    connection refused/reset, server disconnected
+    │   │   ├── RequestTimeout    no answer within --timeout
+    │   │   └── MalformedReply    unparseable body (a truncated reply is often transient)
+    │   ├── PermanentError        another attempt would get the same answer (other 4xx)
+    │   │   └── ErrorReply        HTTP 200 carrying an error or no completion
+    │   └── FatalError            stops the whole run: every row would fail the same way
+    │       ├── AuthError         401/403, invalid key
+    │       └── QuotaExhausted    out of credits or quota
+    └── Interrupted               Ctrl-C or SIGTERM, after the checkpoint is flushed
+
+Lower-level errors (aiohttp, polars, pyarrow, pydantic) are translated into this
+tree where they cross a module boundary, so callers never catch library types.
+Messages must never contain an API key.
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class UserError(PipelineError):
+    """A mistake the user can fix; reported as one paragraph, exit code 2."""
+
+
+class ConfigError(UserError):
+    pass
+
+
+class InputError(UserError):
+    pass
+
+
+class Interrupted(PipelineError):
+    pass
+
+
+class RequestError(PipelineError):
+    """One attempt at one request failed.
+
+    `kind` is a short stable label for the summary's "errors by kind" table
+    (e.g. ``http_429``, ``timeout``); `retry_after` is the server's requested
+    wait in seconds, if it named one.
+    """
+
+    transient = False
+    fatal = False
+
+    def __init__(self, message: str, *, kind: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.retry_after = retry_after
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class TransientError(RequestError):
+    transient = True
+
+
+class RateLimited(TransientError):
+    pass
+
+
+class ServerError(TransientError):
+    pass
+
+
+class TransportError(TransientError):
+    pass
+
+
+class RequestTimeout(TransientError):
+    pass
+
+
+class MalformedReply(TransientError):
+    pass
+
+
+class PermanentError(RequestError):
+    pass
+
+
+class ErrorReply(PermanentError):
+    pass
+
+
+class FatalError(RequestError):
+    fatal = True
+
+
+class AuthError(FatalError):
+    pass
+
+
+class QuotaExhausted(FatalError):
+    pass

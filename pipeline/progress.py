@@ -1,0 +1,80 @@
+"""The only module that touches tqdm: a live bar while running and the closing summary.
+
+The bar is refreshed from the counters on a timer, not per row, so a million
+rows cost a few thousand bar updates, not a million.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import TextIO
+
+from tqdm import tqdm
+
+from pipeline.stats import RunStats
+
+REFRESH = 0.5
+
+
+class Progress:
+    def __init__(self, stats: RunStats, *, enabled: bool, stream: TextIO = sys.stderr) -> None:
+        self._stats = stats
+        self._enabled = enabled and stream.isatty()
+        self._stream = stream
+        self._bar: tqdm[None] | None = None
+        self._shown = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if not self._enabled:
+            return
+        self._bar = tqdm(total=self._stats.total_rows or None, unit="row", file=self._stream, dynamic_ncols=True, smoothing=0.1)
+        self._task = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        while True:
+            self.refresh()
+            await asyncio.sleep(REFRESH)
+
+    def refresh(self) -> None:
+        if self._bar is None:
+            return
+        s = self._stats
+        self._bar.update(s.rows_done - self._shown)
+        self._shown = s.rows_done
+        self._bar.set_postfix_str(
+            f"ok={s.ok} err={s.errors} tok={s.prompt_tokens + s.completion_tokens:,} retries={s.retries}", refresh=False
+        )
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        if self._bar is not None:
+            self.refresh()
+            self._bar.close()
+            self._bar = None
+
+
+def summary(stats: RunStats, wall: float, output: str | None, checkpoint: str) -> str:
+    s = stats
+    sent = s.rows_sent
+    lines = [
+        f"pipeline: {s.rows_done} rows in {wall:.1f} s: {s.ok} ok, {s.errors} error"
+        f" ({s.from_checkpoint} ok from the checkpoint, not sent again)",
+        f"  requests: {s.requests_sent} sent for {sent} rows ({s.retries} retries), "
+        f"{sent / wall if wall > 0 else 0:.1f} rows/s",
+        f"  tokens this run: {s.prompt_tokens:,} in, {s.completion_tokens:,} out"
+        + (f" ({s.estimated_rows} rows estimated: the server sent no usage)" if s.estimated_rows else ""),
+    ]
+    p50, p95 = s.latency_quantile(0.5), s.latency_quantile(0.95)
+    if p50 is not None and p95 is not None:
+        lines.append(f"  latency: p50 {p50:.0f} ms, p95 {p95:.0f} ms")
+    if s.error_kinds:
+        kinds = ", ".join(f"{k} x{n}" for k, n in s.error_kinds.most_common())
+        lines.append(f"  errors by kind: {kinds}")
+    if output:
+        lines.append(f"  output: {output}")
+    lines.append(f"  checkpoint: {checkpoint}")
+    return "\n".join(lines)

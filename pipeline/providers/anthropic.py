@@ -1,0 +1,64 @@
+"""Anthropic Messages (and compatible endpoints such as ModelsLab's /v1/messages).
+
+As in Anthropic's SDK, the base URL is the part before `/v1/messages`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from pipeline import errors
+from pipeline.prompts import RequestSpec
+from pipeline.providers.base import Completion, clip, decode, http_error, json_headers, retry_after
+
+API_VERSION = "2023-06-01"
+DEFAULT_MAX_TOKENS = 1024  # the API requires max_tokens; used when the user sets none
+
+
+class AnthropicMessages:
+    def __init__(self, base_url: str, spec: RequestSpec, api_key: str | None) -> None:
+        self.url = base_url.rstrip("/") + "/v1/messages"
+        self.headers = json_headers({"x-api-key": api_key or "", "anthropic-version": API_VERSION})
+        self._spec = spec
+        params: dict[str, Any] = {"max_tokens": spec.max_tokens or DEFAULT_MAX_TOKENS}
+        if spec.temperature is not None:
+            params["temperature"] = spec.temperature
+        if spec.top_p is not None:
+            params["top_p"] = spec.top_p
+        if spec.system:
+            params["system"] = spec.system
+        params.update(spec.params)
+        self._params = params
+
+    def body(self, prompt: str) -> bytes:
+        return orjson.dumps({"model": self._spec.model, "messages": [{"role": "user", "content": prompt}], **self._params})
+
+    def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> Completion:
+        if status != 200:
+            try:
+                data = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                data = None
+            err = data.get("error") if isinstance(data, dict) else None
+            message = str(err.get("message", "")) if isinstance(err, dict) else body[:200].decode("utf-8", "replace")
+            if status == 529:  # "overloaded": Anthropic's own transient status
+                raise errors.ServerError(f"HTTP 529: {clip(message)}", kind="http_529", retry_after=retry_after(headers))
+            raise http_error(status, message, wait=retry_after(headers))
+        data = decode(body)
+        if not isinstance(data, dict) or data.get("type") == "error":
+            raise errors.ErrorReply(f"HTTP 200 with an error: {clip(orjson.dumps(data).decode(), 200)}", kind="error_reply")
+        blocks = data.get("content")
+        if not isinstance(blocks, list):
+            raise errors.ErrorReply("reply has no content blocks", kind="no_content")
+        text = "".join(b.get("text", "") for b in blocks if isinstance(b, dict) and b.get("type") == "text")
+        usage = data.get("usage") or {}
+        return Completion(
+            text=text,
+            prompt_tokens=usage.get("input_tokens"),
+            completion_tokens=usage.get("output_tokens"),
+            finish_reason=data.get("stop_reason"),
+            model=data.get("model") or self._spec.model,
+        )

@@ -1,0 +1,93 @@
+"""What every provider adapter shares: the neutral reply type and HTTP status rules.
+
+An adapter is a small object with `url`, `headers`, `body(prompt)` and
+`parse(status, headers, body)`. It does no I/O: the transport sends the bytes,
+and `parse` either returns a `Completion` or raises a `RequestError` whose
+class tells the retry policy what to do.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+from pipeline import errors
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    text: str
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    finish_reason: str | None
+    model: str | None
+
+
+class Provider(Protocol):
+    url: str
+    headers: Mapping[str, str]
+
+    def body(self, prompt: str) -> bytes: ...
+
+    def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> Completion: ...
+
+
+def decode(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        snippet = body[:120].decode("utf-8", "replace")
+        raise errors.MalformedReply(f"reply is not valid JSON: {snippet!r}", kind="malformed_reply") from None
+
+
+def retry_after(headers: Mapping[str, str], body_value: Any = None) -> float | None:
+    """Seconds the server asked us to wait: retry-after-ms, Retry-After (seconds or a date), or a body field."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            parsed = email.utils.parsedate_to_datetime(value) if value else None
+            if parsed is not None:
+                return max(0.0, parsed.timestamp() - time.time())
+    if isinstance(body_value, int | float) and not isinstance(body_value, bool):
+        return max(0.0, float(body_value))
+    return None
+
+
+def clip(message: object, limit: int = 300) -> str:
+    text = " ".join(str(message).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+QUOTA_WORDS = ("insufficient_quota", "exceeded your current quota", "credit balance", "insufficient credit", "out of credits", "billing")
+
+
+def http_error(status: int, message: str, *, wait: float | None, quota: bool = False) -> errors.RequestError:
+    """Map a non-2xx answer to the exception class the retry policy acts on."""
+    text = f"HTTP {status}: {clip(message)}" if message else f"HTTP {status}"
+    kind = f"http_{status}"
+    if quota or status == 402 or any(w in message.lower() for w in QUOTA_WORDS):
+        return errors.QuotaExhausted(text, kind="quota")
+    if status in (401, 403):
+        return errors.AuthError(text, kind=kind)
+    if status == 429:
+        return errors.RateLimited(text, kind=kind, retry_after=wait)
+    if status in (408, 409) or status >= 500:
+        return errors.ServerError(text, kind=kind, retry_after=wait)
+    return errors.PermanentError(text, kind=kind)
+
+
+def json_headers(extra: Mapping[str, str]) -> dict[str, str]:
+    return {"Content-Type": "application/json", "Accept": "application/json", **extra}

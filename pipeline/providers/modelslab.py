@@ -1,0 +1,61 @@
+"""ModelsLab v7 LLM API: OpenAI-shaped, but the key and `model_id` ride in the body
+and errors may come back as HTTP 200 with `{"status": "error", "message": ...}`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from pipeline import errors
+from pipeline.prompts import RequestSpec
+from pipeline.providers.base import Completion, clip, decode, http_error, json_headers, retry_after
+from pipeline.providers.openai import chat_messages, generation_params, parse_choices
+
+_TRANSIENT_WORDS = ("rate limit", "queued requests", "try again", "unavailable", "overloaded", "busy", "timed out", "timeout")
+_AUTH_WORDS = ("api key", "unauthori", "invalid key", "not authenticated")
+_QUOTA_WORDS = ("credit", "balance", "quota", "subscription", "plan limit")
+
+
+def classify_message(message: str, status: int, wait: float | None) -> errors.RequestError:
+    low = message.lower()
+    text = f"ModelsLab error (HTTP {status}): {clip(message)}"
+    if status == 429 or "rate limit" in low or "queued requests" in low:
+        return errors.RateLimited(text, kind="rate_limited", retry_after=wait)
+    if any(w in low for w in _QUOTA_WORDS):
+        return errors.QuotaExhausted(text, kind="quota")
+    if any(w in low for w in _AUTH_WORDS) or status in (401, 403):
+        return errors.AuthError(text, kind="auth")
+    if any(w in low for w in _TRANSIENT_WORDS) or status >= 500:
+        return errors.ServerError(text, kind="server_busy", retry_after=wait)
+    return errors.ErrorReply(text, kind="error_reply")
+
+
+class ModelsLabChat:
+    def __init__(self, base_url: str, spec: RequestSpec, api_key: str | None) -> None:
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.headers = json_headers({})
+        self._spec = spec
+        self._key = api_key or ""
+        self._params = generation_params(spec)
+
+    def body(self, prompt: str) -> bytes:
+        return orjson.dumps(
+            {"key": self._key, "model_id": self._spec.model, "messages": chat_messages(self._spec, prompt), **self._params}
+        )
+
+    def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> Completion:
+        data: Any
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            if status != 200:
+                raise http_error(status, body[:200].decode("utf-8", "replace"), wait=retry_after(headers)) from None
+            data = decode(body)  # raises MalformedReply
+        if isinstance(data, dict) and (data.get("status") == "error" or (status != 200 and "message" in data)):
+            message = str(data.get("message") or data.get("messege") or data.get("error") or "unknown error")
+            raise classify_message(message, status, retry_after(headers, data.get("retry_after")))
+        if status != 200:
+            raise http_error(status, clip(data), wait=retry_after(headers))
+        return parse_choices(data, self._spec.model)

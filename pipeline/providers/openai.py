@@ -1,0 +1,84 @@
+"""OpenAI-compatible chat completions: OpenAI, vLLM, llama.cpp, Ollama, the embedded model."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from pipeline import errors
+from pipeline.prompts import RequestSpec
+from pipeline.providers.base import Completion, clip, decode, http_error, json_headers, retry_after
+
+
+def chat_messages(spec: RequestSpec, prompt: str) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": spec.system}] if spec.system else []
+    messages.append({"role": "user", "content": prompt})
+    return messages
+
+
+def generation_params(spec: RequestSpec) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if spec.max_tokens is not None:
+        params["max_tokens"] = spec.max_tokens
+    if spec.temperature is not None:
+        params["temperature"] = spec.temperature
+    if spec.top_p is not None:
+        params["top_p"] = spec.top_p
+    params.update(spec.params)
+    return params
+
+
+def parse_choices(data: Any, fallback_model: str) -> Completion:
+    """Read an OpenAI-shaped success body; anything else is an error reply."""
+    if not isinstance(data, dict):
+        raise errors.ErrorReply(f"reply is not a JSON object: {clip(data, 120)}", kind="error_reply")
+    choices = data.get("choices")
+    if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
+        raise errors.ErrorReply(f"reply has no choices: {clip(orjson.dumps(data).decode(), 200)}", kind="no_choices")
+    choice = choices[0]
+    message = choice.get("message") or {}
+    text = message.get("content") if isinstance(message, dict) else None
+    if text is None:
+        text = choice.get("text")  # some servers answer in the legacy completions shape
+    if not isinstance(text, str):
+        raise errors.ErrorReply("reply's first choice has no text content", kind="no_content")
+    usage = data.get("usage") or {}
+    return Completion(
+        text=text,
+        prompt_tokens=usage.get("prompt_tokens"),
+        completion_tokens=usage.get("completion_tokens"),
+        finish_reason=choice.get("finish_reason"),
+        model=data.get("model") or fallback_model,
+    )
+
+
+class OpenAIChat:
+    def __init__(self, base_url: str, spec: RequestSpec, api_key: str | None) -> None:
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.headers = json_headers({"Authorization": f"Bearer {api_key}"} if api_key else {})
+        self._spec = spec
+        self._params = generation_params(spec)
+
+    def body(self, prompt: str) -> bytes:
+        return orjson.dumps({"model": self._spec.model, "messages": chat_messages(self._spec, prompt), **self._params})
+
+    def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> Completion:
+        if status != 200:
+            data = _maybe_json(body)
+            err = data.get("error") if isinstance(data, dict) else None
+            message = err.get("message", "") if isinstance(err, dict) else (str(err) if err else body[:200].decode("utf-8", "replace"))
+            code = str(err.get("code") or err.get("type") or "") if isinstance(err, dict) else ""
+            raise http_error(status, message, wait=retry_after(headers), quota=code == "insufficient_quota")
+        data = decode(body)
+        if isinstance(data, dict) and data.get("error"):
+            raise errors.ErrorReply(f"HTTP 200 with an error: {clip(data['error'])}", kind="error_reply")
+        return parse_choices(data, self._spec.model)
+
+
+def _maybe_json(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None

@@ -1,0 +1,27 @@
+"""When to try a request again, and how long to wait first."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from pipeline.errors import RequestError
+
+MAX_SERVER_WAIT = 600.0  # a Retry-After beyond this is more likely a bug than a plan
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int
+    base: float = 0.5
+    cap: float = 30.0
+
+    def delay(self, attempt: int, err: RequestError) -> float | None:
+        """Seconds to wait before attempt `attempt + 1`, or None to give up on this row."""
+        if not err.transient or attempt >= self.max_attempts:
+            return None
+        if err.retry_after is not None:
+            # Honour the server, plus a little jitter so waiters do not return in lockstep.
+            return min(err.retry_after, MAX_SERVER_WAIT) + random.uniform(0, 0.1 + 0.1 * err.retry_after)
+        # Full jitter: spreads a burst of failures over the whole window.
+        return random.uniform(0, min(self.cap, self.base * 2 ** (attempt - 1)))

@@ -1,0 +1,147 @@
+"""One `pipeline run`: check everything, then send, then report.
+
+Every check that can fail because of the user (config, files, columns, output
+folder, API key, local model installed) runs before the first request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from pipeline import errors, source
+from pipeline.checkpoint import Checkpoint
+from pipeline.config import RunConfig
+from pipeline.engine import Engine, prepare
+from pipeline.limits import Limits
+from pipeline.local_model import LocalServer, check_installed
+from pipeline.progress import Progress, summary
+from pipeline.prompts import Renderer, RequestSpec, parse_template
+from pipeline.providers import make_provider
+from pipeline.retry import RetryPolicy
+from pipeline.sink import ParquetSink, check_output
+from pipeline.stats import RunStats
+from pipeline.transport import AiohttpTransport
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def renderer_for(cfg: RunConfig) -> Renderer:
+    model = cfg.setting("model")
+    if not model:
+        raise errors.ConfigError(f"No model given. The {cfg.provider} provider needs one: set 'model' in the config or pass --model.")
+    spec = RequestSpec(
+        model=model,
+        system=cfg.system,
+        max_tokens=cfg.max_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        params=dict(cfg.params),
+    )
+    template = parse_template(cfg.prompt) if cfg.prompt is not None else None
+    return Renderer(spec=spec, template=template, prompt_column=cfg.prompt_column, id_column=cfg.id_column)
+
+
+def run_job(cfg: RunConfig, err: TextIO = sys.stderr) -> int:
+    """Run the job described by `cfg`; return the process exit code. Raises UserError for exit 2."""
+    renderer = renderer_for(cfg)
+    table = source.open_table(cfg.input)
+    renderer.check(list(table.schema.names()), table.label)
+    output = Path(cfg.output)
+    check_output(output, list(table.schema.names()))
+    api_key = cfg.api_key()
+    base_url = cfg.setting("base_url")
+    if cfg.provider == "local" and base_url is None:
+        check_installed()
+    stats = RunStats(total_rows=source.count_rows(table, cfg.limit))
+
+    checkpoint = Checkpoint(cfg.checkpoint_path)
+    checkpoint.open()
+    sink = ParquetSink(output)
+    started = time.monotonic()
+    try:
+        done = checkpoint.load()
+        if cfg.fresh:
+            done = done.clear()
+        elif done.height:
+            print(f"pipeline: resuming: {done.height} answered requests in {cfg.checkpoint_path} will not be sent again", file=err)
+        checkpoint.start_journal()
+        with contextlib.ExitStack() as stack:
+            if base_url is None:
+                print("pipeline: starting the embedded model server (SmolLM2-135M-Instruct on 127.0.0.1)", file=err)
+                base_url = stack.enter_context(LocalServer()).base_url
+            provider = make_provider(cfg.provider, base_url, renderer.spec, api_key)
+            concurrency = int(cfg.setting("concurrency"))
+            timeout = float(cfg.setting("timeout"))
+
+            async def main() -> None:
+                loop = asyncio.get_running_loop()
+                task = asyncio.current_task()
+                assert task is not None
+                loop.add_signal_handler(signal.SIGTERM, task.cancel)
+                transport = AiohttpTransport(concurrency=concurrency, timeout=timeout)
+                progress = Progress(stats, enabled=cfg.progress, stream=err)
+                engine = Engine(
+                    provider=provider,
+                    transport=transport,
+                    limits=Limits(rpm=cfg.rpm, tpm=cfg.tpm),
+                    policy=RetryPolicy(max_attempts=cfg.max_attempts),
+                    concurrency=concurrency,
+                    checkpoint=checkpoint,
+                    sink=sink,
+                    stats=stats,
+                    system_prompt=cfg.system,
+                )
+                progress.start()
+                try:
+                    await engine.run(source.batches(table, cfg.batch_size, cfg.limit), lambda f: prepare(f, renderer, done))
+                finally:
+                    progress.close()
+                    await transport.close()
+
+            try:
+                asyncio.run(main())
+            except BaseExceptionGroup as group:
+                user, fatal = group.subgroup(errors.UserError), group.subgroup(errors.FatalError)
+                if user is not None:
+                    raise user.exceptions[0] from None
+                if fatal is None:
+                    raise
+                sink.abort()
+                print(
+                    f"pipeline: stopped: {fatal.exceptions[0]}.\n"
+                    f"  Every further request would fail the same way, so the run stopped at once. "
+                    f"{checkpoint.appended} answers from this run are kept in {cfg.checkpoint_path}; "
+                    f"fix the cause and run the same command again to resume.",
+                    file=err,
+                )
+                return EXIT_FAILED
+        sink.commit()
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        sink.abort()
+        print(
+            f"\npipeline: interrupted. {stats.rows_done} rows were finished; every answer received is saved in "
+            f"{cfg.checkpoint_path}. Run the same command again to resume.",
+            file=err,
+        )
+        return EXIT_INTERRUPTED
+    finally:
+        sink.abort()  # no-op after commit
+        checkpoint.close()
+
+    wall = time.monotonic() - started
+    print(summary(stats, wall, str(output), str(cfg.checkpoint_path)), file=err)
+    rate = stats.errors / stats.rows_done if stats.rows_done else 0.0
+    if rate > cfg.max_error_rate:
+        print(
+            f"pipeline: {stats.errors} of {stats.rows_done} rows failed ({rate:.1%}), above --max-error-rate {cfg.max_error_rate:g}: exit 1. "
+            f"The output has every row, with the reason in 'error'; run again to retry the failed rows.",
+            file=err,
+        )
+        return EXIT_FAILED
+    return EXIT_OK

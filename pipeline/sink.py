@@ -1,0 +1,77 @@
+"""The output Parquet: input columns, then result columns, one row per input row, in order.
+
+Batches are appended to a temporary file as they complete (so memory does not
+grow with the table) and the file is renamed into place only when every row
+is in it: a reader never sees a half-written output.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+
+from pipeline.checkpoint import RESULT_COLUMNS, RESULT_SCHEMA
+from pipeline.errors import InputError
+
+
+def check_output(path: Path, input_columns: list[str]) -> None:
+    """Refuse, before any request, an output we could not write or columns that clash."""
+    clash = [c for c in input_columns if c in RESULT_COLUMNS]
+    if clash:
+        raise InputError(
+            f"Input column{'s' if len(clash) > 1 else ''} {', '.join(repr(c) for c in clash)} would clash with the output's "
+            f"result columns ({', '.join(RESULT_COLUMNS)}). Rename {'them' if len(clash) > 1 else 'it'} in the input first."
+        )
+    if path.suffix.lower() not in (".parquet", ".pq"):
+        raise InputError(f"Output {path} should end in .parquet: pipeline writes Parquet.")
+    if path.is_dir():
+        raise InputError(f"Output {path} is a folder. Give a file name such as {path}/results.parquet.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"Cannot create the output folder {path.parent}: {exc.strerror}.") from None
+    if not os.access(path.parent, os.W_OK):
+        raise InputError(f"Cannot write to the output folder {path.parent}: permission denied.")
+
+
+class ParquetSink:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self._writer: pq.ParquetWriter | None = None
+        self.rows = 0
+
+    def write(self, frame: pl.DataFrame) -> None:
+        table = frame.to_arrow()
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self._tmp, table.schema, compression="zstd")
+        elif table.schema != self._writer.schema_arrow:
+            table = table.cast(self._writer.schema_arrow)
+        self._writer.write_table(table)
+        self.rows += frame.height
+
+    def commit(self) -> None:
+        """Close, flush to disk and move into place."""
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._writer = None
+        fd = os.open(self._tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._tmp.unlink(missing_ok=True)
+
+
+def result_frame(results: list[tuple[object, ...]]) -> pl.DataFrame:
+    return pl.DataFrame(results, schema=RESULT_SCHEMA, orient="row")

@@ -1,0 +1,41 @@
+"""Counters of one run, cheap to update per row and read by the progress bar and summary."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+_BUCKET = math.log(1.02)  # latency histogram resolution: 2%, constant memory at any row count
+
+
+@dataclass
+class RunStats:
+    total_rows: int = 0
+    rows_done: int = 0
+    ok: int = 0
+    errors: int = 0
+    from_checkpoint: int = 0
+    rows_sent: int = 0  # distinct requests that got a final answer or gave up this run
+    requests_sent: int = 0  # attempts, retries included
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    estimated_rows: int = 0
+    error_kinds: Counter[str] = field(default_factory=Counter)
+    _latency: Counter[int] = field(default_factory=Counter)
+
+    def record_latency(self, ms: float) -> None:
+        self._latency[int(math.log(max(ms, 0.01)) / _BUCKET)] += 1
+
+    def latency_quantile(self, q: float) -> float | None:
+        n = sum(self._latency.values())
+        if n == 0:
+            return None
+        rank = q * (n - 1)
+        seen = 0
+        for bucket in sorted(self._latency):
+            seen += self._latency[bucket]
+            if seen > rank:
+                return math.exp((bucket + 0.5) * _BUCKET)
+        return None
