@@ -25,7 +25,7 @@ PROMPT, SKIP_REASON, KEY, EST_TOKENS = "__prompt", "__skip_reason", "__request_k
 class Template:
     text: str
     literals: tuple[str, ...]
-    fields: tuple[str, ...]  # fields[i] follows literals[i]
+    fields: tuple[str, ...]  # fields[i] sits between literals[i] and literals[i + 1]
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -40,15 +40,19 @@ def parse_template(text: str) -> Template:
         parsed = list(string.Formatter().parse(text))
     except ValueError as exc:
         raise ConfigError(f"The prompt template is not valid: {exc}. Placeholders look like {{column}}; write {{{{ and }}}} for literal braces.") from None
+    pending = ""  # the parser splits literal text at escaped braces; join it up
     for literal, name, spec, conversion in parsed:
-        literals.append(literal)
+        pending += literal
         if name is None:
             continue
         if not name:
             raise ConfigError("The prompt template has an empty placeholder {}. Name a column inside the braces, e.g. {text}.")
         if spec or conversion:
             raise ConfigError(f"Placeholder {{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}} uses a format spec; placeholders take a bare column name, e.g. {{{name}}}.")
+        literals.append(pending)
         fields.append(name)
+        pending = ""
+    literals.append(pending)
     if not fields:
         raise ConfigError(f"The prompt template {text!r} names no column, so every row would send the same prompt. Add a placeholder such as {{text}}.")
     return Template(text=text, literals=tuple(literals), fields=tuple(fields))

@@ -47,8 +47,9 @@ def renderer_for(cfg: RunConfig) -> Renderer:
     return Renderer(spec=spec, template=template, prompt_column=cfg.prompt_column, id_column=cfg.id_column)
 
 
-def run_job(cfg: RunConfig, err: TextIO = sys.stderr) -> int:
+def run_job(cfg: RunConfig, err: TextIO | None = None) -> int:
     """Run the job described by `cfg`; return the process exit code. Raises UserError for exit 2."""
+    err = err or sys.stderr
     renderer = renderer_for(cfg)
     table = source.open_table(cfg.input)
     renderer.check(list(table.schema.names()), table.label)

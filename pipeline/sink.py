@@ -40,6 +40,10 @@ def check_output(path: Path, input_columns: list[str]) -> None:
 class ParquetSink:
     def __init__(self, path: Path) -> None:
         self.path = path
+        # A run killed mid-write leaves its temporary file; the checkpoint lock
+        # means no other run is writing this output, so old ones can go.
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
         self._tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         self._writer: pq.ParquetWriter | None = None
         self.rows = 0
@@ -48,8 +52,8 @@ class ParquetSink:
         table = frame.to_arrow()
         if self._writer is None:
             self._writer = pq.ParquetWriter(self._tmp, table.schema, compression="zstd")
-        elif table.schema != self._writer.schema_arrow:
-            table = table.cast(self._writer.schema_arrow)
+        elif table.schema != self._writer.schema:
+            table = table.cast(self._writer.schema)
         self._writer.write_table(table)
         self.rows += frame.height
 

@@ -60,10 +60,9 @@ Kind = Literal["chat", "count", "models"]
 _Reply = tuple[int, bytes, dict[str, str] | None, bool]
 
 _DIRECTIVE = re.compile(r"\[\[fault:([^\]]*)\]\]")
-_SPEC = re.compile(r"(?P<kind>\d{3}|[a-z0-9]+)(?:@(?P<arg>\d+(?:\.\d*)?))?(?:x(?P<n>\d+))?")
-_NAMED_KINDS = frozenset(
-    {"quota", "reset", "hang", "slow", "malformed", "error200", "nochoices", "nousage", "empty"}
-)
+_NAMED_KINDS = ("quota", "reset", "hang", "slow", "malformed", "error200", "nochoices", "nousage", "empty")
+# Kinds are spelled out: a generic [a-z]+ would swallow the "x" of "resetx2".
+_SPEC = re.compile(rf"(?P<kind>\d{{3}}|{'|'.join(_NAMED_KINDS)})(?:@(?P<arg>\d+(?:\.\d*)?))?(?:x(?P<n>\d+))?")
 # status -> (OpenAI error type, Anthropic error type, message)
 _ERRORS: dict[int, tuple[str, str, str]] = {
     400: ("invalid_request_error", "invalid_request_error", "Invalid request"),
@@ -129,9 +128,7 @@ def _plan(content: str) -> list[tuple[str, float | None, int | None]] | str:
     spec: str
     for spec in _DIRECTIVE.findall(content):
         m = _SPEC.fullmatch(spec.strip())
-        if not m or not (m["kind"].isdigit() or m["kind"] in _NAMED_KINDS):
-            return spec
-        if m["kind"] == "slow" and m["arg"] is None:
+        if not m or (m["kind"] == "slow" and m["arg"] is None):
             return spec
         arg = float(m["arg"]) if m["arg"] is not None else None
         plan.append((m["kind"], arg, int(m["n"]) if m["n"] is not None else None))
@@ -158,31 +155,24 @@ def _validate(body: object, dialect: Dialect, kind: Kind) -> str | None:
     return None
 
 
-def _error(dialect: Dialect, status: int, message: str | None = None, *,
-           retry_after: float | None = None, etype: str | None = None) -> _Reply:
-    fallback = ("server_error", "api_error", "Error") if status >= 500 else (
-        "invalid_request_error", "invalid_request_error", "Error")
-    oa_type, an_type, default = _ERRORS.get(status, fallback)
-    headers: dict[str, str] | None = None
-    body: dict[str, Any]
+def _error(
+    dialect: Dialect, status: int, msg: str | None = None, *, wait: float | None = None, etype: str | None = None
+) -> _Reply:
+    """An error in the dialect's shape; ``wait`` becomes Retry-After (a body field on ModelsLab)."""
+    oa_type, an_type, default = _ERRORS.get(status) or _ERRORS[500 if status >= 500 else 400]
     if dialect == "modelslab":
-        if message is None and status == 429:
-            message = "Rate limit exceeded. Maximum 5 queued requests allowed."
-        body = {"status": "error", "message": message or default}
-        # ModelsLab sends the delay in the body only, never as a Retry-After header.
-        if retry_after is not None:
-            body["retry_after"] = math.ceil(retry_after)
+        if msg is None and status == 429:
+            msg = "Rate limit exceeded. Maximum 5 queued requests allowed."
+        body: dict[str, Any] = {"status": "error", "message": msg or default}
+        if wait is not None:  # ModelsLab puts the delay in the body only, never in a Retry-After header
+            body["retry_after"] = math.ceil(wait)
         return status, orjson.dumps(body), None, False
-    if retry_after is not None:
-        headers = {"Retry-After": f"{retry_after:g}"}
     if dialect == "anthropic":
-        body = {"type": "error",
-                "error": {"type": etype or an_type, "message": message or default}}
+        body = {"type": "error", "error": {"type": etype or an_type, "message": msg or default}}
     else:
         code = etype if etype is not None else _OPENAI_CODES.get(status)
-        body = {"error": {"message": message or default, "type": etype or oa_type,
-                          "param": None, "code": code}}
-    return status, orjson.dumps(body), headers, False
+        body = {"error": {"message": msg or default, "type": etype or oa_type, "param": None, "code": code}}
+    return status, orjson.dumps(body), None if wait is None else {"Retry-After": f"{wait:g}"}, False
 
 
 class FakeLLMServer:
@@ -197,12 +187,22 @@ class FakeLLMServer:
     still being handled and for requests that never got an answer.
     """
 
-    def __init__(self, *, latency: float = 0.0, api_key: str | None = None,
-                 rpm: float | None = None, rate_window: Literal["second", "minute"] = "minute",
-                 max_in_flight: int | None = None, fault_rate: float = 0.0,
-                 fault_statuses: tuple[int, ...] = (500, 503), seed: int = 0,
-                 send_usage: bool = True, record: bool = True,
-                 host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        latency: float = 0.0,
+        api_key: str | None = None,
+        rpm: float | None = None,
+        rate_window: Literal["second", "minute"] = "minute",
+        max_in_flight: int | None = None,
+        fault_rate: float = 0.0,
+        fault_statuses: tuple[int, ...] = (500, 503),
+        seed: int = 0,
+        send_usage: bool = True,
+        record: bool = True,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
         # Public and read per request, so a test may retune a running server.
         self.latency, self.api_key, self.rpm, self.rate_window = latency, api_key, rpm, rate_window
         self.max_in_flight, self.fault_rate = max_in_flight, fault_rate
@@ -255,8 +255,7 @@ class FakeLLMServer:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
 
     @property
@@ -268,14 +267,19 @@ class FakeLLMServer:
         with self._lock:
             return {**self._stats, "in_flight": self._in_flight}
 
-    def reset(self) -> None:
+    def reset(self, *, attempts: bool = True) -> None:
+        """Clear records, stats, rate windows and (unless ``attempts=False``) directive attempt counters.
+
+        ``attempts=False`` lets a test count a second run's requests from zero while a fault like
+        ``503x3`` carries on from the attempts the first run already used.
+        """
         with self._lock:
             self._generation += 1
             self._records = []
-            self._stats = {"requests": 0, "ok": 0, "no_response": 0,
-                           "max_in_flight_seen": self._in_flight}
+            self._stats = {"requests": 0, "ok": 0, "no_response": 0, "max_in_flight_seen": self._in_flight}
             self._stats.update({f"status_{s}": 0 for s in _PRESET_STATUSES})
-            self._attempts.clear()
+            if attempts:
+                self._attempts.clear()
             self._window.clear()
             self._bucket = (0, 0)
             self._rng.seed(self.seed)  # same seed after reset -> same fault sequence
@@ -301,19 +305,16 @@ class FakeLLMServer:
         add, serve = app.router.add_route, self._serve
         for path in ("/v1/chat/completions", "/chat/completions"):
             add("POST", path, partial(serve, dialect="openai", kind="chat"))
-        add("POST", "/api/v7/llm/chat/completions",
-            partial(serve, dialect="modelslab", kind="chat"))
+        add("POST", "/api/v7/llm/chat/completions", partial(serve, dialect="modelslab", kind="chat"))
         for pre in ("", "/api/v7/llm"):
             add("POST", pre + "/v1/messages", partial(serve, dialect="anthropic", kind="chat"))
-            add("POST", pre + "/v1/messages/count_tokens",
-                partial(serve, dialect="anthropic", kind="count"))
+            add("POST", pre + "/v1/messages/count_tokens", partial(serve, dialect="anthropic", kind="count"))
         for path in ("/v1/models", "/models"):
             add("GET", path, partial(serve, dialect="openai", kind="models"))
         add("GET", "/stats", self._http_stats)
         add("POST", "/reset", self._http_reset)
         # handler_cancellation: a client that times out on `hang` frees its in-flight slot.
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
-                                     shutdown_timeout=1.0)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
         await self._runner.setup()
         await web.SockSite(self._runner, sock, backlog=1024).start()
 
@@ -324,8 +325,7 @@ class FakeLLMServer:
         self.reset()
         return web.Response(body=b'{"reset":true}', content_type="application/json")
 
-    async def _serve(self, request: web.Request, *, dialect: Dialect, kind: Kind
-                     ) -> web.StreamResponse:
+    async def _serve(self, request: web.Request, *, dialect: Dialect, kind: Kind) -> web.StreamResponse:
         t = time.monotonic()
         raw = await request.read() if request.body_exists else b""
         try:
@@ -351,8 +351,7 @@ class FakeLLMServer:
             if status == 0:
                 self._abort(request)
                 return web.Response()  # never sent: the transport is already gone
-            return web.Response(status=status, body=payload, headers=extra,
-                                content_type="application/json")
+            return web.Response(status=status, body=payload, headers=extra, content_type="application/json")
         finally:
             with self._lock:
                 self._in_flight -= 1
@@ -397,7 +396,7 @@ class FakeLLMServer:
         """In-flight cap, rate window and random faults; caller holds the lock."""
         if self.max_in_flight is not None and self._in_flight > self.max_in_flight:
             msg = f"Rate limit exceeded. Maximum {self.max_in_flight} queued requests allowed."
-            return _error(dialect, 429, msg if dialect == "modelslab" else None, retry_after=1)
+            return _error(dialect, 429, msg if dialect == "modelslab" else None, wait=1)
         if self.rpm is not None:
             if self.rate_window == "second":
                 wall = time.time()
@@ -405,23 +404,21 @@ class FakeLLMServer:
                 if int(wall) != second:
                     second, used = int(wall), 0
                 if used >= max(1, int(self.rpm / 60)):
-                    return _error(dialect, 429, retry_after=max(1, math.ceil(second + 1 - wall)))
+                    return _error(dialect, 429, wait=max(1, math.ceil(second + 1 - wall)))
                 self._bucket = (second, used + 1)
             else:
                 now, window = time.monotonic(), self._window
                 while window and window[0] <= now - 60.0:
                     window.popleft()
                 if len(window) >= max(1, int(self.rpm)):
-                    wait = max(1, math.ceil(window[0] + 60.0 - now))
-                    return _error(dialect, 429, retry_after=wait)
+                    return _error(dialect, 429, wait=max(1, math.ceil(window[0] + 60.0 - now)))
                 window.append(now)
         if self.fault_rate > 0 and self._rng.random() < self.fault_rate:
             status = self._rng.choice(self.fault_statuses)
-            return _error(dialect, status, retry_after=1 if status == 429 else None)
+            return _error(dialect, status, wait=1 if status == 429 else None)
         return None
 
-    async def _answer(self, request: web.Request, dialect: Dialect, kind: Kind,
-                      body: Any, content: str) -> _Reply:
+    async def _answer(self, request: web.Request, dialect: Dialect, kind: Kind, body: Any, content: str) -> _Reply:
         if not self._authorized(request, dialect, body):
             if dialect == "modelslab":  # ModelsLab reports auth failures with HTTP 200
                 return 200, orjson.dumps({"status": "error", "message": _ML_BAD_KEY}), None, False
@@ -458,12 +455,10 @@ class FakeLLMServer:
             attempt -= n
         return await self._apply(dialect, body, content, fault, fault_arg)
 
-    async def _apply(self, dialect: Dialect, body: dict[str, Any], content: str,
-                     fault: str, arg: float | None) -> _Reply:
+    async def _apply(self, dialect: Dialect, body: dict[str, Any], content: str, fault: str, arg: float | None) -> _Reply:
         if fault.isdigit():
             status = int(fault)
-            return _error(dialect, status, retry_after=(1.0 if arg is None else arg)
-                          if status == 429 else None)
+            return _error(dialect, status, wait=(1.0 if arg is None else arg) if status == 429 else None)
         if fault == "quota":
             etype = "insufficient_quota" if dialect == "openai" else None
             return _error(dialect, 429, "You exceeded your current quota", etype=etype)
@@ -481,11 +476,9 @@ class FakeLLMServer:
             await self._sleep(arg)
         if self.latency > 0:
             await self._sleep(self.latency)
-        return self._success(dialect, body, content, empty=fault == "empty",
-                             usage=self.send_usage and fault != "nousage")
+        return self._success(dialect, body, content, empty=fault == "empty", usage=self.send_usage and fault != "nousage")
 
-    def _success(self, dialect: Dialect, body: dict[str, Any], content: str, *,
-                 empty: bool, usage: bool) -> _Reply:
+    def _success(self, dialect: Dialect, body: dict[str, Any], content: str, *, empty: bool, usage: bool) -> _Reply:
         if empty:
             reply = ""
         elif "[[fault:" in content:
@@ -502,25 +495,23 @@ class FakeLLMServer:
         n = next(self._ids)
         out: dict[str, Any]
         if dialect == "anthropic":
-            out = {"id": f"msg_{n}", "type": "message", "role": "assistant",
-                   "model": body.get("model"), "content": [{"type": "text", "text": reply}],
-                   "stop_reason": "max_tokens" if truncated else "end_turn",
-                   "stop_sequence": None}
+            out = {"id": f"msg_{n}", "type": "message", "role": "assistant", "model": body.get("model")}
+            out["content"] = [{"type": "text", "text": reply}]
+            out["stop_reason"], out["stop_sequence"] = "max_tokens" if truncated else "end_turn", None
             if usage:
                 out["usage"] = {"input_tokens": prompt, "output_tokens": completion}
         else:
             model = (body.get("model_id") if dialect == "modelslab" else None) or body.get("model")
-            out = {"id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()),
-                   "model": model,
-                   "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
-                                "finish_reason": "length" if truncated else "stop"}]}
+            out = {"id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()), "model": model}
+            message = {"role": "assistant", "content": reply}
+            out["choices"] = [{"index": 0, "message": message, "finish_reason": "length" if truncated else "stop"}]
             if usage:
-                out["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion,
-                                "total_tokens": prompt + completion}
+                out["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
         return 200, orjson.dumps(out), None, True
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Every option's dest is a FakeLLMServer keyword, so the parsed namespace is passed straight through.
     p = argparse.ArgumentParser(description="Fake LLM provider for tests and benchmarks.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
@@ -533,20 +524,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     # Off by default so memory stays flat across millions of benchmark requests.
     p.add_argument("--record", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--no-usage", action="store_true")
-    args = p.parse_args(argv)
-    server = FakeLLMServer(latency=args.latency, api_key=args.api_key, rpm=args.rpm,
-                           rate_window=args.rate_window, max_in_flight=args.max_in_flight,
-                           fault_rate=args.fault_rate, seed=args.seed,
-                           send_usage=not args.no_usage, record=args.record,
-                           host=args.host, port=args.port)
+    p.add_argument("--no-usage", dest="send_usage", action="store_false")
+    server = FakeLLMServer(**vars(p.parse_args(argv)))
     done = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        done.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: done.set())
     with server:
         sys.stdout.write(f"READY {server.url}\n")
         sys.stdout.flush()

@@ -1,0 +1,75 @@
+"""Shared fixtures: an isolated working folder, a fake provider, and ways to drive the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+from click.testing import CliRunner, Result
+
+from pipeline.cli import cli
+from tests.fakeserver import FakeLLMServer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test runs in its own folder with no provider keys from the environment."""
+    monkeypatch.chdir(tmp_path)
+    for var in ("OPENAI_API_KEY", "MODELSLAB_API_KEY", "ANTHROPIC_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def server() -> Iterator[FakeLLMServer]:
+    with FakeLLMServer() as srv:
+        yield srv
+
+
+def write_table(path: str | Path, rows: list[dict[str, Any]] | pl.DataFrame) -> Path:
+    """Write rows as CSV, Parquet or JSONL according to the file name."""
+    df = rows if isinstance(rows, pl.DataFrame) else pl.DataFrame(rows)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if p.suffix == ".csv":
+        df.write_csv(p)
+    elif p.suffix == ".parquet":
+        df.write_parquet(p)
+    else:
+        df.write_ndjson(p)
+    return p
+
+
+def texts(n: int, prefix: str = "review number") -> list[dict[str, Any]]:
+    return [{"id": i, "text": f"{prefix} {i} says the product is fine"} for i in range(n)]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> Result:
+    """Drive `pipeline` in-process, as a user would from a shell."""
+    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+
+def base_args(server: FakeLLMServer, *, inp: str = "in.csv", out: str = "out/result.parquet") -> list[str]:
+    return [
+        "run", "--input", inp, "--output", out, "--prompt", "Summarise: {text}",
+        "--base-url", f"{server.url}/v1", "--model", "fake-model", "--no-progress", "--max-attempts", "4",
+    ]  # fmt: skip
+
+
+def spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """`python -m pipeline ...` as a real child process (for kill and signal tests)."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env
+    )
+
+
+def chat_requests(server: FakeLLMServer) -> list[Any]:
+    return [r for r in server.requests if r.path.endswith(("/chat/completions", "/messages"))]

@@ -1,0 +1,93 @@
+"""Each provider's wire format against the fake server, and that the key stays secret."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from tests.conftest import chat_requests, run_cli, texts, write_table
+from tests.fakeserver import FakeLLMServer
+
+SECRET = "sk-test-SECRET-0123456789abcdef"
+
+
+def job(server: FakeLLMServer, provider: str, base: str, *extra: str) -> list[str]:
+    return [
+        "run", "-i", "in.csv", "-o", "out/result.parquet", "-p", "Summarise: {text}", "--provider", provider,
+        "--base-url", f"{server.url}{base}", "--no-progress", "--max-attempts", "3", *extra,
+    ]  # fmt: skip
+
+
+def test_modelslab_sends_key_and_model_id_in_the_body() -> None:
+    with FakeLLMServer(api_key=SECRET) as server:
+        write_table("in.csv", texts(3))
+        result = run_cli(*job(server, "modelslab", "/api/v7/llm", "--system", "Be brief."), env={"MODELSLAB_API_KEY": SECRET})
+        assert result.exit_code == 0, result.output
+        reqs = chat_requests(server)
+        assert [r.path for r in reqs] == ["/api/v7/llm/chat/completions"] * 3
+        body = reqs[0].body
+        assert body["key"] == SECRET and body["model_id"] == "meta-llama-Llama-3.2-1B"
+        assert body["messages"][0] == {"role": "system", "content": "Be brief."}
+        out = pl.read_parquet("out/result.parquet")
+        assert set(out["status"]) == {"ok"} and out["prompt_tokens"][0] > 0
+
+
+def test_modelslab_http_200_invalid_key_stops_the_run() -> None:
+    with FakeLLMServer(api_key="the-right-one") as server:
+        write_table("in.csv", texts(40))
+        result = run_cli(*job(server, "modelslab", "/api/v7/llm", "--concurrency", "1"), env={"MODELSLAB_API_KEY": SECRET})
+        assert result.exit_code == 1
+        assert "Invalid API key" in result.output
+        assert len(chat_requests(server)) == 1
+        assert SECRET not in result.output
+
+
+def test_modelslab_rate_limit_body_retry_after_is_honoured() -> None:
+    with FakeLLMServer(api_key=SECRET) as server:
+        write_table("in.csv", [{"id": 0, "text": "busy [[fault:429@1x1]]"}])
+        result = run_cli(*job(server, "modelslab", "/api/v7/llm"), env={"MODELSLAB_API_KEY": SECRET})
+        assert result.exit_code == 0, result.output
+        first, second = chat_requests(server)
+        assert first.status == 429 and second.status == 200
+        assert second.t - first.t >= 1.0
+
+
+def test_anthropic_messages_wire_format() -> None:
+    with FakeLLMServer(api_key=SECRET) as server:
+        write_table("in.csv", texts(2))
+        args = job(server, "anthropic", "", "--model", "claude-test", "--system", "Be brief.", "--max-tokens", "40")
+        result = run_cli(*args, env={"ANTHROPIC_API_KEY": SECRET})
+        assert result.exit_code == 0, result.output
+        req = chat_requests(server)[0]
+        assert req.path == "/v1/messages"
+        headers = {k.lower(): v for k, v in req.headers.items()}
+        assert headers["x-api-key"] == SECRET and headers["anthropic-version"] == "2023-06-01"
+        assert req.body["system"] == "Be brief." and req.body["max_tokens"] == 40
+        assert req.body["messages"] == [{"role": "user", "content": "Summarise: " + texts(2)[0]["text"]}]
+        out = pl.read_parquet("out/result.parquet")
+        assert out["finish_reason"].to_list() == ["end_turn", "end_turn"]
+        assert out["prompt_tokens"][0] > 0 and out["completion_tokens"][0] > 0
+
+
+def test_anthropic_529_overloaded_is_transient() -> None:
+    with FakeLLMServer(api_key=SECRET) as server:
+        write_table("in.csv", [{"id": 0, "text": "overloaded [[fault:529x2]]"}])
+        result = run_cli(*job(server, "anthropic", "/api/v7/llm", "--model", "claude-test"), env={"ANTHROPIC_API_KEY": SECRET})
+        assert result.exit_code == 0, result.output
+        assert [r.status for r in chat_requests(server)] == [529, 529, 200]
+        assert chat_requests(server)[0].path == "/api/v7/llm/v1/messages"
+
+
+def test_the_key_is_in_no_file_and_no_message() -> None:
+    with FakeLLMServer(api_key=SECRET) as server:
+        rows = [*texts(5), {"id": 5, "text": "rejected [[fault:400]]"}, {"id": 6, "text": "gives up [[fault:500]]"}]
+        write_table("in.csv", rows)
+        result = run_cli(*job(server, "modelslab", "/api/v7/llm"), env={"MODELSLAB_API_KEY": SECRET})
+        assert result.exit_code == 1  # two rows failed
+        assert len(chat_requests(server)) >= 7  # the key really was sent...
+    files = [p for p in Path("out").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".parquet" for p in files) and any("checkpoint" in str(p) for p in files)
+    for path in files:  # ...but written nowhere
+        assert SECRET.encode() not in path.read_bytes(), path
+    assert SECRET not in result.output

@@ -1,0 +1,114 @@
+"""Pieces with rules worth pinning down on their own: templates, config, retry, checkpoint."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import polars as pl
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipeline import errors
+from pipeline.checkpoint import RESULT_COLUMNS, Checkpoint
+from pipeline.config import build_config
+from pipeline.prompts import KEY, PROMPT, Renderer, RequestSpec, parse_template
+from pipeline.retry import RetryPolicy
+
+SPEC = RequestSpec(model="m", system=None, max_tokens=10, temperature=None, top_p=None)
+
+
+def renderer(template: str, **kw: object) -> Renderer:
+    return Renderer(spec=kw.pop("spec", SPEC), template=parse_template(template), prompt_column=None, id_column=None)  # type: ignore[arg-type]
+
+
+@given(a=st.text(), b=st.text())
+def test_rendering_matches_python_formatting(a: str, b: str) -> None:
+    template = "Q: {a} {{literal}} / {b}!"
+    out = renderer(template).render(pl.DataFrame({"a": [a], "b": [b]}))
+    assert out[PROMPT][0] == template.format(a=a, b=b)
+
+
+def test_request_keys_are_stable_and_change_with_what_is_sent() -> None:
+    df = pl.DataFrame({"text": ["one", "two", "one"]})
+    keys = renderer("{text}").render(df)[KEY].to_list()
+    assert keys[0] == keys[2] != keys[1]
+    assert keys == renderer("{text}").render(df)[KEY].to_list()  # same input, same key, every run
+    assert renderer("Summarise {text}").render(df)[KEY][0] != keys[0]  # template
+    hotter = RequestSpec(model="m", system=None, max_tokens=10, temperature=0.7, top_p=None)
+    assert renderer("{text}", spec=hotter).render(df)[KEY][0] != keys[0]  # parameter
+
+
+def test_template_errors_are_explained() -> None:
+    with pytest.raises(errors.ConfigError, match="format spec"):
+        parse_template("{text:>10}")
+    with pytest.raises(errors.ConfigError, match="empty placeholder"):
+        parse_template("x {} y")
+    with pytest.raises(errors.ConfigError, match="not valid"):
+        parse_template("unclosed {text")
+
+
+def test_config_flags_override_file_values() -> None:
+    cfg = build_config({"input": "a.csv", "output": "o.parquet", "prompt": "{x}", "rpm": 10}, {"rpm": 20, "model": None})
+    assert cfg.rpm == 20 and cfg.input == ("a.csv",)
+    assert cfg.setting("concurrency") == 16  # the openai default
+    local = build_config({"input": "a.csv", "output": "o.parquet", "prompt": "{x}", "provider": "local"}, {})
+    assert local.setting("concurrency") == 1 and local.setting("model") == "SmolLM2-135M-Instruct"
+
+
+def test_openai_key_is_only_sent_to_openai(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = {"input": "a.csv", "output": "o.parquet", "prompt": "{x}"}
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    assert build_config(base, {}).api_key() == "k"
+    assert build_config({**base, "base_url": "http://127.0.0.1:9/v1"}, {}).api_key() is None
+
+
+def test_retry_policy() -> None:
+    policy = RetryPolicy(max_attempts=3)
+    transient = errors.ServerError("HTTP 503", kind="http_503")
+    assert all(0 <= (policy.delay(1, transient) or -1) <= 0.5 for _ in range(50))
+    assert policy.delay(3, transient) is None  # out of attempts
+    assert policy.delay(1, errors.PermanentError("HTTP 400", kind="http_400")) is None
+    told = errors.RateLimited("HTTP 429", kind="http_429", retry_after=2.0)
+    assert 2.0 <= (policy.delay(1, told) or 0) <= 2.3
+
+
+def result(key: str, status: str = "ok", text: str = "answer") -> tuple[object, ...]:
+    values = {c: None for c in RESULT_COLUMNS} | {"request_key": key, "status": status, "completion": text, "attempts": 1}
+    values["tokens_estimated"] = False
+    return tuple(values[c] for c in RESULT_COLUMNS)
+
+
+def test_checkpoint_survives_a_torn_last_line_and_never_loses_an_ok(tmp_path: Path) -> None:
+    ck = Checkpoint(tmp_path / "ck")
+    ck.open()
+    ck.start_journal()
+    ck.append(result("a"))
+    ck.append(result("b"))
+    ck.close()
+    (journal,) = (tmp_path / "ck").glob("journal-*.jsonl")
+    with open(journal, "ab") as f:
+        f.write(b'{"request_key": "c", "status": "o')  # killed mid-write
+    ck2 = Checkpoint(tmp_path / "ck")
+    ck2.open()
+    done = ck2.load()
+    assert done["request_key"].to_list() == ["a", "b"]
+    ck2.start_journal()
+    ck2.append(result("a", status="error", text=None))  # type: ignore[arg-type]  # a later failure (say --fresh)
+    ck2.append(result("c"))
+    ck2.close()
+    ck3 = Checkpoint(tmp_path / "ck")
+    ck3.open()
+    assert ck3.load()["request_key"].to_list() == ["a", "b", "c"]
+    assert list((tmp_path / "ck").glob("journal-*")) == []  # folded into results.parquet
+    ck3.close()
+
+
+def test_a_second_run_on_the_same_checkpoint_is_refused(tmp_path: Path) -> None:
+    first = Checkpoint(tmp_path / "ck")
+    first.open()
+    with pytest.raises(errors.InputError, match="Another pipeline run"):
+        Checkpoint(tmp_path / "ck").open()
+    first.close()
+    assert os.path.exists(tmp_path / "ck" / "lock")
