@@ -60,7 +60,9 @@ class Checkpoint:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._lock_fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            raise InputError(f"Cannot create the checkpoint folder {self.folder}: {exc.strerror}. Choose another with --checkpoint-dir.") from None
+            raise InputError(
+                f"Cannot create the checkpoint folder {self.folder}: {exc.strerror}. Choose another with --checkpoint-dir."
+            ) from None
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -39,13 +39,17 @@ class UsageFailure(click.ClickException):
 
 def run_options(f: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
-        click.option("--input", "-i", "input", multiple=True, help="Input table: CSV, Parquet or JSONL. Repeat, or give a quoted glob."),
+        click.option(
+            "--input", "-i", "input", multiple=True, help="Input table: CSV, Parquet or JSONL. Repeat, or give a quoted glob."
+        ),
         click.option("--output", "-o", help="Output Parquet file."),
         click.option("--prompt", "-p", help="Prompt template with {column} placeholders."),
         click.option("--prompt-column", help="Column that already holds the whole prompt (instead of --prompt)."),
         click.option("--system", help="System prompt sent with every row."),
         click.option("--id-column", help="Column identifying a row; identical prompts on different ids are sent separately."),
-        click.option("--provider", type=click.Choice(["openai", "modelslab", "anthropic", "local"]), help="API to speak. Default: openai."),
+        click.option(
+            "--provider", type=click.Choice(["openai", "modelslab", "anthropic", "local"]), help="API to speak. Default: openai."
+        ),
         click.option("--base-url", help="Server base URL, e.g. http://127.0.0.1:8080/v1."),
         click.option("--model", "-m", help="Model name (model_id for ModelsLab)."),
         click.option("--api-key-env", help="Environment variable holding the API key."),
@@ -95,7 +99,10 @@ def run(config: str | None, **flags: Any) -> None:
     sys.exit(code)
 
 
-@cli.command(name="serve-local", epilog="\b\nExample:\n  pipeline serve-local --port 8080\n  pipeline run configs/openai-compatible.yaml --base-url http://127.0.0.1:8080/v1")
+@cli.command(
+    name="serve-local",
+    epilog="\b\nExample:\n  pipeline serve-local --port 8080\n  pipeline run configs/openai-compatible.yaml --base-url http://127.0.0.1:8080/v1",
+)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8080, show_default=True)
 def serve_local(host: str, port: int) -> None:

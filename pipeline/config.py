@@ -143,7 +143,9 @@ def load_yaml(path: str) -> dict[str, Any]:
     """Read a config file into a plain dict, or explain why it cannot be read."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"Config file {path} does not exist. Check the path, or run without a config and give --input/--output/--prompt.")
+        raise ConfigError(
+            f"Config file {path} does not exist. Check the path, or run without a config and give --input/--output/--prompt."
+        )
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:

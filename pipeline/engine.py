@@ -161,12 +161,13 @@ class Engine:
     async def _writer(self) -> None:
         while (batch := await self._order.get()) is not None:
             await batch.done
-            frame = batch.frame
-            results = batch.results
-            await asyncio.to_thread(lambda: self._sink.write(frame.hstack(result_frame(results))))  # type: ignore[arg-type]
+            await asyncio.to_thread(self._write_batch, batch)
             async with self._room:
-                self._outstanding -= frame.height
+                self._outstanding -= batch.frame.height
                 self._room.notify_all()
+
+    def _write_batch(self, batch: Batch) -> None:
+        self._sink.write(batch.frame.hstack(result_frame(batch.results)))  # type: ignore[arg-type]  # all settled
 
     async def _worker(self) -> None:
         while (work := await self._queue.get()) is not None:
@@ -178,7 +179,9 @@ class Engine:
         self._stats.requests_sent += 1
         started = time.monotonic()
         try:
-            status, headers, body = await self._transport.post(self._provider.url, self._provider.headers, self._provider.body(work.prompt))
+            status, headers, body = await self._transport.post(
+                self._provider.url, self._provider.headers, self._provider.body(work.prompt)
+            )
             completion = self._provider.parse(status, headers, body)
         except errors.RequestError as err:
             self._failed(work, err)
@@ -198,7 +201,20 @@ class Engine:
         self._stats.prompt_tokens += pt
         self._stats.completion_tokens += ct
         self._stats.estimated_rows += estimated
-        return (c.text, pt, ct, pt + ct, c.finish_reason, c.model, "ok", None, work.attempts, round(latency, 2), work.key, estimated)
+        return (
+            c.text,
+            pt,
+            ct,
+            pt + ct,
+            c.finish_reason,
+            c.model,
+            "ok",
+            None,
+            work.attempts,
+            round(latency, 2),
+            work.key,
+            estimated,
+        )
 
     def _failed(self, work: Work, err: errors.RequestError) -> None:
         if err.fatal:
@@ -217,7 +233,12 @@ class Engine:
                 kind="connect",
             )
         self._stats.error_kinds[err.kind] += 1
-        self._finish(work, error_result(f"{err.message} (after {work.attempts} attempt{'s' if work.attempts > 1 else ''})", work.attempts, work.key))
+        self._finish(
+            work,
+            error_result(
+                f"{err.message} (after {work.attempts} attempt{'s' if work.attempts > 1 else ''})", work.attempts, work.key
+            ),
+        )
 
     def _finish(self, work: Work, result: Result) -> None:
         del self._inflight[work.key]

@@ -28,13 +28,14 @@ class Limits:
             # larger amounts), so it holds a second's worth or 4k tokens.
             self._token_cap = max(per_second, min(4096.0, tpm * HEADROOM))
             self._tokens = AsyncLimiter(self._token_cap, self._token_cap / per_second)
+        # Open unless a 429 closed it; a timer (not a poll) reopens it.
+        self._open = asyncio.Event()
+        self._open.set()
+        self._reopen: asyncio.TimerHandle | None = None
         self._resume_at = 0.0
 
     async def acquire(self, tokens: int) -> None:
-        loop = asyncio.get_running_loop()
-        # Re-check after each wait: another 429 may have pushed the resume time out.
-        while (wait := self._resume_at - loop.time()) > 0:
-            await asyncio.sleep(wait)
+        await self._open.wait()
         if self._requests is not None:
             await self._requests.acquire()
         if self._tokens is not None:
@@ -43,4 +44,11 @@ class Limits:
     def pause(self, seconds: float) -> None:
         """Hold every new request for `seconds` (the server said it is over its limit)."""
         loop = asyncio.get_running_loop()
-        self._resume_at = max(self._resume_at, loop.time() + seconds)
+        resume_at = loop.time() + seconds
+        if resume_at <= self._resume_at:
+            return
+        self._resume_at = resume_at
+        self._open.clear()
+        if self._reopen is not None:
+            self._reopen.cancel()
+        self._reopen = loop.call_at(resume_at, self._open.set)

@@ -50,7 +50,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 class LocalServer:
     """`with LocalServer() as server: ... server.base_url ...`"""
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int | None = None, n_ctx: int = 2048, startup_timeout: float = 120.0) -> None:
+    def __init__(
+        self, *, host: str = "127.0.0.1", port: int | None = None, n_ctx: int = 2048, startup_timeout: float = 120.0
+    ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self._n_ctx = n_ctx

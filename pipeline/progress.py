@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from typing import TextIO
+from typing import Never, TextIO
 
 from tqdm import tqdm
 
@@ -22,7 +22,7 @@ class Progress:
         self._stats = stats
         self._enabled = enabled and stream.isatty()
         self._stream = stream
-        self._bar: tqdm[None] | None = None
+        self._bar: tqdm[Never] | None = None
         self._shown = 0
         self._task: asyncio.Task[None] | None = None
 
@@ -63,8 +63,7 @@ def summary(stats: RunStats, wall: float, output: str | None, checkpoint: str) -
     lines = [
         f"pipeline: {s.rows_done} rows in {wall:.1f} s: {s.ok} ok, {s.errors} error"
         f" ({s.from_checkpoint} ok from the checkpoint, not sent again)",
-        f"  requests: {s.requests_sent} sent for {sent} rows ({s.retries} retries), "
-        f"{sent / wall if wall > 0 else 0:.1f} rows/s",
+        f"  requests: {s.requests_sent} sent for {sent} rows ({s.retries} retries), {sent / wall if wall > 0 else 0:.1f} rows/s",
         f"  tokens this run: {s.prompt_tokens:,} in, {s.completion_tokens:,} out"
         + (f" ({s.estimated_rows} rows estimated: the server sent no usage)" if s.estimated_rows else ""),
     ]

@@ -39,7 +39,9 @@ def parse_template(text: str) -> Template:
     try:
         parsed = list(string.Formatter().parse(text))
     except ValueError as exc:
-        raise ConfigError(f"The prompt template is not valid: {exc}. Placeholders look like {{column}}; write {{{{ and }}}} for literal braces.") from None
+        raise ConfigError(
+            f"The prompt template is not valid: {exc}. Placeholders look like {{column}}; write {{{{ and }}}} for literal braces."
+        ) from None
     pending = ""  # the parser splits literal text at escaped braces; join it up
     for literal, name, spec, conversion in parsed:
         pending += literal
@@ -48,13 +50,17 @@ def parse_template(text: str) -> Template:
         if not name:
             raise ConfigError("The prompt template has an empty placeholder {}. Name a column inside the braces, e.g. {text}.")
         if spec or conversion:
-            raise ConfigError(f"Placeholder {{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}} uses a format spec; placeholders take a bare column name, e.g. {{{name}}}.")
+            raise ConfigError(
+                f"Placeholder {{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}} uses a format spec; placeholders take a bare column name, e.g. {{{name}}}."
+            )
         literals.append(pending)
         fields.append(name)
         pending = ""
     literals.append(pending)
     if not fields:
-        raise ConfigError(f"The prompt template {text!r} names no column, so every row would send the same prompt. Add a placeholder such as {{text}}.")
+        raise ConfigError(
+            f"The prompt template {text!r} names no column, so every row would send the same prompt. Add a placeholder such as {{text}}."
+        )
     return Template(text=text, literals=tuple(literals), fields=tuple(fields))
 
 
@@ -118,14 +124,12 @@ class Renderer:
         return pl.concat_str(parts)
 
     def _skip_expr(self) -> pl.Expr:
-        cols = self.template.columns if self.template else (self.prompt_column,)
+        cols = self.template.columns if self.template else (self.prompt_column or "",)
         checks = []
         for c in cols:
             cell = pl.col(c).cast(pl.String)
             checks.append(pl.when(cell.is_null()).then(pl.lit(f"not sent: column '{c}' is null in this row")))
-            checks.append(
-                pl.when(cell.str.strip_chars() == "").then(pl.lit(f"not sent: column '{c}' is empty in this row"))
-            )
+            checks.append(pl.when(cell.str.strip_chars() == "").then(pl.lit(f"not sent: column '{c}' is empty in this row")))
         return pl.coalesce(checks)
 
     def render(self, df: pl.DataFrame) -> pl.DataFrame:

@@ -34,7 +34,9 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 def renderer_for(cfg: RunConfig) -> Renderer:
     model = cfg.setting("model")
     if not model:
-        raise errors.ConfigError(f"No model given. The {cfg.provider} provider needs one: set 'model' in the config or pass --model.")
+        raise errors.ConfigError(
+            f"No model given. The {cfg.provider} provider needs one: set 'model' in the config or pass --model."
+        )
     spec = RequestSpec(
         model=model,
         system=cfg.system,
@@ -70,7 +72,9 @@ def run_job(cfg: RunConfig, err: TextIO | None = None) -> int:
         if cfg.fresh:
             done = done.clear()
         elif done.height:
-            print(f"pipeline: resuming: {done.height} answered requests in {cfg.checkpoint_path} will not be sent again", file=err)
+            print(
+                f"pipeline: resuming: {done.height} answered requests in {cfg.checkpoint_path} will not be sent again", file=err
+            )
         checkpoint.start_journal()
         with contextlib.ExitStack() as stack:
             if base_url is None:

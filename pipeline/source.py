@@ -38,7 +38,9 @@ def resolve_files(patterns: tuple[str, ...]) -> tuple[Path, ...]:
         if glob.has_magic(pattern):
             matched = sorted(glob.glob(pattern, recursive=True))
             if not matched:
-                raise InputError(f"No input file matches {pattern!r}. Check the pattern (quote it so the shell does not expand it).")
+                raise InputError(
+                    f"No input file matches {pattern!r}. Check the pattern (quote it so the shell does not expand it)."
+                )
             files.extend(Path(m) for m in matched)
             continue
         p = Path(pattern)
@@ -84,7 +86,9 @@ def open_table(patterns: tuple[str, ...]) -> Table:
             this = _scan(f, fmt).collect_schema()
             first = _scan(f, fmt).head(1).collect()
         except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"Input file {f} could not be read as {fmt}: {_short(exc)}. Check that the file is a valid {fmt} file.") from None
+            raise InputError(
+                f"Input file {f} could not be read as {fmt}: {_short(exc)}. Check that the file is a valid {fmt} file."
+            ) from None
         if not this or first.height == 0:
             raise InputError(f"Input file {f} is empty (no rows). Give a table with at least one row.")
         if schema is None:

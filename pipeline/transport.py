@@ -7,7 +7,6 @@ point this real client at a real server on 127.0.0.1.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -41,10 +40,12 @@ class AiohttpTransport:
         try:
             async with self._session.post(url, data=body, headers=headers) as resp:
                 return resp.status, resp.headers, await resp.read()
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise errors.RequestTimeout(f"no answer within {self._timeout:g} s", kind="timeout") from None
         except aiohttp.ClientConnectorError as exc:
-            raise errors.TransportError(f"cannot connect to {exc.host}:{exc.port} ({exc.os_error.strerror or exc.os_error})", kind="connect") from None
+            raise errors.TransportError(
+                f"cannot connect to {exc.host}:{exc.port} ({exc.os_error.strerror or exc.os_error})", kind="connect"
+            ) from None
         except aiohttp.ServerDisconnectedError:
             raise errors.TransportError("server closed the connection before answering", kind="disconnected") from None
         except (aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:
@@ -58,7 +59,7 @@ class AiohttpTransport:
             async with self._session.get(url) as resp:
                 await resp.read()
                 return resp.status
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             return 0
 
     async def close(self) -> None:

@@ -15,7 +15,9 @@ Token counting (deterministic, identical on every path):
 Order of checks per request: auth (401; skipped when api_key is None) -> request validation
 (400) -> max_in_flight (429) -> rpm (429) -> random fault -> directives -> latency.  ModelsLab
 answers auth and validation errors with HTTP 200 ``{"status": "error", ...}`` like the real
-one.  ``count_tokens`` and ``/v1/models`` ignore directives and latency.
+one.  ``count_tokens`` and ``/v1/models`` ignore directives and latency.  Rate windows admit
+max(1, int(rpm / 60)) requests per wall-clock second ("second") or int(rpm) in any sliding 60 s
+("minute"); rejected requests are not counted in the window.
 
 Fault directives live in the last user message: ``[[fault:KIND[@S][xN]]]``.  KIND is an HTTP
 status (e.g. 429, 500, 529), ``quota``, ``reset``, ``hang``, ``slow`` (needs ``@S``),
@@ -267,19 +269,14 @@ class FakeLLMServer:
         with self._lock:
             return {**self._stats, "in_flight": self._in_flight}
 
-    def reset(self, *, attempts: bool = True) -> None:
-        """Clear records, stats, rate windows and (unless ``attempts=False``) directive attempt counters.
-
-        ``attempts=False`` lets a test count a second run's requests from zero while a fault like
-        ``503x3`` carries on from the attempts the first run already used.
-        """
+    def reset(self) -> None:
+        """Clear records, stats, rate windows and directive attempt counters; reseed the random faults."""
         with self._lock:
             self._generation += 1
             self._records = []
             self._stats = {"requests": 0, "ok": 0, "no_response": 0, "max_in_flight_seen": self._in_flight}
             self._stats.update({f"status_{s}": 0 for s in _PRESET_STATUSES})
-            if attempts:
-                self._attempts.clear()
+            self._attempts.clear()
             self._window.clear()
             self._bucket = (0, 0)
             self._rng.seed(self.seed)  # same seed after reset -> same fault sequence

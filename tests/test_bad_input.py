@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import base_args, chat_requests, run_cli, texts, write_table
+from tests.conftest import base_args, run_cli, texts, write_table
 from tests.fakeserver import FakeLLMServer
 
 
@@ -48,14 +48,9 @@ def test_unreadable_parquet(server: FakeLLMServer) -> None:
     assert_refused(run_cli(*base_args(server, inp="in.parquet")), server, "in.parquet", "could not be read")
 
 
-def test_file_without_read_permission(server: FakeLLMServer) -> None:
-    import os
-
-    write_table("in.csv", texts(2))
-    os.chmod("in.csv", 0)
-    if os.access("in.csv", os.R_OK):
-        pytest.skip("running as a user who can read any file (root)")
-    assert_refused(run_cli(*base_args(server)), server, "in.csv")
+def test_csv_that_is_not_utf8(server: FakeLLMServer) -> None:
+    Path("in.csv").write_bytes(b"id,text\n1,caf\xe9 au lait\n")
+    assert_refused(run_cli(*base_args(server)), server, "in.csv", "utf-8")
 
 
 def test_unknown_extension(server: FakeLLMServer) -> None:
@@ -64,13 +59,17 @@ def test_unknown_extension(server: FakeLLMServer) -> None:
 
 
 def test_bad_config_key_suggests_the_right_one(server: FakeLLMServer) -> None:
-    Path("job.yaml").write_text(f"input: in.csv\noutput: out/result.parquet\nprompt: '{{text}}'\nmodel: m\nbase_url: {server.url}/v1\ntemprature: 0.2\n")
+    Path("job.yaml").write_text(
+        f"input: in.csv\noutput: out/result.parquet\nprompt: '{{text}}'\nmodel: m\nbase_url: {server.url}/v1\ntemprature: 0.2\n"
+    )
     write_table("in.csv", texts(2))
     assert_refused(run_cli("run", "job.yaml"), server, "temprature", "Did you mean 'temperature'")
 
 
 def test_wrong_type_in_config(server: FakeLLMServer) -> None:
-    Path("job.yaml").write_text(f"input: in.csv\noutput: out/result.parquet\nprompt: '{{text}}'\nmodel: m\nbase_url: {server.url}/v1\nconcurrency: lots\n")
+    Path("job.yaml").write_text(
+        f"input: in.csv\noutput: out/result.parquet\nprompt: '{{text}}'\nmodel: m\nbase_url: {server.url}/v1\nconcurrency: lots\n"
+    )
     write_table("in.csv", texts(2))
     assert_refused(run_cli("run", "job.yaml"), server, "'concurrency'")
 

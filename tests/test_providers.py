@@ -91,3 +91,12 @@ def test_the_key_is_in_no_file_and_no_message() -> None:
     for path in files:  # ...but written nowhere
         assert SECRET.encode() not in path.read_bytes(), path
     assert SECRET not in result.output
+
+
+def test_modelslab_out_of_quota_stops_the_run() -> None:
+    with FakeLLMServer(api_key=SECRET) as server:
+        write_table("in.csv", [{"id": i, "text": f"row {i} [[fault:quota]]"} for i in range(20)])
+        result = run_cli(*job(server, "modelslab", "/api/v7/llm", "--concurrency", "1"), env={"MODELSLAB_API_KEY": SECRET})
+        assert result.exit_code == 1
+        assert "quota" in result.output.lower() and "stopped" in result.output
+        assert len(chat_requests(server)) == 1

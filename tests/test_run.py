@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter
 from pathlib import Path
@@ -46,7 +47,10 @@ def test_openai_wire_format(server: FakeLLMServer) -> None:
     assert req.path == "/v1/chat/completions"
     assert req.body == {
         "model": "fake-model",
-        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Summarise: " + texts(1)[0]["text"]}],
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Summarise: " + texts(1)[0]["text"]},
+        ],
         "max_tokens": 50,
         "temperature": 0.3,
         "top_p": 0.9,
@@ -257,7 +261,7 @@ def test_rpm_paces_evenly_without_429s() -> None:
         assert server.stats().get("status_429", 0) == 0
         arrivals = [r.t for r in chat_requests(server)]
         assert len(arrivals) == 25
-        gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(arrivals)]
         assert min(gaps) >= 0.09  # even spacing, no burst at the start
         assert time.monotonic() - started >= 2.3
 

@@ -29,8 +29,11 @@ class Completion:
 
 
 class Provider(Protocol):
-    url: str
-    headers: Mapping[str, str]
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
 
     def body(self, prompt: str) -> bytes: ...
 
@@ -71,7 +74,14 @@ def clip(message: object, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-QUOTA_WORDS = ("insufficient_quota", "exceeded your current quota", "credit balance", "insufficient credit", "out of credits", "billing")
+QUOTA_WORDS = (
+    "insufficient_quota",
+    "exceeded your current quota",
+    "credit balance",
+    "insufficient credit",
+    "out of credits",
+    "billing",
+)
 
 
 def http_error(status: int, message: str, *, wait: float | None, quota: bool = False) -> errors.RequestError:

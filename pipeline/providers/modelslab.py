@@ -21,10 +21,11 @@ _QUOTA_WORDS = ("credit", "balance", "quota", "subscription", "plan limit")
 def classify_message(message: str, status: int, wait: float | None) -> errors.RequestError:
     low = message.lower()
     text = f"ModelsLab error (HTTP {status}): {clip(message)}"
-    if status == 429 or "rate limit" in low or "queued requests" in low:
-        return errors.RateLimited(text, kind="rate_limited", retry_after=wait)
+    # Quota before rate limit: an exhausted account may also answer 429.
     if any(w in low for w in _QUOTA_WORDS):
         return errors.QuotaExhausted(text, kind="quota")
+    if status == 429 or "rate limit" in low or "queued requests" in low:
+        return errors.RateLimited(text, kind="rate_limited", retry_after=wait)
     if any(w in low for w in _AUTH_WORDS) or status in (401, 403):
         return errors.AuthError(text, kind="auth")
     if any(w in low for w in _TRANSIENT_WORDS) or status >= 500:

@@ -68,7 +68,9 @@ class OpenAIChat:
         if status != 200:
             data = _maybe_json(body)
             err = data.get("error") if isinstance(data, dict) else None
-            message = err.get("message", "") if isinstance(err, dict) else (str(err) if err else body[:200].decode("utf-8", "replace"))
+            message = (
+                err.get("message", "") if isinstance(err, dict) else (str(err) if err else body[:200].decode("utf-8", "replace"))
+            )
             code = str(err.get("code") or err.get("type") or "") if isinstance(err, dict) else ""
             raise http_error(status, message, wait=retry_after(headers), quota=code == "insufficient_quota")
         data = decode(body)
