@@ -131,9 +131,13 @@ def show(path: str, rows: int) -> None:
 
     df = pl.read_parquet(path, n_rows=rows)
     counts = pl.scan_parquet(path).group_by("status").len().sort("status").collect()
-    with pl.Config(tbl_rows=rows, fmt_str_lengths=60, tbl_width_chars=160, tbl_hide_dataframe_shape=True):
-        click.echo(df.drop([c for c in ("request_key", "model", "latency_ms", "attempts") if c in df.columns]))
-        click.echo(", ".join(f"{r['status']}: {r['len']}" for r in counts.iter_rows(named=True)))
+    results = ["completion", "status", "error", "total_tokens"]
+    first_input = [c for c in df.columns[:1] if c not in results]
+    with pl.Config(
+        tbl_rows=rows, fmt_str_lengths=90, tbl_width_chars=160, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True
+    ):
+        click.echo(df.select([*first_input, *(c for c in results if c in df.columns)]))
+    click.echo(f"{path}: " + ", ".join(f"{r['status']}: {r['len']} rows" for r in counts.iter_rows(named=True)))
 
 
 def main() -> None:

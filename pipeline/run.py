@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+import polars as pl
+
 from pipeline import errors, source
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import RunConfig
@@ -29,6 +31,7 @@ from pipeline.stats import RunStats
 from pipeline.transport import AiohttpTransport
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+NOWHERE = "http://127.0.0.1:9/v1"  # stands in for a server that no request will reach
 
 
 def renderer_for(cfg: RunConfig) -> Renderer:
@@ -47,6 +50,18 @@ def renderer_for(cfg: RunConfig) -> Renderer:
     )
     template = parse_template(cfg.prompt) if cfg.prompt is not None else None
     return Renderer(spec=spec, template=template, prompt_column=cfg.prompt_column, id_column=cfg.id_column)
+
+
+def _anything_to_send(table: source.Table, cfg: RunConfig, renderer: Renderer, done: pl.DataFrame) -> bool:
+    """Whether any row still needs a request (a quick pass, used before starting the local model)."""
+    for frame in source.batches(table, cfg.batch_size, cfg.limit):
+        p = prepare(frame, renderer, done)
+        if any(
+            key is not None and skip is None and row not in p.cached
+            for row, (key, skip) in enumerate(zip(p.keys, p.skip, strict=True))
+        ):
+            return True
+    return False
 
 
 def run_job(cfg: RunConfig, err: TextIO | None = None) -> int:
@@ -77,6 +92,9 @@ def run_job(cfg: RunConfig, err: TextIO | None = None) -> int:
             )
         checkpoint.start_journal()
         with contextlib.ExitStack() as stack:
+            if base_url is None and done.height and not _anything_to_send(table, cfg, renderer, done):
+                print("pipeline: every row is already answered; the embedded model is not needed this time", file=err)
+                base_url = NOWHERE
             if base_url is None:
                 print("pipeline: starting the embedded model server (SmolLM2-135M-Instruct on 127.0.0.1)", file=err)
                 base_url = stack.enter_context(LocalServer()).base_url
