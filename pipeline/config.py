@@ -70,6 +70,9 @@ class RunConfig(BaseModel):
     limit: int | None = Field(default=None, ge=1)
     checkpoint_dir: str | None = None
     max_error_rate: float = Field(default=0.0, ge=0, le=1)
+    # Prices in currency units per million tokens, for `pipeline estimate`.
+    price_in: float | None = Field(default=None, ge=0)
+    price_out: float | None = Field(default=None, ge=0)
     batch_size: int = Field(default=5000, ge=1)
     progress: bool = True
     fresh: bool = False
