@@ -45,6 +45,7 @@ def run_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--output", "-o", help="Output Parquet file."),
         click.option("--prompt", "-p", help="Prompt template with {column} placeholders."),
         click.option("--prompt-column", help="Column that already holds the whole prompt (instead of --prompt)."),
+        click.option("--messages-column", help="Column holding each row's conversation: a list of {role, content}."),
         click.option("--system", help="System prompt sent with every row."),
         click.option("--id-column", help="Column identifying a row; identical prompts on different ids are sent separately."),
         click.option(
@@ -56,6 +57,21 @@ def run_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-tokens", type=int, help="Most tokens to generate per row. Default: 256."),
         click.option("--temperature", type=float, help="Sampling temperature."),
         click.option("--top-p", type=float, help="Nucleus sampling."),
+        click.option(
+            "--param-column",
+            "param_columns",
+            multiple=True,
+            metavar="PARAM=COLUMN",
+            help="A request parameter taken per row from a column, e.g. max_tokens=budget. Repeatable.",
+        ),
+        click.option(
+            "--schema", "schema_", help="JSON Schema file: replies must be JSON matching it; its fields become typed columns."
+        ),
+        click.option(
+            "--schema-output",
+            type=click.Choice(["columns", "struct"]),
+            help="Extracted fields as columns (default) or one struct column.",
+        ),
         click.option("--rpm", type=float, help="Requests per minute, paced evenly."),
         click.option("--tpm", type=float, help="Tokens per minute (prompt estimate + max tokens)."),
         click.option("--concurrency", "-c", type=int, help="Most requests in flight."),
@@ -90,6 +106,8 @@ def run(config: str | None, **flags: Any) -> None:
     command resumes: rows already answered are not sent again.
     """
     flags["input"] = flags["input"] or None
+    flags["schema"] = flags.pop("schema_")
+    flags["param_columns"] = _pairs(flags["param_columns"])
     try:
         values = load_yaml(config) if config else {}
         cfg = build_config(values, flags, source=f"config {config}" if config else "flags")
@@ -138,6 +156,16 @@ def show(path: str, rows: int) -> None:
     ):
         click.echo(df.select([*first_input, *(c for c in results if c in df.columns)]))
     click.echo(f"{path}: " + ", ".join(f"{r['status']}: {r['len']} rows" for r in counts.iter_rows(named=True)))
+
+
+def _pairs(values: tuple[str, ...]) -> dict[str, str] | None:
+    """PARAM=COLUMN flags as a mapping (None when none were given)."""
+    if not values:
+        return None
+    bad = [v for v in values if "=" not in v]
+    if bad:
+        raise UsageFailure(f"--param-column takes PARAM=COLUMN (e.g. max_tokens=budget), not {bad[0]!r}.")
+    return dict(tuple(v.split("=", 1)) for v in values)  # type: ignore[misc]
 
 
 def main() -> None:

@@ -38,7 +38,9 @@ PROVIDER_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     # The embedded llama.cpp server answers one request at a time; more in
     # flight would only queue there and hit the timeout.
-    "local": {"model": "SmolLM2-135M-Instruct", "concurrency": 1, "timeout": 300.0},
+    # llama.cpp constrains decoding to a schema given as response_format
+    # {"type": "json_object", "schema": ...}; it ignores OpenAI's json_schema form.
+    "local": {"model": "SmolLM2-135M-Instruct", "concurrency": 1, "timeout": 300.0, "json_mode": "json_object"},
 }
 OPENAI_DEFAULT_BASE = PROVIDER_DEFAULTS["openai"]["base_url"]
 
@@ -46,12 +48,13 @@ OPENAI_DEFAULT_BASE = PROVIDER_DEFAULTS["openai"]["base_url"]
 class RunConfig(BaseModel):
     """Every setting of one `pipeline run`. Paths are as the user wrote them."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     input: tuple[str, ...] = Field(min_length=1)
     output: str
     prompt: str | None = None
     prompt_column: str | None = None
+    messages_column: str | None = None
     system: str | None = None
     id_column: str | None = None
     provider: Provider = "openai"
@@ -62,6 +65,12 @@ class RunConfig(BaseModel):
     temperature: float | None = Field(default=None, ge=0)
     top_p: float | None = Field(default=None, gt=0, le=1)
     params: dict[str, Any] = Field(default_factory=dict)
+    param_columns: dict[str, str] = Field(default_factory=dict)
+    schema_: dict[str, Any] | str | None = Field(default=None, alias="schema")
+    schema_output: Literal["columns", "struct"] = "columns"
+    schema_column: str = "extracted"
+    schema_prefix: str = ""
+    json_mode: Literal["json_schema", "json_object"] | None = None
     rpm: float | None = Field(default=None, gt=0)
     tpm: float | None = Field(default=None, gt=0)
     concurrency: int | None = Field(default=None, ge=1, le=4096)
@@ -82,10 +91,10 @@ class RunConfig(BaseModel):
     def _one_or_many(cls, value: Any) -> Any:
         return (value,) if isinstance(value, str) else value
 
-    @field_validator("params")
+    @field_validator("params", "param_columns")
     @classmethod
     def _params_not_reserved(cls, value: dict[str, Any]) -> dict[str, Any]:
-        reserved = {"messages", "model", "model_id", "key", "stream", "system"}
+        reserved = {"messages", "model", "model_id", "key", "stream", "system", "response_format", "tools", "tool_choice"}
         clash = sorted(reserved & value.keys())
         if clash:
             raise ValueError(f"params may not set {', '.join(clash)}: the pipeline builds these itself")
@@ -93,10 +102,13 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _prompt_source(self) -> RunConfig:
-        if (self.prompt is None) == (self.prompt_column is None):
+        given = [k for k in ("prompt", "prompt_column", "messages_column") if getattr(self, k) is not None]
+        if len(given) != 1:
             raise ValueError(
-                "give exactly one of 'prompt' (a template such as 'Summarise: {text}') "
-                "or 'prompt_column' (a column that already holds the prompt)"
+                "give exactly one of 'prompt' (a template such as 'Summarise: {text}'), "
+                "'prompt_column' (a column that already holds the prompt) or 'messages_column' "
+                "(a column holding each row's conversation as a list of {role, content})"
+                + (f"; got {', '.join(given)}" if given else "")
             )
         return self
 
@@ -104,7 +116,7 @@ class RunConfig(BaseModel):
         """A setting, falling back to the provider's default where the user gave none."""
         value = getattr(self, name)
         if value is None:
-            return PROVIDER_DEFAULTS[self.provider].get(name)
+            return PROVIDER_DEFAULTS[self.provider].get(name, "json_schema" if name == "json_mode" else None)
         return value
 
     @property
@@ -139,7 +151,7 @@ class RunConfig(BaseModel):
         return key
 
 
-FIELDS = tuple(RunConfig.model_fields)
+FIELDS = tuple(f.alias or name for name, f in RunConfig.model_fields.items())
 
 
 def load_yaml(path: str) -> dict[str, Any]:

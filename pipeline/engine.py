@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import polars as pl
@@ -21,11 +21,12 @@ import polars as pl
 from pipeline import errors
 from pipeline.checkpoint import Checkpoint, lookup
 from pipeline.limits import Limits
-from pipeline.prompts import EST_TOKENS, KEY, PROMPT, SKIP_REASON, Renderer, estimate_tokens
+from pipeline.prompts import EST_TOKENS, EXTRA, KEY, PROMPT, SKIP_REASON, Renderer, estimate_tokens
 from pipeline.providers import Completion, Provider
 from pipeline.retry import RetryPolicy
 from pipeline.sink import ParquetSink, result_frame
 from pipeline.stats import RunStats
+from pipeline.structured import Structured, check_reply, correction
 from pipeline.transport import Transport
 
 Result = tuple[Any, ...]  # in checkpoint.RESULT_COLUMNS order
@@ -48,10 +49,12 @@ class Batch:
 @dataclass(eq=False, slots=True)
 class Work:
     key: str
-    prompt: str
+    prompt: str  # the row's prompt, or its conversation as JSON
+    extra: str | None  # per-row parameters as a JSON object
     tokens: int
     waiters: list[tuple[Batch, int]] = field(default_factory=list)
     attempts: int = 0
+    followup: list[dict[str, str]] | None = None  # set after an invalid structured reply
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class Prepared:
 
     frame: pl.DataFrame
     prompts: list[str | None]
+    extra: list[str | None]
     skip: list[str | None]
     keys: list[str | None]
     tokens: list[int]
@@ -76,6 +80,7 @@ def prepare(frame: pl.DataFrame, renderer: Renderer, done: pl.DataFrame) -> Prep
     return Prepared(
         frame=frame,
         prompts=rendered.get_column(PROMPT).to_list(),
+        extra=rendered.get_column(EXTRA).to_list(),
         skip=rendered.get_column(SKIP_REASON).to_list(),
         keys=keys.to_list(),
         tokens=rendered.get_column(EST_TOKENS).to_list(),
@@ -100,6 +105,7 @@ class Engine:
         sink: ParquetSink,
         stats: RunStats,
         system_prompt: str | None = None,
+        structured: Structured | None = None,
         window_rows: int | None = None,
     ) -> None:
         self._provider = provider
@@ -111,6 +117,8 @@ class Engine:
         self._sink = sink
         self._stats = stats
         self._system = system_prompt or ""
+        self._structured = structured
+        self._validator = structured.validator() if structured else None
         self._window = window_rows or max(20_000, 64 * concurrency)
         self._queue: asyncio.Queue[Work | None] = asyncio.Queue()
         self._order: asyncio.Queue[Batch | None] = asyncio.Queue()
@@ -154,7 +162,7 @@ class Engine:
                 else:
                     prompt = p.prompts[row]
                     assert prompt is not None
-                    work = Work(key=key, prompt=prompt, tokens=p.tokens[row], waiters=[(batch, row)])
+                    work = Work(key=key, prompt=prompt, extra=p.extra[row], tokens=p.tokens[row], waiters=[(batch, row)])
                     self._inflight[key] = work
                     self._queue.put_nowait(work)
 
@@ -167,7 +175,8 @@ class Engine:
                 self._room.notify_all()
 
     def _write_batch(self, batch: Batch) -> None:
-        self._sink.write(batch.frame.hstack(result_frame(batch.results)))  # type: ignore[arg-type]  # all settled
+        frame = batch.frame.hstack(result_frame(batch.results))  # type: ignore[arg-type]  # all settled
+        self._sink.write(self._structured.add_columns(frame) if self._structured else frame)
 
     async def _worker(self) -> None:
         while (work := await self._queue.get()) is not None:
@@ -179,10 +188,11 @@ class Engine:
         self._stats.requests_sent += 1
         started = time.monotonic()
         try:
-            status, headers, body = await self._transport.post(
-                self._provider.url, self._provider.headers, self._provider.body(work.prompt)
-            )
-            completion = self._provider.parse(status, headers, body)
+            body = self._provider.body(work.prompt, work.extra, work.followup)
+            status, headers, reply = await self._transport.post(self._provider.url, self._provider.headers, body)
+            completion = self._provider.parse(status, headers, reply)
+            if self._validator is not None:
+                completion = replace(completion, text=check_reply(completion.text, self._validator))
         except errors.RequestError as err:
             self._failed(work, err)
             return
@@ -220,6 +230,8 @@ class Engine:
         if err.fatal:
             raise err
         delay = self._policy.delay(work.attempts, err)
+        if isinstance(err, errors.InvalidOutput):
+            work.followup = correction(err)  # ask again, saying what was wrong
         if delay is not None:
             self._stats.retries += 1
             if isinstance(err, errors.RateLimited):
@@ -233,12 +245,11 @@ class Engine:
                 kind="connect",
             )
         self._stats.error_kinds[err.kind] += 1
-        self._finish(
-            work,
-            error_result(
-                f"{err.message} (after {work.attempts} attempt{'s' if work.attempts > 1 else ''})", work.attempts, work.key
-            ),
-        )
+        message = f"{err.message} (after {work.attempts} attempt{'s' if work.attempts > 1 else ''})"
+        result = error_result(message, work.attempts, work.key)
+        if isinstance(err, errors.InvalidOutput):
+            result = (err.raw, *result[1:])  # keep what the model said, for a look
+        self._finish(work, result)
 
     def _finish(self, work: Work, result: Result) -> None:
         del self._inflight[work.key]

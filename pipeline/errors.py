@@ -10,7 +10,8 @@
     │   │   ├── ServerError       408, 409, 5xx, 529
     │   │   ├── TransportError    connection refused/reset, server disconnected
     │   │   ├── RequestTimeout    no answer within --timeout
-    │   │   └── MalformedReply    unparseable body (a truncated reply is often transient)
+    │   │   ├── MalformedReply    unparseable body (a truncated reply is often transient)
+    │   │   └── InvalidOutput     a reply that breaks the JSON Schema: asked again, with the reason
     │   ├── PermanentError        another attempt would get the same answer (other 4xx)
     │   │   └── ErrorReply        HTTP 200 carrying an error or no completion
     │   └── FatalError            stops the whole run: every row would fail the same way
@@ -89,6 +90,14 @@ class RequestTimeout(TransientError):
 
 class MalformedReply(TransientError):
     pass
+
+
+class InvalidOutput(TransientError):
+    """The model answered, but not with JSON that fits the schema; `raw` is what it said."""
+
+    def __init__(self, message: str, *, raw: str) -> None:
+        super().__init__(message, kind="invalid_output")
+        self.raw = raw
 
 
 class PermanentError(RequestError):

@@ -41,11 +41,11 @@ class Progress:
         if self._bar is None:
             return
         s = self._stats
-        self._bar.update(s.rows_done - self._shown)
-        self._shown = s.rows_done
         self._bar.set_postfix_str(
             f"ok={s.ok} err={s.errors} tok={s.prompt_tokens + s.completion_tokens:,} retries={s.retries}", refresh=False
         )
+        self._bar.update(s.rows_done - self._shown)  # redraws, with the postfix just set
+        self._shown = s.rows_done
 
     def close(self) -> None:
         if self._task is not None:

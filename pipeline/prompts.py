@@ -18,7 +18,7 @@ import polars as pl
 from pipeline.errors import ConfigError, InputError
 
 # Column names the pipeline adds to every row; the sink relies on them being free.
-PROMPT, SKIP_REASON, KEY, EST_TOKENS = "__prompt", "__skip_reason", "__request_key", "__est_tokens"
+PROMPT, EXTRA, SKIP_REASON, KEY, EST_TOKENS = "__prompt", "__extra", "__skip_reason", "__request_key", "__est_tokens"
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def parse_template(text: str) -> Template:
 
 @dataclass(frozen=True)
 class RequestSpec:
-    """What is the same for every row of a run: model, system prompt, parameters."""
+    """What is the same for every row of a run: model, system prompt, parameters, output shape."""
 
     model: str
     system: str | None
@@ -74,6 +74,9 @@ class RequestSpec:
     temperature: float | None
     top_p: float | None
     params: dict[str, Any] = field(default_factory=dict)
+    conversation: bool = False  # each row's payload is a JSON list of messages, not one prompt
+    schema: dict[str, Any] | None = None  # JSON Schema the reply must follow
+    json_mode: str = "json_schema"
 
     def fingerprint(self) -> bytes:
         """Canonical bytes of the shared part; any change re-keys every row."""
@@ -84,25 +87,35 @@ class RequestSpec:
             "temperature": self.temperature,
             "top_p": self.top_p,
             "params": self.params,
+            "conversation": self.conversation,
+            "schema": self.schema,
+            "json_mode": self.json_mode if self.schema else None,
         }
         return orjson.dumps(shared, option=orjson.OPT_SORT_KEYS)
 
 
 @dataclass(frozen=True)
 class Renderer:
-    """Builds the per-row prompt, its skip reason, request key and token estimate."""
+    """Builds each row's payload (prompt or conversation), per-row parameters, skip reason, key and token estimate."""
 
     spec: RequestSpec
     template: Template | None
     prompt_column: str | None
     id_column: str | None
+    messages_column: str | None = None
+    param_columns: dict[str, str] = field(default_factory=dict)
+
+    def _source_columns(self) -> tuple[str, ...]:
+        if self.template is not None:
+            return self.template.columns
+        return tuple(c for c in (self.prompt_column, self.messages_column) if c)
 
     def needed_columns(self) -> tuple[str, ...]:
-        cols = self.template.columns if self.template else (self.prompt_column,)
         extra = (self.id_column,) if self.id_column else ()
-        return tuple(c for c in cols + extra if c is not None)
+        return tuple(dict.fromkeys(self._source_columns() + extra + tuple(self.param_columns.values())))
 
-    def check(self, columns: list[str], where: str) -> None:
+    def check(self, schema: pl.Schema, where: str) -> None:
+        columns = list(schema.names())
         missing = [c for c in self.needed_columns() if c not in columns]
         if missing:
             what = "The prompt template uses" if self.template else "The settings name"
@@ -110,8 +123,23 @@ class Renderer:
                 f"{what} column{'s' if len(missing) > 1 else ''} {', '.join(repr(m) for m in missing)}, "
                 f"which {where} does not have. Its columns are: {', '.join(repr(c) for c in columns)}."
             )
+        if self.messages_column:
+            dtype = schema[self.messages_column]
+            inner = dtype.inner if isinstance(dtype, pl.List) else None
+            names = {f.name for f in inner.fields} if isinstance(inner, pl.Struct) else set()
+            if dtype != pl.String and not {"role", "content"} <= names:
+                raise InputError(
+                    f"Column {self.messages_column!r} of {where} should hold a list of messages with 'role' and 'content' "
+                    f'(as in JSONL: [{{"role": "user", "content": "..."}}]), or their JSON text; it is {dtype}.'
+                )
 
-    def _prompt_expr(self) -> pl.Expr:
+    def _payload_expr(self, schema: pl.Schema) -> pl.Expr:
+        if self.messages_column is not None:
+            col = pl.col(self.messages_column)
+            if schema[self.messages_column] == pl.String:
+                return col
+            encoded = col.list.eval(pl.element().struct.json_encode()).list.join(",")
+            return pl.when(col.list.len() > 0).then(pl.concat_str([pl.lit("["), encoded, pl.lit("]")]))
         if self.template is None:
             assert self.prompt_column is not None
             return pl.col(self.prompt_column).cast(pl.String)
@@ -123,29 +151,39 @@ class Renderer:
                 parts.append(pl.col(self.template.fields[i]).cast(pl.String))
         return pl.concat_str(parts)
 
-    def _skip_expr(self) -> pl.Expr:
-        cols = self.template.columns if self.template else (self.prompt_column or "",)
+    def _skip_expr(self, schema: pl.Schema) -> pl.Expr:
         checks = []
-        for c in cols:
+        for c in self._source_columns():
+            if schema[c] != pl.String and c == self.messages_column:
+                checks.append(
+                    pl.when(pl.col(c).is_null() | (pl.col(c).list.len() == 0)).then(
+                        pl.lit(f"not sent: column '{c}' has no messages in this row")
+                    )
+                )
+                continue
             cell = pl.col(c).cast(pl.String)
             checks.append(pl.when(cell.is_null()).then(pl.lit(f"not sent: column '{c}' is null in this row")))
             checks.append(pl.when(cell.str.strip_chars() == "").then(pl.lit(f"not sent: column '{c}' is empty in this row")))
         return pl.coalesce(checks)
 
     def render(self, df: pl.DataFrame) -> pl.DataFrame:
-        """Return `df` plus the prompt, skip reason, request key and token estimate."""
-        out = df.with_columns(self._prompt_expr().alias(PROMPT), self._skip_expr().alias(SKIP_REASON))
-        prefix = blake2b(self.spec.fingerprint(), digest_size=16).digest()
-        prompts = out.get_column(PROMPT).to_list()
-        ids = out.get_column(self.id_column).cast(pl.String).to_list() if self.id_column else None
-        if ids is None:
-            keys = [None if p is None else blake2b(prefix + p.encode(), digest_size=16).hexdigest() for p in prompts]
+        """Return `df` plus payload, per-row parameters, skip reason, request key and token estimate."""
+        out = df.with_columns(self._payload_expr(df.schema).alias(PROMPT), self._skip_expr(df.schema).alias(SKIP_REASON))
+        if self.param_columns:
+            fields = [pl.col(col).alias(param) for param, col in sorted(self.param_columns.items())]
+            out = out.with_columns(pl.struct(fields).struct.json_encode().alias(EXTRA))
         else:
+            out = out.with_columns(pl.lit(None, dtype=pl.String).alias(EXTRA))
+        prefix = blake2b(self.spec.fingerprint(), digest_size=16).digest()
+        # What identifies a request besides the shared part: the id (if any), the payload, per-row parameters.
+        material = [pl.col(PROMPT)]
+        if self.id_column:
             # With an id column, identical prompts on different rows stay separate requests.
-            keys = [
-                None if p is None else blake2b(prefix + (i or "").encode() + b"\x1f" + p.encode(), digest_size=16).hexdigest()
-                for i, p in zip(ids, prompts, strict=True)
-            ]
+            material.insert(0, pl.col(self.id_column).cast(pl.String).fill_null(""))
+        if self.param_columns:
+            material.append(pl.col(EXTRA))
+        joined = out.select(pl.concat_str(material, separator="\x1f")).to_series().to_list()
+        keys = [None if m is None else blake2b(prefix + m.encode(), digest_size=16).hexdigest() for m in joined]
         # Roughly four bytes a token for English text; only used to pace --tpm.
         system_tokens = len((self.spec.system or "").encode()) // 4
         return out.with_columns(

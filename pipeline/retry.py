@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from pipeline.errors import RequestError
+from pipeline.errors import InvalidOutput, RequestError
 
 MAX_SERVER_WAIT = 600.0  # a Retry-After beyond this is more likely a bug than a plan
 
@@ -20,6 +20,8 @@ class RetryPolicy:
         """Seconds to wait before attempt `attempt + 1`, or None to give up on this row."""
         if not err.transient or attempt >= self.max_attempts:
             return None
+        if isinstance(err, InvalidOutput):
+            return 0.0  # the server is fine; the answer was not: ask again at once
         if err.retry_after is not None:
             # Honour the server, plus a little jitter so waiters do not return in lockstep.
             return min(err.retry_after, MAX_SERVER_WAIT) + random.uniform(0, 0.1 + 0.1 * err.retry_after)

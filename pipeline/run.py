@@ -28,13 +28,23 @@ from pipeline.providers import make_provider
 from pipeline.retry import RetryPolicy
 from pipeline.sink import ParquetSink, check_output
 from pipeline.stats import RunStats
+from pipeline.structured import Structured, load_schema
 from pipeline.transport import AiohttpTransport
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 NOWHERE = "http://127.0.0.1:9/v1"  # stands in for a server that no request will reach
 
 
-def renderer_for(cfg: RunConfig) -> Renderer:
+def structured_for(cfg: RunConfig) -> Structured | None:
+    if cfg.schema_ is None:
+        return None
+    layout = cfg.schema_output
+    return Structured(
+        schema=load_schema(cfg.schema_), layout=layout, name=cfg.schema_column if layout == "struct" else cfg.schema_prefix
+    )
+
+
+def renderer_for(cfg: RunConfig, structured: Structured | None = None) -> Renderer:
     model = cfg.setting("model")
     if not model:
         raise errors.ConfigError(
@@ -47,9 +57,19 @@ def renderer_for(cfg: RunConfig) -> Renderer:
         temperature=cfg.temperature,
         top_p=cfg.top_p,
         params=dict(cfg.params),
+        conversation=cfg.messages_column is not None,
+        schema=structured.schema if structured else None,
+        json_mode=cfg.setting("json_mode"),
     )
     template = parse_template(cfg.prompt) if cfg.prompt is not None else None
-    return Renderer(spec=spec, template=template, prompt_column=cfg.prompt_column, id_column=cfg.id_column)
+    return Renderer(
+        spec=spec,
+        template=template,
+        prompt_column=cfg.prompt_column,
+        id_column=cfg.id_column,
+        messages_column=cfg.messages_column,
+        param_columns=dict(cfg.param_columns),
+    )
 
 
 def _anything_to_send(table: source.Table, cfg: RunConfig, renderer: Renderer, done: pl.DataFrame) -> bool:
@@ -67,11 +87,12 @@ def _anything_to_send(table: source.Table, cfg: RunConfig, renderer: Renderer, d
 def run_job(cfg: RunConfig, err: TextIO | None = None) -> int:
     """Run the job described by `cfg`; return the process exit code. Raises UserError for exit 2."""
     err = err or sys.stderr
-    renderer = renderer_for(cfg)
+    structured = structured_for(cfg)
+    renderer = renderer_for(cfg, structured)
     table = source.open_table(cfg.input)
-    renderer.check(list(table.schema.names()), table.label)
+    renderer.check(table.schema, table.label)
     output = Path(cfg.output)
-    check_output(output, list(table.schema.names()))
+    check_output(output, list(table.schema.names()), structured.output_columns() if structured else [])
     api_key = cfg.api_key()
     base_url = cfg.setting("base_url")
     if cfg.provider == "local" and base_url is None:
@@ -119,6 +140,7 @@ def run_job(cfg: RunConfig, err: TextIO | None = None) -> int:
                     sink=sink,
                     stats=stats,
                     system_prompt=cfg.system,
+                    structured=structured,
                 )
                 progress.start()
                 try:

@@ -8,6 +8,7 @@ is in it: a reader never sees a half-written output.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import polars as pl
@@ -17,13 +18,19 @@ from pipeline.checkpoint import RESULT_COLUMNS, RESULT_SCHEMA
 from pipeline.errors import InputError
 
 
-def check_output(path: Path, input_columns: list[str]) -> None:
+def check_output(path: Path, input_columns: list[str], extracted: Sequence[str] = ()) -> None:
     """Refuse, before any request, an output we could not write or columns that clash."""
     clash = [c for c in input_columns if c in RESULT_COLUMNS]
     if clash:
         raise InputError(
             f"Input column{'s' if len(clash) > 1 else ''} {', '.join(repr(c) for c in clash)} would clash with the output's "
             f"result columns ({', '.join(RESULT_COLUMNS)}). Rename {'them' if len(clash) > 1 else 'it'} in the input first."
+        )
+    taken = [c for c in extracted if c in input_columns or c in RESULT_COLUMNS]
+    if taken:
+        raise InputError(
+            f"The schema's output column{'s' if len(taken) > 1 else ''} {', '.join(repr(c) for c in taken)} would clash with "
+            f"an input or result column. Set schema_prefix (e.g. 'x_') or use schema_output: struct."
         )
     if path.suffix.lower() not in (".parquet", ".pq"):
         raise InputError(f"Output {path} should end in .parquet: pipeline writes Parquet.")

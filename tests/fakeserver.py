@@ -19,9 +19,14 @@ one.  ``count_tokens`` and ``/v1/models`` ignore directives and latency.  Rate w
 max(1, int(rpm / 60)) requests per wall-clock second ("second") or int(rpm) in any sliding 60 s
 ("minute"); rejected requests are not counted in the window.
 
-Fault directives live in the last user message: ``[[fault:KIND[@S][xN]]]``.  KIND is an HTTP
-status (e.g. 429, 500, 529), ``quota``, ``reset``, ``hang``, ``slow`` (needs ``@S``),
-``malformed``, ``error200``, ``nochoices``, ``nousage`` or ``empty``.  ``@S`` is seconds
+Fault directives live in the last user message that holds any: ``[[fault:KIND[@S][xN]]]``.
+KIND is an HTTP status (e.g. 429, 500, 529), ``quota``, ``reset``, ``hang``, ``slow`` (needs
+``@S``), ``malformed``, ``error200``, ``nochoices``, ``nousage``, ``empty``, or for requests
+that ask for structured output ``badjson`` (prose instead of JSON) and ``wrongtype`` (JSON
+whose first field has the wrong type).  A request with a schema (OpenAI ``response_format``
+json_schema/json_object with ``schema``, or an Anthropic forced tool) is answered with a
+deterministic instance of it: strings ``"<field>-value"``, integers the word count of the
+content, numbers half that, booleans true, enums their first value, arrays two items.  ``@S`` is seconds
 (float) for ``slow`` and the Retry-After of ``429`` (default 1).  ``xN`` limits a directive
 to N attempts; without it the directive covers every remaining attempt.  Directives form a
 queue consumed in order: with ``[[fault:500x1]][[fault:503x1]]`` attempt 1 gets 500,
@@ -62,7 +67,9 @@ Kind = Literal["chat", "count", "models"]
 _Reply = tuple[int, bytes, dict[str, str] | None, bool]
 
 _DIRECTIVE = re.compile(r"\[\[fault:([^\]]*)\]\]")
-_NAMED_KINDS = ("quota", "reset", "hang", "slow", "malformed", "error200", "nochoices", "nousage", "empty")
+_NAMED_KINDS = (
+    "quota", "reset", "hang", "slow", "malformed", "error200", "nochoices", "nousage", "empty", "badjson", "wrongtype",
+)  # fmt: skip
 # Kinds are spelled out: a generic [a-z]+ would swallow the "x" of "resetx2".
 _SPEC = re.compile(rf"(?P<kind>\d{{3}}|{'|'.join(_NAMED_KINDS)})(?:@(?P<arg>\d+(?:\.\d*)?))?(?:x(?P<n>\d+))?")
 # status -> (OpenAI error type, Anthropic error type, message)
@@ -109,12 +116,18 @@ def _text(content: object) -> str:
 
 
 def _last_user(body: object) -> str:
+    """The last user message that holds a fault directive, else the last user message.
+
+    A client that re-asks (appending its own correction turn) keeps the row's
+    directive, so attempts keep being counted against the same content."""
     messages = body.get("messages") if isinstance(body, dict) else None
-    if isinstance(messages, list):
-        for m in reversed(messages):
-            if isinstance(m, dict) and m.get("role") == "user":
-                return _text(m.get("content"))
-    return ""
+    users = (
+        [_text(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+        if isinstance(messages, list)
+        else []
+    )
+    marked = [u for u in users if "[[fault:" in u]
+    return (marked or users or [""])[-1]
 
 
 def _prompt_tokens(body: dict[str, Any], dialect: Dialect) -> int:
@@ -473,15 +486,23 @@ class FakeLLMServer:
             await self._sleep(arg)
         if self.latency > 0:
             await self._sleep(self.latency)
-        return self._success(dialect, body, content, empty=fault == "empty", usage=self.send_usage and fault != "nousage")
+        return self._success(dialect, body, content, fault=fault, usage=self.send_usage and fault != "nousage")
 
-    def _success(self, dialect: Dialect, body: dict[str, Any], content: str, *, empty: bool, usage: bool) -> _Reply:
-        if empty:
+    def _success(self, dialect: Dialect, body: dict[str, Any], content: str, *, fault: str, usage: bool) -> _Reply:
+        cleaned = _DIRECTIVE.sub("", content).strip() if "[[fault:" in content else content
+        schema = _requested_schema(body, dialect)
+        tool_input: Any = None
+        if fault == "empty":
             reply = ""
-        elif "[[fault:" in content:
-            reply = "echo: " + _DIRECTIVE.sub("", content).strip()
+        elif schema is not None and fault != "badjson":
+            tool_input = _instance(schema, "", len(cleaned.split()))
+            if fault == "wrongtype":
+                tool_input = _break(tool_input)
+            reply = orjson.dumps(tool_input).decode()
+        elif fault == "badjson":
+            reply = "Sure! Here are the fields: {not json"
         else:
-            reply = "echo: " + content
+            reply = "echo: " + cleaned
         words = reply.split()
         limit = body.get("max_tokens", body.get("max_completion_tokens"))
         truncated = limit is not None and len(words) > limit
@@ -493,7 +514,10 @@ class FakeLLMServer:
         out: dict[str, Any]
         if dialect == "anthropic":
             out = {"id": f"msg_{n}", "type": "message", "role": "assistant", "model": body.get("model")}
-            out["content"] = [{"type": "text", "text": reply}]
+            if tool_input is not None:  # structured output arrives as the forced tool's input
+                out["content"] = [{"type": "tool_use", "id": f"toolu_{n}", "name": body["tools"][0]["name"], "input": tool_input}]
+            else:
+                out["content"] = [{"type": "text", "text": reply}]
             out["stop_reason"], out["stop_sequence"] = "max_tokens" if truncated else "end_turn", None
             if usage:
                 out["usage"] = {"input_tokens": prompt, "output_tokens": completion}
@@ -505,6 +529,50 @@ class FakeLLMServer:
             if usage:
                 out["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
         return 200, orjson.dumps(out), None, True
+
+
+def _requested_schema(body: dict[str, Any], dialect: Dialect) -> dict[str, Any] | None:
+    """The JSON Schema a request asks its reply to follow, if any."""
+    if dialect == "anthropic":
+        tools = body.get("tools") or []
+        return tools[0].get("input_schema") if tools and body.get("tool_choice") else None
+    fmt = body.get("response_format") or {}
+    if fmt.get("type") == "json_schema":
+        return (fmt.get("json_schema") or {}).get("schema")
+    if fmt.get("type") == "json_object":
+        return fmt.get("schema") or {"type": "object", "properties": {}}
+    return None
+
+
+def _instance(schema: dict[str, Any], name: str, words: int) -> Any:
+    """A deterministic value that satisfies `schema`: strings are '<name>-value', integers the
+    prompt's word count, numbers half of it, booleans true, enums their first value, arrays two items."""
+    if "enum" in schema:
+        return schema["enum"][0]
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object":
+        return {k: _instance(sub, k, words) for k, sub in (schema.get("properties") or {}).items()}
+    if kind == "array":
+        return [_instance(schema.get("items") or {"type": "string"}, name, words) for _ in range(2)]
+    if kind == "integer":
+        return words
+    if kind == "number":
+        return words / 2
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    return f"{name}-value"
+
+
+def _break(value: Any) -> Any:
+    """The same object with its first field of the wrong type, to exercise schema validation."""
+    if isinstance(value, dict) and value:
+        first = next(iter(value))
+        return {**value, first: 12345 if isinstance(value[first], str) else "not the right type"}
+    return "not an object"
 
 
 def main(argv: list[str] | None = None) -> int:

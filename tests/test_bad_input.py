@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import base_args, run_cli, texts, write_table
 from tests.fakeserver import FakeLLMServer
 

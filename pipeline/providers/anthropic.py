@@ -13,6 +13,8 @@ import orjson
 from pipeline import errors
 from pipeline.prompts import RequestSpec
 from pipeline.providers.base import Completion, clip, decode, http_error, json_headers, retry_after
+from pipeline.providers.openai import row_params
+from pipeline.structured import TOOL_NAME
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 1024  # the API requires max_tokens; used when the user sets none
@@ -30,11 +32,29 @@ class AnthropicMessages:
             params["top_p"] = spec.top_p
         if spec.system:
             params["system"] = spec.system
+        if spec.schema is not None:
+            # Anthropic's way to structured output: one tool whose input is the schema, and it must be used.
+            params["tools"] = [
+                {"name": TOOL_NAME, "description": "Record the fields extracted from the input.", "input_schema": spec.schema}
+            ]
+            params["tool_choice"] = {"type": "tool", "name": TOOL_NAME}
         params.update(spec.params)
         self._params = params
 
-    def body(self, prompt: str) -> bytes:
-        return orjson.dumps({"model": self._spec.model, "messages": [{"role": "user", "content": prompt}], **self._params})
+    def body(self, payload: str, extra: str | None = None, followup: list[dict[str, str]] | None = None) -> bytes:
+        params = self._params
+        if self._spec.conversation:
+            turns = orjson.loads(payload)
+            # Messages has no "system" role: such turns join the top-level system prompt.
+            system = [t["content"] for t in turns if t.get("role") == "system"]
+            messages = [t for t in turns if t.get("role") != "system"]
+            if system:
+                params = {**params, "system": "\n\n".join([*([params["system"]] if "system" in params else []), *system])}
+        else:
+            messages = [{"role": "user", "content": payload}]
+        if followup:
+            messages = [*messages, *followup]
+        return orjson.dumps({"model": self._spec.model, "messages": messages, **params, **row_params(extra)})
 
     def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> Completion:
         if status != 200:
@@ -53,7 +73,11 @@ class AnthropicMessages:
         blocks = data.get("content")
         if not isinstance(blocks, list):
             raise errors.ErrorReply("reply has no content blocks", kind="no_content")
-        text = "".join(b.get("text", "") for b in blocks if isinstance(b, dict) and b.get("type") == "text")
+        tool_inputs = [b.get("input") for b in blocks if isinstance(b, dict) and b.get("type") == "tool_use"]
+        if self._spec.schema is not None and tool_inputs:
+            text = orjson.dumps(tool_inputs[0]).decode()  # the structured answer is the tool call's input
+        else:
+            text = "".join(b.get("text", "") for b in blocks if isinstance(b, dict) and b.get("type") == "text")
         usage = data.get("usage") or {}
         return Completion(
             text=text,

@@ -11,7 +11,7 @@ import orjson
 from pipeline import errors
 from pipeline.prompts import RequestSpec
 from pipeline.providers.base import Completion, clip, decode, http_error, json_headers, retry_after
-from pipeline.providers.openai import chat_messages, generation_params, parse_choices
+from pipeline.providers.openai import chat_messages, generation_params, parse_choices, row_params
 
 _TRANSIENT_WORDS = ("rate limit", "queued requests", "try again", "unavailable", "overloaded", "busy", "timed out", "timeout")
 _AUTH_WORDS = ("api key", "unauthori", "invalid key", "not authenticated")
@@ -41,9 +41,10 @@ class ModelsLabChat:
         self._key = api_key or ""
         self._params = generation_params(spec)
 
-    def body(self, prompt: str) -> bytes:
+    def body(self, payload: str, extra: str | None = None, followup: list[dict[str, str]] | None = None) -> bytes:
+        messages = chat_messages(self._spec, payload, followup)
         return orjson.dumps(
-            {"key": self._key, "model_id": self._spec.model, "messages": chat_messages(self._spec, prompt), **self._params}
+            {"key": self._key, "model_id": self._spec.model, "messages": messages, **self._params, **row_params(extra)}
         )
 
     def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> Completion:

@@ -10,12 +10,29 @@ import orjson
 from pipeline import errors
 from pipeline.prompts import RequestSpec
 from pipeline.providers.base import Completion, clip, decode, http_error, json_headers, retry_after
+from pipeline.structured import schema_instruction
 
 
-def chat_messages(spec: RequestSpec, prompt: str) -> list[dict[str, str]]:
-    messages = [{"role": "system", "content": spec.system}] if spec.system else []
-    messages.append({"role": "user", "content": prompt})
+def chat_messages(spec: RequestSpec, payload: str, followup: list[dict[str, str]] | None = None) -> list[dict[str, Any]]:
+    """System prompt (plus the schema, where the server is told it in words), then the row's turns."""
+    system = spec.system or ""
+    if spec.schema is not None and spec.json_mode == "json_object":
+        system = (system + "\n\n" if system else "") + schema_instruction(spec.schema)
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    if spec.conversation:
+        messages.extend(orjson.loads(payload))
+    else:
+        messages.append({"role": "user", "content": payload})
+    if followup:
+        messages.extend(followup)
     return messages
+
+
+def row_params(extra: str | None) -> dict[str, Any]:
+    """Per-row parameters from columns; a null cell means "use the run's value"."""
+    if not extra:
+        return {}
+    return {k: v for k, v in orjson.loads(extra).items() if v is not None}
 
 
 def generation_params(spec: RequestSpec) -> dict[str, Any]:
@@ -26,6 +43,12 @@ def generation_params(spec: RequestSpec) -> dict[str, Any]:
         params["temperature"] = spec.temperature
     if spec.top_p is not None:
         params["top_p"] = spec.top_p
+    if spec.schema is not None:
+        if spec.json_mode == "json_object":
+            # llama.cpp reads `schema` here and constrains decoding to it.
+            params["response_format"] = {"type": "json_object", "schema": spec.schema}
+        else:
+            params["response_format"] = {"type": "json_schema", "json_schema": {"name": "fields", "schema": spec.schema}}
     params.update(spec.params)
     return params
 
@@ -61,8 +84,9 @@ class OpenAIChat:
         self._spec = spec
         self._params = generation_params(spec)
 
-    def body(self, prompt: str) -> bytes:
-        return orjson.dumps({"model": self._spec.model, "messages": chat_messages(self._spec, prompt), **self._params})
+    def body(self, payload: str, extra: str | None = None, followup: list[dict[str, str]] | None = None) -> bytes:
+        messages = chat_messages(self._spec, payload, followup)
+        return orjson.dumps({"model": self._spec.model, "messages": messages, **self._params, **row_params(extra)})
 
     def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> Completion:
         if status != 200:
