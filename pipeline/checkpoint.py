@@ -77,7 +77,7 @@ class Checkpoint:
         if compacted.exists():
             frames.append(pl.read_parquet(compacted))
         journals = sorted(self.folder.glob("journal-*.jsonl"))
-        frames.extend(_read_journal(j) for j in journals)
+        frames.extend(read_journal(j) for j in journals)
         frames = [f for f in frames if f.height]
         if not frames:
             return pl.DataFrame(schema=RESULT_SCHEMA)
@@ -125,7 +125,7 @@ class Checkpoint:
             self._lock_fd = None
 
 
-def _read_journal(path: Path) -> pl.DataFrame:
+def read_journal(path: Path) -> pl.DataFrame:
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1  # a torn last line (killed mid-write) is dropped
     if end == 0:

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from pipeline import errors
-from pipeline.config import build_config, load_yaml
+from pipeline.config import RunConfig, build_config, load_yaml
 from pipeline.run import EXIT_USAGE, run_job
 
 RUN_EXAMPLES = """
@@ -105,13 +105,31 @@ def run(config: str | None, **flags: Any) -> None:
     --max-tokens); flags given on the command line win. Re-running the same
     command resumes: rows already answered are not sent again.
     """
-    flags["input"] = flags["input"] or None
-    flags["schema"] = flags.pop("schema_")
-    flags["param_columns"] = _pairs(flags["param_columns"])
     try:
-        values = load_yaml(config) if config else {}
-        cfg = build_config(values, flags, source=f"config {config}" if config else "flags")
-        code = run_job(cfg)
+        code = run_job(_config(config, flags))
+    except errors.UserError as exc:
+        raise UsageFailure(str(exc)) from None
+    sys.exit(code)
+
+
+@cli.command(
+    epilog="\b\nExamples:\n  pipeline estimate configs/extract-invoices.yaml\n  MODELSLAB_API_KEY=... pipeline estimate configs/modelslab-llama-3.2-1b.yaml --samples 1"
+)
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--samples", type=int, default=2, show_default=True, help="How many rendered requests to show.")
+@run_options
+def estimate(config: str | None, samples: int, **flags: Any) -> None:
+    """Price a job without running it: sample requests, tokens in, worst-case tokens out, cost, time.
+
+    Takes the same CONFIG and flags as `pipeline run`. No generation request is
+    sent; prompt tokens are counted by the provider's count endpoint where it
+    has one (Anthropic, ModelsLab), else estimated, and the report says which.
+    """
+    from pipeline.estimate import estimate_job
+
+    try:
+        cfg = _config(config, flags)
+        code = estimate_job(cfg, sys.stdout, samples)
     except errors.UserError as exc:
         raise UsageFailure(str(exc)) from None
     sys.exit(code)
@@ -156,6 +174,15 @@ def show(path: str, rows: int) -> None:
     ):
         click.echo(df.select([*first_input, *(c for c in results if c in df.columns)]))
     click.echo(f"{path}: " + ", ".join(f"{r['status']}: {r['len']} rows" for r in counts.iter_rows(named=True)))
+
+
+def _config(config: str | None, flags: dict[str, Any]) -> RunConfig:
+    """The config file (if any) with the flags laid over it, validated."""
+    flags["input"] = flags["input"] or None
+    flags["schema"] = flags.pop("schema_")
+    flags["param_columns"] = _pairs(flags["param_columns"])
+    values = load_yaml(config) if config else {}
+    return build_config(values, flags, source=f"config {config}" if config else "flags")
 
 
 def _pairs(values: tuple[str, ...]) -> dict[str, str] | None:

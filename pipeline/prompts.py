@@ -80,17 +80,19 @@ class RequestSpec:
 
     def fingerprint(self) -> bytes:
         """Canonical bytes of the shared part; any change re-keys every row."""
-        shared = {
+        shared: dict[str, Any] = {
             "model": self.model,
             "system": self.system,
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "params": self.params,
-            "conversation": self.conversation,
-            "schema": self.schema,
-            "json_mode": self.json_mode if self.schema else None,
         }
+        # Only when used, so that plain jobs keep their keys (and checkpoints) across versions.
+        if self.conversation:
+            shared["conversation"] = True
+        if self.schema is not None:
+            shared["schema"], shared["json_mode"] = self.schema, self.json_mode
         return orjson.dumps(shared, option=orjson.OPT_SORT_KEYS)
 
 

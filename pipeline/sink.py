@@ -36,12 +36,10 @@ def check_output(path: Path, input_columns: list[str], extracted: Sequence[str] 
         raise InputError(f"Output {path} should end in .parquet: pipeline writes Parquet.")
     if path.is_dir():
         raise InputError(f"Output {path} is a folder. Give a file name such as {path}/results.parquet.")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"Cannot create the output folder {path.parent}: {exc.strerror}.") from None
-    if not os.access(path.parent, os.W_OK):
-        raise InputError(f"Cannot write to the output folder {path.parent}: permission denied.")
+    # Check without creating anything: `pipeline estimate` runs this too.
+    existing = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise InputError(f"Cannot write the output {path}: {existing} is not a folder we may write to. Choose another --output.")
 
 
 class ParquetSink:
@@ -49,6 +47,7 @@ class ParquetSink:
         self.path = path
         # A run killed mid-write leaves its temporary file; the checkpoint lock
         # means no other run is writing this output, so old ones can go.
+        path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(f".{path.name}.*.tmp"):
             stale.unlink(missing_ok=True)
         self._tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

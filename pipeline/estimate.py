@@ -1,0 +1,296 @@
+"""`pipeline estimate`: price a job before it starts, without one generation request.
+
+One streaming pass over the table (the same rendering, request keys and
+checkpoint look-up as `pipeline run`) gathers the counts; prompt tokens come
+from the provider's count endpoint where it has one (every request when there
+are few, else a uniform sample scaled up by bytes), else from the 4-bytes rule.
+The checkpoint is only read: no lock, no compaction, so a running job is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TextIO
+
+import orjson
+import polars as pl
+
+from pipeline import errors, source
+from pipeline.checkpoint import RESULT_SCHEMA, read_journal
+from pipeline.config import RunConfig
+from pipeline.engine import Prepared, prepare
+from pipeline.prompts import Renderer
+from pipeline.providers import make_provider
+from pipeline.providers.anthropic import DEFAULT_MAX_TOKENS, AnthropicMessages
+from pipeline.providers.base import decode, http_error
+from pipeline.providers.openai import chat_messages
+from pipeline.run import NOWHERE, renderer_for, structured_for
+from pipeline.sink import check_output
+from pipeline.transport import AiohttpTransport
+
+COUNTING_PROVIDERS = ("anthropic", "modelslab")  # both serve /v1/messages/count_tokens
+COUNT_CONCURRENCY, COUNT_TIMEOUT = 4, 30.0
+DEFAULT_LATENCY = 1.0  # seconds a request, until a run has measured one
+ESTIMATED = "estimate: about 4 bytes a token"
+COUNT_FIELDS = ("model", "system", "messages", "tools", "tool_choice")  # what count_tokens accepts
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What one pass over the table found. Payloads are (payload, per-row params) as the provider adapters take them."""
+
+    rows: int
+    not_sendable: int
+    skipped: int
+    requests: int
+    request_bytes: int  # payload + system, summed over the requests to send
+    rule_tokens: int  # the 4-bytes rule, summed the same way
+    charged_tokens: int  # what the --tpm limiter will charge for them
+    samples: tuple[tuple[str, str | None], ...]  # the first requests to send, in input order
+    count_sample: tuple[tuple[str, int], ...]  # (payload, bytes) of up to count_limit requests, uniformly chosen
+
+
+@dataclass(frozen=True)
+class Estimate:
+    rows: int
+    not_sendable: int
+    skipped: int
+    requests: int
+    tokens_in: int
+    tokens_in_method: str
+    max_tokens: int | None
+    tokens_out: int | None  # None: no max_tokens, so no worst case
+    cost_in: float | None  # None: no price in the config
+    cost_out: float | None
+    seconds: float
+    rate: float  # requests a second
+    pace: str  # which limit sets the rate, and why
+    samples: tuple[str, ...] = ()  # pretty request bodies, keys masked
+
+
+def read_done(folder: Path) -> pl.DataFrame:
+    """Answered (`ok`) results, one per key, sorted by key: `Checkpoint.load` without its lock and compaction."""
+    files = [folder / "results.parquet", *sorted(folder.glob("journal-*.jsonl"))] if folder.is_dir() else []
+    frames = []
+    for f in files:
+        try:  # a running job may compact a journal away between glob and read
+            frames.append(pl.read_parquet(f) if f.suffix == ".parquet" else read_journal(f))
+        except FileNotFoundError:
+            continue
+    done = pl.concat([pl.DataFrame(schema=RESULT_SCHEMA), *frames], how="vertical_relaxed")
+    return done.filter(pl.col("status") == "ok").unique(subset="request_key", keep="last").sort("request_key")
+
+
+def measured_latency(done: pl.DataFrame) -> tuple[float, str]:
+    """Seconds a request: the median of answers already received, else a stated assumption."""
+    measured = done.get_column("latency_ms").drop_nulls()
+    if measured.len() == 0:
+        return DEFAULT_LATENCY, "no latency measured yet"
+    median_ms = max(1.0, float(statistics.median(measured.to_list())))  # never divide by a zero latency
+    return median_ms / 1000, f"median of {measured.len():,} answers in the checkpoint"
+
+
+def _batch_requests(p: Prepared, system_bytes: int) -> pl.DataFrame:
+    """One row per row of the batch: its key, payload, whether it can be sent and whether it is answered already."""
+    return pl.DataFrame(
+        {"key": p.keys, "payload": p.prompts, "extra": p.extra, "skip": p.skip, "charge": p.tokens},
+        schema={"key": pl.String, "payload": pl.String, "extra": pl.String, "skip": pl.String, "charge": pl.Int64},
+    ).with_columns(
+        sendable=pl.col("skip").is_null() & pl.col("key").is_not_null(),
+        cached=pl.int_range(pl.len()).is_in(pl.Series(list(p.cached), dtype=pl.Int64).implode()),
+        # 60 bits of the (uniform) key hash: an 8-byte stand-in for the key when de-duplicating,
+        # and the smallest ids make a uniform, repeatable sample for the count endpoint.
+        id=pl.col("key").str.slice(0, 15).str.to_integer(base=16),
+        bytes=pl.col("payload").str.len_bytes().cast(pl.Int64) + system_bytes,
+    )
+
+
+def scan_table(
+    table: source.Table, cfg: RunConfig, renderer: Renderer, done: pl.DataFrame, samples: int, count_limit: int
+) -> Scan:
+    """Stream the table once, as `run` would, and count what it would send."""
+    rows = not_sendable = skipped = 0
+    parts: list[pl.DataFrame] = []  # (id, bytes, charge) of each row to send: 16 bytes a row, not the table
+    shown = pl.DataFrame(schema={"id": pl.Int64, "payload": pl.String, "extra": pl.String})
+    reservoir = pl.DataFrame(schema={"id": pl.Int64, "payload": pl.String, "bytes": pl.Int64})
+    # The system prompt as sent, the schema included where the server is told it in words.
+    sent = chat_messages(replace(renderer.spec, conversation=False), "")
+    system_bytes = sum(len(str(m["content"]).encode()) for m in sent if m["role"] == "system")
+    for frame in source.batches(table, cfg.batch_size, cfg.limit):
+        df = _batch_requests(prepare(frame, renderer, done), system_bytes)
+        sendable = df.filter("sendable")
+        rows += df.height
+        not_sendable += df.height - sendable.height
+        skipped += int(sendable.get_column("cached").sum())
+        todo = sendable.filter(~pl.col("cached")).unique(subset="id", keep="first", maintain_order=True)
+        parts.append(todo.select("id", pl.col("bytes").cast(pl.Int32), pl.col("charge").cast(pl.Int32)))
+        if shown.height < samples:
+            more = todo.filter(~pl.col("id").is_in(shown.get_column("id").implode())).head(samples - shown.height)
+            shown = pl.concat([shown, more.select(shown.columns)])
+        candidates = pl.concat([reservoir, todo.select(reservoir.columns)])
+        reservoir = candidates.unique(subset="id").sort("id").head(count_limit)
+    # Identical requests are sent once, wherever they sit in the table: one hash pass at the end
+    # (is_first_distinct needs a fraction of the memory of unique(subset=...)).
+    requests = pl.concat([pl.DataFrame(schema={"id": pl.Int64, "bytes": pl.Int32, "charge": pl.Int32}), *parts])
+    totals = requests.filter(pl.col("id").is_first_distinct()).select(
+        n=pl.len(),
+        bytes=pl.col("bytes").cast(pl.Int64).sum(),
+        rule=((pl.col("bytes").cast(pl.Int64) + 3) // 4).clip(lower_bound=1).sum(),
+        charge=pl.col("charge").cast(pl.Int64).sum(),
+    )
+    n, request_bytes, rule_tokens, charged = (int(v) for v in totals.row(0))
+    samples_rows = tuple(shown.select("payload", "extra").rows())
+    count_sample = tuple(reservoir.select("payload", "bytes").rows())
+    return Scan(rows, not_sendable, skipped, n, request_bytes, rule_tokens, charged, samples_rows, count_sample)
+
+
+async def _count(url: str, headers: Mapping[str, str], bodies: list[bytes]) -> list[int]:
+    """POST every body to the count endpoint, a few at a time; the first failure stops the rest."""
+    transport = AiohttpTransport(concurrency=COUNT_CONCURRENCY, timeout=COUNT_TIMEOUT)
+    todo, counts = iter(bodies), []
+
+    async def worker() -> None:
+        for body in todo:  # one shared iterator: each body is taken by exactly one worker
+            status, _, reply = await transport.post(url, headers, body)
+            data = decode(reply) if status == 200 else None
+            if not isinstance(data, dict) or not isinstance(data.get("input_tokens"), int):
+                raise http_error(status, reply[:200].decode("utf-8", "replace"), wait=None)
+            counts.append(data["input_tokens"])
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(COUNT_CONCURRENCY):
+                group.create_task(worker())
+    finally:
+        await transport.close()
+    return counts
+
+
+def count_tokens(cfg: RunConfig, renderer: Renderer, scan: Scan, api_key: str | None) -> tuple[int, str]:
+    """Prompt tokens of the requests to send, and how they were found."""
+    if scan.requests == 0:
+        return 0, "nothing to send"
+    if cfg.provider not in COUNTING_PROVIDERS:
+        return scan.rule_tokens, f"{ESTIMATED}, no tokenizer for this provider"
+    # The Messages adapter builds the body (system turns, schema tool and all); the count
+    # endpoint takes only the fields that are input, not max_tokens or sampling.
+    messages = AnthropicMessages(str(cfg.setting("base_url")), renderer.spec, api_key)
+    bodies = []
+    for payload, _ in scan.count_sample:
+        full = orjson.loads(messages.body(payload))
+        bodies.append(orjson.dumps({k: full[k] for k in COUNT_FIELDS if k in full}))
+    try:
+        counts = asyncio.run(_count(messages.url + "/count_tokens", messages.headers, bodies))
+    except BaseExceptionGroup as group:
+        failed = group.subgroup(errors.RequestError)
+        if failed is None:
+            raise
+        return scan.rule_tokens, f"{ESTIMATED}; the provider's count endpoint failed: {failed.exceptions[0]}"
+    if len(counts) == scan.requests:
+        return sum(counts), "exact, from the provider's count endpoint"
+    per_byte = sum(counts) / sum(b for _, b in scan.count_sample)
+    return round(per_byte * scan.request_bytes), f"extrapolated from {len(counts):,} rows counted by the provider"
+
+
+def figures(cfg: RunConfig, scan: Scan, tokens: tuple[int, str], latency: tuple[float, str]) -> Estimate:
+    """The pure arithmetic: worst-case output, cost and wall time from the counts."""
+    max_tokens = cfg.max_tokens or (DEFAULT_MAX_TOKENS if cfg.provider == "anthropic" else None)  # Anthropic requires one
+    out = None if max_tokens is None else scan.requests * max_tokens
+    cost_in = cost_out = None
+    if cfg.price_in is not None and cfg.price_out is not None:
+        cost_in = tokens[0] / 1e6 * cfg.price_in
+        cost_out = None if out is None else out / 1e6 * cfg.price_out
+    concurrency = int(cfg.setting("concurrency"))
+    paces = [(concurrency / latency[0], f"concurrency {concurrency}, assumed {latency[0]:.1f} s per request: {latency[1]}")]
+    if cfg.rpm is not None:
+        paces.append((cfg.rpm / 60, f"limited by rpm {cfg.rpm:g}"))
+    if cfg.tpm is not None and scan.requests:
+        per_request = scan.charged_tokens / scan.requests  # prompt estimate + max_tokens, as the limiter charges
+        label = f"limited by tpm {cfg.tpm:g} at {per_request:,.0f} tokens a request as the limiter counts them"
+        paces.append((cfg.tpm / 60 / per_request, label))
+    rate, pace = min(paces)
+    return Estimate(
+        rows=scan.rows, not_sendable=scan.not_sendable, skipped=scan.skipped, requests=scan.requests,
+        tokens_in=tokens[0], tokens_in_method=tokens[1], max_tokens=max_tokens, tokens_out=out,
+        cost_in=cost_in, cost_out=cost_out, seconds=scan.requests / rate, rate=rate, pace=pace,
+    )  # fmt: skip
+
+
+def sample_bodies(
+    cfg: RunConfig, renderer: Renderer, rows: tuple[tuple[str, str | None], ...], api_key: str | None
+) -> tuple[str, ...]:
+    """Request bodies exactly as the provider adapter builds them, with any key in the body masked."""
+    provider = make_provider(cfg.provider, cfg.setting("base_url") or NOWHERE, renderer.spec, api_key)
+    shown = []
+    for payload, extra in rows:
+        body = orjson.loads(provider.body(payload, extra))
+        if "key" in body:  # ModelsLab sends the key in the body
+            body["key"] = "***"
+        shown.append(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+    return tuple(shown)
+
+
+def estimate(cfg: RunConfig, samples: int = 3, *, count_limit: int = 200) -> Estimate:
+    """Check the job as `run_job` does, then count; raises UserError for bad input. Sends count requests only."""
+    structured = structured_for(cfg)
+    renderer = renderer_for(cfg, structured)
+    table = source.open_table(cfg.input)
+    renderer.check(table.schema, table.label)
+    check_output(Path(cfg.output), list(table.schema.names()), structured.output_columns() if structured else [])
+    api_key = cfg.api_key() if cfg.provider in COUNTING_PROVIDERS else None
+    done = read_done(cfg.checkpoint_path)
+    scan = scan_table(table, cfg, renderer, done.clear() if cfg.fresh else done, samples, count_limit)
+    result = figures(cfg, scan, count_tokens(cfg, renderer, scan, api_key), measured_latency(done))
+    bodies = sample_bodies(cfg, renderer, scan.samples, api_key)
+    return replace(result, samples=bodies)
+
+
+def _money(x: float) -> str:
+    return f"${x:,.2f}" if x >= 1 else f"${x:.4f}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def report(cfg: RunConfig, est: Estimate) -> str:
+    """The few lines a person reads before deciding to spend the money."""
+    lines = [
+        f"pipeline estimate: {', '.join(cfg.input)} ({est.rows:,} rows), provider {cfg.provider}, model {cfg.setting('model')}"
+    ]
+    for i, body in enumerate(est.samples, 1):
+        lines.append(f"  sample request {i}: " + body.replace("\n", "\n    "))
+    lines.append(
+        f"  rows: {est.rows:,}; already answered (skipped): {est.skipped:,}; not sendable (null/empty): {est.not_sendable:,}; "
+        f"requests to send: {est.requests:,}"
+    )
+    lines.append(f"  tokens in: {est.tokens_in:,} ({est.tokens_in_method})")
+    if est.tokens_out is None:
+        lines.append(f"  tokens out: no limit (no max_tokens set), {est.requests:,} requests")
+    else:
+        lines.append(f"  tokens out: at most {est.tokens_out:,} ({est.requests:,} requests x max_tokens {est.max_tokens})")
+    if est.cost_in is None:
+        lines.append("  cost: set price_in and price_out (per million tokens) in the config to see a cost")
+    elif est.cost_out is None:
+        lines.append(f"  cost: {_money(est.cost_in)} in, plus the output, which has no bound: no max_tokens set")
+    else:
+        total = est.cost_in + est.cost_out
+        lines.append(f"  cost: {_money(est.cost_in)} in + {_money(est.cost_out)} out = {_money(total)} at most")
+    if est.requests == 0:
+        lines.append("  time: none, nothing to send")
+    else:
+        speed = f"{est.rate:,.1f} requests/s" if est.rate >= 0.95 else f"{est.rate * 60:,.1f} requests/min"
+        lines.append(f"  time: about {_duration(est.seconds)} at {speed} ({est.pace})")
+    return "\n".join(lines)
+
+
+def estimate_job(cfg: RunConfig, out: TextIO, samples: int = 3, *, count_limit: int = 200) -> int:
+    """Dry run: no generation request. Prints the report to `out`; returns the exit code (0). Raises UserError (exit 2)."""
+    print(report(cfg, estimate(cfg, samples, count_limit=count_limit)), file=out)
+    return 0
