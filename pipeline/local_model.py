@@ -8,6 +8,7 @@ stops it on exit, whether the run succeeded, failed or was interrupted.
 from __future__ import annotations
 
 import collections
+import ctypes
 import importlib.util
 import signal
 import socket
@@ -39,6 +40,15 @@ def check_installed() -> Path:
     if importlib.util.find_spec("llama_cpp") is None:
         raise ConfigError(f"The embedded model server (llama-cpp-python[server]) is not installed. {INSTALL_HINT}")
     return model_path()
+
+
+def _die_with_parent() -> None:
+    """In the child: ask Linux to SIGTERM it if we die, even by SIGKILL, so no server is orphaned."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: stop() still covers every exit but SIGKILL
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -86,6 +96,7 @@ class LocalServer:
             # Its own process group: a Ctrl-C meant for us must not kill it
             # before we have flushed the checkpoint; we stop it ourselves.
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         threading.Thread(target=self._drain, daemon=True).start()
         if not self._ready.wait(self._timeout) or self._proc.poll() is not None:
