@@ -26,12 +26,12 @@ import orjson  # noqa: E402
 import polars as pl  # noqa: E402
 
 
-async def send_all(url: str, bodies: list[bytes], concurrency: int, timeout: float) -> tuple[Counter[int], float, float]:
+async def send_all(url: str, bodies: list[bytes], concurrency: int, total_s: float) -> tuple[Counter[int], float, float]:
     statuses: Counter[int] = Counter()
     sem = asyncio.Semaphore(concurrency)
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=total_s)) as session:
 
         async def one(body: bytes) -> None:
             async with sem:
@@ -42,7 +42,7 @@ async def send_all(url: str, bodies: list[bytes], concurrency: int, timeout: flo
                             # Decoding the answer is part of the minimum: a tool has to get the text out.
                             orjson.loads(raw)["choices"][0]["message"]["content"]
                         statuses[resp.status] += 1
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     statuses[0] += 1  # 0 = no HTTP answer
 
         first = time.monotonic()
