@@ -10,7 +10,6 @@ import click
 
 from pipeline import errors
 from pipeline.config import RunConfig, build_config, load_yaml
-from pipeline.run import EXIT_USAGE, run_job
 
 RUN_EXAMPLES = """
 \b
@@ -31,7 +30,7 @@ answer (bad key, no quota); 2 bad usage, config or input (nothing sent);
 class UsageFailure(click.ClickException):
     """A user mistake: one paragraph, exit code 2, no traceback."""
 
-    exit_code = EXIT_USAGE
+    exit_code = 2
 
     def show(self, file: Any = None) -> None:
         click.echo(f"pipeline: error: {self.format_message()}", err=True)
@@ -105,6 +104,8 @@ def run(config: str | None, **flags: Any) -> None:
     --max-tokens); flags given on the command line win. Re-running the same
     command resumes: rows already answered are not sent again.
     """
+    from pipeline.run import run_job  # heavy imports (polars, pyarrow, aiohttp) only when running
+
     try:
         code = run_job(_config(config, flags))
     except errors.UserError as exc:

@@ -13,8 +13,12 @@ MAX_SERVER_WAIT = 600.0  # a Retry-After beyond this is more likely a bug than a
 @dataclass(frozen=True)
 class RetryPolicy:
     max_attempts: int
-    base: float = 0.5
-    cap: float = 30.0
+    # As in the AWS SDKs' standard mode: full jitter over 0.1 s x 2^n, capped.
+    # Short first waits keep a 10% error rate from stretching a run by its
+    # retry tail; the exponent still backs off a struggling server fast, and
+    # 429s pause every request through Limits, not just this row.
+    base: float = 0.1
+    cap: float = 20.0
 
     def delay(self, attempt: int, err: RequestError) -> float | None:
         """Seconds to wait before attempt `attempt + 1`, or None to give up on this row."""

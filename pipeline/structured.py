@@ -12,14 +12,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 import polars as pl
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
 
 from pipeline.errors import ConfigError, InvalidOutput
+
+if TYPE_CHECKING:  # jsonschema is imported only by runs that use a schema: it costs start-up time
+    from jsonschema import Draft202012Validator
 
 TOOL_NAME = "record_fields"
 
@@ -36,6 +37,9 @@ def load_schema(value: dict[str, Any] | str) -> dict[str, Any]:
             ) from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"Schema file {path} is not readable JSON: {exc}.") from None
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
     if not isinstance(value, dict):
         raise ConfigError("The schema must be a JSON object (a JSON Schema with type: object).")
     try:
@@ -96,6 +100,8 @@ class Structured:
         return [self.name + f.name for f in self.dtype.fields]
 
     def validator(self) -> Draft202012Validator:
+        from jsonschema import Draft202012Validator
+
         return Draft202012Validator(self.schema)
 
     def add_columns(self, frame: pl.DataFrame) -> pl.DataFrame:

@@ -67,7 +67,8 @@ def test_openai_key_is_only_sent_to_openai(monkeypatch: pytest.MonkeyPatch) -> N
 def test_retry_policy() -> None:
     policy = RetryPolicy(max_attempts=3)
     transient = errors.ServerError("HTTP 503", kind="http_503")
-    assert all(0 <= (policy.delay(1, transient) or -1) <= 0.5 for _ in range(50))
+    assert all(0 <= (policy.delay(1, transient) or -1) <= 0.1 for _ in range(50))
+    assert all(0 <= (policy.delay(2, transient) or -1) <= 0.2 for _ in range(50))
     assert policy.delay(3, transient) is None  # out of attempts
     assert policy.delay(1, errors.PermanentError("HTTP 400", kind="http_400")) is None
     told = errors.RateLimited("HTTP 429", kind="http_429", retry_after=2.0)
