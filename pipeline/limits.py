@@ -33,9 +33,10 @@ class Limits:
         self._tokens: AsyncLimiter | None = None
         if tpm:
             per_second = tpm * HEADROOM / 60.0
-            # One request must always fit in the bucket (aiolimiter refuses
-            # larger amounts), so it holds a second's worth or 4k tokens.
-            self._token_cap = max(per_second, min(4096.0, tpm * HEADROOM))
+            # A second's worth at most, as for requests; a request costing
+            # more than that is charged in chunks (aiolimiter refuses amounts
+            # above its capacity), so it waits its full share, never less.
+            self._token_cap = per_second
             self._tokens = AsyncLimiter(self._token_cap, self._token_cap / per_second)
         # Open unless a 429 closed it; a timer (not a poll) reopens it.
         self._open = asyncio.Event()
@@ -48,7 +49,11 @@ class Limits:
         if self._requests is not None:
             await self._requests.acquire()
         if self._tokens is not None:
-            await self._tokens.acquire(min(float(tokens), self._token_cap))
+            owed = float(tokens)
+            while owed > 0:
+                chunk = min(owed, self._token_cap)
+                await self._tokens.acquire(chunk)
+                owed -= chunk
 
     def pause(self, seconds: float) -> None:
         """Hold every new request for `seconds` (the server said it is over its limit)."""

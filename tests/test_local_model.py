@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
+import json
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
 
-import orjson
 import polars as pl
 import pytest
 
-from tests.conftest import ROOT, run_cli
+from pipeline.local_model import MODEL_ALIAS, free_port
+from tests.conftest import ROOT, run_cli, write_table
 
 pytestmark = pytest.mark.local_model
 
@@ -17,22 +23,68 @@ if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("ll
     pytest.skip("the embedded model is not installed (make local-model)", allow_module_level=True)
 
 
-def test_real_completions_from_the_embedded_model() -> None:
+def test_demo_config_gives_real_completions() -> None:
+    """`--provider local` starts the model itself, runs, and stops it."""
     result = run_cli(
         "run", str(ROOT / "configs" / "summarise-reviews.yaml"), "--input", str(ROOT / "data" / "reviews.csv"),
-        "--output", "out/reviews.parquet", "--limit", "3", "--no-progress",
+        "--output", "out/reviews.parquet", "--limit", "2", "--no-progress",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     out = pl.read_parquet("out/reviews.parquet")
-    assert out.height == 3 and set(out["status"]) == {"ok"}
+    assert out.height == 2 and set(out["status"]) == {"ok"}
     for row in out.iter_rows(named=True):
-        assert row["completion"].strip(), row
-        assert row["finish_reason"] in ("stop", "length")
+        assert row["completion"].strip() and row["finish_reason"] in ("stop", "length")
         assert row["prompt_tokens"] > 0 and row["completion_tokens"] > 0 and row["tokens_estimated"] is False
-        assert row["total_tokens"] == row["prompt_tokens"] + row["completion_tokens"]
-        assert row["model"] == "SmolLM2-135M-Instruct"
-    # The counts are the server's `usage`, as recorded the moment each answer arrived.
-    (journal,) = sorted(Path("out/reviews.checkpoint").glob("journal-*.jsonl"))
-    recorded = {r["request_key"]: r for r in map(orjson.loads, journal.read_bytes().splitlines())}
+        assert row["model"] == MODEL_ALIAS
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[str]:
+    """`pipeline serve-local` in the foreground of its own process, as a user would start it."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "serve-local", "--port", str(port)], stderr=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:  # it prints the address once the model answers
+        if "Serving" in line:
+            break
+    else:
+        pytest.fail(f"serve-local exited with {proc.wait()}")
+    yield f"http://127.0.0.1:{port}/v1"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+
+
+def ask(base_url: str, body: dict[str, Any]) -> dict[str, Any]:
+    req = urllib.request.Request(
+        base_url + "/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return json.loads(resp.read())  # type: ignore[no-any-return]
+
+
+def test_token_counts_are_the_servers_usage(served: str) -> None:
+    texts = ["The kettle boils fast but the lid sticks.", "Great tent, survived a storm without a drop inside."]
+    write_table("in.csv", [{"id": i, "text": t} for i, t in enumerate(texts)])
+    result = run_cli(
+        "run", "-i", "in.csv", "-o", "out/r.parquet", "-p", "Summarise: {text}", "--base-url", served,
+        "--model", MODEL_ALIAS, "--max-tokens", "24", "--temperature", "0", "--concurrency", "1", "--no-progress",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    out = pl.read_parquet("out/r.parquet")
     for row in out.iter_rows(named=True):
-        assert recorded[row["request_key"]]["prompt_tokens"] == row["prompt_tokens"]
+        # The same request sent by hand: at temperature 0 the model answers the same, with the same usage.
+        direct = ask(
+            served,
+            {
+                "model": MODEL_ALIAS,
+                "messages": [{"role": "user", "content": f"Summarise: {row['text']}"}],
+                "max_tokens": 24,
+                "temperature": 0,
+            },
+        )
+        assert row["completion"] == direct["choices"][0]["message"]["content"]
+        assert row["prompt_tokens"] == direct["usage"]["prompt_tokens"] > 0
+        assert row["completion_tokens"] == direct["usage"]["completion_tokens"] > 0
+        assert row["finish_reason"] == direct["choices"][0]["finish_reason"]

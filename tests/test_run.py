@@ -276,3 +276,14 @@ def test_rate_limited_run_backs_off_and_finishes() -> None:
         )  # fmt: skip
         assert result.exit_code == 0, result.output
         assert pl.read_parquet("out/result.parquet")["status"].to_list() == ["ok"] * 10
+
+
+def test_tpm_paces_by_estimated_tokens(server: FakeLLMServer) -> None:
+    # Each request is charged its prompt estimate + max_tokens (about 105 tokens), and 6,000
+    # tokens a minute is about 99 a second: one request a second, whichever worker sends it.
+    write_table("in.csv", texts(5))
+    result = run_cli(*base_args(server), "--tpm", "6000", "--max-tokens", "90", "--concurrency", "8")
+    assert result.exit_code == 0, result.output
+    arrivals = sorted(r.t for r in chat_requests(server))
+    assert len(arrivals) == 5
+    assert arrivals[-1] - arrivals[0] >= 3.5
