@@ -14,8 +14,9 @@ help: ## list the targets
 $(VENV)/.installed: pyproject.toml
 	@echo "setup: creating $(VENV) and installing pipeline with its dev tools"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install --quiet --upgrade pip
-	@$(PY) -m pip install --quiet -e '.[dev]'
+	@# pip's chatter goes to a log, shown only if the install fails
+	@$(PY) -m pip install --upgrade pip > $(VENV)/setup.log 2>&1 || { cat $(VENV)/setup.log; exit 1; }
+	@$(PY) -m pip install -e '.[dev]' >> $(VENV)/setup.log 2>&1 || { cat $(VENV)/setup.log; exit 1; }
 	@touch $@
 
 setup: $(VENV)/.installed ## create .venv and install the project (idempotent)

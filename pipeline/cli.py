@@ -17,7 +17,7 @@ Examples:
   pipeline run configs/summarise-reviews.yaml
   pipeline run configs/summarise-reviews.yaml --limit 5 --fresh
   pipeline run --input data/reviews.csv --prompt 'Summarise in one sentence: {text}' \\
-      --output out/reviews.parquet --base-url http://127.0.0.1:8080/v1 --model SmolLM2
+      --output out/reviews.parquet --base-url http://127.0.0.1:8080/v1 --model SmolLM2-135M-Instruct
   MODELSLAB_API_KEY=... pipeline run configs/modelslab-llama-3.2-1b.yaml
 
 \b

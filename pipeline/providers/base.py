@@ -51,6 +51,14 @@ def decode(body: bytes) -> Any:
         raise errors.MalformedReply(f"reply is not valid JSON: {snippet!r}", kind="malformed_reply") from None
 
 
+def maybe_json(body: bytes) -> Any:
+    """The body parsed, or None: error replies are not always JSON."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+
+
 def retry_after(headers: Mapping[str, str], body_value: Any = None) -> float | None:
     """Seconds the server asked us to wait: retry-after-ms, Retry-After (seconds or a date), or a body field."""
     ms = headers.get("retry-after-ms")

@@ -9,7 +9,7 @@ import orjson
 
 from pipeline import errors
 from pipeline.prompts import RequestSpec
-from pipeline.providers.base import Completion, clip, decode, http_error, json_headers, retry_after
+from pipeline.providers.base import Completion, clip, decode, http_error, json_headers, maybe_json, retry_after
 from pipeline.structured import schema_instruction
 
 
@@ -90,7 +90,7 @@ class OpenAIChat:
 
     def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> Completion:
         if status != 200:
-            data = _maybe_json(body)
+            data = maybe_json(body)
             err = data.get("error") if isinstance(data, dict) else None
             message = (
                 err.get("message", "") if isinstance(err, dict) else (str(err) if err else body[:200].decode("utf-8", "replace"))
@@ -101,10 +101,3 @@ class OpenAIChat:
         if isinstance(data, dict) and data.get("error"):
             raise errors.ErrorReply(f"HTTP 200 with an error: {clip(data['error'])}", kind="error_reply")
         return parse_choices(data, self._spec.model)
-
-
-def _maybe_json(body: bytes) -> Any:
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
