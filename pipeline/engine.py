@@ -106,6 +106,7 @@ class Engine:
         stats: RunStats,
         system_prompt: str | None = None,
         structured: Structured | None = None,
+        secret: str | None = None,
         window_rows: int | None = None,
     ) -> None:
         self._provider = provider
@@ -118,6 +119,7 @@ class Engine:
         self._stats = stats
         self._system = system_prompt or ""
         self._structured = structured
+        self._secret = secret
         self._validator = structured.validator() if structured else None
         self._window = window_rows or max(20_000, 64 * concurrency)
         self._queue: asyncio.Queue[Work | None] = asyncio.Queue()
@@ -227,6 +229,8 @@ class Engine:
         )
 
     def _failed(self, work: Work, err: errors.RequestError) -> None:
+        if self._secret and self._secret in err.message:
+            err.args = (errors.redact(err.message, self._secret),)
         if err.fatal:
             raise err
         delay = self._policy.delay(work.attempts, err)

@@ -109,7 +109,9 @@ def run_job(cfg: RunConfig, err: TextIO | None = None) -> int:
             done = done.clear()
         elif done.height:
             print(
-                f"pipeline: resuming: {done.height} answered requests in {cfg.checkpoint_path} will not be sent again", file=err
+                f"pipeline: resuming: the checkpoint {cfg.checkpoint_path} holds {done.height} answered requests; "
+                "rows that match them are not sent again",
+                file=err,
             )
         checkpoint.start_journal()
         with contextlib.ExitStack() as stack:
@@ -141,6 +143,7 @@ def run_job(cfg: RunConfig, err: TextIO | None = None) -> int:
                     stats=stats,
                     system_prompt=cfg.system,
                     structured=structured,
+                    secret=api_key,
                 )
                 progress.start()
                 try:

@@ -431,7 +431,10 @@ class FakeLLMServer:
     async def _answer(self, request: web.Request, dialect: Dialect, kind: Kind, body: Any, content: str) -> _Reply:
         if not self._authorized(request, dialect, body):
             if dialect == "modelslab":  # ModelsLab reports auth failures with HTTP 200
-                return 200, orjson.dumps({"status": "error", "message": _ML_BAD_KEY}), None, False
+                # Echo the rejected key, as careless servers do: clients must not write it anywhere.
+                sent = body.get("key") if isinstance(body, dict) else None
+                message = f"{_ML_BAD_KEY} Received key: {sent}" if sent else _ML_BAD_KEY
+                return 200, orjson.dumps({"status": "error", "message": message}), None, False
             if dialect == "anthropic":
                 return _error(dialect, 401, "invalid x-api-key")
             return _error(dialect, 401)

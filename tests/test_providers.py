@@ -100,3 +100,15 @@ def test_modelslab_out_of_quota_stops_the_run() -> None:
         assert result.exit_code == 1
         assert "quota" in result.output.lower() and "stopped" in result.output
         assert len(chat_requests(server)) == 1
+
+
+def test_a_key_echoed_by_the_server_is_masked_in_the_row_and_message() -> None:
+    # The fake ModelsLab echoes a rejected key in its error message; row errors must not carry it.
+    with FakeLLMServer(api_key="another-key") as server:
+        write_table("in.csv", texts(3))
+        result = run_cli(*job(server, "modelslab", "/api/v7/llm", "--concurrency", "1"), env={"MODELSLAB_API_KEY": SECRET})
+        assert result.exit_code == 1
+        assert "Received key: ***" in result.output
+        assert SECRET not in result.output
+        for path in Path("out").rglob("*"):
+            assert not path.is_file() or SECRET.encode() not in path.read_bytes()
