@@ -105,8 +105,8 @@ class Structured:
         return Draft202012Validator(self.schema)
 
     def add_columns(self, frame: pl.DataFrame) -> pl.DataFrame:
-        """Decode the JSON of `ok` rows into typed columns (vectorised)."""
-        typed = pl.when(pl.col("status") == "ok").then(pl.col("completion")).str.json_decode(self.dtype)
+        """Decode the JSON of `ok` rows into typed columns."""
+        typed = self._decode(frame)
         if self.layout == "struct":
             return frame.with_columns(typed.alias(self.name))
         return (
@@ -114,6 +114,29 @@ class Structured:
             .unnest("__fields")
             .rename({f.name: self.name + f.name for f in self.dtype.fields})
         )
+
+    def _decode(self, frame: pl.DataFrame) -> pl.Series:
+        texts = frame.select(pl.when(pl.col("status") == "ok").then(pl.col("completion"))).to_series()
+        try:
+            return texts.str.json_decode(self.dtype)  # vectorised: the usual case
+        except pl.exceptions.PolarsError:
+            # A field the schema leaves free-form (anyOf, mixed types, bare
+            # objects) is a string column; its value is kept as JSON text.
+            values = [None if t is None else _conform(orjson.loads(t), self.dtype) for t in texts]
+            return pl.Series(values, dtype=self.dtype, strict=False)
+
+
+def _conform(value: Any, dtype: pl.DataType | type[pl.DataType]) -> Any:
+    """`value` reshaped to `dtype`: JSON text where a string is expected, recursing into structs and lists."""
+    if isinstance(dtype, pl.Struct):
+        if not isinstance(value, dict):
+            return None
+        return {f.name: _conform(value.get(f.name), f.dtype) for f in dtype.fields}
+    if isinstance(dtype, pl.List):
+        return [_conform(v, dtype.inner) for v in value] if isinstance(value, list) else None
+    if dtype == pl.String and value is not None and not isinstance(value, str):
+        return orjson.dumps(value).decode()
+    return value
 
 
 def schema_instruction(schema: dict[str, Any]) -> str:

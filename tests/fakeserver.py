@@ -26,7 +26,8 @@ that ask for structured output ``badjson`` (prose instead of JSON) and ``wrongty
 whose first field has the wrong type).  A request with a schema (OpenAI ``response_format``
 json_schema/json_object with ``schema``, or an Anthropic forced tool) is answered with a
 deterministic instance of it: strings ``"<field>-value"``, integers the word count of the
-content, numbers half that, booleans true, enums their first value, arrays two items.  ``@S`` is seconds
+content, numbers half that, booleans true, enums their first value, arrays two items,
+anyOf/oneOf their first choice.  ``@S`` is seconds
 (float) for ``slow`` and the Retry-After of ``429`` (default 1).  ``xN`` limits a directive
 to N attempts; without it the directive covers every remaining attempt.  Directives form a
 queue consumed in order: with ``[[fault:500x1]][[fault:503x1]]`` attempt 1 gets 500,
@@ -552,6 +553,8 @@ def _instance(schema: dict[str, Any], name: str, words: int) -> Any:
     prompt's word count, numbers half of it, booleans true, enums their first value, arrays two items."""
     if "enum" in schema:
         return schema["enum"][0]
+    if schema.get("anyOf") or schema.get("oneOf"):
+        return _instance((schema.get("anyOf") or schema["oneOf"])[0], name, words)
     kind = schema.get("type")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "null")

@@ -174,3 +174,17 @@ def test_schema_problems_are_refused_before_sending(server: FakeLLMServer) -> No
     result = run_cli(*job(server, "--messages-column", "text"), "--prompt-column", "text")
     assert result.exit_code == 2
     assert server.requests == []
+
+
+def test_free_form_fields_are_kept_as_json_text(server: FakeLLMServer) -> None:
+    # "meta" has no single type, so its column is a string holding the JSON the model gave.
+    schema = {
+        "type": "object",
+        "properties": {"vendor": {"type": "string"}, "meta": {"anyOf": [{"type": "object"}, {"type": "integer"}]}},
+    }
+    Path("schema.json").write_text(json.dumps(schema))
+    write_table("in.csv", [{"id": 1, "text": TEXT}])
+    result = run_cli(*job(server, "--schema", "schema.json"))
+    assert result.exit_code == 0, result.output
+    row = pl.read_parquet("out/result.parquet").row(0, named=True)
+    assert row["vendor"] == "vendor-value" and json.loads(row["meta"]) is not None
