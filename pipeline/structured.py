@@ -126,7 +126,7 @@ class Structured:
             return pl.Series(values, dtype=self.dtype, strict=False)
 
 
-def _conform(value: Any, dtype: pl.DataType | type[pl.DataType]) -> Any:
+def _conform(value: Any, dtype: Any) -> Any:  # a polars DataType (class or instance)
     """`value` reshaped to `dtype`: JSON text where a string is expected, recursing into structs and lists."""
     if isinstance(dtype, pl.Struct):
         if not isinstance(value, dict):
