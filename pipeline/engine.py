@@ -22,7 +22,7 @@ from pipeline import errors
 from pipeline.checkpoint import Checkpoint, lookup
 from pipeline.limits import Limits
 from pipeline.prompts import EST_TOKENS, EXTRA, KEY, PROMPT, SKIP_REASON, Renderer, estimate_tokens
-from pipeline.providers import Completion, Provider
+from pipeline.providers import Completion, Provider, read_reply
 from pipeline.retry import RetryPolicy
 from pipeline.sink import ParquetSink, result_frame
 from pipeline.stats import RunStats
@@ -106,7 +106,6 @@ class Engine:
         stats: RunStats,
         system_prompt: str | None = None,
         structured: Structured | None = None,
-        secret: str | None = None,
         window_rows: int | None = None,
     ) -> None:
         self._provider = provider
@@ -119,7 +118,6 @@ class Engine:
         self._stats = stats
         self._system = system_prompt or ""
         self._structured = structured
-        self._secret = secret
         self._validator = structured.validator() if structured else None
         self._window = window_rows or max(20_000, 64 * concurrency)
         self._queue: asyncio.Queue[Work | None] = asyncio.Queue()
@@ -192,7 +190,7 @@ class Engine:
         try:
             body = self._provider.body(work.prompt, work.extra, work.followup)
             status, headers, reply = await self._transport.post(self._provider.url, self._provider.headers, body)
-            completion = self._provider.parse(status, headers, reply)
+            completion = read_reply(self._provider, status, headers, reply)
             if self._validator is not None:
                 completion = replace(completion, text=check_reply(completion.text, self._validator))
         except errors.RequestError as err:
@@ -229,8 +227,6 @@ class Engine:
         )
 
     def _failed(self, work: Work, err: errors.RequestError) -> None:
-        if self._secret and self._secret in err.message:
-            err.args = (errors.redact(err.message, self._secret),)
         if err.fatal:
             raise err
         delay = self._policy.delay(work.attempts, err)

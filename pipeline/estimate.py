@@ -148,7 +148,7 @@ def scan_table(
     return Scan(rows, not_sendable, skipped, n, request_bytes, rule_tokens, charged, samples_rows, count_sample)
 
 
-async def _count(url: str, headers: Mapping[str, str], bodies: list[bytes]) -> list[int]:
+async def _count(url: str, headers: Mapping[str, str], bodies: list[bytes], secret: str | None) -> list[int]:
     """POST every body to the count endpoint, a few at a time; the first failure stops the rest."""
     transport = AiohttpTransport(concurrency=COUNT_CONCURRENCY, timeout=COUNT_TIMEOUT)
     todo, counts = iter(bodies), []
@@ -156,6 +156,8 @@ async def _count(url: str, headers: Mapping[str, str], bodies: list[bytes]) -> l
     async def worker() -> None:
         for body in todo:  # one shared iterator: each body is taken by exactly one worker
             status, _, reply = await transport.post(url, headers, body)
+            if secret:  # a server may echo the key in its error message
+                reply = reply.replace(secret.encode(), b"***")
             data = decode(reply) if status == 200 else None
             if not isinstance(data, dict) or not isinstance(data.get("input_tokens"), int):
                 raise http_error(status, reply[:200].decode("utf-8", "replace"), wait=None)
@@ -184,7 +186,7 @@ def count_tokens(cfg: RunConfig, renderer: Renderer, scan: Scan, api_key: str | 
         full = orjson.loads(messages.body(payload))
         bodies.append(orjson.dumps({k: full[k] for k in COUNT_FIELDS if k in full}))
     try:
-        counts = asyncio.run(_count(messages.url + "/count_tokens", messages.headers, bodies))
+        counts = asyncio.run(_count(messages.url + "/count_tokens", messages.headers, bodies, api_key))
     except BaseExceptionGroup as group:
         failed = group.subgroup(errors.RequestError)
         if failed is None:

@@ -143,7 +143,6 @@ def run_job(cfg: RunConfig, err: TextIO | None = None) -> int:
                     stats=stats,
                     system_prompt=cfg.system,
                     structured=structured,
-                    secret=api_key,
                 )
                 progress.start()
                 try:

@@ -21,7 +21,9 @@ max(1, int(rpm / 60)) requests per wall-clock second ("second") or int(rpm) in a
 
 Fault directives live in the last user message that holds any: ``[[fault:KIND[@S][xN]]]``.
 KIND is an HTTP status (e.g. 429, 500, 529), ``quota``, ``reset``, ``hang``, ``slow`` (needs
-``@S``), ``malformed``, ``error200``, ``nochoices``, ``nousage``, ``empty``, or for requests
+``@S``), ``malformed``, ``error200``, ``nochoices``, ``nousage``, ``empty``, ``oddretry`` (429
+with ``Retry-After: soon``), ``oddusage`` (usage is a string), ``ratelink`` (OpenAI's rate-limit
+message, which links to the billing page), or for requests
 that ask for structured output ``badjson`` (prose instead of JSON) and ``wrongtype`` (JSON
 whose first field has the wrong type).  A request with a schema (OpenAI ``response_format``
 json_schema/json_object with ``schema``, or an Anthropic forced tool) is answered with a
@@ -70,6 +72,7 @@ _Reply = tuple[int, bytes, dict[str, str] | None, bool]
 _DIRECTIVE = re.compile(r"\[\[fault:([^\]]*)\]\]")
 _NAMED_KINDS = (
     "quota", "reset", "hang", "slow", "malformed", "error200", "nochoices", "nousage", "empty", "badjson", "wrongtype",
+    "oddretry", "oddusage", "ratelink",
 )  # fmt: skip
 # Kinds are spelled out: a generic [a-z]+ would swallow the "x" of "resetx2".
 _SPEC = re.compile(rf"(?P<kind>\d{{3}}|{'|'.join(_NAMED_KINDS)})(?:@(?P<arg>\d+(?:\.\d*)?))?(?:x(?P<n>\d+))?")
@@ -437,8 +440,10 @@ class FakeLLMServer:
                 message = f"{_ML_BAD_KEY} Received key: {sent}" if sent else _ML_BAD_KEY
                 return 200, orjson.dumps({"status": "error", "message": message}), None, False
             if dialect == "anthropic":
-                return _error(dialect, 401, "invalid x-api-key")
-            return _error(dialect, 401)
+                return _error(dialect, 401, f"invalid x-api-key: {request.headers.get('x-api-key', '')}")
+            return _error(
+                dialect, 401, f"Incorrect API key provided: {request.headers.get('Authorization', '').removeprefix('Bearer ')}"
+            )
         if dialect == "anthropic" and "anthropic-version" not in request.headers:
             return _error(dialect, 400, "anthropic-version: header is required")
         if kind == "models":
@@ -473,6 +478,12 @@ class FakeLLMServer:
         if fault.isdigit():
             status = int(fault)
             return _error(dialect, status, wait=(1.0 if arg is None else arg) if status == 429 else None)
+        if fault == "oddretry":  # a Retry-After that is neither seconds nor a date
+            status, payload, _, ok = _error(dialect, 429)
+            return status, payload, {"Retry-After": "soon"}, ok
+        if fault == "ratelink":  # OpenAI's free-tier rate limit: mentions billing, is not a quota
+            msg = "Rate limit reached for requests. Visit https://platform.openai.com/account/billing to add a payment method."
+            return _error(dialect, 429, msg, wait=0.1, etype="rate_limit_exceeded")
         if fault == "quota":
             etype = "insufficient_quota" if dialect == "openai" else None
             return _error(dialect, 429, "You exceeded your current quota", etype=etype)
@@ -490,7 +501,12 @@ class FakeLLMServer:
             await self._sleep(arg)
         if self.latency > 0:
             await self._sleep(self.latency)
-        return self._success(dialect, body, content, fault=fault, usage=self.send_usage and fault != "nousage")
+        reply = self._success(dialect, body, content, fault=fault, usage=self.send_usage and fault != "nousage")
+        if fault == "oddusage":  # usage of the wrong type, as some proxies send
+            data = orjson.loads(reply[1])
+            data["usage"] = "n/a"
+            return reply[0], orjson.dumps(data), reply[2], reply[3]
+        return reply
 
     def _success(self, dialect: Dialect, body: dict[str, Any], content: str, *, fault: str, usage: bool) -> _Reply:
         cleaned = _DIRECTIVE.sub("", content).strip() if "[[fault:" in content else content

@@ -112,3 +112,23 @@ def test_a_key_echoed_by_the_server_is_masked_in_the_row_and_message() -> None:
         assert SECRET not in result.output
         for path in Path("out").rglob("*"):
             assert not path.is_file() or SECRET.encode() not in path.read_bytes()
+
+
+def test_modelslab_anthropic_endpoint_http_200_errors_are_classified() -> None:
+    # ModelsLab's /v1/messages answers errors with HTTP 200 {"status": "error"} too.
+    with FakeLLMServer(api_key=SECRET) as server:
+        write_table("in.csv", [{"id": 0, "text": "busy [[fault:error200x1]]"}])
+        args = job(server, "anthropic", "/api/v7/llm", "--model", "claude-test")
+        result = run_cli(*args, env={"ANTHROPIC_API_KEY": SECRET})
+        assert result.exit_code == 0, result.output  # "currently unavailable": transient, retried
+        assert [r.status for r in chat_requests(server)] == [200, 200]
+
+
+def test_estimate_masks_a_key_echoed_by_the_count_endpoint() -> None:
+    with FakeLLMServer(api_key="the-right-one") as server:
+        write_table("in.csv", texts(3))
+        args = ["estimate", "-i", "in.csv", "-o", "out/e.parquet", "-p", "{text}", "--provider", "anthropic"]
+        result = run_cli(*args, "--base-url", server.url, "--model", "m", env={"ANTHROPIC_API_KEY": SECRET})
+        assert result.exit_code == 0, result.output
+        assert "count endpoint failed" in result.output and "***" in result.output
+        assert SECRET not in result.output

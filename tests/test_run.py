@@ -287,3 +287,16 @@ def test_tpm_paces_by_estimated_tokens(server: FakeLLMServer) -> None:
     arrivals = sorted(r.t for r in chat_requests(server))
     assert len(arrivals) == 5
     assert arrivals[-1] - arrivals[0] >= 3.5
+
+
+@pytest.mark.parametrize("fault", ["oddretryx1", "oddusage", "ratelinkx2"])
+def test_odd_but_survivable_replies_do_not_end_the_run(server: FakeLLMServer, fault: str) -> None:
+    # A Retry-After of "soon", usage that is a string, a rate limit whose text mentions billing:
+    # each is retried or read as far as it can be, and the run goes on.
+    write_table("in.csv", [{"id": 0, "text": f"odd [[fault:{fault}]]"}, {"id": 1, "text": "plain"}])
+    result = run_cli(*base_args(server))
+    assert result.exit_code == 0, result.output
+    out = pl.read_parquet("out/result.parquet")
+    assert out["status"].to_list() == ["ok", "ok"]
+    if fault == "oddusage":
+        assert out["tokens_estimated"].to_list() == [True, False]

@@ -12,7 +12,8 @@ import orjson
 
 from pipeline import errors
 from pipeline.prompts import RequestSpec
-from pipeline.providers.base import Completion, clip, decode, http_error, json_headers, maybe_json, retry_after
+from pipeline.providers.base import Completion, clip, decode, http_error, json_headers, maybe_json, retry_after, usage_of
+from pipeline.providers.modelslab import classify_message
 from pipeline.providers.openai import row_params
 from pipeline.structured import TOOL_NAME
 
@@ -24,6 +25,7 @@ class AnthropicMessages:
     def __init__(self, base_url: str, spec: RequestSpec, api_key: str | None) -> None:
         self.url = base_url.rstrip("/") + "/v1/messages"
         self.headers = json_headers({"x-api-key": api_key or "", "anthropic-version": API_VERSION})
+        self.secret = api_key
         self._spec = spec
         params: dict[str, Any] = {"max_tokens": spec.max_tokens or DEFAULT_MAX_TOKENS}
         if spec.temperature is not None:
@@ -65,6 +67,10 @@ class AnthropicMessages:
                 raise errors.ServerError(f"HTTP 529: {clip(message)}", kind="http_529", retry_after=retry_after(headers))
             raise http_error(status, message, wait=retry_after(headers))
         data = decode(body)
+        if isinstance(data, dict) and data.get("status") == "error":
+            # ModelsLab's Anthropic-compatible endpoint answers errors with HTTP 200, as its chat API does.
+            message = str(data.get("message") or "unknown error")
+            raise classify_message(message, status, retry_after(headers, data.get("retry_after")))
         if not isinstance(data, dict) or data.get("type") == "error":
             raise errors.ErrorReply(f"HTTP 200 with an error: {clip(orjson.dumps(data).decode(), 200)}", kind="error_reply")
         blocks = data.get("content")
@@ -74,12 +80,12 @@ class AnthropicMessages:
         if self._spec.schema is not None and tool_inputs:
             text = orjson.dumps(tool_inputs[0]).decode()  # the structured answer is the tool call's input
         else:
-            text = "".join(b.get("text", "") for b in blocks if isinstance(b, dict) and b.get("type") == "text")
-        usage = data.get("usage") or {}
+            text = "".join(b.get("text") or "" for b in blocks if isinstance(b, dict) and b.get("type") == "text")
+        prompt_tokens, completion_tokens = usage_of(data, "input_tokens", "output_tokens")
         return Completion(
             text=text,
-            prompt_tokens=usage.get("input_tokens"),
-            completion_tokens=usage.get("output_tokens"),
-            finish_reason=data.get("stop_reason"),
-            model=data.get("model") or self._spec.model,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            finish_reason=data.get("stop_reason") if isinstance(data.get("stop_reason"), str) else None,
+            model=data.get("model") if isinstance(data.get("model"), str) else self._spec.model,
         )

@@ -33,6 +33,11 @@ class Provider(Protocol):
     def url(self) -> str: ...
 
     @property
+    def secret(self) -> str | None:
+        """The API key, so that replies echoing it can be masked."""
+        ...
+
+    @property
     def headers(self) -> Mapping[str, str]: ...
 
     def body(self, payload: str, extra: str | None = None, followup: list[dict[str, str]] | None = None) -> bytes:
@@ -41,6 +46,18 @@ class Provider(Protocol):
         ...
 
     def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> Completion: ...
+
+
+def usage_of(data: dict[str, Any], prompt_field: str, completion_field: str) -> tuple[int | None, int | None]:
+    """Token counts from a reply's `usage`, or None where the server sent none (or nonsense)."""
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        return None, None
+    return _count(usage.get(prompt_field)), _count(usage.get(completion_field))
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def decode(body: bytes) -> Any:
@@ -72,9 +89,11 @@ def retry_after(headers: Mapping[str, str], body_value: Any = None) -> float | N
         try:
             return max(0.0, float(value))
         except ValueError:
-            parsed = email.utils.parsedate_to_datetime(value) if value else None
-            if parsed is not None:
-                return max(0.0, parsed.timestamp() - time.time())
+            pass
+        try:
+            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            pass  # neither seconds nor a date: as if the server named no wait
     if isinstance(body_value, int | float) and not isinstance(body_value, bool):
         return max(0.0, float(body_value))
     return None
@@ -85,14 +104,9 @@ def clip(message: object, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-QUOTA_WORDS = (
-    "insufficient_quota",
-    "exceeded your current quota",
-    "credit balance",
-    "insufficient credit",
-    "out of credits",
-    "billing",
-)
+# Said only by out-of-quota answers. Not "billing": OpenAI's ordinary rate-limit
+# message links to the billing page, and a rate limit must back off, not stop.
+QUOTA_WORDS = ("insufficient_quota", "exceeded your current quota", "credit balance", "insufficient credit", "out of credits")
 
 
 def http_error(status: int, message: str, *, wait: float | None, quota: bool = False) -> errors.RequestError:

@@ -39,6 +39,7 @@ class ModelsLabChat:
         self.headers = json_headers({})
         self._spec = spec
         self._key = api_key or ""
+        self.secret = api_key
         self._params = generation_params(spec)
 
     def body(self, payload: str, extra: str | None = None, followup: list[dict[str, str]] | None = None) -> bytes:

@@ -9,7 +9,7 @@ import orjson
 
 from pipeline import errors
 from pipeline.prompts import RequestSpec
-from pipeline.providers.base import Completion, clip, decode, http_error, json_headers, maybe_json, retry_after
+from pipeline.providers.base import Completion, clip, decode, http_error, json_headers, maybe_json, retry_after, usage_of
 from pipeline.structured import schema_instruction
 
 
@@ -67,20 +67,25 @@ def parse_choices(data: Any, fallback_model: str) -> Completion:
         text = choice.get("text")  # some servers answer in the legacy completions shape
     if not isinstance(text, str):
         raise errors.ErrorReply("reply's first choice has no text content", kind="no_content")
-    usage = data.get("usage") or {}
+    prompt_tokens, completion_tokens = usage_of(data, "prompt_tokens", "completion_tokens")
     return Completion(
         text=text,
-        prompt_tokens=usage.get("prompt_tokens"),
-        completion_tokens=usage.get("completion_tokens"),
-        finish_reason=choice.get("finish_reason"),
-        model=data.get("model") or fallback_model,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        finish_reason=_text_or_none(choice.get("finish_reason")),
+        model=_text_or_none(data.get("model")) or fallback_model,
     )
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 class OpenAIChat:
     def __init__(self, base_url: str, spec: RequestSpec, api_key: str | None) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.headers = json_headers({"Authorization": f"Bearer {api_key}"} if api_key else {})
+        self.secret = api_key
         self._spec = spec
         self._params = generation_params(spec)
 
