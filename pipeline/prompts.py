@@ -134,6 +134,15 @@ class Renderer:
                     f"Column {self.messages_column!r} of {where} should hold a list of messages with 'role' and 'content' "
                     f'(as in JSONL: [{{"role": "user", "content": "..."}}]), or their JSON text; it is {dtype}.'
                 )
+        text_columns = self.template.columns if self.template else tuple(c for c in (self.prompt_column,) if c)
+        nested = [c for c in text_columns if schema[c].is_nested() or schema[c] in (pl.Binary, pl.Object)]
+        if nested:
+            c = nested[0]
+            raise InputError(
+                f"Column {c!r} of {where} holds {schema[c]} values, which a prompt cannot show faithfully. "
+                f"Templates take text, numbers, dates and the like: turn {c!r} into a string column first"
+                + (", or give conversations with --messages-column." if schema[c].is_nested() else ".")
+            )
 
     def _payload_expr(self, schema: pl.Schema) -> pl.Expr:
         if self.messages_column is not None:
@@ -171,6 +180,12 @@ class Renderer:
     def render(self, df: pl.DataFrame) -> pl.DataFrame:
         """Return `df` plus payload, per-row parameters, skip reason, request key and token estimate."""
         out = df.with_columns(self._payload_expr(df.schema).alias(PROMPT), self._skip_expr(df.schema).alias(SKIP_REASON))
+        if self.messages_column is not None and df.schema[self.messages_column] == pl.String:
+            # Conversations given as JSON text: a cell that is not one is not sent (checked here, not at send time).
+            bad = [_conversation_problem(t) for t in out.get_column(PROMPT).to_list()]
+            reason = [None if b is None else f"not sent: column '{self.messages_column}' {b}" for b in bad]
+            out = out.with_columns(pl.coalesce(pl.col(SKIP_REASON), pl.Series(reason, dtype=pl.String)).alias(SKIP_REASON))
+            out = out.with_columns(pl.when(pl.col(SKIP_REASON).is_null()).then(pl.col(PROMPT)).alias(PROMPT))
         if self.param_columns:
             fields = [pl.col(col).alias(param) for param, col in sorted(self.param_columns.items())]
             out = out.with_columns(pl.struct(fields).struct.json_encode().alias(EXTRA))
@@ -192,6 +207,21 @@ class Renderer:
             pl.Series(KEY, keys, dtype=pl.String),
             (pl.col(PROMPT).str.len_bytes() // 4 + system_tokens + 8 + (self.spec.max_tokens or 256)).alias(EST_TOKENS),
         )
+
+
+def _conversation_problem(text: str | None) -> str | None:
+    """Why a JSON cell is not a conversation (a non-empty list of {role, content}), or None if it is."""
+    if text is None:
+        return None  # reported as null by the skip expression
+    try:
+        turns = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return "is not valid JSON in this row"
+    if not isinstance(turns, list) or not turns:
+        return "is not a non-empty JSON list of messages in this row"
+    if not all(isinstance(t, dict) and isinstance(t.get("role"), str) and "content" in t for t in turns):
+        return "has a message without 'role' and 'content' in this row"
+    return None
 
 
 def estimate_tokens(text: str) -> int:

@@ -188,3 +188,35 @@ def test_free_form_fields_are_kept_as_json_text(server: FakeLLMServer) -> None:
     assert result.exit_code == 0, result.output
     row = pl.read_parquet("out/result.parquet").row(0, named=True)
     assert row["vendor"] == "vendor-value" and json.loads(row["meta"]) is not None
+
+
+def test_conversations_as_json_text_with_a_broken_cell(server: FakeLLMServer) -> None:
+    good = json.dumps([{"role": "user", "content": "Label: late parcel"}])
+    write_table("in.csv", [{"id": 1, "conv": good}, {"id": 2, "conv": "not json ["}, {"id": 3, "conv": '[{"text": "x"}]'}])
+    args = ["run", "-i", "in.csv", "-o", "out/result.parquet", "--messages-column", "conv", "--base-url", f"{server.url}/v1"]
+    result = run_cli(*args, "--model", "m", "--no-progress", "--max-error-rate", "1")
+    assert result.exit_code == 0, result.output
+    out = pl.read_parquet("out/result.parquet")
+    assert out["status"].to_list() == ["ok", "error", "error"]
+    assert "not valid JSON" in out["error"][1] and "without 'role'" in out["error"][2]
+    assert len(chat_requests(server)) == 1
+
+
+def test_nested_columns_in_a_template_are_refused(server: FakeLLMServer) -> None:
+    write_table("in.jsonl", [{"id": 1, "tags": ["a", "b"]}])
+    args = [
+        "run",
+        "-i",
+        "in.jsonl",
+        "-o",
+        "out/result.parquet",
+        "-p",
+        "Tags: {tags}",
+        "--base-url",
+        f"{server.url}/v1",
+        "--model",
+        "m",
+    ]
+    result = run_cli(*args)
+    assert result.exit_code == 2 and "'tags'" in result.output and "string column" in result.output
+    assert server.requests == []
