@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -30,6 +31,7 @@ from pipeline.structured import Structured, check_reply, correction
 from pipeline.transport import Transport
 
 Result = tuple[Any, ...]  # in checkpoint.RESULT_COLUMNS order
+ANSWER_MEMORY = 50_000  # recent answers kept for duplicates: a few MB, whatever the table size
 
 
 @dataclass(eq=False)
@@ -123,6 +125,8 @@ class Engine:
         self._queue: asyncio.Queue[Work | None] = asyncio.Queue()
         self._order: asyncio.Queue[Batch | None] = asyncio.Queue()
         self._inflight: dict[str, Work] = {}
+        # Answers of this run, newest last, bounded: a duplicate of a recent row is not sent again.
+        self._answered: OrderedDict[str, Result] = OrderedDict()
         self._outstanding = 0
         self._room = asyncio.Condition()
         self._any_success = False
@@ -157,7 +161,11 @@ class Engine:
                 elif (hit := p.cached.get(row)) is not None:
                     self._stats.from_checkpoint += 1
                     self._finish_row(batch, row, hit)
+                elif (answer := self._answered.get(key)) is not None:
+                    self._stats.shared += 1
+                    self._finish_row(batch, row, answer)
                 elif (work := self._inflight.get(key)) is not None:
+                    self._stats.shared += 1
                     work.waiters.append((batch, row))  # same request already on its way: share the answer
                 else:
                     prompt = p.prompts[row]
@@ -255,6 +263,10 @@ class Engine:
         del self._inflight[work.key]
         self._stats.rows_sent += 1
         self._checkpoint.append(result)
+        if result[6] == "ok":
+            self._answered[work.key] = result
+            if len(self._answered) > ANSWER_MEMORY:
+                self._answered.popitem(last=False)
         for batch, row in work.waiters:
             self._finish_row(batch, row, result)
 

@@ -63,7 +63,8 @@ def summary(stats: RunStats, wall: float, output: str | None, checkpoint: str) -
     lines = [
         f"pipeline: {s.rows_done} rows in {wall:.1f} s: {s.ok} ok, {s.errors} error"
         f" ({s.from_checkpoint} ok from the checkpoint, not sent again)",
-        f"  requests: {s.requests_sent} sent for {sent} rows ({s.retries} retries), {sent / wall if wall > 0 else 0:.1f} rows/s",
+        f"  requests: {s.requests_sent} sent for {sent} rows ({s.retries} retries), {sent / wall if wall > 0 else 0:.1f} rows/s"
+        + (f"; {s.shared} rows shared the answer of an identical request" if s.shared else ""),
         f"  tokens this run: {s.prompt_tokens:,} in, {s.completion_tokens:,} out"
         + (f" ({s.estimated_rows} rows estimated: the server sent no usage)" if s.estimated_rows else ""),
     ]

@@ -92,6 +92,8 @@ def run_job(cfg: RunConfig, err: TextIO | None = None) -> int:
     table = source.open_table(cfg.input)
     renderer.check(table.schema, table.label)
     output = Path(cfg.output)
+    if any(output.resolve() == f.resolve() for f in table.files):
+        raise errors.InputError(f"Output {cfg.output} is also an input: the run would overwrite its own input. Choose another --output.")
     check_output(output, list(table.schema.names()), structured.output_columns() if structured else [])
     api_key = cfg.api_key()
     base_url = cfg.setting("base_url")
@@ -155,8 +157,16 @@ def run_job(cfg: RunConfig, err: TextIO | None = None) -> int:
                 asyncio.run(main())
             except BaseExceptionGroup as group:
                 user, fatal = group.subgroup(errors.UserError), group.subgroup(errors.FatalError)
-                if user is not None:
+                if user is not None and stats.requests_sent == 0:
                     raise user.exceptions[0] from None
+                if user is not None:  # found part-way, after requests went out: not a plain usage error
+                    sink.abort()
+                    print(
+                        f"pipeline: stopped: {user.exceptions[0]}\n  {checkpoint.appended} answers from this run are kept in "
+                        f"{cfg.checkpoint_path}; fix the input and run the same command again to resume.",
+                        file=err,
+                    )
+                    return EXIT_FAILED
                 if fatal is None:
                     raise
                 sink.abort()

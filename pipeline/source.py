@@ -114,11 +114,16 @@ def lazy(table: Table, limit: int | None = None) -> pl.LazyFrame:
 
 
 def count_rows(table: Table, limit: int | None = None) -> int:
+    """Rows to process. CSV and JSONL are parsed in full here, every column, so that a
+    malformed line far down the file is reported now, before any request is sent."""
+    query = lazy(table, limit)
     try:
-        n = int(lazy(table).select(pl.len()).collect().item())
+        if table.fmt == "parquet":  # row counts come from the footer; pages were checksummed on write
+            return int(query.select(pl.len()).collect().item())
+        return int(query.select(pl.len().alias("__rows"), pl.all().null_count()).collect().get_column("__rows").item())
     except pl.exceptions.PolarsError as exc:
-        raise InputError(f"Input {table.label} could not be read: {_short(exc)}.") from None
-    return min(n, limit) if limit is not None else n
+        hint = " Look for a line with extra separators or an unclosed quote." if table.fmt == "csv" else ""
+        raise InputError(f"Input {table.label} could not be read in full: {_short(exc)}.{hint}") from None
 
 
 def batches(table: Table, batch_size: int, limit: int | None = None) -> Iterator[pl.DataFrame]:

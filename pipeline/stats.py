@@ -16,6 +16,7 @@ class RunStats:
     ok: int = 0
     errors: int = 0
     from_checkpoint: int = 0
+    shared: int = 0  # rows answered by an identical request of this run
     rows_sent: int = 0  # distinct requests that got a final answer or gave up this run
     requests_sent: int = 0  # attempts, retries included
     retries: int = 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import polars as pl
+
 from tests.conftest import base_args, run_cli, texts, write_table
 from tests.fakeserver import FakeLLMServer
 
@@ -115,3 +117,17 @@ def test_mixed_columns_across_inputs(server: FakeLLMServer) -> None:
     write_table("b.csv", [{"id": 1, "body": "x"}])
     result = run_cli(*base_args(server, inp="a.csv"), "--input", "b.csv")
     assert_refused(result, server, "b.csv", "same columns")
+
+
+def test_malformed_line_far_down_a_csv_is_found_before_sending(server: FakeLLMServer) -> None:
+    lines = ["id,text", *(f"{i},row {i}" for i in range(5000))]
+    lines[4900] = "4899,row,with,extra,fields"
+    Path("in.csv").write_text("\n".join(lines) + "\n")
+    assert_refused(run_cli(*base_args(server), "--batch-size", "100"), server, "in.csv", "could not be read")
+
+
+def test_output_that_is_an_input_is_refused(server: FakeLLMServer) -> None:
+    write_table("data.parquet", texts(3))
+    result = run_cli(*base_args(server, inp="data.parquet", out="./data.parquet"))
+    assert result.exit_code == 2 and "would overwrite" in result.output
+    assert server.requests == [] and pl.read_parquet("data.parquet").columns == ["id", "text"]

@@ -300,3 +300,14 @@ def test_odd_but_survivable_replies_do_not_end_the_run(server: FakeLLMServer, fa
     assert out["status"].to_list() == ["ok", "ok"]
     if fault == "oddusage":
         assert out["tokens_estimated"].to_list() == [True, False]
+
+
+def test_duplicates_far_apart_are_sent_once(server: FakeLLMServer) -> None:
+    rows = [*texts(30), {"id": 30, "text": texts(1)[0]["text"]}]  # the last row repeats the first, batches later
+    write_table("in.csv", rows)
+    result = run_cli(*base_args(server), "--batch-size", "4", "--concurrency", "2")
+    assert result.exit_code == 0, result.output
+    assert len(chat_requests(server)) == 30
+    out = pl.read_parquet("out/result.parquet")
+    assert out["completion"][30] == out["completion"][0] and out["request_key"][30] == out["request_key"][0]
+    assert "1 rows shared" in result.output
