@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -104,12 +105,15 @@ def run(config: str | None, **flags: Any) -> None:
     --max-tokens); flags given on the command line win. Re-running the same
     command resumes: rows already answered are not sent again.
     """
-    from pipeline.run import run_job  # heavy imports (polars, pyarrow, aiohttp) only when running
-
     try:
+        from pipeline.run import run_job  # heavy imports (polars, pyarrow, aiohttp) only when running
+
         code = run_job(_config(config, flags))
     except errors.UserError as exc:
         raise UsageFailure(str(exc)) from None
+    except KeyboardInterrupt:  # before anything was sent (later ones are handled inside the run)
+        click.echo("\npipeline: interrupted before sending anything.", err=True)
+        code = 130
     sys.exit(code)
 
 
@@ -197,4 +201,7 @@ def _pairs(values: tuple[str, ...]) -> dict[str, str] | None:
 
 
 def main() -> None:
+    # From here on SIGTERM is an interrupt like Ctrl-C: flush, say how to resume, exit 130.
+    # (Before this line only imports have run, and there is nothing to flush.)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     cli(prog_name="pipeline")

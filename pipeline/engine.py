@@ -121,6 +121,7 @@ class Engine:
         self._system = system_prompt or ""
         self._structured = structured
         self._validator = structured.validator() if structured else None
+        self._dtype = structured.dtype if structured else None
         self._window = window_rows or max(20_000, 64 * concurrency)
         self._queue: asyncio.Queue[Work | None] = asyncio.Queue()
         self._order: asyncio.Queue[Batch | None] = asyncio.Queue()
@@ -200,7 +201,7 @@ class Engine:
             status, headers, reply = await self._transport.post(self._provider.url, self._provider.headers, body)
             completion = read_reply(self._provider, status, headers, reply)
             if self._validator is not None:
-                completion = replace(completion, text=check_reply(completion.text, self._validator))
+                completion = replace(completion, text=check_reply(completion.text, self._validator, self._dtype))
         except errors.RequestError as err:
             self._failed(work, err)
             return

@@ -85,15 +85,28 @@ def _anything_to_send(table: source.Table, cfg: RunConfig, renderer: Renderer, d
 
 
 def run_job(cfg: RunConfig, err: TextIO | None = None) -> int:
-    """Run the job described by `cfg`; return the process exit code. Raises UserError for exit 2."""
-    err = err or sys.stderr
+    """Run the job described by `cfg`; return the process exit code. Raises UserError for exit 2.
+
+    SIGTERM is handled like Ctrl-C for the whole run (a scheduler's kill gets
+    the same flush and exit 130), not only while the event loop runs.
+    """
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return _run_job(cfg, err or sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_job(cfg: RunConfig, err: TextIO) -> int:
     structured = structured_for(cfg)
     renderer = renderer_for(cfg, structured)
     table = source.open_table(cfg.input)
     renderer.check(table.schema, table.label)
     output = Path(cfg.output)
     if any(output.resolve() == f.resolve() for f in table.files):
-        raise errors.InputError(f"Output {cfg.output} is also an input: the run would overwrite its own input. Choose another --output.")
+        raise errors.InputError(
+            f"Output {cfg.output} is also an input: the run would overwrite its own input. Choose another --output."
+        )
     check_output(output, list(table.schema.names()), structured.output_columns() if structured else [])
     api_key = cfg.api_key()
     base_url = cfg.setting("base_url")
@@ -178,6 +191,9 @@ def run_job(cfg: RunConfig, err: TextIO | None = None) -> int:
                     file=err,
                 )
                 return EXIT_FAILED
+            finally:
+                # Closing the loop resets SIGTERM to the default (die at once); keep it an interrupt.
+                signal.signal(signal.SIGTERM, signal.default_int_handler)
         sink.commit()
     except (KeyboardInterrupt, asyncio.CancelledError):
         sink.abort()

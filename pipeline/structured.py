@@ -144,7 +144,7 @@ def schema_instruction(schema: dict[str, Any]) -> str:
     return "Reply with only a JSON object that follows this JSON Schema:\n" + orjson.dumps(schema).decode()
 
 
-def check_reply(text: str, validator: Draft202012Validator) -> str:
+def check_reply(text: str, validator: Draft202012Validator, dtype: pl.DataType | None = None) -> str:
     """The reply as canonical JSON, or InvalidOutput saying what is wrong with it."""
     body = text.strip()
     if body.startswith("```"):  # small models like to fence their JSON
@@ -153,12 +153,28 @@ def check_reply(text: str, validator: Draft202012Validator) -> str:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidOutput(f"reply is not valid JSON ({exc})", raw=text) from None
+    if dtype is not None and (big := _too_big(value, dtype)) is not None:
+        # Valid JSON Schema, but it would become a silent null in an Int64 column.
+        raise InvalidOutput(f"reply has the integer {big}, too large for a 64-bit column", raw=text)
     problems = sorted(validator.iter_errors(value), key=lambda e: list(e.path))
     if problems:
         first = problems[0]
         at = "/".join(map(str, first.path)) or "the top level"
         raise InvalidOutput(f"reply does not match the schema at {at}: {first.message}", raw=text)
     return orjson.dumps(value).decode()
+
+
+def _too_big(value: Any, dtype: Any) -> int | float | None:
+    """A value bound for an Int64 column that does not fit in one (orjson reads 1e20 for 10^20)."""
+    if isinstance(dtype, pl.Struct):
+        fields = value if isinstance(value, dict) else {}
+        return next((b for f in dtype.fields if (b := _too_big(fields.get(f.name), f.dtype)) is not None), None)
+    if isinstance(dtype, pl.List):
+        items = value if isinstance(value, list) else []
+        return next((b for v in items if (b := _too_big(v, dtype.inner)) is not None), None)
+    if dtype == pl.Int64 and isinstance(value, int | float) and not isinstance(value, bool):
+        return value if not -(2**63) <= value < 2**63 else None
+    return None
 
 
 def correction(err: InvalidOutput) -> list[dict[str, str]]:

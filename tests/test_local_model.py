@@ -7,15 +7,17 @@ import json
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pytest
 
 from pipeline.local_model import MODEL_ALIAS, free_port
-from tests.conftest import ROOT, run_cli, write_table
+from tests.conftest import ROOT, run_cli, spawn, write_table
 
 pytestmark = pytest.mark.local_model
 
@@ -88,3 +90,23 @@ def test_token_counts_are_the_servers_usage(served: str) -> None:
         assert row["prompt_tokens"] == direct["usage"]["prompt_tokens"] > 0
         assert row["completion_tokens"] == direct["usage"]["completion_tokens"] > 0
         assert row["finish_reason"] == direct["choices"][0]["finish_reason"]
+
+
+def test_sigterm_while_the_model_starts_exits_130_and_leaves_no_server() -> None:
+    write_table("in.csv", [{"id": 0, "text": "A sturdy umbrella."}])
+    proc = spawn("run", "-i", "in.csv", "-o", "out/r.parquet", "-p", "{text}", "--provider", "local", "--no-progress")
+    children: list[int] = []
+    deadline = time.monotonic() + 30
+    while not children and time.monotonic() < deadline:  # the model server has been launched, not yet ready
+        found = subprocess.run(
+            ["pgrep", "-P", str(proc.pid), "-f", "llama_cpp.server"], capture_output=True, text=True, check=False
+        )
+        children = [int(p) for p in found.stdout.split()]
+        time.sleep(0.05)
+    assert children, "the embedded server was never started"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()

@@ -113,3 +113,20 @@ def test_a_second_run_on_the_same_checkpoint_is_refused(tmp_path: Path) -> None:
         Checkpoint(tmp_path / "ck").open()
     first.close()
     assert os.path.exists(tmp_path / "ck" / "lock")
+
+
+def test_structured_replies_are_checked_and_canonical() -> None:
+    from pipeline.structured import Structured, check_reply, load_schema
+
+    schema = load_schema(
+        {"type": "object", "properties": {"n": {"type": "integer"}, "tags": {"type": "array", "items": {"type": "string"}}}}
+    )
+    structured = Structured(schema=schema, layout="columns", name="")
+    validator, dtype = structured.validator(), structured.dtype
+    assert check_reply('```json\n{"n": 3, "tags": ["a"]}\n```', validator, dtype) == '{"n":3,"tags":["a"]}'
+    with pytest.raises(errors.InvalidOutput, match="too large"):
+        check_reply('{"n": 99999999999999999999}', validator, dtype)
+    with pytest.raises(errors.InvalidOutput, match="at n"):
+        check_reply('{"n": "three"}', validator, dtype)
+    with pytest.raises(errors.InvalidOutput, match="not valid JSON"):
+        check_reply("three", validator, dtype)
