@@ -119,9 +119,3 @@ class AuthError(FatalError):
 class QuotaExhausted(FatalError):
     pass
 
-
-def redact(text: str, secret: str | None) -> str:
-    """`text` with the secret masked: servers sometimes echo a rejected key in their error message."""
-    if not secret or secret not in text:
-        return text
-    return text.replace(secret, "***")

@@ -31,7 +31,7 @@ from pipeline.stats import RunStats
 from pipeline.structured import Structured, load_schema
 from pipeline.transport import AiohttpTransport
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130  # and 2, bad usage: UserError, mapped by the CLI
 NOWHERE = "http://127.0.0.1:9/v1"  # stands in for a server that no request will reach
 
 

@@ -61,13 +61,11 @@ class ParquetSink:
         self._writer: pq.ParquetWriter | None = None
         self._pending: list[pl.DataFrame] = []
         self._pending_rows = 0
-        self.rows = 0
 
     def write(self, frame: pl.DataFrame) -> None:
         """Append rows; they reach the file in row groups of about ROW_GROUP rows."""
         self._pending.append(frame)
         self._pending_rows += frame.height
-        self.rows += frame.height
         if self._pending_rows >= ROW_GROUP:
             self._flush()
 
