@@ -118,4 +118,3 @@ class AuthError(FatalError):
 
 class QuotaExhausted(FatalError):
     pass
-

@@ -28,8 +28,7 @@ from pipeline.providers import make_provider
 from pipeline.providers.anthropic import DEFAULT_MAX_TOKENS, AnthropicMessages
 from pipeline.providers.base import decode, http_error
 from pipeline.providers.openai import chat_messages
-from pipeline.run import NOWHERE, renderer_for, structured_for
-from pipeline.sink import check_output
+from pipeline.run import NOWHERE, preflight
 from pipeline.transport import AiohttpTransport
 
 COUNTING_PROVIDERS = ("anthropic", "modelslab")  # both serve /v1/messages/count_tokens
@@ -238,11 +237,8 @@ def sample_bodies(
 
 def estimate(cfg: RunConfig, samples: int = 3, *, count_limit: int = 200) -> Estimate:
     """Check the job as `run_job` does, then count; raises UserError for bad input. Sends count requests only."""
-    structured = structured_for(cfg)
-    renderer = renderer_for(cfg, structured)
-    table = source.open_table(cfg.input)
-    renderer.check(table.schema, table.label)
-    check_output(Path(cfg.output), list(table.schema.names()), structured.output_columns() if structured else [])
+    plan = preflight(cfg)
+    renderer, table = plan.renderer, plan.table
     api_key = cfg.api_key() if cfg.provider in COUNTING_PROVIDERS else None
     done = read_done(cfg.checkpoint_path)
     scan = scan_table(table, cfg, renderer, done.clear() if cfg.fresh else done, samples, count_limit)

@@ -11,6 +11,7 @@ import contextlib
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -97,17 +98,30 @@ def run_job(cfg: RunConfig, err: TextIO | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _run_job(cfg: RunConfig, err: TextIO) -> int:
+@dataclass(frozen=True)
+class Plan:
+    """What `run` and `estimate` both establish before anything is sent."""
+
+    structured: Structured | None
+    renderer: Renderer
+    table: source.Table
+    output: Path
+
+
+def preflight(cfg: RunConfig) -> Plan:
+    """Every check of the config, the input and the output; raises UserError (exit 2)."""
     structured = structured_for(cfg)
     renderer = renderer_for(cfg, structured)
     table = source.open_table(cfg.input)
     renderer.check(table.schema, table.label)
     output = Path(cfg.output)
-    if any(output.resolve() == f.resolve() for f in table.files):
-        raise errors.InputError(
-            f"Output {cfg.output} is also an input: the run would overwrite its own input. Choose another --output."
-        )
-    check_output(output, list(table.schema.names()), structured.output_columns() if structured else [])
+    check_output(output, table.files, list(table.schema.names()), structured.output_columns() if structured else [])
+    return Plan(structured=structured, renderer=renderer, table=table, output=output)
+
+
+def _run_job(cfg: RunConfig, err: TextIO) -> int:
+    plan = preflight(cfg)
+    structured, renderer, table, output = plan.structured, plan.renderer, plan.table, plan.output
     api_key = cfg.api_key()
     base_url = cfg.setting("base_url")
     if cfg.provider == "local" and base_url is None:

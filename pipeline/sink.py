@@ -18,8 +18,10 @@ from pipeline.checkpoint import RESULT_COLUMNS, RESULT_SCHEMA
 from pipeline.errors import InputError
 
 
-def check_output(path: Path, input_columns: list[str], extracted: Sequence[str] = ()) -> None:
-    """Refuse, before any request, an output we could not write or columns that clash."""
+def check_output(path: Path, inputs: Sequence[Path], input_columns: list[str], extracted: Sequence[str] = ()) -> None:
+    """Refuse, before any request, an output we could not write, one that is an input, or columns that clash."""
+    if any(path.resolve() == f.resolve() for f in inputs):
+        raise InputError(f"Output {path} is also an input: the run would overwrite its own input. Choose another --output.")
     clash = [c for c in input_columns if c in RESULT_COLUMNS]
     if clash:
         raise InputError(
