@@ -22,9 +22,10 @@ Examples:
   MODELSLAB_API_KEY=... pipeline run configs/modelslab-llama-3.2-1b.yaml
 
 \b
-Exit codes: 0 done; 1 error rate above --max-error-rate, or stopped by a fatal
-answer (bad key, no quota); 2 bad usage, config or input (nothing sent);
-130 interrupted (the checkpoint is saved; run again to resume).
+Exit codes: 0 done; 1 error rate above --max-error-rate, or stopped early (bad
+key, no quota, server unreachable or 404 before any answer); 2 bad usage,
+config or input (nothing sent); 130 interrupted by Ctrl-C or SIGTERM (the
+checkpoint is saved; run again to resume).
 """
 
 
@@ -147,7 +148,11 @@ def estimate(config: str | None, samples: int, **flags: Any) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8080, show_default=True)
 def serve_local(host: str, port: int) -> None:
-    """Serve the embedded model (SmolLM2-135M-Instruct) as an OpenAI-compatible server until Ctrl-C."""
+    """Serve the embedded model (SmolLM2-135M-Instruct) as an OpenAI-compatible server.
+
+    Runs in the foreground until Ctrl-C or SIGTERM (`kill PID` for one started
+    in the background); the llama.cpp process stops with it.
+    """
     from pipeline.local_model import MODEL_ALIAS, LocalServer
 
     try:
@@ -170,14 +175,26 @@ def show(path: str, rows: int) -> None:
     """Print the first rows of an output file and its status counts."""
     import polars as pl
 
-    df = pl.read_parquet(path, n_rows=rows)
+    try:
+        columns = pl.read_parquet_schema(path)
+        df = pl.read_parquet(path, n_rows=rows)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise UsageFailure(
+            f"{path} is not a readable Parquet file ({str(exc).splitlines()[0]}). Give the output of a `pipeline run`."
+        ) from None
+    if "status" not in columns or "completion" not in columns:
+        raise UsageFailure(
+            f"{path} is not a pipeline output (it has no 'status' and 'completion' columns). Give the --output of a `pipeline run`."
+        )
+    names = list(columns)
+    # The first input column (often an id), what the model gave (extracted fields if a schema was used), the outcome.
+    extracted = names[names.index("tokens_estimated") + 1 :] if "tokens_estimated" in names else []
+    shown = [*names[:1], *(extracted or ["completion"]), "status", "error", "total_tokens"]
     counts = pl.scan_parquet(path).group_by("status").len().sort("status").collect()
-    results = ["completion", "status", "error", "total_tokens"]
-    first_input = [c for c in df.columns[:1] if c not in results]
     with pl.Config(
         tbl_rows=rows, fmt_str_lengths=90, tbl_width_chars=160, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True
     ):
-        click.echo(df.select([*first_input, *(c for c in results if c in df.columns)]))
+        click.echo(df.select(list(dict.fromkeys(shown))))
     click.echo(f"{path}: " + ", ".join(f"{r['status']}: {r['len']} rows" for r in counts.iter_rows(named=True)))
 
 

@@ -91,6 +91,13 @@ class RunConfig(BaseModel):
     def _one_or_many(cls, value: Any) -> Any:
         return (value,) if isinstance(value, str) else value
 
+    @field_validator("base_url")
+    @classmethod
+    def _url_has_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} is not a URL: start it with http:// or https://, e.g. http://{value}")
+        return value
+
     @field_validator("params", "param_columns")
     @classmethod
     def _params_not_reserved(cls, value: dict[str, Any]) -> dict[str, Any]:

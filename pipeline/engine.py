@@ -247,12 +247,16 @@ class Engine:
                 self._limits.pause(delay)  # everyone waits: the limit is the account's, not this row's
             asyncio.get_running_loop().call_later(delay, self._queue.put_nowait, work)
             return
-        if err.kind == "connect" and not self._any_success:
-            raise errors.FatalError(
-                f"Cannot reach the server ({err.message}) after {work.attempts} attempts. "
-                "Check --base-url and that the server is running; nothing was answered yet.",
-                kind="connect",
-            )
+        if not self._any_success and err.kind in ("connect", "http_404"):
+            # Nothing has worked yet and every row would fail alike: a wrong address, path or model.
+            if err.kind == "connect":
+                hint = f"Cannot reach the server ({err.message}) after {work.attempts} attempts. Check --base-url and that the server is running"
+            else:
+                hint = (
+                    f"The server answered {err.message} to the first request. Check --base-url (OpenAI-compatible "
+                    "servers usually end in /v1; Anthropic's base is the part before /v1/messages) and --model"
+                )
+            raise errors.FatalError(f"{hint}; nothing was answered yet", kind=err.kind)
         self._stats.error_kinds[err.kind] += 1
         message = f"{err.message} (after {work.attempts} attempt{'s' if work.attempts > 1 else ''})"
         result = error_result(message, work.attempts, work.key)

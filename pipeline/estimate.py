@@ -10,6 +10,7 @@ The checkpoint is only read: no lock, no compaction, so a running job is safe.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -177,6 +178,8 @@ def count_tokens(cfg: RunConfig, renderer: Renderer, scan: Scan, api_key: str | 
         return 0, "nothing to send"
     if cfg.provider not in COUNTING_PROVIDERS:
         return scan.rule_tokens, f"{ESTIMATED}, no tokenizer for this provider"
+    if not api_key:
+        return scan.rule_tokens, f"{ESTIMATED}; set {cfg.key_env()} to count exactly with the provider's count endpoint"
     # The Messages adapter builds the body (system turns, schema tool and all); the count
     # endpoint takes only the fields that are input, not max_tokens or sampling.
     messages = AnthropicMessages(str(cfg.setting("base_url")), renderer.spec, api_key)
@@ -239,7 +242,10 @@ def estimate(cfg: RunConfig, samples: int = 3, *, count_limit: int = 200) -> Est
     """Check the job as `run_job` does, then count; raises UserError for bad input. Sends count requests only."""
     plan = preflight(cfg)
     renderer, table = plan.renderer, plan.table
-    api_key = cfg.api_key() if cfg.provider in COUNTING_PROVIDERS else None
+    api_key = None
+    if cfg.provider in COUNTING_PROVIDERS:
+        with contextlib.suppress(errors.ConfigError):  # no key yet: price by the byte estimate, and say so
+            api_key = cfg.api_key()
     done = read_done(cfg.checkpoint_path)
     scan = scan_table(table, cfg, renderer, done.clear() if cfg.fresh else done, samples, count_limit)
     result = figures(cfg, scan, count_tokens(cfg, renderer, scan, api_key), measured_latency(done))

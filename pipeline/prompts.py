@@ -120,7 +120,7 @@ class Renderer:
         columns = list(schema.names())
         missing = [c for c in self.needed_columns() if c not in columns]
         if missing:
-            what = "The prompt template uses" if self.template else "The settings name"
+            what = "The prompt template uses" if self.template else "The settings name the"
             raise InputError(
                 f"{what} column{'s' if len(missing) > 1 else ''} {', '.join(repr(m) for m in missing)}, "
                 f"which {where} does not have. Its columns are: {', '.join(repr(c) for c in columns)}."

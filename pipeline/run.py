@@ -198,7 +198,7 @@ def _run_job(cfg: RunConfig, err: TextIO) -> int:
                     raise
                 sink.abort()
                 print(
-                    f"pipeline: stopped: {fatal.exceptions[0]}.\n"
+                    f"pipeline: stopped: {str(fatal.exceptions[0]).rstrip('.')}.\n"
                     f"  Every further request would fail the same way, so the run stopped at once. "
                     f"{checkpoint.appended} answers from this run are kept in {cfg.checkpoint_path}; "
                     f"fix the cause and run the same command again to resume.",
@@ -225,9 +225,18 @@ def _run_job(cfg: RunConfig, err: TextIO) -> int:
     print(summary(stats, wall, str(output), str(cfg.checkpoint_path)), file=err)
     rate = stats.errors / stats.rows_done if stats.rows_done else 0.0
     if rate > cfg.max_error_rate:
+        not_sent = stats.error_kinds.get("not_sent", 0)
+        advice = ["The output has every row, with the reason in 'error'."]
+        if stats.errors > not_sent:
+            advice.append(f"Run the same command again to retry the {stats.errors - not_sent} rows whose requests failed.")
+        if not_sent:
+            advice.append(
+                f"{not_sent} rows were not sent because a prompt cell is null or empty: a re-run cannot fix those; "
+                "fill them in, or allow them with --max-error-rate."
+            )
         print(
-            f"pipeline: {stats.errors} of {stats.rows_done} rows failed ({rate:.1%}), above --max-error-rate {cfg.max_error_rate:g}: exit 1. "
-            f"The output has every row, with the reason in 'error'; run again to retry the failed rows.",
+            f"pipeline: {stats.errors} of {stats.rows_done} rows failed ({rate:.1%}), above --max-error-rate "
+            f"{cfg.max_error_rate:g}: exit 1. " + " ".join(advice),
             file=err,
         )
         return EXIT_FAILED

@@ -131,3 +131,10 @@ def test_output_that_is_an_input_is_refused(server: FakeLLMServer) -> None:
     result = run_cli(*base_args(server, inp="data.parquet", out="./data.parquet"))
     assert result.exit_code == 2 and "would overwrite" in result.output
     assert server.requests == [] and pl.read_parquet("data.parquet").columns == ["id", "text"]
+
+
+def test_base_url_without_a_scheme(server: FakeLLMServer) -> None:
+    write_table("in.csv", texts(2))
+    args = base_args(server)
+    args[args.index("--base-url") + 1] = server.url.removeprefix("http://") + "/v1"
+    assert_refused(run_cli(*args), server, "'base_url'", "http://")

@@ -138,7 +138,6 @@ def test_count_endpoint_failure_falls_back_to_a_labelled_estimate(where: str, mo
     [
         ({"prompt": "Summarise: {body}"}, "'body'"),
         ({"input": "missing.csv"}, "missing.csv does not exist"),
-        ({"provider": "modelslab"}, "MODELSLAB_API_KEY"),
     ],
 )
 def test_bad_input_is_a_user_error_like_run(values: dict[str, Any], message: str) -> None:
@@ -175,3 +174,10 @@ def test_no_max_tokens_and_no_prices_are_said_not_guessed() -> None:
     # Anthropic requires max_tokens, so the adapter's default is the worst case there.
     est = figures(config(provider="anthropic", max_tokens=None), scan(10), (500, "x"), (1.0, ""))
     assert est.tokens_out == 10 * 1024
+
+
+def test_estimate_without_a_key_falls_back_to_the_labelled_estimate() -> None:
+    write_table("in.csv", texts(3))
+    result = run_cli("estimate", "-i", "in.csv", "-o", "out/e.parquet", "-p", "{text}", "--provider", "modelslab")
+    assert result.exit_code == 0, result.output
+    assert "set MODELSLAB_API_KEY to count exactly" in result.output

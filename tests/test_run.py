@@ -311,3 +311,13 @@ def test_duplicates_far_apart_are_sent_once(server: FakeLLMServer) -> None:
     out = pl.read_parquet("out/result.parquet")
     assert out["completion"][30] == out["completion"][0] and out["request_key"][30] == out["request_key"][0]
     assert "1 rows shared" in result.output
+
+
+def test_a_404_before_any_answer_stops_with_a_hint_about_the_url(server: FakeLLMServer) -> None:
+    write_table("in.csv", texts(40))
+    args = base_args(server)
+    args[args.index("--base-url") + 1] = f"{server.url}/v2"  # a path the server does not serve
+    result = run_cli(*args, "--concurrency", "1")
+    assert result.exit_code == 1
+    assert "HTTP 404" in result.output and "/v1" in result.output
+    assert len(chat_requests(server)) <= 1
