@@ -31,6 +31,7 @@ from pipeline.structured import Structured, check_reply, correction
 from pipeline.transport import Transport
 
 Result = tuple[Any, ...]  # in checkpoint.RESULT_COLUMNS order
+NOTICE_WAIT = 5.0  # seconds: shorter rate-limit pauses pass without a word
 ANSWER_MEMORY = 10_000  # recent answers kept for duplicates: ~10 MB, whatever the table size (50,000 cost 38 MB in make bench)
 
 
@@ -108,6 +109,7 @@ class Engine:
         stats: RunStats,
         system_prompt: str | None = None,
         structured: Structured | None = None,
+        notice: Callable[[str], None] = lambda message: None,
         window_rows: int | None = None,
     ) -> None:
         self._provider = provider
@@ -120,6 +122,7 @@ class Engine:
         self._stats = stats
         self._system = system_prompt or ""
         self._structured = structured
+        self._notice = notice
         self._validator = structured.validator() if structured else None
         self._dtype = structured.dtype if structured else None
         self._window = window_rows or max(20_000, 64 * concurrency)
@@ -243,8 +246,10 @@ class Engine:
             work.followup = correction(err)  # ask again, saying what was wrong
         if delay is not None:
             self._stats.retries += 1
-            if isinstance(err, errors.RateLimited):
-                self._limits.pause(delay)  # everyone waits: the limit is the account's, not this row's
+            # Everyone waits: the limit is the account's, not this row's. A long wait is said
+            # once, so a nightly log does not look hung (ModelsLab asks for 30 s).
+            if isinstance(err, errors.RateLimited) and self._limits.pause(delay) and delay >= NOTICE_WAIT:
+                self._notice(f"pipeline: rate limited ({err.message}); holding all requests for {delay:.0f} s")
             asyncio.get_running_loop().call_later(delay, self._queue.put_nowait, work)
             return
         if not self._any_success and err.kind in ("connect", "http_404"):

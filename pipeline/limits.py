@@ -55,14 +55,17 @@ class Limits:
                 await self._tokens.acquire(chunk)
                 owed -= chunk
 
-    def pause(self, seconds: float) -> None:
-        """Hold every new request for `seconds` (the server said it is over its limit)."""
+    def pause(self, seconds: float) -> bool:
+        """Hold every new request for `seconds` (the server said it is over its limit).
+
+        Returns whether this moved the resume time later (a new or longer pause)."""
         loop = asyncio.get_running_loop()
         resume_at = loop.time() + seconds
         if resume_at <= self._resume_at:
-            return
+            return False
         self._resume_at = resume_at
         self._open.clear()
         if self._reopen is not None:
             self._reopen.cancel()
         self._reopen = loop.call_at(resume_at, self._open.set)
+        return True

@@ -47,6 +47,13 @@ class Progress:
         self._bar.update(s.rows_done - self._shown)  # redraws, with the postfix just set
         self._shown = s.rows_done
 
+    def notice(self, message: str) -> None:
+        """A line for the user that must not tear the bar (rare events only, never per row)."""
+        if self._bar is not None:
+            self._bar.write(message, file=self._stream)
+        else:
+            print(message, file=self._stream, flush=True)
+
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()

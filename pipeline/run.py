@@ -172,6 +172,7 @@ def _run_job(cfg: RunConfig, err: TextIO) -> int:
                     stats=stats,
                     system_prompt=cfg.system,
                     structured=structured,
+                    notice=progress.notice,
                 )
                 progress.start()
                 try:

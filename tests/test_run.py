@@ -321,3 +321,10 @@ def test_a_404_before_any_answer_stops_with_a_hint_about_the_url(server: FakeLLM
     assert result.exit_code == 1
     assert "HTTP 404" in result.output and "/v1" in result.output
     assert len(chat_requests(server)) <= 1
+
+
+def test_a_long_rate_limit_pause_is_announced_once(server: FakeLLMServer) -> None:
+    write_table("in.csv", [{"id": 0, "text": "wait [[fault:429@5x1]]"}, *texts(3)])
+    result = run_cli(*base_args(server), "--concurrency", "1")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("holding all requests for 5 s") == 1
