@@ -25,7 +25,7 @@ from pipeline.checkpoint import RESULT_SCHEMA, read_journal
 from pipeline.config import RunConfig
 from pipeline.engine import Prepared, prepare
 from pipeline.prompts import Renderer
-from pipeline.providers import make_provider
+from pipeline.providers import MIN_SECRET, make_provider
 from pipeline.providers.anthropic import DEFAULT_MAX_TOKENS, AnthropicMessages
 from pipeline.providers.base import decode, http_error
 from pipeline.providers.openai import chat_messages
@@ -156,7 +156,7 @@ async def _count(url: str, headers: Mapping[str, str], bodies: list[bytes], secr
     async def worker() -> None:
         for body in todo:  # one shared iterator: each body is taken by exactly one worker
             status, _, reply = await transport.post(url, headers, body)
-            if secret:  # a server may echo the key in its error message
+            if secret and len(secret) >= MIN_SECRET:  # a server may echo the key in its error message
                 reply = reply.replace(secret.encode(), b"***")
             data = decode(reply) if status == 200 else None
             if not isinstance(data, dict) or not isinstance(data.get("input_tokens"), int):

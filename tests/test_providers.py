@@ -132,3 +132,13 @@ def test_estimate_masks_a_key_echoed_by_the_count_endpoint() -> None:
         assert result.exit_code == 0, result.output
         assert "count endpoint failed" in result.output and "***" in result.output
         assert SECRET not in result.output
+
+
+def test_a_placeholder_key_does_not_mangle_replies() -> None:
+    # vLLM-style servers accept any key; users pass "x" or "EMPTY". Masking "x" would corrupt the JSON.
+    with FakeLLMServer(api_key="x") as server:
+        write_table("in.csv", [{"id": 0, "text": "max extra text"}])
+        result = run_cli(*job(server, "openai", "/v1", "--model", "m", "--api-key-env", "DUMMY"), env={"DUMMY": "x"})
+        assert result.exit_code == 0, result.output
+        row = pl.read_parquet("out/result.parquet").row(0, named=True)
+        assert row["completion"] == "echo: Summarise: max extra text" and row["tokens_estimated"] is False

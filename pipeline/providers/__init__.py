@@ -13,6 +13,10 @@ from pipeline.providers.openai import OpenAIChat
 
 __all__ = ["Completion", "Provider", "make_provider", "read_reply"]
 
+# Shorter "keys" are placeholders (vLLM's "EMPTY", "x"): masking them would mangle replies
+# ("k" is in "prompt_tokens"), and they protect nothing.
+MIN_SECRET = 8
+
 
 def read_reply(provider: Provider, status: int, headers: Mapping[str, str], body: bytes) -> Completion:
     """Parse a reply at the package boundary: only `RequestError`s leave, and never the key.
@@ -22,7 +26,7 @@ def read_reply(provider: Provider, status: int, headers: Mapping[str, str], body
     string where an object belongs, say) is a malformed reply, retried like
     one, never an exception that would end the run.
     """
-    if provider.secret:
+    if provider.secret and len(provider.secret) >= MIN_SECRET:
         body = body.replace(provider.secret.encode(), b"***")
     try:
         return provider.parse(status, headers, body)
