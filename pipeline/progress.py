@@ -1,13 +1,16 @@
 """The only module that touches tqdm: a live bar while running and the closing summary.
 
 The bar is refreshed from the counters on a timer, not per row, so a million
-rows cost a few thousand bar updates, not a million.
+rows cost a few thousand bar updates, not a million. Without a terminal (cron,
+CI, `make` in a pipe) there is no bar; a status line every minute shows in the
+job's log that it is alive and how far it got.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from typing import Never, TextIO
 
 from tqdm import tqdm
@@ -15,27 +18,47 @@ from tqdm import tqdm
 from pipeline.stats import RunStats
 
 REFRESH = 0.5
+LOG_EVERY = 60.0  # seconds between status lines when there is no terminal
 
 
 class Progress:
-    def __init__(self, stats: RunStats, *, enabled: bool, stream: TextIO = sys.stderr) -> None:
+    def __init__(self, stats: RunStats, *, enabled: bool, stream: TextIO = sys.stderr, log_every: float = LOG_EVERY) -> None:
         self._stats = stats
-        self._enabled = enabled and stream.isatty()
+        self._enabled = enabled
+        self._tty = stream.isatty()
         self._stream = stream
+        self._log_every = log_every
         self._bar: tqdm[Never] | None = None
         self._shown = 0
+        self._started = time.monotonic()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         if not self._enabled:
             return
-        self._bar = tqdm(total=self._stats.total_rows or None, unit="row", file=self._stream, dynamic_ncols=True, smoothing=0.1)
+        self._started = time.monotonic()
+        if self._tty:
+            self._bar = tqdm(
+                total=self._stats.total_rows or None, unit="row", file=self._stream, dynamic_ncols=True, smoothing=0.1
+            )
         self._task = asyncio.get_running_loop().create_task(self._tick())
 
     async def _tick(self) -> None:
         while True:
-            self.refresh()
-            await asyncio.sleep(REFRESH)
+            await asyncio.sleep(REFRESH if self._tty else self._log_every)
+            if self._bar is not None:
+                self.refresh()
+            else:
+                self.notice(self.status_line())
+
+    def status_line(self) -> str:
+        s = self._stats
+        elapsed = time.monotonic() - self._started
+        rate = s.rows_done / elapsed if elapsed > 0 else 0.0
+        total = f" of {s.total_rows:,} ({s.rows_done / s.total_rows:.0%})" if s.total_rows else ""
+        left = s.total_rows - s.rows_done
+        eta = f", about {left / rate / 60:.0f} min left" if rate > 0 and left > 0 else ""
+        return f"pipeline: {s.rows_done:,}{total} rows after {elapsed / 60:.1f} min, {rate:.1f} rows/s, {s.errors} errors, {s.retries} retries{eta}"
 
     def refresh(self) -> None:
         if self._bar is None:

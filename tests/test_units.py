@@ -130,3 +130,25 @@ def test_structured_replies_are_checked_and_canonical() -> None:
         check_reply('{"n": "three"}', validator, dtype)
     with pytest.raises(errors.InvalidOutput, match="not valid JSON"):
         check_reply("three", validator, dtype)
+
+
+def test_without_a_terminal_progress_is_a_status_line_now_and_then() -> None:
+    import asyncio
+    import io
+
+    from pipeline.progress import Progress
+    from pipeline.stats import RunStats
+
+    stats = RunStats(total_rows=200, rows_done=50, errors=2, retries=3)
+    log = io.StringIO()  # not a terminal, like a cron job's log
+
+    async def run_briefly() -> None:
+        progress = Progress(stats, enabled=True, stream=log, log_every=0.05)
+        progress.start()
+        await asyncio.sleep(0.18)
+        progress.close()
+
+    asyncio.run(run_briefly())
+    lines = log.getvalue().splitlines()
+    assert 2 <= len(lines) <= 4
+    assert lines[0].startswith("pipeline: 50 of 200 (25%) rows after") and "2 errors, 3 retries" in lines[0]
