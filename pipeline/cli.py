@@ -83,7 +83,13 @@ def run_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-error-rate", type=float, help="Exit 1 if more than this share of rows fail. Default: 0."),
         click.option("--batch-size", type=int, help="Rows read and written per batch. Default: 5000."),
         click.option("--fresh", is_flag=True, default=None, help="Ignore the checkpoint: send every row again."),
-        click.option("--no-progress", "progress", flag_value=False, default=None, help="No progress bar (nor, without a terminal, the status line each minute)."),
+        click.option(
+            "--no-progress",
+            "progress",
+            flag_value=False,
+            default=None,
+            help="No progress bar (nor, without a terminal, the status line each minute).",
+        ),
     ]
     for opt in reversed(opts):
         f = opt(f)
