@@ -13,11 +13,37 @@ Token counting (deterministic, identical on every path):
       (joined by single spaces) and the finish reason is "length" / "max_tokens".
 
 Order of checks per request: auth (401; skipped when api_key is None) -> request validation
-(400) -> max_in_flight (429) -> rpm (429) -> random fault -> directives -> latency.  ModelsLab
-answers auth and validation errors with HTTP 200 ``{"status": "error", ...}`` like the real
-one.  ``count_tokens`` and ``/v1/models`` ignore directives and latency.  Rate windows admit
-max(1, int(rpm / 60)) requests per wall-clock second ("second") or int(rpm) in any sliding 60 s
-("minute"); rejected requests are not counted in the window.
+(400) -> max_in_flight (429) -> rpm (429) -> tpm (429) -> random fault -> directives -> slot
+-> latency.  ModelsLab answers auth and validation errors with HTTP 200 ``{"status": "error",
+...}`` like the real one.  ``count_tokens`` and ``/v1/models`` ignore directives, slots and
+latency.  Rate windows admit max(1, int(rpm / 60)) requests per wall-clock second ("second") or
+int(rpm) in any sliding 60 s ("minute"); rejected requests are not counted in either window.
+
+Limits, each a keyword of FakeLLMServer and a CLI option (read per request):
+  tpm / --tpm: a token window beside the request one, same rate_window; a chat request costs
+      P + its max_tokens (or max_completion_tokens, else 0) at admission, as OpenAI and Azure
+      charge.  A request larger than the whole budget still passes when the window is empty.
+  rate_headers / --rate-headers openai|anthropic|none (--no-ratelimit-headers = none): on every
+      answer of a chat request, errors and ModelsLab included, when rpm or tpm is set.  Values
+      describe the windows when the answer is sent.  openai: ``x-ratelimit-{limit,remaining,
+      reset}-{requests,tokens}``, reset a Go duration ("532ms", "1.2s", "1m0s", "0s" when
+      full).  anthropic: ``anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-
+      {limit,remaining,reset}``, reset an RFC 3339 UTC instant, plus ``Date``.  The limit is
+      the per-minute figure even with the per-second window (as OpenAI quantizes); remaining
+      counts the current window; reset is when the window is back to full (the next
+      wall-clock second, or the newest entry leaving the sliding minute).  input-tokens and
+      output-tokens are reported against the same tpm, which enforces only their sum.
+  clock_skew_s / --clock-skew-s: added to every absolute time sent (Date, RFC 3339 resets).
+  limit_schedule / --limit-schedule "0:6000,15:3000,35:6000": rpm becomes the value at t
+      seconds after the first chat request since start or reset().
+  in_flight_message / --in-flight-message named|generic: the max_in_flight 429 names N
+      ("Maximum N queued requests allowed.", ModelsLab only, as today) or says "Rate limit
+      exceeded. Please try again later." on every dialect.
+  slots / --slots: vLLM-like, at most that many requests in service (slow, hang, latency);
+      the rest wait in a FIFO queue, never rejected.  A client that gives up leaves it.
+``GET /timeline`` (and ``timeline()``) counts chat answers per second since the first chat
+request: ``{"t0": <monotonic>, "buckets": [{"t": s, "ok": n, "429": n, "other": n,
+"ok_by_model": {model: n}}]}``, only seconds with answers, a small dict per second.
 
 Fault directives live in the last user message that holds any: ``[[fault:KIND[@S][xN]]]``.
 KIND is an HTTP status (e.g. 429, 500, 529), ``quota``, ``reset``, ``hang``, ``slow`` (needs
@@ -45,6 +71,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import itertools
 import math
 import random
@@ -57,6 +84,8 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from email.utils import formatdate
 from functools import partial
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -175,10 +204,19 @@ def _validate(body: object, dialect: Dialect, kind: Kind) -> str | None:
 
 
 def _error(
-    dialect: Dialect, status: int, msg: str | None = None, *, wait: float | None = None, etype: str | None = None
+    dialect: Dialect,
+    status: int,
+    msg: str | None = None,
+    *,
+    wait: float | None = None,
+    etype: str | None = None,
+    oa_type: str | None = None,
 ) -> _Reply:
-    """An error in the dialect's shape; ``wait`` becomes Retry-After (a body field on ModelsLab)."""
-    oa_type, an_type, default = _ERRORS.get(status) or _ERRORS[500 if status >= 500 else 400]
+    """An error in the dialect's shape; ``wait`` becomes Retry-After (a body field on ModelsLab).
+
+    ``etype`` replaces the error type (and the OpenAI code); ``oa_type`` only the OpenAI type."""
+    default_type, an_type, default = _ERRORS.get(status) or _ERRORS[500 if status >= 500 else 400]
+    oa_type = oa_type or default_type
     if dialect == "modelslab":
         if msg is None and status == 429:
             msg = "Rate limit exceeded. Maximum 5 queued requests allowed."
@@ -194,6 +232,90 @@ def _error(
     return status, orjson.dumps(body), None if wait is None else {"Retry-After": f"{wait:g}"}, False
 
 
+def _go_duration(seconds: float) -> str:
+    """OpenAI's reset format: "0s", "532ms", "1.2s", "1m0s"; rounded up so a client never waits too little."""
+    ms = math.ceil(seconds * 1000 - 1e-6)
+    if ms <= 0:
+        return "0s"
+    if ms < 1000:
+        return f"{ms}ms"
+    minutes, ms = divmod(ms, 60_000)
+    secs = f"{ms / 1000:.3f}".rstrip("0").rstrip(".") + "s"
+    return f"{minutes}m{secs}" if minutes else secs
+
+
+def _rfc3339(wall: float) -> str:
+    return datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _parse_schedule(text: str) -> tuple[list[float], list[float]]:
+    """ "0:6000,15:3000" -> ([0, 15], [6000, 3000]), sorted by time; raises ValueError on garbage."""
+    steps = sorted((float(at), float(rpm)) for at, rpm in (part.split(":") for part in text.split(",")))
+    if not steps or any(at < 0 or rpm <= 0 for at, rpm in steps):
+        raise ValueError(f"bad limit schedule {text!r}: expected 'seconds:rpm,...'")
+    return [at for at, _ in steps], [rpm for _, rpm in steps]
+
+
+class _Window:
+    """What was admitted per wall-clock second ("second") or in any sliding 60 s ("minute").
+
+    A cost is a tuple whose first item is what the budget limits; the others (input and output
+    tokens) are only reported.  Both shapes are kept so rate_window may change mid-run.  Called
+    with the server's lock held."""
+
+    def __init__(self, parts: int) -> None:
+        self._parts = parts
+        self.clear()
+
+    def clear(self) -> None:
+        self._second, self._in_second = 0, [0] * self._parts
+        self._log: deque[tuple[float, tuple[int, ...]]] = deque()
+        self._in_log = [0] * self._parts
+        self._newest = [0.0] * self._parts  # when the newest entry with each part > 0 came (wall or monotonic)
+
+    def used(self, per_second: bool, wall: float, now: float) -> list[int]:
+        if per_second:
+            return self._in_second if int(wall) == self._second else [0] * self._parts
+        log, in_log = self._log, self._in_log
+        while log and log[0][0] <= now - 60.0:
+            for i, c in enumerate(log.popleft()[1]):
+                in_log[i] -= c
+        return in_log
+
+    def wait(self, per_second: bool, budget: int, cost: int, wall: float, now: float) -> float | None:
+        """None when `cost` fits (always in an empty window, or a big request could never pass),
+        else the seconds until it would."""
+        used = self.used(per_second, wall, now)[0]
+        if used == 0 or used + cost <= budget:
+            return None
+        if per_second:
+            return int(wall) + 1 - wall
+        for t, c in self._log:  # oldest first: when has enough left?
+            used -= c[0]
+            if used == 0 or used + cost <= budget:
+                return t + 60.0 - now
+        return 60.0  # not reached: the loop ends with used == 0
+
+    def add(self, per_second: bool, cost: tuple[int, ...], wall: float, now: float) -> None:
+        if per_second:
+            if int(wall) != self._second:
+                self._second, self._in_second = int(wall), [0] * self._parts
+            totals = self._in_second
+        else:
+            self._log.append((now, cost))
+            totals = self._in_log
+        for i, c in enumerate(cost):
+            totals[i] += c
+            if c:
+                self._newest[i] = wall if per_second else now
+
+    def drained_in(self, per_second: bool, part: int, wall: float, now: float) -> float:
+        """Seconds until `part` of the window is back to full: 0 when it is."""
+        if self.used(per_second, wall, now)[part] == 0:
+            return 0.0
+        return int(wall) + 1 - wall if per_second else max(0.0, self._newest[part] + 60.0 - now)
+
+
 class FakeLLMServer:
     """A real HTTP server on 127.0.0.1:random-port speaking OpenAI chat completions, ModelsLab
     v7 and Anthropic Messages, with fault injection and a record of every request received.
@@ -202,8 +324,10 @@ class FakeLLMServer:
     malformed/error200/nochoices), "status_<code>" per HTTP status answered, "no_response"
     (reset directive, client gave up, or server stopped), "in_flight" and
     "max_in_flight_seen" (concurrent handlers, rejected ones included; with latency 0 a
-    handler never yields, so expect 1 there).  Received.status is 0 while a request is
-    still being handled and for requests that never got an answer.
+    handler never yields, so expect 1 there).  With ``slots``: "slot_served" (requests that got a
+    slot), "queue_wait_ms_total" (their summed wait for it), "max_queue_seen" and
+    "max_in_service_seen".  Received.status is 0 while a request is still being handled and for
+    requests that never got an answer.
     """
 
     def __init__(
@@ -213,7 +337,13 @@ class FakeLLMServer:
         api_key: str | None = None,
         rpm: float | None = None,
         rate_window: Literal["second", "minute"] = "minute",
+        tpm: float | None = None,
+        rate_headers: Literal["openai", "anthropic", "none"] = "openai",
+        clock_skew_s: float = 0.0,
+        limit_schedule: str | None = None,
         max_in_flight: int | None = None,
+        in_flight_message: Literal["named", "generic"] = "named",
+        slots: int | None = None,
         fault_rate: float = 0.0,
         fault_statuses: tuple[int, ...] = (500, 503),
         seed: int = 0,
@@ -227,14 +357,28 @@ class FakeLLMServer:
         self.max_in_flight, self.fault_rate = max_in_flight, fault_rate
         self.fault_statuses, self.seed = fault_statuses, seed
         self.send_usage, self.record = send_usage, record
+        self.tpm, self.rate_headers, self.clock_skew_s = tpm, rate_headers, clock_skew_s
+        self.in_flight_message, self.slots = in_flight_message, slots
+        if limit_schedule is not None:
+            _parse_schedule(limit_schedule)  # a typo fails here, not as a 500 on the first request
+        self.limit_schedule = limit_schedule
         self.host, self.port, self.url = host, port, ""
         self._lock = threading.Lock()  # guards everything below shared with the test thread
         self._records: list[Received] = []
         self._generation = 0  # bumped by reset() so late finishers don't touch fresh stats
         self._stats: dict[str, int] = {}
         self._attempts: dict[tuple[str, str], int] = {}
-        self._window: deque[float] = deque()
-        self._bucket = (0, 0)  # (wall-clock second, requests admitted in it)
+        self._requests = _Window(1)
+        self._tokens = _Window(3)  # (prompt + max_tokens, prompt, max_tokens)
+        self._t0: float | None = None  # first chat request since start/reset: schedule and timeline clock
+        self._timeline: dict[int, dict[str, Any]] = {}
+        self._schedule: tuple[str, list[float], list[float]] | None = None  # parsed limit_schedule, by text
+        self._schedule_step: tuple[str, int] | None = None  # the step last applied to rpm
+        self._queue_wait_s = 0.0
+        # Slot state lives on the event loop only: no lock.
+        self._serving = 0
+        self._waiting = 0
+        self._queue: deque[asyncio.Future[None]] = deque()
         self._rng = random.Random(seed)
         self._in_flight = 0
         self._ids = itertools.count(1)
@@ -284,18 +428,29 @@ class FakeLLMServer:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {**self._stats, "in_flight": self._in_flight}
+            return {**self._stats, "in_flight": self._in_flight, "queue_wait_ms_total": round(self._queue_wait_s * 1000)}
+
+    def timeline(self) -> dict[str, Any]:
+        """Chat answers per second since the first chat request (see the module docstring)."""
+        with self._lock:
+            buckets = [{"t": t, **b, "ok_by_model": dict(b["ok_by_model"])} for t, b in sorted(self._timeline.items())]
+            return {"t0": self._t0, "buckets": buckets}
 
     def reset(self) -> None:
-        """Clear records, stats, rate windows and directive attempt counters; reseed the random faults."""
+        """Clear records, stats, rate windows, timeline, schedule clock and directive attempt
+        counters; reseed the random faults.  A rpm set by the schedule stays until its next step."""
         with self._lock:
             self._generation += 1
             self._records = []
             self._stats = {"requests": 0, "ok": 0, "no_response": 0, "max_in_flight_seen": self._in_flight}
             self._stats.update({f"status_{s}": 0 for s in _PRESET_STATUSES})
+            self._stats.update(slot_served=0, max_queue_seen=self._waiting, max_in_service_seen=self._serving)
+            self._queue_wait_s = 0.0
             self._attempts.clear()
-            self._window.clear()
-            self._bucket = (0, 0)
+            self._requests.clear()
+            self._tokens.clear()
+            self._t0, self._schedule_step = None, None
+            self._timeline = {}
             self._rng.seed(self.seed)  # same seed after reset -> same fault sequence
 
     # ---- event-loop thread -----------------------------------------------------------
@@ -326,6 +481,7 @@ class FakeLLMServer:
         for path in ("/v1/models", "/models"):
             add("GET", path, partial(serve, dialect="openai", kind="models"))
         add("GET", "/stats", self._http_stats)
+        add("GET", "/timeline", self._http_timeline)
         add("POST", "/reset", self._http_reset)
         # handler_cancellation: a client that times out on `hang` frees its in-flight slot.
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
@@ -334,6 +490,9 @@ class FakeLLMServer:
 
     async def _http_stats(self, request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps(self.stats()), content_type="application/json")
+
+    async def _http_timeline(self, request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(self.timeline()), content_type="application/json")
 
     async def _http_reset(self, request: web.Request) -> web.Response:
         self.reset()
@@ -352,6 +511,11 @@ class FakeLLMServer:
             headers = {k.lower(): v for k, v in request.headers.items()}
             rec = Received(request.path, headers, body, content, 0, t)
         with self._lock:
+            if kind == "chat":  # first, so a bad schedule set mid-run fails before any counter moves
+                if self._t0 is None:
+                    self._t0 = t
+                if self.limit_schedule is not None:
+                    self._follow_schedule(t - self._t0)
             gen, index = self._generation, len(self._records)
             self._in_flight += 1
             self._stats["requests"] += 1
@@ -365,6 +529,10 @@ class FakeLLMServer:
             if status == 0:
                 self._abort(request)
                 return web.Response()  # never sent: the transport is already gone
+            if kind == "chat" and (rate := self._rate_headers()):
+                extra = {**(extra or {}), **rate}
+            if self.clock_skew_s and not (extra and "Date" in extra):
+                extra = {**(extra or {}), "Date": formatdate(time.time() + self.clock_skew_s, usegmt=True)}
             return web.Response(status=status, body=payload, headers=extra, content_type="application/json")
         finally:
             with self._lock:
@@ -375,6 +543,68 @@ class FakeLLMServer:
                     self._stats["ok"] += ok
                     if rec is not None:
                         self._records[index] = replace(rec, status=status)
+                    if kind == "chat" and status and self._t0 is not None:
+                        self._count_answer(dialect, body, status, ok)
+
+    def _count_answer(self, dialect: Dialect, body: Any, status: int, ok: bool) -> None:
+        """One chat answer into its second of the timeline; caller holds the lock."""
+        assert self._t0 is not None
+        second = int(time.monotonic() - self._t0)
+        bucket = self._timeline.get(second)
+        if bucket is None:
+            bucket = self._timeline[second] = {"ok": 0, "429": 0, "other": 0, "ok_by_model": {}}
+        if ok:
+            bucket["ok"] += 1
+            model = str((body.get("model_id") if dialect == "modelslab" else None) or body.get("model"))
+            bucket["ok_by_model"][model] = bucket["ok_by_model"].get(model, 0) + 1
+        else:
+            bucket["429" if status == 429 else "other"] += 1
+
+    def _follow_schedule(self, elapsed: float) -> None:
+        """Set rpm to the limit_schedule step in force `elapsed` s after t0; caller holds the lock.
+
+        Applied on entering a step only, so a test that retunes rpm by hand keeps its value until the next one."""
+        text = self.limit_schedule
+        assert text is not None
+        if self._schedule is None or self._schedule[0] != text:
+            self._schedule = (text, *_parse_schedule(text))
+        _, times, rpms = self._schedule
+        step = bisect.bisect_right(times, elapsed) - 1
+        if step >= 0 and self._schedule_step != (text, step):
+            self._schedule_step = (text, step)
+            self.rpm = rpms[step]
+
+    def _rate_headers(self) -> dict[str, str]:
+        """The window state as the provider's rate-limit headers, at the moment the answer is sent."""
+        style, rpm, tpm = self.rate_headers, self.rpm, self.tpm
+        if style == "none" or (rpm is None and tpm is None):
+            return {}
+        per_second = self.rate_window == "second"
+        wall, now = time.time(), time.monotonic()
+        dims: list[tuple[str, float, _Window, int]] = []  # (name, per-minute limit, window, part of its cost)
+        if rpm is not None:
+            dims.append(("requests", rpm, self._requests, 0))
+        if tpm is not None:
+            dims.append(("tokens", tpm, self._tokens, 0))
+            if style == "anthropic":
+                dims += [("input-tokens", tpm, self._tokens, 1), ("output-tokens", tpm, self._tokens, 2)]
+        out: dict[str, str] = {}
+        with self._lock:
+            for name, per_minute, window, part in dims:
+                budget = max(1, int(per_minute / 60) if per_second else int(per_minute))
+                remaining = max(0, budget - window.used(per_second, wall, now)[part])
+                reset = window.drained_in(per_second, part, wall, now)
+                if style == "openai":
+                    out[f"x-ratelimit-limit-{name}"] = str(int(per_minute))
+                    out[f"x-ratelimit-remaining-{name}"] = str(remaining)
+                    out[f"x-ratelimit-reset-{name}"] = _go_duration(reset)
+                else:
+                    out[f"anthropic-ratelimit-{name}-limit"] = str(int(per_minute))
+                    out[f"anthropic-ratelimit-{name}-remaining"] = str(remaining)
+                    out[f"anthropic-ratelimit-{name}-reset"] = _rfc3339(wall + self.clock_skew_s + reset)
+        if style == "anthropic":  # clients must measure resets against this, not their own clock
+            out["Date"] = formatdate(wall + self.clock_skew_s, usegmt=True)
+        return out
 
     @staticmethod
     def _abort(request: web.Request) -> None:
@@ -396,6 +626,51 @@ class FakeLLMServer:
         finally:
             self._sleepers.discard(task)
 
+    async def _take_slot(self, slots: int) -> bool:
+        """Wait, first come first served, for one of `slots` places in service, as vLLM queues
+        beyond max_num_seqs; never rejects.  Returns True once the place is held."""
+        gen, t = self._generation, time.monotonic()
+        if self._waiting == 0 and self._serving < slots:
+            self._serving += 1
+        else:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._queue.append(fut)
+            self._waiting += 1
+            with self._lock:
+                self._stats["max_queue_seen"] = max(self._stats["max_queue_seen"], self._waiting)
+            self._wake()  # slots may have been raised since the last release
+            task = asyncio.current_task()
+            assert task is not None
+            self._sleepers.add(task)  # so stop() does not wait for the queue to drain
+            try:
+                await fut  # _wake counts us in _serving before it resolves fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():  # handed a place just as the client gave up
+                    self._give_slot()
+                raise
+            finally:
+                self._waiting -= 1
+                self._sleepers.discard(task)
+        with self._lock:
+            if gen == self._generation:
+                self._queue_wait_s += time.monotonic() - t
+                self._stats["slot_served"] += 1
+                self._stats["max_in_service_seen"] = max(self._stats["max_in_service_seen"], self._serving)
+        return True
+
+    def _give_slot(self) -> None:
+        self._serving -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        """Hand free places to the oldest waiters; a waiter that gave up left a cancelled future behind."""
+        queue = self._queue
+        while queue and (self.slots is None or self._serving < self.slots):
+            fut = queue.popleft()
+            if not fut.done():
+                self._serving += 1
+                fut.set_result(None)
+
     def _authorized(self, request: web.Request, dialect: Dialect, body: Any) -> bool:
         if self.api_key is None:
             return True
@@ -406,27 +681,36 @@ class FakeLLMServer:
             return bearer or body.get("key") == self.api_key
         return bearer
 
-    def _admit(self, dialect: Dialect) -> _Reply | None:
-        """In-flight cap, rate window and random faults; caller holds the lock."""
+    def _admit(self, dialect: Dialect, tokens: tuple[int, int, int] | None) -> _Reply | None:
+        """In-flight cap, request and token windows, random faults; caller holds the lock.
+
+        ``tokens`` is (cost, prompt, max_tokens), None for requests that spend no tokens."""
         if self.max_in_flight is not None and self._in_flight > self.max_in_flight:
-            msg = f"Rate limit exceeded. Maximum {self.max_in_flight} queued requests allowed."
-            return _error(dialect, 429, msg if dialect == "modelslab" else None, wait=1)
-        if self.rpm is not None:
-            if self.rate_window == "second":
-                wall = time.time()
-                second, used = self._bucket
-                if int(wall) != second:
-                    second, used = int(wall), 0
-                if used >= max(1, int(self.rpm / 60)):
-                    return _error(dialect, 429, wait=max(1, math.ceil(second + 1 - wall)))
-                self._bucket = (second, used + 1)
+            if self.in_flight_message == "generic":
+                msg: str | None = "Rate limit exceeded. Please try again later."
             else:
-                now, window = time.monotonic(), self._window
-                while window and window[0] <= now - 60.0:
-                    window.popleft()
-                if len(window) >= max(1, int(self.rpm)):
-                    return _error(dialect, 429, wait=max(1, math.ceil(window[0] + 60.0 - now)))
-                window.append(now)
+                named = f"Rate limit exceeded. Maximum {self.max_in_flight} queued requests allowed."
+                msg = named if dialect == "modelslab" else None
+            return _error(dialect, 429, msg, wait=1)
+        rpm, tpm = self.rpm, self.tpm
+        if tpm is None:
+            tokens = None
+        if rpm is not None or tokens is not None:
+            per_second = self.rate_window == "second"
+            wall, now = time.time(), time.monotonic()
+            if rpm is not None:
+                budget = max(1, int(rpm / 60) if per_second else int(rpm))
+                wait = self._requests.wait(per_second, budget, 1, wall, now)
+                if wait is not None:
+                    return _error(dialect, 429, wait=max(1, math.ceil(wait)))
+            if tokens is not None and tpm is not None:
+                budget = max(1, int(tpm / 60) if per_second else int(tpm))
+                wait = self._tokens.wait(per_second, budget, tokens[0], wall, now)
+                if wait is not None:  # both checked before either counts: a rejected request costs nothing
+                    return _error(dialect, 429, "Rate limit reached for tokens", wait=max(1, math.ceil(wait)), oa_type="tokens")
+                self._tokens.add(per_second, tokens, wall, now)
+            if rpm is not None:
+                self._requests.add(per_second, (1,), wall, now)
         if self.fault_rate > 0 and self._rng.random() < self.fault_rate:
             status = self._rng.choice(self.fault_statuses)
             return _error(dialect, status, wait=1 if status == 429 else None)
@@ -456,9 +740,12 @@ class FakeLLMServer:
         plan = _plan(content) if kind == "chat" and "[[fault:" in content else []
         if isinstance(plan, str):
             return _error(dialect, 400, f"fakeserver: unknown fault directive {plan!r}")
-        attempt = 0
+        attempt, tokens = 0, None
+        if kind == "chat" and self.tpm is not None:  # charged at admission, as OpenAI and Azure do
+            prompt, most = _prompt_tokens(body, dialect), body.get("max_tokens", body.get("max_completion_tokens")) or 0
+            tokens = (prompt + most, prompt, most)
         with self._lock:
-            rejected = self._admit(dialect)
+            rejected = self._admit(dialect, tokens)
             if rejected is None and plan:
                 key = (request.path, content)
                 attempt = self._attempts[key] = self._attempts.get(key, 0) + 1
@@ -495,12 +782,17 @@ class FakeLLMServer:
             return 200, _ERROR200, None, False
         if fault == "nochoices":
             return 200, b'{"id":"x","object":"chat.completion"}', None, False
-        if fault == "hang":
-            await self._sleep(3600.0)
-        elif fault == "slow" and arg:
-            await self._sleep(arg)
-        if self.latency > 0:
-            await self._sleep(self.latency)
+        held = self.slots is not None and await self._take_slot(self.slots)
+        try:  # the service time: what a slot is held for
+            if fault == "hang":
+                await self._sleep(3600.0)
+            elif fault == "slow" and arg:
+                await self._sleep(arg)
+            if self.latency > 0:
+                await self._sleep(self.latency)
+        finally:
+            if held:
+                self._give_slot()
         reply = self._success(dialect, body, content, fault=fault, usage=self.send_usage and fault != "nousage")
         if fault == "oddusage":  # usage of the wrong type, as some proxies send
             data = orjson.loads(reply[1])
@@ -606,7 +898,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-key", default=None)
     p.add_argument("--rpm", type=float, default=None)
     p.add_argument("--rate-window", choices=("second", "minute"), default="minute")
+    p.add_argument("--tpm", type=float, default=None)
+    p.add_argument("--rate-headers", choices=("openai", "anthropic", "none"), default="openai")
+    p.add_argument("--no-ratelimit-headers", dest="rate_headers", action="store_const", const="none")
+    p.add_argument("--clock-skew-s", type=float, default=0.0)
+    p.add_argument("--limit-schedule", default=None, help='e.g. "0:6000,15:3000,35:6000" (seconds:rpm)')
     p.add_argument("--max-in-flight", type=int, default=None)
+    p.add_argument("--in-flight-message", choices=("named", "generic"), default="named")
+    p.add_argument("--slots", type=int, default=None)
     p.add_argument("--fault-rate", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     # Off by default so memory stays flat across millions of benchmark requests.
