@@ -23,9 +23,10 @@ Examples:
 
 \b
 Exit codes: 0 done; 1 error rate above --max-error-rate, or stopped early (bad
-key, no quota, server unreachable or 404 before any answer); 2 bad usage,
-config or input (nothing sent); 130 interrupted by Ctrl-C or SIGTERM (the
-checkpoint is saved; run again to resume).
+key, no quota, server unreachable or 404 before any answer, the same refusal
+on every request, a wait longer than --max-wait); 2 bad usage, config or input
+(nothing sent); 130 interrupted by Ctrl-C or SIGTERM (the checkpoint is saved;
+run again to resume).
 """
 
 
@@ -73,9 +74,27 @@ def run_options(f: Callable[..., Any]) -> Callable[..., Any]:
             type=click.Choice(["columns", "struct"]),
             help="Extracted fields as columns (default) or one struct column.",
         ),
-        click.option("--rpm", type=float, help="Requests per minute, paced evenly."),
-        click.option("--tpm", type=float, help="Tokens per minute (prompt estimate + max tokens)."),
-        click.option("--concurrency", "-c", type=int, help="Most requests in flight."),
+        click.option(
+            "--rpm", type=float, help="Most requests per minute, paced evenly; a hard cap over what the server announces."
+        ),
+        click.option("--tpm", type=float, help="Most tokens per minute (prompt estimate + max tokens); a hard cap."),
+        click.option(
+            "--concurrency",
+            "-c",
+            type=int,
+            help="Most requests in flight. Default: learned up to 256 (ModelsLab 15); 16 (ModelsLab 5) with --no-adapt.",
+        ),
+        click.option(
+            "--no-adapt",
+            "adapt",
+            flag_value=False,
+            default=None,
+            help="Do not learn limits from headers, 429s and latency: exactly --rpm, --tpm and --concurrency.",
+        ),
+        click.option(
+            "--max-wait",
+            help="Longest wait to sit out (a Retry-After, a daily limit, an outage): seconds or 15m, 1h. Default: 15m.",
+        ),
         click.option("--max-attempts", type=int, help="Attempts per row, retries included. Default: 6."),
         click.option("--timeout", type=float, help="Seconds to wait for one answer."),
         click.option("--limit", type=int, help="Only the first N rows (a try-out)."),

@@ -19,28 +19,39 @@ from pipeline.errors import ConfigError
 
 Provider = Literal["openai", "modelslab", "anthropic", "local"]
 
-# What each provider means when the user leaves a setting out.
+# What each provider means when the user leaves a setting out. `concurrency` is the
+# fixed number in flight with --no-adapt; `adaptive_concurrency` the ceiling under
+# which the gate learns the server's real capacity (it starts at 1).
 PROVIDER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "openai": {"base_url": "https://api.openai.com/v1", "concurrency": 16, "timeout": 60.0},
+    "openai": {"base_url": "https://api.openai.com/v1", "concurrency": 16, "adaptive_concurrency": 256, "timeout": 60.0},
     "modelslab": {
         "base_url": "https://modelslab.com/api/v7/llm",
         "api_key_env": "MODELSLAB_API_KEY",
         "model": "meta-llama-Llama-3.2-1B",
-        # ModelsLab limits requests in flight per account (5 on the smallest plan).
+        # ModelsLab limits requests in flight per account: 5, 10 or 15 by plan. Learning
+        # starts low and stops where its 429 names the plan's number.
         "concurrency": 5,
+        "adaptive_concurrency": 15,
         "timeout": 120.0,
     },
     "anthropic": {
         "base_url": "https://api.anthropic.com",
         "api_key_env": "ANTHROPIC_API_KEY",
         "concurrency": 16,
+        "adaptive_concurrency": 256,
         "timeout": 120.0,
     },
     # The embedded llama.cpp server answers one request at a time; more in
     # flight would only queue there and hit the timeout.
     # llama.cpp constrains decoding to a schema given as response_format
     # {"type": "json_object", "schema": ...}; it ignores OpenAI's json_schema form.
-    "local": {"model": "SmolLM2-135M-Instruct", "concurrency": 1, "timeout": 300.0, "json_mode": "json_object"},
+    "local": {
+        "model": "SmolLM2-135M-Instruct",
+        "concurrency": 1,
+        "adaptive_concurrency": 1,
+        "timeout": 300.0,
+        "json_mode": "json_object",
+    },
 }
 OPENAI_DEFAULT_BASE = PROVIDER_DEFAULTS["openai"]["base_url"]
 
@@ -76,6 +87,10 @@ class RunConfig(BaseModel):
     concurrency: int | None = Field(default=None, ge=1, le=4096)
     max_attempts: int = Field(default=6, ge=1, le=100)
     timeout: float | None = Field(default=None, gt=0)
+    # Learn the server's limits (rate-limit headers, 429s, latency); off: exactly --rpm/--tpm/--concurrency.
+    adapt: bool = True
+    # The longest single wait sat out (a Retry-After, a daily limit, an outage); longer stops the run.
+    max_wait: float = Field(default=900.0, gt=0)
     limit: int | None = Field(default=None, ge=1)
     checkpoint_dir: str | None = None
     max_error_rate: float = Field(default=0.0, ge=0, le=1)
@@ -90,6 +105,18 @@ class RunConfig(BaseModel):
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return (value,) if isinstance(value, str) else value
+
+    @field_validator("max_wait", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            from pipeline.providers.ratelimit import parse_duration  # here: the providers package is heavy to import
+
+            seconds = parse_duration(value.strip())
+            if seconds is None:
+                raise ValueError(f"{value!r} is not a duration: give seconds (900) or a unit (15m, 1h, 90s)")
+            return seconds
+        return value
 
     @field_validator("base_url")
     @classmethod
@@ -122,6 +149,8 @@ class RunConfig(BaseModel):
     def setting(self, name: str) -> Any:
         """A setting, falling back to the provider's default where the user gave none."""
         value = getattr(self, name)
+        if value is None and name == "concurrency" and self.adapt:
+            return PROVIDER_DEFAULTS[self.provider]["adaptive_concurrency"]
         if value is None:
             return PROVIDER_DEFAULTS[self.provider].get(name, "json_schema" if name == "json_mode" else None)
         return value

@@ -1,9 +1,11 @@
 """The asynchronous core: admit rows in order, send them through the limits, retry,
 record every answer in the checkpoint, and hand finished batches to the sink in order.
 
-Tasks alive at once: one producer, `concurrency` workers, one writer, whatever
-the table size. A retry waits on a timer, not in a worker, so a row backing
-off never holds one of the `concurrency` slots. Memory is bounded by
+Tasks alive at once: one producer, `concurrency` workers (the most that may
+ever be in flight), one writer, whatever the table size. Each request first
+asks the governor, which paces it and gates how many are in flight (a limit it
+learns, up to `concurrency`). A retry waits on a timer, not in a worker, so a
+row backing off never holds a slot. Memory is bounded by
 `window_rows`: the producer admits no more rows while that many are
 unfinished or unwritten.
 """
@@ -11,7 +13,6 @@ unfinished or unwritten.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -21,7 +22,8 @@ import polars as pl
 
 from pipeline import errors
 from pipeline.checkpoint import RESULT_COLUMNS, Checkpoint, lookup
-from pipeline.limits import Limits
+from pipeline.control import Ticket
+from pipeline.governor import Governor
 from pipeline.prompts import EST_TOKENS, EXTRA, KEY, PROMPT, SKIP_REASON, Renderer, estimate_tokens
 from pipeline.providers import Completion, Provider, read_reply
 from pipeline.retry import RetryPolicy
@@ -32,7 +34,6 @@ from pipeline.transport import Transport
 
 Result = tuple[Any, ...]  # in checkpoint.RESULT_COLUMNS order
 STATUS, REQUEST_KEY = RESULT_COLUMNS.index("status"), RESULT_COLUMNS.index("request_key")
-NOTICE_WAIT = 5.0  # seconds: shorter rate-limit pauses pass without a word
 ANSWER_MEMORY = 10_000  # recent answers kept for duplicates: ~10 MB, whatever the table size (50,000 cost 38 MB in make bench)
 
 
@@ -102,7 +103,7 @@ class Engine:
         *,
         provider: Provider,
         transport: Transport,
-        limits: Limits,
+        governor: Governor,
         policy: RetryPolicy,
         concurrency: int,
         checkpoint: Checkpoint,
@@ -110,12 +111,11 @@ class Engine:
         stats: RunStats,
         system_prompt: str | None = None,
         structured: Structured | None = None,
-        notice: Callable[[str], None] = lambda message: None,
         window_rows: int | None = None,
     ) -> None:
         self._provider = provider
         self._transport = transport
-        self._limits = limits
+        self._governor = governor
         self._policy = policy
         self._concurrency = concurrency
         self._checkpoint = checkpoint
@@ -123,7 +123,6 @@ class Engine:
         self._stats = stats
         self._system = system_prompt or ""
         self._structured = structured
-        self._notice = notice
         self._validator = structured.validator() if structured else None
         self._dtype = structured.dtype if structured else None
         self._window = window_rows or max(20_000, 64 * concurrency)
@@ -196,23 +195,33 @@ class Engine:
             await self._attempt(work)
 
     async def _attempt(self, work: Work) -> None:
-        await self._limits.acquire(work.tokens)
+        governor = self._governor
+        ticket = await governor.admit(work.tokens)
         work.attempts += 1
         self._stats.requests_sent += 1
-        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        stop: errors.FatalError | None = None
         try:
-            body = self._provider.body(work.prompt, work.extra, work.followup)
-            status, headers, reply = await self._transport.post(self._provider.url, self._provider.headers, body)
+            try:
+                body = self._provider.body(work.prompt, work.extra, work.followup)
+                status, headers, reply = await self._transport.post(self._provider.url, self._provider.headers, body)
+            finally:
+                governor.release()
+            stop = governor.answered(headers)
             completion = read_reply(self._provider, status, headers, reply)
+            latency = loop.time() - started
+            governor.succeeded(ticket, latency, completion.completion_tokens)
             if self._validator is not None:
                 completion = replace(completion, text=check_reply(completion.text, self._validator, self._dtype))
         except errors.RequestError as err:
-            self._failed(work, err)
-            return
-        latency = (time.monotonic() - started) * 1000
-        self._any_success = True
-        self._stats.record_latency(latency)
-        self._finish(work, self._ok_result(work, completion, latency))
+            self._failed(work, err, ticket)
+        else:
+            self._any_success = True
+            self._stats.record_latency(latency * 1000)
+            self._finish(work, self._ok_result(work, completion, latency * 1000))
+        if stop is not None:
+            raise stop  # after this answer is saved: a daily limit used up, say
 
     def _ok_result(self, work: Work, c: Completion, latency: float) -> Result:
         pt, ct = c.prompt_tokens, c.completion_tokens
@@ -239,18 +248,20 @@ class Engine:
             estimated,
         )
 
-    def _failed(self, work: Work, err: errors.RequestError) -> None:
+    def _failed(self, work: Work, err: errors.RequestError, ticket: Ticket) -> None:
         if err.fatal:
             raise err
+        if not self._governor.failed(ticket, err):
+            # The server is down, not this row: the attempt is not charged; the row waits at the hold.
+            work.attempts -= 1
+            self._stats.retries += 1
+            self._queue.put_nowait(work)
+            return
         delay = self._policy.delay(work.attempts, err)
         if isinstance(err, errors.InvalidOutput):
             work.followup = correction(err)  # ask again, saying what was wrong
         if delay is not None:
             self._stats.retries += 1
-            # Everyone waits: the limit is the account's, not this row's. A long wait is said
-            # once, so a nightly log does not look hung (ModelsLab asks for 30 s).
-            if isinstance(err, errors.RateLimited) and self._limits.pause(delay) and delay >= NOTICE_WAIT:
-                self._notice(f"pipeline: rate limited ({err.message}); holding all requests for {delay:.0f} s")
             asyncio.get_running_loop().call_later(delay, self._queue.put_nowait, work)
             return
         if not self._any_success and err.kind in ("connect", "http_404"):

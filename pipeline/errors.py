@@ -6,17 +6,18 @@
     │   └── InputError            a missing/unreadable/empty table, a missing column
     ├── RequestError              one request failed; the row records `kind` and message
     │   ├── TransientError        worth another attempt (after `retry_after` if given)
-    │   │   ├── RateLimited       429, ModelsLab's "Rate limit exceeded"
-    │   │   ├── ServerError       408, 409, 5xx, 529
+    │   │   ├── RateLimited       429, ModelsLab's "Rate limit exceeded"; `scope` says rate or concurrency
+    │   │   ├── ServerError       408, 409, 5xx, 529; `overloaded` for 503/529
     │   │   ├── TransportError    connection refused/reset, server disconnected
     │   │   ├── RequestTimeout    no answer within --timeout
     │   │   ├── MalformedReply    unparseable body (a truncated reply is often transient)
     │   │   └── InvalidOutput     a reply that breaks the JSON Schema: asked again, with the reason
-    │   ├── PermanentError        another attempt would get the same answer (other 4xx)
+    │   ├── PermanentError        another attempt would get the same answer (other 4xx, 501, 505)
     │   │   └── ErrorReply        HTTP 200 carrying an error or no completion
     │   └── FatalError            stops the whole run: every row would fail the same way
     │       ├── AuthError         401/403, invalid key
-    │       └── QuotaExhausted    out of credits or quota
+    │       ├── QuotaExhausted    out of credits or quota
+    │       └── WaitTooLong       a limit that resets later than --max-wait (a daily limit, an outage)
     └── Interrupted               Ctrl-C or SIGTERM, after the checkpoint is flushed
 
 Lower-level errors (aiohttp, polars, pyarrow, pydantic) are translated into this
@@ -73,11 +74,29 @@ class TransientError(RequestError):
 
 
 class RateLimited(TransientError):
-    pass
+    """Over a limit. `scope` says which kind, because the cure differs:
+
+    - "rate": requests or tokens per unit of time; slow everyone down.
+    - "concurrency": too many requests in flight (ModelsLab's "Maximum N queued
+      requests allowed"); only this row waits, and fewer go out at once.
+      `limit` is N when the server named it.
+    - "unknown": no telling; treated as a rate limit.
+    """
+
+    def __init__(
+        self, message: str, *, kind: str, retry_after: float | None = None, scope: str = "unknown", limit: int | None = None
+    ) -> None:
+        super().__init__(message, kind=kind, retry_after=retry_after)
+        self.scope = scope
+        self.limit = limit
 
 
 class ServerError(TransientError):
-    pass
+    """408, 409, 5xx. `overloaded` (503, 529) means busy, not broken: fewer requests at once help."""
+
+    def __init__(self, message: str, *, kind: str, retry_after: float | None = None, overloaded: bool = False) -> None:
+        super().__init__(message, kind=kind, retry_after=retry_after)
+        self.overloaded = overloaded
 
 
 class TransportError(TransientError):
@@ -118,3 +137,7 @@ class AuthError(FatalError):
 
 class QuotaExhausted(FatalError):
     pass
+
+
+class WaitTooLong(FatalError):
+    """The server asked for a wait longer than --max-wait, or stayed down that long."""

@@ -1,71 +1,150 @@
-"""Pacing: requests per minute, tokens per minute, and a shared cool-down after 429s.
+"""Pacing primitives: leaky buckets whose rate can change, a gate on requests in flight, a hold.
 
-Providers often enforce a per-minute quota per second, so a bucket that starts
-full and spends a minute's quota in the first second earns a storm of 429s.
-Here the request bucket holds 1 + 1% of a second's quota (10 ms of requests)
-and drains at 98.7% of the limit. A leaky bucket lets at most
-capacity + rate x T requests through in any T seconds, so any 1-second window
-sees at most floor(1 + 0.997 x limit) <= limit requests, and any minute less.
-The small bank is what keeps the rate up: a worker that wakes a millisecond
-late (the event loop was busy) spends banked capacity instead of losing its
-slot for good, which a one-request bucket would (measured: 88% of 6,000/min).
-Concurrency is not here: the engine runs exactly `concurrency` workers.
+They decide nothing: the governor sets their rates and limits from what the
+controllers learn. Nothing here polls; waiters are woken by the loop's timers.
+
+Why the request bucket is small: providers often enforce a per-minute quota per
+second, so a bucket that starts full and spends a minute's quota in the first
+second earns a storm of 429s. The request bucket holds 1 + 1% of a second's
+quota (10 ms of requests) and drains at the pace it is given (98.7% of a known
+limit, see control.HEADROOM). A leaky bucket lets at most capacity + rate x T
+requests through in any T seconds, so any 1-second window sees at most
+floor(1 + 0.997 x limit) <= limit requests, and any minute less. The small bank
+is what keeps the rate up: a worker that wakes a millisecond late (the event
+loop was busy) spends banked capacity instead of losing its slot for good,
+which a one-request bucket would (measured: 88% of 6,000/min).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 
 from aiolimiter import AsyncLimiter
 
 BANK = 0.01  # of a second's quota: late wake-ups up to 10 ms are made up
-HEADROOM = 0.987  # drain rate as a share of the limit; 1 - BANK - HEADROOM > 0 keeps windows inside it
 
 
-class Limits:
-    def __init__(self, *, rpm: float | None, tpm: float | None) -> None:
-        self._requests: AsyncLimiter | None = None
-        if rpm:
-            per_second = rpm / 60.0
-            capacity = 1.0 + BANK * per_second
-            self._requests = AsyncLimiter(capacity, capacity / (per_second * HEADROOM))
-        self._token_cap = 0.0
-        self._tokens: AsyncLimiter | None = None
-        if tpm:
-            per_second = tpm * HEADROOM / 60.0
-            # A second's worth at most, as for requests; a request costing
-            # more than that is charged in chunks (aiolimiter refuses amounts
-            # above its capacity), so it waits its full share, never less.
-            self._token_cap = per_second
-            self._tokens = AsyncLimiter(self._token_cap, self._token_cap / per_second)
-        # Open unless a 429 closed it; a timer (not a poll) reopens it.
+class Pacer(AsyncLimiter):
+    """aiolimiter's leaky bucket, with a rate that can change while requests wait.
+
+    Changing the rate settles the level at the old rate up to now, then drains at
+    the new one, so a change neither forgets what was just sent (a burst) nor
+    double-counts it. `capacity_s` is the bank in seconds of the rate, with a
+    floor of `min_capacity` (one request, or a second's worth of tokens).
+    """
+
+    __slots__ = ("_capacity_s", "_min_capacity")
+
+    def __init__(self, per_second: float, *, capacity_s: float, min_capacity: float) -> None:
+        self._capacity_s, self._min_capacity = capacity_s, min_capacity
+        capacity = self._capacity(per_second)
+        super().__init__(capacity, capacity / per_second)
+
+    def _capacity(self, per_second: float) -> float:
+        return max(self._min_capacity, self._min_capacity + self._capacity_s * per_second)
+
+    @property
+    def per_second(self) -> float:
+        return float(self._rate_per_sec)
+
+    def set_rate(self, per_second: float) -> None:
+        self._leak()  # the level as of now, drained at the old rate
+        capacity = self._capacity(per_second)
+        self.max_rate, self.time_period = capacity, capacity / per_second
+        self._rate_per_sec = per_second
+        self._level = min(self._level, capacity)
+        self._wake_next()  # re-arm the waiters' timer for the new rate
+
+    async def take(self, amount: float) -> None:
+        """Acquire `amount`; more than the bucket holds is taken in bucket-sized chunks,
+        so a big request waits its full share, never less."""
+        while amount > 0:
+            chunk = min(amount, self.max_rate)
+            await self.acquire(chunk)
+            amount -= chunk
+
+
+def request_pacer(per_second: float) -> Pacer:
+    return Pacer(per_second, capacity_s=BANK, min_capacity=1.0)
+
+
+def token_pacer(per_second: float) -> Pacer:
+    # A second's worth at most, as for requests; bigger requests are charged in chunks.
+    return Pacer(per_second, capacity_s=1.0, min_capacity=0.0)
+
+
+class Gate:
+    """At most `limit` requests hold a slot; the limit may move at any time. FIFO, no polling."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = max(1, limit)
+        self._cap: int | None = None  # a temporary override (one probe at a time while the breaker is open)
+        self.held = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def limit(self) -> int:
+        return self._limit if self._cap is None else min(self._limit, self._cap)
+
+    def set_limit(self, limit: int) -> None:
+        self._limit = max(1, limit)
+        self._wake()
+
+    def cap(self, cap: int | None) -> None:
+        self._cap = cap
+        self._wake()
+
+    async def acquire(self) -> None:
+        if self.held < self.limit and not self._waiters:
+            self.held += 1
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # granted and cancelled in the same tick: hand the slot on
+            raise
+
+    def release(self) -> None:
+        self.held -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.held < self.limit:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self.held += 1
+                fut.set_result(None)
+
+
+class Hold:
+    """Open unless something closed it until a time; a timer (not a poll) reopens it."""
+
+    def __init__(self) -> None:
         self._open = asyncio.Event()
         self._open.set()
         self._reopen: asyncio.TimerHandle | None = None
-        self._resume_at = 0.0
+        self.until = 0.0
 
-    async def acquire(self, tokens: int) -> None:
+    @property
+    def is_open(self) -> bool:
+        return self._open.is_set()
+
+    async def wait(self) -> None:
         await self._open.wait()
-        if self._requests is not None:
-            await self._requests.acquire()
-        if self._tokens is not None:
-            owed = float(tokens)
-            while owed > 0:
-                chunk = min(owed, self._token_cap)
-                await self._tokens.acquire(chunk)
-                owed -= chunk
 
-    def pause(self, seconds: float) -> bool:
-        """Hold every new request for `seconds` (the server said it is over its limit).
-
-        Returns whether this moved the resume time later (a new or longer pause)."""
+    def close_for(self, seconds: float) -> bool:
+        """Hold until now + seconds; returns whether this moved the reopening later."""
         loop = asyncio.get_running_loop()
-        resume_at = loop.time() + seconds
-        if resume_at <= self._resume_at:
+        until = loop.time() + seconds
+        if until <= self.until:
             return False
-        self._resume_at = resume_at
+        self.until = until
         self._open.clear()
         if self._reopen is not None:
             self._reopen.cancel()
-        self._reopen = loop.call_at(resume_at, self._open.set)
+        self._reopen = loop.call_at(until, self._open.set)
         return True

@@ -58,14 +58,21 @@ class Progress:
         total = f" of {s.total_rows:,} ({s.rows_done / s.total_rows:.0%})" if s.total_rows else ""
         left = s.total_rows - s.rows_done
         eta = f", about {left / rate / 60:.0f} min left" if rate > 0 and left > 0 else ""
-        return f"pipeline: {s.rows_done:,}{total} rows after {elapsed / 60:.1f} min, {rate:.1f} rows/s, {s.errors} errors, {s.retries} retries{eta}"
+        return (
+            f"pipeline: {s.rows_done:,}{total} rows after {elapsed / 60:.1f} min, {rate:.1f} rows/s, {s.errors} errors, "
+            f"{s.retries} retries{eta}; {limits_text(s)}"
+        )
 
     def refresh(self) -> None:
         if self._bar is None:
             return
         s = self._stats
+        pace = f" rpm={s.pace_rpm:,.0f}({s.pace_source})" if s.pace_rpm else ""
+        limited = f" 429={s.limited_rate}r/{s.limited_concurrency}c" if s.limited_rate or s.limited_concurrency else ""
         self._bar.set_postfix_str(
-            f"ok={s.ok} err={s.errors} tok={s.prompt_tokens + s.completion_tokens:,} retries={s.retries}", refresh=False
+            f"ok={s.ok} err={s.errors} tok={s.prompt_tokens + s.completion_tokens:,} retries={s.retries}"
+            f"{pace} c={s.concurrency}/{s.concurrency_ceiling}{limited}",
+            refresh=False,
         )
         self._bar.update(s.rows_done - self._shown)  # redraws, with the postfix just set
         self._shown = s.rows_done
@@ -87,6 +94,31 @@ class Progress:
             self._bar = None
 
 
+_SOURCES = {"user": "your --rpm", "header": "the server's headers", "adaptive": "learned from 429s"}
+
+
+def limits_text(s: RunStats) -> str:
+    """The limits in force and where they come from, as one clause."""
+    if s.pace_rpm:
+        detail = f", {s.pace_detail}" if s.pace_source == "header" and s.pace_detail else ""
+        pace = f"pace {s.pace_rpm:,.0f} requests/min ({_SOURCES.get(s.pace_source or '', s.pace_source)}{detail})"
+    else:
+        pace = "no request pace (none given, announced or needed)"
+    if s.pace_tpm:
+        source = "your --tpm" if s.pace_tpm_source == "user" else "the server's headers"
+        pace += f", {s.pace_tpm:,.0f} tokens/min ({source})"
+    if s.concurrency_named:
+        conc = f"{s.concurrency} in flight (the server's limit: {s.concurrency_named})"
+    elif s.concurrency == s.concurrency_ceiling:
+        conc = f"{s.concurrency} in flight"
+    else:
+        conc = f"{s.concurrency} in flight (learned, at most {s.concurrency_ceiling})"
+    limited = ""
+    if s.limited_rate or s.limited_concurrency:
+        limited = f"; 429s: {s.limited_rate} rate, {s.limited_concurrency} in-flight"
+    return f"{pace}; {conc}{limited}"
+
+
 def summary(stats: RunStats, wall: float, output: str | None, checkpoint: str) -> str:
     s = stats
     sent = s.rows_sent
@@ -101,6 +133,7 @@ def summary(stats: RunStats, wall: float, output: str | None, checkpoint: str) -
     p50, p95 = s.latency_quantile(0.5), s.latency_quantile(0.95)
     if p50 is not None and p95 is not None:
         lines.append(f"  latency: p50 {p50:.0f} ms, p95 {p95:.0f} ms")
+    lines.append(f"  limits: {limits_text(s)}" + (f"; outage holds: {s.breaker_opened}" if s.breaker_opened else ""))
     if s.error_kinds:
         kinds = ", ".join(f"{k} x{n}" for k, n in s.error_kinds.most_common())
         lines.append(f"  errors by kind: {kinds}")

@@ -21,11 +21,12 @@ from pipeline import errors, source
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import RunConfig
 from pipeline.engine import Engine, prepare
-from pipeline.limits import Limits
+from pipeline.governor import Governor
 from pipeline.local_model import LocalServer, check_installed
 from pipeline.progress import Progress, summary
 from pipeline.prompts import Renderer, RequestSpec, parse_template
 from pipeline.providers import make_provider
+from pipeline.providers.ratelimit import dialect_for
 from pipeline.retry import RetryPolicy
 from pipeline.sink import ParquetSink, check_output
 from pipeline.stats import RunStats
@@ -161,18 +162,28 @@ def _run_job(cfg: RunConfig, err: TextIO) -> int:
                 loop.add_signal_handler(signal.SIGTERM, task.cancel)
                 transport = AiohttpTransport(concurrency=concurrency, timeout=timeout)
                 progress = Progress(stats, enabled=cfg.progress, stream=err)
+                governor = Governor(
+                    stats=stats,
+                    concurrency=concurrency,
+                    rpm=cfg.rpm,
+                    tpm=cfg.tpm,
+                    adapt=cfg.adapt,
+                    max_wait=cfg.max_wait,
+                    dialect=dialect_for(base_url, cfg.provider),
+                    max_tokens=renderer.spec.max_tokens or 0,
+                    notice=progress.notice,
+                )
                 engine = Engine(
                     provider=provider,
                     transport=transport,
-                    limits=Limits(rpm=cfg.rpm, tpm=cfg.tpm),
-                    policy=RetryPolicy(max_attempts=cfg.max_attempts),
+                    governor=governor,
+                    policy=RetryPolicy(max_attempts=cfg.max_attempts, max_wait=cfg.max_wait),
                     concurrency=concurrency,
                     checkpoint=checkpoint,
                     sink=sink,
                     stats=stats,
                     system_prompt=cfg.system,
                     structured=structured,
-                    notice=progress.notice,
                 )
                 progress.start()
                 try:

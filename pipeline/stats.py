@@ -24,6 +24,18 @@ class RunStats:
     completion_tokens: int = 0
     estimated_rows: int = 0
     error_kinds: Counter[str] = field(default_factory=Counter)
+    # What the governor has learned and done, for the progress line and the summary.
+    limited_rate: int = 0  # 429s about requests or tokens per unit of time (or that did not say)
+    limited_concurrency: int = 0  # 429s about requests in flight
+    breaker_opened: int = 0
+    pace_rpm: float | None = None  # the request pace in force, per minute
+    pace_source: str | None = None  # "user", "header", "adaptive"
+    pace_detail: str = ""  # the header name, "--rpm", ...
+    pace_tpm: float | None = None
+    pace_tpm_source: str | None = None
+    concurrency: int = 0  # the gate's current limit
+    concurrency_ceiling: int = 0
+    concurrency_named: int | None = None  # an in-flight limit the server named
     _latency: Counter[int] = field(default_factory=Counter)
 
     def record_latency(self, ms: float) -> None:

@@ -52,7 +52,8 @@ def test_template_errors_are_explained() -> None:
 def test_config_flags_override_file_values() -> None:
     cfg = build_config({"input": "a.csv", "output": "o.parquet", "prompt": "{x}", "rpm": 10}, {"rpm": 20, "model": None})
     assert cfg.rpm == 20 and cfg.input == ("a.csv",)
-    assert cfg.setting("concurrency") == 16  # the openai default
+    assert cfg.setting("concurrency") == 256  # the openai ceiling while learning
+    assert cfg.model_copy(update={"adapt": False}).setting("concurrency") == 16  # the fixed default without
     local = build_config({"input": "a.csv", "output": "o.parquet", "prompt": "{x}", "provider": "local"}, {})
     assert local.setting("concurrency") == 1 and local.setting("model") == "SmolLM2-135M-Instruct"
 

@@ -64,7 +64,9 @@ class AnthropicMessages:
             err = data.get("error") if isinstance(data, dict) else None
             message = str(err.get("message", "")) if isinstance(err, dict) else body[:200].decode("utf-8", "replace")
             if status == 529:  # "overloaded": Anthropic's own transient status
-                raise errors.ServerError(f"HTTP 529: {clip(message)}", kind="http_529", retry_after=retry_after(headers))
+                raise errors.ServerError(
+                    f"HTTP 529: {clip(message)}", kind="http_529", retry_after=retry_after(headers), overloaded=True
+                )
             raise http_error(status, message, wait=retry_after(headers))
         data = decode(body)
         if isinstance(data, dict) and data.get("status") == "error":

@@ -9,6 +9,7 @@ class tells the retry policy what to do.
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -109,6 +110,38 @@ def clip(message: object, limit: int = 300) -> str:
 QUOTA_WORDS = ("insufficient_quota", "exceeded your current quota", "credit balance", "insufficient credit", "out of credits")
 
 
+# A 429 about requests in flight (ModelsLab: "Maximum 5 queued requests allowed") asks for
+# fewer at once; one about requests or tokens per unit of time asks for a slower pace.
+_CONCURRENCY_WORDS = ("queued request", "concurrent", "in flight", "in-flight", "parallel request", "simultaneous")
+_RATE_WORDS = (
+    "per minute",
+    "per second",
+    "per day",
+    "per hour",
+    "rpm",
+    "tpm",
+    "rpd",
+    "requests per",
+    "tokens per",
+    "limit reached for",
+)
+_NAMED_LIMIT = re.compile(
+    r"(?:maximum|max|limit(?: of)?|up to)\s+(\d{1,5})\s+(?:queued|concurrent|parallel|simultaneous|in[- ]flight)"
+)
+
+
+def limit_scope(message: str) -> tuple[str, int | None]:
+    """Whether a 429's message is about requests in flight ("concurrency") or per unit of time ("rate"), and
+    the in-flight limit when the message names it; "unknown" when it does not say."""
+    low = message.lower()
+    if any(w in low for w in _CONCURRENCY_WORDS):
+        m = _NAMED_LIMIT.search(low)
+        return "concurrency", int(m[1]) if m and int(m[1]) > 0 else None
+    if any(w in low for w in _RATE_WORDS):
+        return "rate", None
+    return "unknown", None
+
+
 def http_error(status: int, message: str, *, wait: float | None, quota: bool = False) -> errors.RequestError:
     """Map a non-2xx answer to the exception class the retry policy acts on."""
     text = f"HTTP {status}: {clip(message)}" if message else f"HTTP {status}"
@@ -118,9 +151,12 @@ def http_error(status: int, message: str, *, wait: float | None, quota: bool = F
     if status in (401, 403):
         return errors.AuthError(text, kind=kind)
     if status == 429:
-        return errors.RateLimited(text, kind=kind, retry_after=wait)
+        scope, limit = limit_scope(message)
+        return errors.RateLimited(text, kind=kind, retry_after=wait, scope=scope, limit=limit)
+    if status in (501, 505):  # not implemented, HTTP version not supported: the same answer every time
+        return errors.PermanentError(text, kind=kind)
     if status in (408, 409) or status >= 500:
-        return errors.ServerError(text, kind=kind, retry_after=wait)
+        return errors.ServerError(text, kind=kind, retry_after=wait, overloaded=status in (503, 529))
     return errors.PermanentError(text, kind=kind)
 
 

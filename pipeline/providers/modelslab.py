@@ -10,12 +10,19 @@ import orjson
 
 from pipeline import errors
 from pipeline.prompts import RequestSpec
-from pipeline.providers.base import Completion, clip, decode, http_error, json_headers, retry_after
+from pipeline.providers.base import Completion, clip, decode, http_error, json_headers, limit_scope, retry_after
 from pipeline.providers.openai import chat_messages, generation_params, parse_choices, row_params
 
-_TRANSIENT_WORDS = ("rate limit", "queued requests", "try again", "unavailable", "overloaded", "busy", "timed out", "timeout")
 _AUTH_WORDS = ("api key", "unauthori", "invalid key", "not authenticated")
 _QUOTA_WORDS = ("credit", "balance", "quota", "subscription", "plan limit")
+# Said only of the request itself: sending it again gets the same answer. Anything
+# else ("Provider returned error", "Something went wrong", "Server Error, please try
+# again") is the service having a bad moment, retried like a 5xx.
+_PERMANENT_WORDS = (
+    "required", "invalid", "must be", "must not", "not found", "does not exist", "doesn't exist", "not exist",
+    "unknown model", "no such model", "not supported", "unsupported", "validation", "too long", "too large",
+    "exceeds", "context length", "maximum context", "not allowed", "not a valid",
+)  # fmt: skip
 
 
 def classify_message(message: str, status: int, wait: float | None) -> errors.RequestError:
@@ -25,12 +32,14 @@ def classify_message(message: str, status: int, wait: float | None) -> errors.Re
     if any(w in low for w in _QUOTA_WORDS):
         return errors.QuotaExhausted(text, kind="quota")
     if status == 429 or "rate limit" in low or "queued requests" in low:
-        return errors.RateLimited(text, kind="rate_limited", retry_after=wait)
+        # ModelsLab limits requests in flight per account (5, 10 or 15 by plan), not per minute.
+        _, named = limit_scope(message)
+        return errors.RateLimited(text, kind="rate_limited", retry_after=wait, scope="concurrency", limit=named)
     if any(w in low for w in _AUTH_WORDS) or status in (401, 403):
         return errors.AuthError(text, kind="auth")
-    if any(w in low for w in _TRANSIENT_WORDS) or status >= 500:
-        return errors.ServerError(text, kind="server_busy", retry_after=wait)
-    return errors.ErrorReply(text, kind="error_reply")
+    if status in (501, 505) or (status < 500 and any(w in low for w in _PERMANENT_WORDS)):
+        return errors.ErrorReply(text, kind="error_reply")
+    return errors.ServerError(text, kind="server_error", retry_after=wait, overloaded=status in (503, 529))
 
 
 class ModelsLabChat:

@@ -1,0 +1,288 @@
+"""The governor: what may be sent, and when. The engine asks it before each request
+(`admit`) and tells it what came back (`answered`, `succeeded`, `failed`).
+
+It joins the pure controllers (control.py) to the pacing primitives (limits.py):
+headers set the pace, 429s and latency move it and the gate, outages close the
+hold. It also decides what the engine cannot: that a wait is too long to sit out,
+that the server is down for good, or that every row gets the same refusal.
+With `adapt` off it behaves as before learning existed: the pace is the user's
+`--rpm`/`--tpm`, the gate stays at `--concurrency`, and a 429's wait holds all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from collections.abc import Callable, Mapping
+
+from pipeline import errors
+from pipeline.control import Breaker, ConcurrencyController, RateController, RepeatGuard, Ticket, outage_kind
+from pipeline.limits import Gate, Hold, Pacer, request_pacer, token_pacer
+from pipeline.providers.ratelimit import Budget, Dialect, RateHeaders, parse_rate_headers
+from pipeline.stats import RunStats
+
+HOLD_ALL_FROM = 2.0  # a 429 asking for at least this long holds every request; shorter waits hold only the row
+NOTICE_WAIT = 5.0  # holds shorter than this pass without a word
+TOKEN_DIMS = ("tokens", "input_tokens", "output_tokens")
+
+
+def _span(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _at(seconds: float) -> str:
+    when = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds)
+    return when.strftime("%Y-%m-%d %H:%M UTC")
+
+
+class Governor:
+    def __init__(
+        self,
+        *,
+        stats: RunStats,
+        concurrency: int,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        adapt: bool = True,
+        max_wait: float = 900.0,
+        dialect: Dialect = "auto",
+        max_tokens: int = 0,
+        notice: Callable[[str], None] = lambda message: None,
+    ) -> None:
+        self._stats = stats
+        self._adapt = adapt
+        self._max_wait = max_wait
+        self._dialect = dialect
+        self._max_tokens = max_tokens
+        self._notice = notice
+        self.concurrency = ConcurrencyController(concurrency) if adapt else None
+        self.gate = Gate(self.concurrency.limit if self.concurrency else concurrency)
+        self.rate = RateController(user_per_second=rpm / 60 if rpm else None)
+        self.hold = Hold()
+        self.breaker = Breaker()
+        self.repeat = RepeatGuard()
+        self._requests: Pacer | None = None
+        self._user_tpm = tpm
+        self._token_ceiling: dict[str, float] = {}  # per minute, from headers
+        self._tokens: dict[str, Pacer] = {}
+        self._on_wire = 0
+        self._answered_once = False  # the breaker is armed only once the server has worked
+        stats.concurrency_ceiling = concurrency
+        self._apply_pace()
+        self._show_concurrency()
+
+    # ---- before a request --------------------------------------------------------------
+
+    async def admit(self, tokens: int) -> Ticket:
+        """Wait for a slot, the hold and the pacers; the ticket goes back with the answer.
+
+        The hold is checked again after the pacers: a request that waited through a
+        429's hold goes out at the pace, not in a burst when the hold lifts."""
+        while True:
+            await self.hold.wait()
+            await self.gate.acquire()
+            try:
+                if self._requests is not None:
+                    await self._requests.acquire()
+                if self._tokens:
+                    await self._take_tokens(tokens)
+            except BaseException:
+                self.gate.release()
+                raise
+            if self.hold.is_open:
+                break
+            self.gate.release()
+        self._on_wire += 1
+        now = asyncio.get_running_loop().time()
+        self.rate.sent(now)
+        return Ticket(
+            sent_at=now,
+            on_wire=self._on_wire,
+            epoch=self.concurrency.epoch if self.concurrency else 0,
+            rate_epoch=self.rate.epoch,
+            probe=self.breaker.is_open,
+            generation=self.concurrency.generation if self.concurrency else 0,
+        )
+
+    async def _take_tokens(self, tokens: int) -> None:
+        out = min(self._max_tokens, tokens)
+        cost = {"tokens": tokens, "input_tokens": tokens - out, "output_tokens": out}
+        for dim, pacer in list(self._tokens.items()):
+            await pacer.take(cost[dim])
+
+    def release(self) -> None:
+        """The answer (or failure) of an admitted request has been read."""
+        self._on_wire -= 1
+        self.gate.release()
+
+    # ---- after a request ---------------------------------------------------------------
+
+    def answered(self, headers: Mapping[str, str]) -> errors.FatalError | None:
+        """Read the rate-limit headers of any answer. Returns an error to stop the run with
+        once this answer is saved (a daily limit used up until after --max-wait)."""
+        if not self._adapt:
+            return None
+        seen = parse_rate_headers(headers, self._dialect)
+        return None if seen is None else self._learn(seen)
+
+    def _learn(self, seen: RateHeaders) -> errors.FatalError | None:
+        changed = False
+        r = seen.requests
+        if r is not None and r.limit and r.window_s <= 60:
+            per_second = r.limit / r.window_s
+            if self.rate.header is None or abs(per_second - self.rate.header) > 0.005 * self.rate.header:
+                self.rate.announced(per_second, r.header)
+                changed = True
+        for dim in TOKEN_DIMS:
+            b: Budget | None = getattr(seen, dim)
+            if b is not None and b.limit and b.window_s <= 60:
+                per_minute = b.limit * 60 / b.window_s
+                old = self._token_ceiling.get(dim)
+                if old is None or abs(per_minute - old) > 0.005 * old:
+                    self._token_ceiling[dim] = per_minute
+                    changed = True
+        if changed:
+            self._apply_pace()
+        for daily in (seen.requests_day, seen.tokens_day):
+            if daily is not None and daily.remaining is not None and daily.remaining <= 0 and daily.reset_s:
+                if daily.reset_s > self._max_wait:
+                    return errors.WaitTooLong(
+                        f"the daily limit ({daily.header}: {daily.limit or 0:,.0f}) is used up and resets in "
+                        f"{_span(daily.reset_s)}, at about {_at(daily.reset_s)}, later than --max-wait {_span(self._max_wait)}. "
+                        "Run the same command again after that",
+                        kind="daily_limit",
+                    )
+                self._hold_all(daily.reset_s, f"daily limit {daily.header} used up")
+        return None
+
+    def succeeded(self, ticket: Ticket, latency_s: float, output_tokens: int | None) -> None:
+        if self.breaker.success():
+            self.gate.cap(None)
+            self._notice("pipeline: the server answers again; resuming at the pace learned before")
+        self.repeat.success()
+        self._answered_once = True
+        if self.concurrency is not None and self.concurrency.on_success(ticket, latency_s, output_tokens):
+            self._show_concurrency()
+        if self.rate.operating is not None and self.rate.grow(ticket.sent_at + latency_s):
+            self._apply_pace()
+
+    def failed(self, ticket: Ticket, err: errors.RequestError) -> bool:
+        """Learn from a failed attempt; returns whether it counts against the row's attempts
+        (not while the breaker holds everything: the server is down, the row is fine).
+        Raises a FatalError when the run cannot go on."""
+        now = asyncio.get_running_loop().time()
+        if isinstance(err, errors.RateLimited):
+            self._rate_limited(ticket, err, now)
+        elif self.concurrency is not None and (
+            isinstance(err, errors.RequestTimeout) or (isinstance(err, errors.ServerError) and err.overloaded)
+        ):
+            kind = "timeout" if isinstance(err, errors.RequestTimeout) else "overloaded"
+            if self.concurrency.on_overload(ticket, kind):
+                self._show_concurrency()
+        if not err.transient and not err.fatal and self.repeat.failure(err.kind, err.message):
+            raise errors.FatalError(
+                f"the last {self.repeat.count} requests all got the same answer ({err.message}); every row would fail "
+                "the same way. Check the model, the parameters (--param/params) and --base-url",
+                kind="repeated",
+            )
+        return self._outage(ticket, err, now)
+
+    def _rate_limited(self, ticket: Ticket, err: errors.RateLimited, now: float) -> None:
+        wait = err.retry_after
+        if wait is not None and wait > self._max_wait:
+            raise errors.WaitTooLong(
+                f"the server asks to wait {_span(wait)} ({err.message}), longer than --max-wait {_span(self._max_wait)}. "
+                f"Run the same command again after about {_at(wait)}, or raise --max-wait",
+                kind="wait_too_long",
+            )
+        if err.scope == "concurrency":
+            self._stats.limited_concurrency += 1
+            if self.concurrency is not None:
+                # Only this row waits (its retry timer); fewer go out at once.
+                if self.concurrency.on_overload(ticket, "concurrency", err.limit):
+                    self._show_concurrency()
+                return
+        else:
+            self._stats.limited_rate += 1
+        first = self._requests is None  # nothing paced us yet: this is a storm, not a nudge
+        if self._adapt and self.rate.rate_limited(now, ticket, wait):
+            self._apply_pace()
+        if wait is not None and (not self._adapt or wait >= HOLD_ALL_FROM):
+            # The account is over its limit, not this row: everyone waits, as asked.
+            self._hold_all(wait, f"rate limited ({err.message})")
+        elif self._adapt and first:
+            # The window is spent; sending into it at any pace only earns more 429s.
+            self._hold_all(min(wait or 1.0, 1.0), "rate limited")
+
+    def _outage(self, ticket: Ticket, err: errors.RequestError, now: float) -> bool:
+        # Armed only once something has worked: a server that never answered is a wrong
+        # address, which the engine reports at once instead of waiting --max-wait.
+        if not self._answered_once or not outage_kind(err.kind):
+            if not outage_kind(err.kind):
+                self.breaker.failure(now, err.kind)  # breaks the streak
+            return True
+        if self.breaker.is_open:
+            if ticket.probe:
+                if self.breaker.open_for(now) >= self._max_wait:
+                    raise errors.WaitTooLong(
+                        f"the server has failed every request for {_span(self.breaker.open_for(now))} ({err.message}), "
+                        f"longer than --max-wait {_span(self._max_wait)}. Run the same command again when it is back",
+                        kind="outage",
+                    )
+                self.hold.close_for(self.breaker.probe_failed())
+            return False
+        hold = self.breaker.failure(now, err.kind)
+        if hold is None:
+            return True
+        self._stats.breaker_opened += 1
+        self.gate.cap(1)
+        self.hold.close_for(hold)
+        self._notice(
+            f"pipeline: the last {self.breaker.streak} requests failed alike ({err.message}); holding all requests and "
+            f"trying one at growing intervals for up to --max-wait {_span(self._max_wait)}. Rows keep their attempts"
+        )
+        return False
+
+    def _hold_all(self, seconds: float, why: str) -> None:
+        if self.hold.close_for(seconds) and seconds >= NOTICE_WAIT:
+            self._notice(f"pipeline: {why}; holding all requests for {_span(seconds)}")
+
+    # ---- applying decisions ------------------------------------------------------------
+
+    def _apply_pace(self) -> None:
+        pace = self.rate.pace()
+        if pace.per_second is None:
+            self._requests = None
+        elif self._requests is None:
+            self._requests = request_pacer(pace.per_second)
+        elif abs(self._requests.per_second - pace.per_second) > 1e-9:
+            self._requests.set_rate(pace.per_second)
+        s = self._stats
+        s.pace_rpm = None if pace.per_second is None else pace.per_second * 60
+        s.pace_source = pace.source
+        s.pace_detail = pace.detail
+        for dim in TOKEN_DIMS:
+            caps = [c for c in (self._user_tpm if dim == "tokens" else None, self._token_ceiling.get(dim)) if c]
+            if not caps:
+                self._tokens.pop(dim, None)
+                continue
+            per_second = min(caps) * 0.987 / 60
+            if dim in self._tokens:
+                self._tokens[dim].set_rate(per_second)
+            else:
+                self._tokens[dim] = token_pacer(per_second)
+        tpm = [c for c in (self._user_tpm, self._token_ceiling.get("tokens")) if c]
+        s.pace_tpm = min(tpm) if tpm else None
+        s.pace_tpm_source = None if not tpm else ("user" if self._user_tpm and min(tpm) == self._user_tpm else "header")
+
+    def _show_concurrency(self) -> None:
+        if self.concurrency is not None:
+            self.gate.set_limit(self.concurrency.limit)
+            self._stats.concurrency = self.concurrency.limit
+            self._stats.concurrency_named = self.concurrency.named
+        else:
+            self._stats.concurrency = self.gate.limit
