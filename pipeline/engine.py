@@ -134,17 +134,35 @@ class Engine:
         self._outstanding = 0
         self._room = asyncio.Condition()
         self._any_success = False
+        self._fatal: errors.FatalError | None = None
+        self._stopping = asyncio.Event()
 
     async def run(self, batches: Iterator[pl.DataFrame], prep: Callable[[pl.DataFrame], Prepared]) -> None:
         """Send every row; returns when every batch is written, raises FatalError to stop early."""
         async with asyncio.TaskGroup() as group:
             workers = [group.create_task(self._worker()) for _ in range(self._concurrency)]
             writer = group.create_task(self._writer())
+            stopper = group.create_task(self._stop_when_drained())
             await self._produce(batches, prep)
             self._order.put_nowait(None)
             await writer
+            stopper.cancel()
             for _ in workers:
                 self._queue.put_nowait(None)
+
+    def _stop(self, err: errors.FatalError) -> None:
+        """Stop early: send nothing more, let the requests in flight come back (their answers
+        are paid for and must be saved), then end the run with `err`."""
+        if self._fatal is None:
+            self._fatal = err
+            self._governor.stop()
+            self._stopping.set()
+
+    async def _stop_when_drained(self) -> None:
+        await self._stopping.wait()
+        await self._governor.drained()
+        assert self._fatal is not None
+        raise self._fatal
 
     async def _produce(self, batches: Iterator[pl.DataFrame], prep: Callable[[pl.DataFrame], Prepared]) -> None:
         def next_prepared() -> Prepared | None:
@@ -221,7 +239,7 @@ class Engine:
             self._stats.record_latency(latency * 1000)
             self._finish(work, self._ok_result(work, completion, latency * 1000))
         if stop is not None:
-            raise stop  # after this answer is saved: a daily limit used up, say
+            self._stop(stop)  # after this answer is saved: a daily limit used up, say
 
     def _ok_result(self, work: Work, c: Completion, latency: float) -> Result:
         pt, ct = c.prompt_tokens, c.completion_tokens
@@ -249,37 +267,44 @@ class Engine:
         )
 
     def _failed(self, work: Work, err: errors.RequestError, ticket: Ticket) -> None:
-        if err.fatal:
-            raise err
-        if not self._governor.failed(ticket, err):
-            # The server is down, not this row: the attempt is not charged; the row waits at the hold.
-            work.attempts -= 1
-            self._stats.retries += 1
-            self._queue.put_nowait(work)
+        try:
+            if err.fatal:
+                raise err
+            if not self._governor.failed(ticket, err):
+                # The server is down, not this row: the attempt is not charged; the row waits at the hold.
+                work.attempts -= 1
+                self._stats.retries += 1
+                self._queue.put_nowait(work)
+                return
+            delay = self._policy.delay(work.attempts, err)
+            if delay is None and not self._any_success and err.kind in ("connect", "http_404"):
+                raise self._nothing_works(work, err)
+        except errors.FatalError as fatal:
+            self._stop(fatal)
             return
-        delay = self._policy.delay(work.attempts, err)
         if isinstance(err, errors.InvalidOutput):
             work.followup = correction(err)  # ask again, saying what was wrong
         if delay is not None:
             self._stats.retries += 1
             asyncio.get_running_loop().call_later(delay, self._queue.put_nowait, work)
             return
-        if not self._any_success and err.kind in ("connect", "http_404"):
-            # Nothing has worked yet and every row would fail alike: a wrong address, path or model.
-            if err.kind == "connect":
-                hint = f"Cannot reach the server ({err.message}) after {work.attempts} attempts. Check --base-url and that the server is running"
-            else:
-                hint = (
-                    f"The server answered {err.message} to the first request. Check --base-url (OpenAI-compatible "
-                    "servers usually end in /v1; Anthropic's base is the part before /v1/messages) and --model"
-                )
-            raise errors.FatalError(f"{hint}; nothing was answered yet", kind=err.kind)
         self._stats.error_kinds[err.kind] += 1
         message = f"{err.message} (after {work.attempts} attempt{'s' if work.attempts > 1 else ''})"
         result = error_result(message, work.attempts, work.key)
         if isinstance(err, errors.InvalidOutput):
             result = (err.raw, *result[1:])  # keep what the model said, for a look
         self._finish(work, result)
+
+    def _nothing_works(self, work: Work, err: errors.RequestError) -> errors.FatalError:
+        """Nothing has worked yet and every row would fail alike: a wrong address, path or model."""
+        if err.kind == "connect":
+            hint = f"Cannot reach the server ({err.message}) after {work.attempts} attempts. Check --base-url and that the server is running"
+        else:
+            hint = (
+                f"The server answered {err.message} to the first request. Check --base-url (OpenAI-compatible "
+                "servers usually end in /v1; Anthropic's base is the part before /v1/messages) and --model"
+            )
+        return errors.FatalError(f"{hint}; nothing was answered yet", kind=err.kind)
 
     def _finish(self, work: Work, result: Result) -> None:
         del self._inflight[work.key]

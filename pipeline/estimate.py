@@ -209,7 +209,12 @@ def figures(cfg: RunConfig, scan: Scan, tokens: tuple[int, str], latency: tuple[
         cost_in = tokens[0] / 1e6 * cfg.price_in
         cost_out = None if out is None else out / 1e6 * cfg.price_out
     concurrency = int(cfg.setting("concurrency"))
-    paces = [(concurrency / latency[0], f"concurrency {concurrency}, assumed {latency[0]:.1f} s per request: {latency[1]}")]
+    if cfg.adapt and cfg.concurrency is None:
+        # The run learns how many the server takes: this is the best case, its limits decide.
+        label = f"up to {concurrency} in flight as learned at run time (a best case), assumed {latency[0]:.1f} s per request: {latency[1]}"
+    else:
+        label = f"concurrency {concurrency}, assumed {latency[0]:.1f} s per request: {latency[1]}"
+    paces = [(concurrency / latency[0], label)]
     if cfg.rpm is not None:
         paces.append((cfg.rpm / 60, f"limited by rpm {cfg.rpm:g}"))
     if cfg.tpm is not None and scan.requests:

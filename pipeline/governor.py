@@ -70,6 +70,8 @@ class Governor:
         self._token_ceiling: dict[str, float] = {}  # per minute, from headers
         self._tokens: dict[str, Pacer] = {}
         self._on_wire = 0
+        self._stopping = False
+        self._drained = asyncio.Event()  # set when stopping and the last request in flight came back
         self._answered_once = False  # the breaker is armed only once the server has worked
         stats.concurrency_ceiling = concurrency
         self._apply_pace()
@@ -118,6 +120,19 @@ class Governor:
         """The answer (or failure) of an admitted request has been read."""
         self._on_wire -= 1
         self.gate.release()
+        if self._on_wire == 0 and self._stopping:
+            self._drained.set()
+
+    def stop(self) -> None:
+        """Admit nothing more (the run is ending early); requests in flight may finish."""
+        self._stopping = True
+        self.hold.shut()
+        if self._on_wire == 0:
+            self._drained.set()
+
+    async def drained(self) -> None:
+        """Returns once stop() was called and every request in flight has come back."""
+        await self._drained.wait()
 
     # ---- after a request ---------------------------------------------------------------
 

@@ -18,6 +18,7 @@ which a one-request bucket would (measured: 88% of 6,000/min).
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
 
 from aiolimiter import AsyncLimiter
@@ -135,6 +136,13 @@ class Hold:
 
     async def wait(self) -> None:
         await self._open.wait()
+
+    def shut(self) -> None:
+        """Closed for good (the run is stopping)."""
+        self.until = math.inf
+        self._open.clear()
+        if self._reopen is not None:
+            self._reopen.cancel()
 
     def close_for(self, seconds: float) -> bool:
         """Hold until now + seconds; returns whether this moved the reopening later."""

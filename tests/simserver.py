@@ -54,6 +54,7 @@ class SimServer:
     down: tuple[float, float] | None = None  # (from, to) seconds after the first request: connection refused
     status_always: int | None = None  # answer every request with this status
     modelslab: bool = False  # ModelsLab's body for the in-flight 429
+    daily_limit: int | None = None  # requests per day, announced Cerebras-style; resets in 5 hours
     # What the server saw
     t0: float | None = None
     answers: list[tuple[float, int]] = field(default_factory=list)  # (time after t0, status)
@@ -63,6 +64,7 @@ class SimServer:
     queue_waits: list[float] = field(default_factory=list)
     _window: deque[float] = field(default_factory=deque)
     _second: tuple[int, int] = (-1, 0)
+    _day_used: int = 0
     _slots: asyncio.Semaphore | None = None
 
     # ---- transport seam ------------------------------------------------------------------
@@ -105,10 +107,20 @@ class SimServer:
                 return 429, {}, orjson.dumps({"status": "error", "message": msg, "retry_after": 1})
             return 429, {"Retry-After": "1"}, orjson.dumps({"error": {"message": msg}})
         limit_headers: dict[str, str] = {}
+        if self.daily_limit is not None:
+            self._day_used += 1  # counted on admission, as providers do
+            limit_headers = {
+                "x-ratelimit-limit-requests-day": str(self.daily_limit),
+                "x-ratelimit-remaining-requests-day": str(max(0, self.daily_limit - self._day_used)),
+                "x-ratelimit-reset-requests-day": str(5 * 3600),
+            }
+            if self._day_used > self.daily_limit:
+                msg = "Daily request limit reached"
+                return 429, {**limit_headers, "Retry-After": str(5 * 3600)}, orjson.dumps({"error": {"message": msg}})
         if self.rpm is not None:
             admitted, wait, left = self._admit(now)
             if self.headers:
-                limit_headers = {
+                limit_headers |= {
                     "x-ratelimit-limit-requests": str(int(self.rpm)),
                     "x-ratelimit-remaining-requests": str(left),
                     "x-ratelimit-reset-requests": f"{max(wait, 0.001) * 1000:.0f}ms",
@@ -230,9 +242,7 @@ def run_sim(
     loop = looptime.new_event_loop(start=0.0)
     error: BaseException | None = None
     try:
-        loop.run_until_complete(
-            engine.run(source.batches(plan.table, cfg.batch_size), lambda f: prepare(f, plan.renderer, done))
-        )
+        loop.run_until_complete(engine.run(source.batches(plan.table, cfg.batch_size), lambda f: prepare(f, plan.renderer, done)))
         sink.commit()
     except BaseExceptionGroup as group:
         error = group.exceptions[0]

@@ -133,3 +133,14 @@ def test_no_adapt_behaves_as_before(tmp_path: Path) -> None:
     assert run.stats.ok == 500
     assert server.max_in_flight_seen == 8  # the fixed number, from the first second
     assert run.stats.pace_rpm is None  # headers are not read
+
+
+def test_a_daily_limit_used_up_stops_after_saving_the_last_answer(tmp_path: Path) -> None:
+    server = SimServer(latency=0.05, daily_limit=50)
+    run = run_sim(server, tmp_path, 200, concurrency=4)
+    assert isinstance(run.error, errors.WaitTooLong)
+    assert "Run the same command again after about" in str(run.error)
+    # Whichever came first (the answer saying "0 left", or a 429 asking for 5 hours), the
+    # requests already in flight are let back and saved: answered is never lost.
+    assert run.stats.ok == 50
+    assert len(server.answers) <= 50 + 4

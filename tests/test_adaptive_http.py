@@ -68,7 +68,9 @@ def test_modelslab_errors_that_are_not_permanent_are_retried() -> None:
         write_table("in.csv", rows)
         args = base_args(server)
         args[args.index(f"{server.url}/v1")] = f"{server.url}/api/v7/llm"
-        result = run_cli(*args, "--provider", "modelslab", "--max-error-rate", "0.5", env={"MODELSLAB_API_KEY": "ml-test-key-123"})
+        result = run_cli(
+            *args, "--provider", "modelslab", "--max-error-rate", "0.5", env={"MODELSLAB_API_KEY": "ml-test-key-123"}
+        )
     assert result.exit_code == 0, result.output
     out = pl.read_parquet("out/result.parquet")
     assert out["status"].to_list()[:2] == ["ok", "error"]
