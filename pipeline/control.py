@@ -180,9 +180,10 @@ class RateMeter:
         self._advance(now)
         if self._start is None:
             return 0.0
-        # Nine whole slots and the part of the newest one that has passed.
+        # Nine whole slots and the part of the newest one that has passed; a full second
+        # even in the first second, so that a start-up burst is not taken for a rate.
         elapsed = now - self._start
-        span = min(elapsed, (METER_SLOTS - 1) * METER_SLOT_S + (elapsed - self._slot * METER_SLOT_S))
+        span = (METER_SLOTS - 1) * METER_SLOT_S + (elapsed - self._slot * METER_SLOT_S)
         return sum(self._counts) / max(span, METER_SLOT_S)
 
     def _advance(self, now: float) -> None:
@@ -220,7 +221,8 @@ class RateController:
         self._k = 0.0
         self._since = 0.0
         self._quiet_until = 0.0  # 429s of requests sent before this belong to the last decrease
-        self.meter = RateMeter()
+        self.meter = RateMeter()  # requests sent
+        self.accepted = RateMeter()  # requests answered (not refused): what the server lets through for us
 
     def ceiling(self) -> float | None:
         caps = [c * HEADROOM for c in (self.user, self.header) if c]
@@ -239,6 +241,9 @@ class RateController:
     def sent(self, now: float) -> None:
         self.meter.add(now)
 
+    def answered(self, now: float) -> None:
+        self.accepted.add(now)
+
     def announced(self, per_second: float, header: str) -> None:
         """The server's headers name its request limit (newest wins: limits move both ways)."""
         self.header, self.header_name = per_second, header
@@ -251,11 +256,12 @@ class RateController:
         had not yet passed, is the same overload seen again, not a new one."""
         if t.rate_epoch != self.epoch or t.sent_at < self._quiet_until:
             return False
-        current = self.pace().per_second
-        measured = self.meter.rate(now)
-        base = min(measured, current) if current else measured
+        # Step down from what the server let through for us, not from what we sent: when
+        # another job shares the key, that is our share, and one step gets near it.
+        through = self.accepted.rate(now)
+        base = min(r for r in (self.pace().per_second, self.meter.rate(now), through or None) if r is not None)
         if base <= 0:
-            base = current or 1.0
+            base = 1.0
         beta = BETA_KNOWN if self.header else BETA_BLIND
         self._w_max = base
         self._k = (base * (1 - beta) / CUBIC_C) ** (1 / 3)

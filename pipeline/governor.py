@@ -180,6 +180,7 @@ class Governor:
             self._notice("pipeline: the server answers again; resuming at the pace learned before")
         self.repeat.success()
         self._answered_once = True
+        self.rate.answered(ticket.sent_at + latency_s)
         if self.concurrency is not None and self.concurrency.on_success(ticket, latency_s, output_tokens):
             self._show_concurrency()
         if self.rate.operating is not None and self.rate.grow(ticket.sent_at + latency_s):

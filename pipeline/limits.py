@@ -24,6 +24,7 @@ from collections import deque
 from aiolimiter import AsyncLimiter
 
 BANK = 0.01  # of a second's quota: late wake-ups up to 10 ms are made up
+MIN_WAKE = 1e-6  # seconds: the shortest wait a pacer arms a timer for
 
 
 class Pacer(AsyncLimiter):
@@ -36,6 +37,7 @@ class Pacer(AsyncLimiter):
     """
 
     __slots__ = ("_capacity_s", "_min_capacity")
+    _waker_handle: asyncio.TimerHandle | None
 
     def __init__(self, per_second: float, *, capacity_s: float, min_capacity: float) -> None:
         self._capacity_s, self._min_capacity = capacity_s, min_capacity
@@ -56,6 +58,26 @@ class Pacer(AsyncLimiter):
         self._rate_per_sec = per_second
         self._level = min(self._level, capacity)
         self._wake_next()  # re-arm the waiters' timer for the new rate
+
+    def has_capacity(self, amount: float = 1) -> bool:
+        # aiolimiter tests capacity as `level + amount <= max_rate` here but as
+        # `amount - max_rate + level <= 0` when waking a waiter; one ulp apart, a
+        # waiter is woken, finds no room and waits again, forever, if the clock does
+        # not move between the two (seen under a virtual clock). One expression for both.
+        self._leak()
+        return amount - self.max_rate + self._level <= 0
+
+    def _wake_next(self, *args: object) -> None:
+        # A wait of float dust (level above the mark by 1e-15) arms a timer for "now":
+        # on a clock that has not moved it finds the same dust and re-arms, forever (seen
+        # under a virtual clock). A microsecond's wait drains the dust on any clock.
+        super()._wake_next(*args)
+        handle = self._waker_handle
+        if handle is not None:
+            loop = self._loop
+            if handle.when() < loop.time() + MIN_WAKE:
+                handle.cancel()
+                self._waker_handle = loop.call_at(loop.time() + MIN_WAKE, self._wake_next)
 
     async def take(self, amount: float) -> None:
         """Acquire `amount`; more than the bucket holds is taken in bucket-sized chunks,

@@ -25,6 +25,7 @@ def test_learns_an_announced_per_second_limit_with_no_429s(tmp_path: Path) -> No
 
 
 def test_without_headers_429s_teach_the_rate(tmp_path: Path) -> None:
+    # Also the regression test for the pacer's float-dust spin (limits.Pacer._wake_next): it hung here.
     server = SimServer(latency=0.03, rpm=6000, window="second", headers=False)
     run = run_sim(server, tmp_path, 4000, concurrency=64)
     assert run.error is None and run.stats.ok == 4000
