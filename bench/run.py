@@ -5,9 +5,11 @@ process, pinned to one core) and, in the same run, bench/baseline.py, the least 
 must do.  Clients are pinned to another core so their CPU is measured apart from the server's;
 wall is from spawn to exit, CPU from wait4() on the child, peak RSS from GNU time.
 
-    python bench/run.py [--quick] [--only overhead|ratelimit|memory|resume|faults]
+    python bench/run.py [--quick] [--only overhead|ratelimit|memory|resume|faults|adapt]
 
-Prints a table and writes every figure plus machine info to bench/results/latest.json.
+Prints a table, then a PASS/MISS line per target of issue 8 (rate control) computed from the
+figures, and writes every figure plus machine info to bench/results/latest.json.  The table
+reports; it never judges: a missed target is a MISS line, not a failed scenario.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
-from contextlib import closing, suppress
+from contextlib import ExitStack, closing, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,7 @@ CORES = sorted(os.sched_getaffinity(0))
 TASKSET = shutil.which("taskset") if len(CORES) >= 2 else None
 CLIENT_CORE, SERVER_CORE = CORES[0], CORES[-1]
 GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
-SCENARIOS = ("overhead", "ratelimit", "memory", "resume", "faults")
+SCENARIOS = ("overhead", "ratelimit", "memory", "resume", "faults", "adapt")
 LIVE: set[subprocess.Popen[Any]] = set()  # children still running, so every exit path can end them
 Row = tuple[str, str, float | None, float | None, float | None]
 
@@ -63,18 +65,35 @@ class Run:
     stderr: str
     stdout: str
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, Any]:
         """Figures from `pipeline run`'s closing summary on stderr (its wall excludes start-up)."""
-        out: dict[str, float] = {}
+        out: dict[str, Any] = {}
         if m := re.search(r"(\d+) rows in ([\d.]+) s: (\d+) ok, (\d+) error \((\d+) ok from the checkpoint", self.stderr):
             out.update(rows=int(m[1]), wall=float(m[2]), ok=int(m[3]), errors=int(m[4]), from_checkpoint=int(m[5]))
         if m := re.search(r"requests: (\d+) sent for (\d+) rows \((\d+) retries\), ([\d.]+) rows/s", self.stderr):
             out.update(requests=int(m[1]), retries=int(m[3]), rows_per_s=float(m[4]))
+        # "  limits: pace N requests/min (...); C in flight (...); 429s: a rate, b in-flight"
+        if m := re.search(r"^  limits: (.*)$", self.stderr, re.MULTILINE):
+            out["limits"] = m[1]  # as printed, for the figures
+            if p := re.match(r"pace ([\d,]+) requests/min", m[1]):
+                out["pace_rpm"] = int(p[1].replace(",", ""))
+            if c := re.search(r"; (\d+) in flight", m[1]):
+                out["concurrency"] = int(c[1])
+            if q := re.search(r"429s: (\d+) rate, (\d+) in-flight", m[1]):
+                out.update(limited_rate=int(q[1]), limited_concurrency=int(q[2]))
         return out
 
 
-def run_child(cmd: list[str], *, timeout: float, tick: Callable[[subprocess.Popen[bytes]], None] | None = None) -> Run:
-    """Run `cmd` on the client core; `tick(proc)` is called about every 10 ms while it runs."""
+def run_child(
+    cmd: list[str],
+    *,
+    timeout: float,
+    tick: Callable[[subprocess.Popen[bytes]], None] | None = None,
+    env: dict[str, str] | None = None,
+) -> Run:
+    """Run `cmd` on the client core; `tick(proc)` is called about every 10 ms while it runs.
+
+    `env` is added to this process's environment for the child (which otherwise inherits it)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile() as tv:
         full = pinned(CLIENT_CORE, cmd)
         if GNU_TIME:
@@ -83,7 +102,8 @@ def run_child(cmd: list[str], *, timeout: float, tick: Callable[[subprocess.Pope
             full = [GNU_TIME, "-f", "%M", "-o", tv.name, *full]
         started = time.monotonic()
         # Own process group: killpg() then ends GNU time and the command together.
-        proc = subprocess.Popen(full, stdout=out, stderr=err, cwd=ROOT, start_new_session=True)
+        child_env = {**os.environ, **env} if env else None
+        proc = subprocess.Popen(full, stdout=out, stderr=err, cwd=ROOT, start_new_session=True, env=child_env)
         LIVE.add(proc)
         fd = os.pidfd_open(proc.pid)  # readable the moment the child exits: wall is not rounded to a poll
         try:
@@ -110,12 +130,143 @@ def run_child(cmd: list[str], *, timeout: float, tick: Callable[[subprocess.Pope
         return Run(proc.returncode, wall, cpu, rss, err.read().decode(errors="replace"), out.read().decode())
 
 
+def run_together(cmds: list[list[str]], *, timeout: float) -> list[Run]:
+    """Start every command at once on the client core and wait for all: they compete for that
+    one core as two jobs on one machine would.  Runs come back in the order of `cmds`; their RSS
+    is wait4's (an upper bound: see run_child), their wall from the common start to each exit."""
+    with ExitStack() as stack:
+        outs = [stack.enter_context(tempfile.TemporaryFile()) for _ in cmds]
+        errs = [stack.enter_context(tempfile.TemporaryFile()) for _ in cmds]
+        started = time.monotonic()
+        procs: list[subprocess.Popen[bytes]] = []
+        for cmd, out, err in zip(cmds, outs, errs, strict=True):
+            procs.append(subprocess.Popen(pinned(CLIENT_CORE, cmd), stdout=out, stderr=err, cwd=ROOT, start_new_session=True))
+            LIVE.add(procs[-1])
+        fds = {os.pidfd_open(p.pid): i for i, p in enumerate(procs)}
+        done: dict[int, tuple[int, float, float, float]] = {}  # index -> rc, wall, cpu, rss
+        try:
+            while fds:
+                left = timeout - (time.monotonic() - started)
+                if left <= 0:
+                    for i in fds.values():
+                        os.killpg(procs[i].pid, signal.SIGKILL)
+                        procs[i].wait()
+                        LIVE.discard(procs[i])
+                    raise BenchError(f"{len(fds)} of {len(cmds)} runs started together still running after {timeout:.0f} s")
+                for fd in select.select(list(fds), [], [], min(left, 1.0))[0]:
+                    i = fds.pop(fd)
+                    os.close(fd)
+                    _, status, usage = os.wait4(procs[i].pid, 0)
+                    procs[i].returncode = os.waitstatus_to_exitcode(status)  # reaped: Popen must not wait again
+                    LIVE.discard(procs[i])
+                    rusage = usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+                    done[i] = (procs[i].returncode, time.monotonic() - started, *rusage)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        runs = []
+        for i, (out, err) in enumerate(zip(outs, errs, strict=True)):
+            out.seek(0)
+            err.seek(0)
+            runs.append(Run(*done[i], err.read().decode(errors="replace"), out.read().decode()))
+        return runs
+
+
+@dataclass(frozen=True)
+class Span:
+    """Whole seconds [lo, hi) of a server timeline; `whole_run` when the span asked for was empty
+    (a --quick run ends before 10 s) and the whole run was taken instead."""
+
+    lo: int
+    hi: int
+    whole_run: bool = False
+
+    @property
+    def seconds(self) -> int:
+        return self.hi - self.lo
+
+    def describe(self) -> str:
+        return f"[{self.lo}, {self.hi}) s" + (" (asked-for span empty: whole run)" if self.whole_run else "")
+
+
+class Timeline:
+    """The fake server's GET /timeline: chat answers per whole second since its first chat request."""
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        self.buckets: dict[int, dict[str, Any]] = {int(b["t"]): b for b in raw["buckets"]}
+
+    def count(self, key: str, lo: int = 0, hi: int | None = None, *, model: str | None = None) -> int:
+        """Answers of `key` ("ok", "429", "other") in seconds [lo, hi); `model` counts its ok only."""
+        n = 0
+        for t, b in self.buckets.items():
+            if t >= lo and (hi is None or t < hi):
+                n += b["ok_by_model"].get(model, 0) if model else b[key]
+        return n
+
+    def last_ok(self, model: str | None = None) -> int:
+        """The last second with an ok answer (of `model`); 0 when none."""
+        return max((t for t, b in self.buckets.items() if (b["ok_by_model"].get(model, 0) if model else b["ok"])), default=0)
+
+    def span(self, lo: int, hi: int | None = None, *, model: str | None = None) -> Span:
+        """Whole seconds [lo, hi), ending at the latest where the last ok second starts: that second
+        is partial, and counting it as whole would understate every rate.  When nothing is left,
+        the whole run [0, last ok second) (at least one second) instead, flagged."""
+        end = self.last_ok(model)
+        hi = end if hi is None else min(hi, end)
+        return Span(lo, hi) if hi - lo >= 1 else Span(0, max(end, 1), whole_run=True)
+
+    def per_min(self, span: Span, *, model: str | None = None) -> float:
+        """Ok answers per minute over `span`."""
+        return self.count("ok", span.lo, span.hi, model=model) / span.seconds * 60
+
+    def share_429(self, lo: int = 0, hi: int | None = None) -> float:
+        """429s / all answers in seconds [lo, hi)."""
+        r = self.count("429", lo, hi)
+        total = r + self.count("ok", lo, hi) + self.count("other", lo, hi)
+        return r / total if total else 0.0
+
+    def max_window_per_min(self, width: int) -> tuple[float, int]:
+        """The highest ok rate per minute in any `width` consecutive whole seconds before the
+        last ok second, and that width (narrower when the run is shorter than `width`)."""
+        end = max(self.last_ok(), 1)
+        width = min(width, end)
+        best = max(self.count("ok", t, t + width) for t in range(end - width + 1))
+        return best / width * 60, width
+
+    def compact(self) -> list[list[Any]]:
+        """[second, ok, 429, other, ok by model] per second, for the figures."""
+        return [[t, b["ok"], b["429"], b["other"], b["ok_by_model"]] for t, b in sorted(self.buckets.items())]
+
+
 class Server:
     """tests/fakeserver.py in its own process on the server core, so its CPU never counts as the client's."""
 
-    def __init__(self, *, latency: float = 0.0, rpm: int | None = None, window: str = "minute", fault_rate: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        latency: float = 0.0,
+        rpm: int | None = None,
+        window: str = "minute",
+        fault_rate: float = 0.0,
+        rate_headers: str = "openai",
+        tpm: int | None = None,
+        limit_schedule: str | None = None,
+        max_in_flight: int | None = None,
+        in_flight_message: str = "named",
+        slots: int | None = None,
+    ) -> None:
+        """Keywords are the fake server's options (tests/fakeserver.py --help); `window` is
+        --rate-window, `rate_headers` "openai" (its default, sent whenever rpm or tpm is set),
+        "anthropic" or "none"."""
         cmd = [sys.executable, str(ROOT / "tests" / "fakeserver.py"), "--port", "0", "--latency", str(latency), "--no-record"]
-        cmd += ["--rpm", str(rpm), "--rate-window", window] if rpm else []
+        cmd += ["--rpm", str(rpm)] if rpm else []
+        cmd += ["--tpm", str(tpm)] if tpm else []
+        cmd += ["--rate-window", window] if rpm or tpm else []
+        cmd += ["--rate-headers", rate_headers]
+        cmd += ["--limit-schedule", limit_schedule] if limit_schedule else []
+        cmd += ["--max-in-flight", str(max_in_flight)] if max_in_flight else []
+        cmd += ["--in-flight-message", in_flight_message]
+        cmd += ["--slots", str(slots)] if slots else []
         cmd += ["--fault-rate", str(fault_rate)] if fault_rate else []
         # stderr to a file, not a pipe: a chatty server could fill a pipe nobody reads and stall.
         self._err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server, closed in close()
@@ -131,12 +282,15 @@ class Server:
             raise BenchError(f"fake server did not start: {line!r}")
         self.url = line.split()[1]
 
-    def _http(self, method: str, path: str) -> dict[str, int]:
+    def _http(self, method: str, path: str) -> dict[str, Any]:
         with urllib.request.urlopen(urllib.request.Request(self.url + path, method=method), timeout=10) as r:
             return dict(json.load(r))
 
     def stats(self) -> dict[str, int]:
         return self._http("GET", "/stats")
+
+    def timeline(self) -> Timeline:
+        return Timeline(self._http("GET", "/timeline"))
 
     def reset(self) -> None:
         self._http("POST", "/reset")
@@ -187,13 +341,30 @@ class Bench:
     def add(self, scenario: str, metric: str, ours: float | None, base: float | None = None) -> None:
         self.rows.append((scenario, metric, ours, base, ours / base if ours is not None and base else None))
 
-    def ours(self, inp: Path, url: str, conc: int, *extra: str, out: Path | None = None, expect: int = 0, **kw: Any) -> Run:
+    def ours_cmd(
+        self, inp: Path, url: str, conc: int, *extra: str, out: Path | None = None, model: str = "fake-model", path: str = "/v1"
+    ) -> list[str]:
+        """`pipeline run` on `inp` against the server at `url` + `path`, writing a fresh output unless `out`."""
         self._runs += 1
         out = out or self.tmp / f"out-{self._runs}" / "out.parquet"
         exe = Path(sys.executable).with_name("pipeline")
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pipeline"]
-        cmd += ["run", "--input", str(inp), "--output", str(out), "--prompt", PROMPT, "--base-url", url + "/v1"]
-        r = run_child([*cmd, "--model", "fake-model", "--concurrency", str(conc), *extra], timeout=self.timeout, **kw)
+        cmd += ["run", "--input", str(inp), "--output", str(out), "--prompt", PROMPT, "--base-url", url + path]
+        return [*cmd, "--model", model, "--concurrency", str(conc), *extra]
+
+    def ours(
+        self,
+        inp: Path,
+        url: str,
+        conc: int,
+        *extra: str,
+        out: Path | None = None,
+        expect: int = 0,
+        model: str = "fake-model",
+        path: str = "/v1",
+        **kw: Any,
+    ) -> Run:
+        r = run_child(self.ours_cmd(inp, url, conc, *extra, out=out, model=model, path=path), timeout=self.timeout, **kw)
         if r.rc != expect:
             raise BenchError(f"pipeline run exited {r.rc}, expected {expect}: {r.stderr.strip()[-800:]}")
         return r
@@ -206,16 +377,20 @@ class Bench:
         return r, json.loads(r.stdout)
 
     def overhead(self) -> None:
+        """Ours (the default: adaptive) against the bare baseline, plus ours with --no-adapt.
+
+        R9 (issue 8): adaptation costs nothing on an unlimited server: requests/s adaptive
+        within 5% of --no-adapt (ratio >= 0.95)."""
         n, conc, reps = self.n(20_000), 256, 1 if self.quick else 2
         inp = self.table(n)
-        samples: dict[str, list[dict[str, float]]] = {"ours": [], "baseline": []}
+        samples: dict[str, list[dict[str, float]]] = {"ours": [], "baseline": [], "no_adapt": []}
         with closing(Server(latency=0.02)) as srv:
             for _ in range(reps):  # alternated, best of each kept: the machine is shared and noisy
-                for who in ("baseline", "ours"):
+                for who in ("baseline", "ours", "no_adapt"):
                     srv.reset()
                     cpu0 = srv.cpu()
-                    if who == "ours":
-                        r = self.ours(inp, srv.url, conc)
+                    if who != "baseline":
+                        r = self.ours(inp, srv.url, conc, *(["--no-adapt"] if who == "no_adapt" else []))
                         s = r.summary()  # rows/s, not its wall: that is printed to 0.1 s only
                         sending, ok = n / s["rows_per_s"] if s.get("rows_per_s") else r.wall, s.get("ok", 0)
                     else:
@@ -238,7 +413,13 @@ class Bench:
         # The server's CPU per request bounds the rate any client can get from this one-core server.
         self.add(scn, "server busy share of its core", o["server_cpu_s"] / o["sending_s"], b["server_cpu_s"] / b["sending_s"])
         self.add(scn, "server ceiling req/s (1/CPU per req)", n / o["server_cpu_s"], n / b["server_cpu_s"])
-        self.figures["overhead"] = dict(requests=n, concurrency=conc, latency_s=0.02, samples=samples, best=best)
+        # "ours" is the default run, adaptive; the same client with --no-adapt is the reference here.
+        ratio = best["no_adapt"]["sending_s"] / o["sending_s"]
+        what = "requests/s start-up excluded, adaptive / --no-adapt"
+        self.add(scn, f"R9 {what} (target >= 0.95)", ratio)
+        target = self.target("R9", f"overhead: {what}", ratio, lo=0.95)
+        self.figures["overhead"] = dict(requests=n, concurrency=conc, latency_s=0.02, samples=samples, best=best,
+                                        adaptive_over_no_adapt=ratio, targets=[target])  # fmt: skip
 
     def ratelimit(self) -> None:
         n, rpm, conc = self.n(3_000), 6_000, 64
@@ -342,6 +523,282 @@ class Bench:
         self.add(scn, "retries (--max-attempts 10)", bad["summary"].get("retries"), 0)
         self.figures["faults"] = dict(requests=n, concurrency=conc, fault_rate=rate, runs={str(k): v for k, v in res.items()})
 
+    # ---- issue 8: the client learns the server's limits --------------------------------------------
+
+    def target(
+        self,
+        tid: str,
+        what: str,
+        value: float | None,
+        *,
+        lo: float | None = None,
+        hi: float | None = None,
+        span: Span | None = None,
+    ) -> dict[str, Any]:
+        """One target of issue 8 as a figure: PASS when lo <= value <= hi.  Never raises: a miss is reported."""
+        passed = value is not None and (lo is None or value >= lo) and (hi is None or value <= hi)
+        notes = ["steady span empty: whole run"] if span and span.whole_run else []
+        return dict(id=tid, what=what, value=value, target=target_text(lo, hi), passed=passed, notes=notes)
+
+    def metric(
+        self, fig: dict[str, Any], scn: str, tid: str, what: str, value: float | None, *,
+        lo: float | None = None, hi: float | None = None, span: Span | None = None,
+    ) -> None:  # fmt: skip
+        """A table row "tid what (target ...)" and, when there is a bound, a target in fig["targets"]."""
+        shown = f"{tid} {what}" + (f" (target {target_text(lo, hi)})" if lo is not None or hi is not None else "")
+        self.add(scn, shown + (" [whole run]" if span and span.whole_run else ""), value)
+        if lo is not None or hi is not None:
+            fig["targets"].append(self.target(tid, what, value, lo=lo, hi=hi, span=span))
+
+    def adapt(self) -> None:
+        """Issue 8's targets for a client that learns limits (../shared/research/rate-control.md, section 4).
+
+        Each sub-case runs against a fresh fake server; every figure is measured at the server
+        from GET /timeline (answers per whole second since its first chat request).  The client
+        is given no --rpm and --concurrency 64 unless stated.  Steady span: whole seconds from
+        10 s to the last second with an ok answer, that last (partial) second left out; rates are
+        ok answers in it per minute; "429s after 10 s" count to the end of the run.  A --quick run
+        ends before 10 s: spans then fall back to the whole run, marked "[whole run]".  A sub-case
+        whose run fails is recorded in figures["adapt"]["failed"] and the others still run."""
+        fig: dict[str, Any] = self.figures.setdefault("adapt", {})
+        fig.update(targets=[], failed={})
+        cases: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
+            ("R1", self._adapt_r1), ("R2", self._adapt_r2), ("R3", self._adapt_r3), ("R4", self._adapt_r4),
+            ("R5", self._adapt_r5), ("R6", self._adapt_r6), ("R7", self._adapt_r7), ("R8", self._adapt_r8),
+        ]  # fmt: skip
+        for tid, case in cases:
+            t = time.monotonic()
+            print(f"bench: adapt {tid}...", file=sys.stderr, flush=True)
+            try:
+                case(fig)
+            except BenchError as exc:
+                fig["failed"][tid] = str(exc)
+                print(f"bench: adapt {tid} FAILED: {exc}", file=sys.stderr, flush=True)
+            fig.setdefault(tid, {})["case_s"] = time.monotonic() - t
+        if fig["failed"]:
+            raise BenchError("; ".join(f"{k}: {v}" for k, v in fig["failed"].items()))
+
+    @staticmethod
+    def _record(r: Run, tl: Timeline, st: dict[str, int], span: Span, **more: Any) -> dict[str, Any]:
+        """What one run leaves in the figures: enough to recompute every metric."""
+        return dict(span=[span.lo, span.hi], span_whole_run=span.whole_run, wall_s=r.wall, cpu_s=r.cpu,
+                    summary=r.summary(), server=st, timeline=tl.compact(), **more)  # fmt: skip
+
+    def _header_rate(self, fig: dict[str, Any], tid: str, rpm: int, latency: float, rows: int, conc: int) -> None:
+        """R1 / R2: the limit enforced per wall-clock second, announced in OpenAI headers."""
+        n = self.n(rows)
+        with closing(Server(latency=latency, rpm=rpm, window="second")) as srv:
+            r = self.ours(self.table(n), srv.url, conc)
+            tl, st = srv.timeline(), srv.stats()
+        span = tl.span(10)
+        scn = f"6 adapt {tid} {n:,} rows, {rpm:,}/min per s, headers, c{conc}"
+        self.metric(fig, scn, tid, f"steady share of {rpm:,}/min", tl.per_min(span) / rpm, lo=0.95, span=span)
+        self.metric(fig, scn, tid, "429s after 10 s", tl.count("429", span.lo), hi=0, span=span)
+        self.metric(fig, scn, tid, "429s in total", st["status_429"], hi=conc)
+        if tid == "R1":  # R10: what the summary says it learned
+            pace = r.summary().get("pace_rpm")
+            self.metric(fig, scn, "R10", "learned pace requests/min in the summary", pace, lo=rpm * 0.98, hi=rpm * 1.02)
+        fig[tid] = self._record(r, tl, st, span, rows=n, rpm=rpm, latency_s=latency, concurrency=conc)
+
+    def _adapt_r1(self, fig: dict[str, Any]) -> None:
+        """R1: 6,000/min per second with OpenAI headers, 3,000 rows: >= 95% of the limit in the
+        steady span, 0 429s after 10 s, <= 64 in total.  R10: the summary's learned pace within
+        2% of 6,000."""
+        self._header_rate(fig, "R1", 6_000, 0.03, 3_000, 64)
+
+    def _adapt_r2(self, fig: dict[str, Any]) -> None:
+        """R2 (R1 at a low rate): 300/min per second with headers, 200 ms latency, 300 rows,
+        --concurrency 16: >= 95% in the steady span, 0 429s after 10 s, <= 16 in total."""
+        self._header_rate(fig, "R2", 300, 0.2, 300, 16)
+
+    def _adapt_r3(self, fig: dict[str, Any]) -> None:
+        """R3: R1's server without rate-limit headers (429 + Retry-After only), 4,000 rows:
+        >= 85% of the limit, 429 share <= 3% in the steady span."""
+        n, rpm = self.n(4_000), 6_000
+        with closing(Server(latency=0.03, rpm=rpm, window="second", rate_headers="none")) as srv:
+            r = self.ours(self.table(n), srv.url, 64)
+            tl, st = srv.timeline(), srv.stats()
+        span = tl.span(10)
+        scn = f"6 adapt R3 {n:,} rows, {rpm:,}/min per s, no headers, c64"
+        self.metric(fig, scn, "R3", f"steady share of {rpm:,}/min", tl.per_min(span) / rpm, lo=0.85, span=span)
+        self.metric(fig, scn, "R3", "429 share after 10 s", tl.share_429(span.lo), hi=0.03, span=span)
+        self.metric(fig, scn, "R3", "429s in total", st["status_429"])
+        fig["R3"] = self._record(r, tl, st, span, rows=n, rpm=rpm, latency_s=0.03, concurrency=64)
+
+    def _adapt_r4(self, fig: dict[str, Any]) -> None:
+        """R4: ModelsLab with 10 requests in flight allowed, 200 ms latency, no headers, 1,500
+        rows.  --concurrency 64 (adaptive) reaches >= 90% of the throughput of --concurrency 10
+        --no-adapt on the same server, with <= 1% of answers 429 after 10 s when the 429 names N
+        ("Maximum 10 queued requests allowed.") and <= 2% when it does not (generic message).
+        R10: the final concurrency in the summary is 9 or 10 (named)."""
+        n, cap = self.n(1_500), 10
+        inp, env = self.table(n), {"MODELSLAB_API_KEY": "bench-key-0000"}
+        ml = ("--provider", "modelslab")
+        for message, most in (("named", 0.01), ("generic", 0.02)):
+            with closing(Server(latency=0.2, max_in_flight=cap, in_flight_message=message)) as srv:
+                r = self.ours(inp, srv.url, 64, *ml, path="/api/v7/llm", env=env)
+                tl, st = srv.timeline(), srv.stats()
+                srv.reset()
+                ref = self.ours(inp, srv.url, cap, *ml, "--no-adapt", path="/api/v7/llm", env=env)
+                ref_tl, ref_st = srv.timeline(), srv.stats()
+            span, ref_span = tl.span(10), ref_tl.span(10)
+            ok_s, ref_ok_s = tl.per_min(span) / 60, ref_tl.per_min(ref_span) / 60
+            whole = span if span.whole_run else ref_span
+            scn = f"6 adapt R4 {n:,} rows, ModelsLab {cap} in flight, 429 {message}, c64"
+            self.metric(
+                fig,
+                scn,
+                "R4",
+                f"throughput adaptive / --concurrency {cap} --no-adapt",
+                ok_s / ref_ok_s if ref_ok_s else None,
+                lo=0.9,
+                span=whole,
+            )
+            self.metric(fig, scn, "R4", "429 share after 10 s", tl.share_429(span.lo), hi=most, span=span)
+            self.metric(fig, scn, "R4", "429s in total, adaptive run", st["status_429"])
+            conc = r.summary().get("concurrency")
+            if message == "named":
+                self.metric(fig, scn, "R10", "final concurrency in the summary", conc, lo=cap - 1, hi=cap)
+            else:
+                self.metric(fig, scn, "R4", "final concurrency in the summary", conc)
+            ref_fig = dict(wall_s=ref.wall, summary=ref.summary(), server=ref_st, timeline=ref_tl.compact(),
+                           span=[ref_span.lo, ref_span.hi], ok_per_s=ref_ok_s)  # fmt: skip
+            fig[f"R4_{message}"] = self._record(r, tl, st, span, rows=n, ok_per_s=ok_s, reference=ref_fig)
+
+    def _adapt_r5(self, fig: dict[str, Any]) -> None:
+        """R5: a vLLM-like server, 32 slots and a FIFO queue (no 429), 100 ms service time, 6,000
+        rows.  --concurrency 256 (adaptive) reaches >= 90% of the throughput of --concurrency 32
+        --no-adapt on the same server, with a mean queue wait <= 1.5x the service time."""
+        n, slots, service = self.n(6_000), 32, 0.1
+        inp = self.table(n)
+        with closing(Server(latency=service, slots=slots)) as srv:
+            r = self.ours(inp, srv.url, 256)
+            tl, st = srv.timeline(), srv.stats()
+            srv.reset()
+            ref = self.ours(inp, srv.url, slots, "--no-adapt")
+            ref_tl, ref_st = srv.timeline(), srv.stats()
+        span, ref_span = tl.span(10), ref_tl.span(10)
+        ok_s, ref_ok_s = tl.per_min(span) / 60, ref_tl.per_min(ref_span) / 60
+        wait_s = st["queue_wait_ms_total"] / 1000 / max(st["slot_served"], 1)
+        scn = f"6 adapt R5 {n:,} rows, {slots} slots + queue, {service * 1000:.0f} ms, c256"
+        whole = span if span.whole_run else ref_span
+        self.metric(
+            fig,
+            scn,
+            "R5",
+            f"throughput adaptive / --concurrency {slots} --no-adapt",
+            ok_s / ref_ok_s if ref_ok_s else None,
+            lo=0.9,
+            span=whole,
+        )
+        self.metric(fig, scn, "R5", "mean queue wait / service time", wait_s / service, hi=1.5)
+        self.metric(fig, scn, "R5", "most requests queued at once", st["max_queue_seen"])
+        ref_fig = dict(wall_s=ref.wall, summary=ref.summary(), server=ref_st, timeline=ref_tl.compact(),
+                       span=[ref_span.lo, ref_span.hi], ok_per_s=ref_ok_s)  # fmt: skip
+        fig["R5"] = self._record(r, tl, st, span, rows=n, ok_per_s=ok_s, mean_queue_wait_s=wait_s, reference=ref_fig)
+
+    def _adapt_r6(self, fig: dict[str, Any]) -> None:
+        """R6: R1's server whose limit halves at 15 s and is restored at 35 s, about 4,500 rows:
+        <= 30 429s in the 5 s after the drop, none from 20 s on; >= 90% of 3,000/min over
+        [20, 35) s and of 6,000/min from 45 s (10 s after the rise) to the end."""
+        n, schedule = self.n(4_500), "0:6000,15:3000,35:6000"
+        with closing(Server(latency=0.03, rpm=6_000, window="second", limit_schedule=schedule)) as srv:
+            r = self.ours(self.table(n), srv.url, 64)
+            tl, st = srv.timeline(), srv.stats()
+        low, high = tl.span(20, 35), tl.span(45)
+        scn = f"6 adapt R6 {n:,} rows, 6,000 -> 3,000 (15 s) -> 6,000/min (35 s), c64"
+        self.metric(fig, scn, "R6", "429s in [15, 20) s", tl.count("429", 15, 20), hi=30)
+        self.metric(fig, scn, "R6", "429s from 20 s on", tl.count("429", 20), hi=0)
+        self.metric(fig, scn, "R6", "share of 3,000/min over [20, 35) s", tl.per_min(low) / 3_000, lo=0.9, span=low)
+        self.metric(fig, scn, "R6", "share of 6,000/min from 45 s", tl.per_min(high) / 6_000, lo=0.9, span=high)
+        fig["R6"] = self._record(r, tl, st, high, rows=n, schedule=schedule, low_span=[low.lo, low.hi],
+                                 low_span_whole_run=low.whole_run)  # fmt: skip
+
+    def _adapt_r7(self, fig: dict[str, Any]) -> None:
+        """R7: two `pipeline run` at once on R1's server (one key, one client core), 3,000 rows
+        each, models fake-a and fake-b so the server tells them apart.  Over the span where both
+        run (10 s to the first one's last ok second): together >= 90% of the limit, <= 2% of
+        answers 429, each >= 35% of the limit."""
+        n, rpm, models = self.n(3_000), 6_000, ("fake-a", "fake-b")
+        first = self.table(n)
+        second = first.with_name(f"{first.stem}-copy.parquet")  # each run its own input and output
+        shutil.copyfile(first, second)
+        with closing(Server(latency=0.03, rpm=rpm, window="second")) as srv:
+            cmds = [self.ours_cmd(inp, srv.url, 64, model=m) for inp, m in zip((first, second), models, strict=True)]
+            runs = run_together(cmds, timeout=self.timeout)
+            tl, st = srv.timeline(), srv.stats()
+        second.unlink()
+        for m, r in zip(models, runs, strict=True):
+            if r.rc != 0:
+                raise BenchError(f"pipeline run --model {m} exited {r.rc}, expected 0: {r.stderr.strip()[-800:]}")
+        span = tl.span(10, min(tl.last_ok(m) for m in models))
+        scn = f"6 adapt R7 2 x {n:,} rows at once, {rpm:,}/min per s, headers, c64 each"
+        self.metric(fig, scn, "R7", f"combined share of {rpm:,}/min", tl.per_min(span) / rpm, lo=0.9, span=span)
+        self.metric(fig, scn, "R7", "429 share", tl.share_429(span.lo, span.hi), hi=0.02, span=span)
+        for m in models:
+            self.metric(fig, scn, "R7", f"{m} share of {rpm:,}/min", tl.per_min(span, model=m) / rpm, lo=0.35, span=span)
+        fig["R7"] = dict(rows_each=n, rpm=rpm, span=[span.lo, span.hi], span_whole_run=span.whole_run, server=st,
+                         timeline=tl.compact(), runs={m: dict(wall_s=r.wall, cpu_s=r.cpu, summary=r.summary())
+                                                      for m, r in zip(models, runs, strict=True)})  # fmt: skip
+
+    def _adapt_r8(self, fig: dict[str, Any]) -> None:
+        """R8: --rpm 3000 against R1's 6,000/min server, 3,000 rows: the user's cap is a ceiling:
+        no 10 s window above 3,000/min, >= 97% of it over the steady span, 0 429s."""
+        n, cap = self.n(3_000), 3_000
+        with closing(Server(latency=0.03, rpm=6_000, window="second")) as srv:
+            r = self.ours(self.table(n), srv.url, 64, "--rpm", str(cap))
+            tl, st = srv.timeline(), srv.stats()
+        span = tl.span(10)
+        peak, width = tl.max_window_per_min(10)
+        scn = f"6 adapt R8 {n:,} rows, --rpm {cap:,} on 6,000/min, c64"
+        narrow = f" [only {width} s of run]" if width < 10 else ""
+        self.metric(fig, scn, "R8", f"highest 10 s window / {cap:,}/min{narrow}", peak / cap, hi=1.0)
+        self.metric(fig, scn, "R8", f"steady share of {cap:,}/min", tl.per_min(span) / cap, lo=0.97, span=span)
+        self.metric(fig, scn, "R8", "429s in total", st["status_429"], hi=0)
+        fig["R8"] = self._record(r, tl, st, span, rows=n, rpm_flag=cap, peak_10s_per_min=peak, peak_window_s=width)
+
+    def targets(self) -> list[dict[str, Any]]:
+        """Every target computed from the figures of the scenarios that ran, in scenario order.
+        R9's "--rpm 6000 still 98% with no 429s" and "10% 5xx still <= 1.3x" are read from the
+        ratelimit and faults scenarios' figures; the overhead and adapt scenarios keep their own."""
+        out: list[dict[str, Any]] = []
+        for name in SCENARIOS:
+            f = self.figures.get(name, {})
+            out += f.get("targets", [])
+            if name == "ratelimit":
+                for window in ("second", "minute"):
+                    if w := f.get(window):
+                        what = f"--rpm 6000, server per {window}"
+                        out.append(self.target("R9", f"{what}: achieved rate / limit", w["share_of_limit"], lo=0.98))
+                        out.append(self.target("R9", f"{what}: 429s", w["server"]["status_429"], hi=0))
+            if name == "faults" and "0.1" in f.get("runs", {}):
+                ratio = f["runs"]["0.1"]["wall_s"] / f["runs"]["0.0"]["wall_s"]
+                out.append(self.target("R9", "10% 5xx: wall with / without faults", ratio, hi=1.3))
+        return out
+
+
+def target_text(lo: float | None, hi: float | None) -> str:
+    def num(v: float) -> str:
+        return f"{v:,g}"
+
+    if lo is not None and hi is not None:
+        return num(lo) if lo == hi else f"{num(lo)} to {num(hi)}"
+    if hi is not None:
+        return "0" if hi == 0 else f"<= {num(hi)}"
+    return f">= {num(lo)}" if lo is not None else "none"
+
+
+def print_targets(targets: list[dict[str, Any]], quick: bool) -> None:
+    """PASS/MISS per target of issue 8, figure beside its bound: the list to quote."""
+    if not targets:
+        return
+    print("\ntargets (--quick: sizes 10x smaller, figures not meaningful):" if quick else "\ntargets:")
+    for t in targets:
+        v = t["value"]
+        shown = "-" if v is None else f"{v:,.0f}" if abs(v) >= 100 or float(v).is_integer() else f"{v:.3g}"
+        notes = f"  ({'; '.join(t['notes'])})" if t["notes"] else ""
+        print(f"  {'PASS' if t['passed'] else 'MISS'}  {t['id']:<4} {t['what']}: {shown} (target {t['target']}){notes}")
+
 
 def print_table(rows: list[Row]) -> None:
     def fmt(v: float | None) -> str:
@@ -406,11 +863,14 @@ def main() -> int:
     print(f"\ntotal {total:.0f} s{' (--quick)' if args.quick else ''}; {where}; progress bar off (stderr is not a terminal)")
     if "memory" in bench.figures:
         print(f"memory: {bench.figures['memory'].get('note', '')}")
+    targets = bench.targets()
+    print_targets(targets, args.quick)
     for name, why in failed.items():
         print(f"FAILED {name}: {why}")
     info["load_avg_end"] = os.getloadavg()
     table = [dict(zip(("scenario", "metric", "ours", "baseline", "ratio"), r, strict=True)) for r in bench.rows]
-    result = dict(machine=info, quick=args.quick, total_s=total, failed=failed, scenarios=bench.figures, table=table)
+    result = dict(machine=info, quick=args.quick, total_s=total, failed=failed, scenarios=bench.figures, table=table,
+                  targets=targets)  # fmt: skip
     out = ROOT / "bench" / "results" / "latest.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
