@@ -381,7 +381,7 @@ class Bench:
 
         R9 (issue 8): adaptation costs nothing on an unlimited server: requests/s adaptive
         within 5% of --no-adapt (ratio >= 0.95)."""
-        n, conc, reps = self.n(20_000), 256, 1 if self.quick else 2
+        n, conc, reps = self.n(20_000), 256, 1 if self.quick else 3
         inp = self.table(n)
         samples: dict[str, list[dict[str, float]]] = {"ours": [], "baseline": [], "no_adapt": []}
         with closing(Server(latency=0.02)) as srv:

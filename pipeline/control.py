@@ -21,6 +21,7 @@ gate, so every rule here is tested with scripted events and no sleeping.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from statistics import median
@@ -30,9 +31,17 @@ from statistics import median
 BETA = 0.9  # multiplicative decrease on overload: gentle, as the gate also moves often
 LATENCY_TOLERANCE = 2.0  # window latency above this many times the baseline means a queue is building
 LOAD_GROWTH = 1.5  # ...but only if the load grew this much since the baseline (else the server just got slower)
-MIN_WINDOW = 5  # latency samples per window at least
+OWN_SHARE = 0.5  # ...and our own event loop's lag explains less than this share of the growth:
+LOOP_HOPS = 4  # an answer waits in our loop about this many times (socket, parser, future, task) per request
+MIN_WINDOW = 5  # latency samples per window at least (after slow start)
+SLOW_START_WINDOW = 3  # ...and in slow start, where a window is also at least a round trip's answers
+FLAT = 1.25  # slow start quadruples the limit while latency stays within this of the baseline
 TOKEN_OVERHEAD = 16  # output tokens worth of fixed cost per request (prefill, network), for normalising latency
 PROBE_RTTS = 10  # above the last failure point, +1 per this many round trips: rare probes, few 429s
+# 503/529 and timeouts count as overload only when they are a good share of recent answers
+# (a moving average over about 20): a server with 10% random 5xx is flaky, not full, and
+# shrinking the gate on each one would starve it (measured: 10x the wall time).
+TROUBLE_ALPHA, TROUBLE_SHARE = 0.05, 0.3
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +75,10 @@ class ConcurrencyController:
         self.failed_at: float | None = None  # L when the last decrease happened
         self.named: int | None = None  # an in-flight limit the server named ("Maximum 10 queued requests")
         self.signals: dict[str, int] = {}  # overload signals acted on, by kind
-        self._window: list[tuple[float, int]] = []  # (normalised latency, on_wire at send) of this epoch
-        self._baseline: tuple[float, float] | None = None  # (latency, mean on_wire) of the fastest window seen
+        self.trouble = 0.0  # moving share of answers that were 503/529 or timeouts
+        self._window: list[tuple[float, int, float]] = []  # (normalised latency, on_wire at send, latency) of this generation
+        self.loop_lag = 0.0  # seconds a ready callback waits in our own event loop, lately (set by the governor)
+        self._baseline: tuple[float, float, float] | None = None  # (latency, mean on_wire, raw latency) of the fastest window
 
     @property
     def limit(self) -> int:
@@ -75,22 +86,25 @@ class ConcurrencyController:
 
     def on_success(self, t: Ticket, latency_s: float, output_tokens: int | None) -> bool:
         """An answer came back; returns True when the limit changed."""
-        before = self.limit
+        before = limit = int(self.value)
+        self.trouble *= 1 - TROUBLE_ALPHA
         if t.generation == self.generation:
             norm = latency_s / ((output_tokens or 0) + TOKEN_OVERHEAD)
-            self._window.append((norm, t.on_wire))
+            self._window.append((norm, t.on_wire, latency_s))
             # A window is a round trip's worth of answers in slow start (L doubles per
             # window), half of one after it (L moves in small steps).
-            if len(self._window) >= max(MIN_WINDOW, self.limit if self.slow_start else self.limit // 2):
+            if len(self._window) >= (max(SLOW_START_WINDOW, limit) if self.slow_start else max(MIN_WINDOW, limit // 2)):
                 window, self._window = self._window, []
                 if self._judge(window):
                     return True
-                if self.slow_start and max(n for _, n in window) >= max(1, self.limit - 1):
-                    self.value = min(self._cap(), self.value * 2)
+                if self.slow_start and max(w[1] for w in window) >= max(1, limit - 1):
+                    # Four times while the latency has not moved at all, twice while it is within tolerance.
+                    fast = self._baseline is not None and median(w[0] for w in window) <= FLAT * self._baseline[0]
+                    self.value = min(self._cap(), self.value * (4 if fast else 2))
                     self.generation += 1
         # Grow only when the gate is what holds requests back; when the pacer or
         # the input is the bottleneck, a larger limit would be a number, not capacity.
-        if not self.slow_start and t.on_wire >= max(1, self.limit - 1):
+        if not self.slow_start and t.on_wire >= max(1, limit - 1):
             if self.failed_at is not None and self.value >= self.failed_at - 1:
                 step = 1.0 / (PROBE_RTTS * self.value)  # above where it failed: probe rarely
             else:
@@ -101,21 +115,26 @@ class ConcurrencyController:
     def _cap(self) -> float:
         return float(min(self.ceiling, self.named or self.ceiling))
 
-    def _judge(self, window: list[tuple[float, int]]) -> bool:
+    def _judge(self, window: list[tuple[float, int, float]]) -> bool:
         """Judge a window's latency against the baseline; True when it made the limit drop."""
-        lat = median(x for x, _ in window)
-        load = sum(n for _, n in window) / len(window)
+        lat = median(w[0] for w in window)
+        load = sum(w[1] for w in window) / len(window)
+        raw = median(w[2] for w in window)
         base = self._baseline
         if base is None or lat < base[0]:
-            self._baseline = (lat, load)
+            self._baseline = (lat, load, raw)
             return False
         if lat <= LATENCY_TOLERANCE * base[0]:
             return False
-        if max(n for _, n in window) < 0.8 * self.limit:
+        if max(w[1] for w in window) < 0.8 * self.limit:
             return False  # the gate was never full: the pacer or the input set the load, not us
         if load < LOAD_GROWTH * base[1]:
             # Slower at the same load: the server changed, not our pressure on it. Re-learn.
-            self._baseline = (lat, load)
+            self._baseline = (lat, load, raw)
+            return False
+        if LOOP_HOPS * self.loop_lag >= OWN_SHARE * (raw - base[2]):
+            # The time was spent in our own event loop (this process is busy), not in a
+            # queue at the server: fewer in flight would only send fewer.
             return False
         # A queue is building: step back towards where the latency would be within tolerance.
         factor = max(0.5, min(BETA, LATENCY_TOLERANCE * 0.75 * base[0] / lat))
@@ -133,6 +152,10 @@ class ConcurrencyController:
                 self.value = float(named_limit)
                 self._after_decrease(kind, named_limit + 1.0)
                 return True
+        if kind != "concurrency":
+            self.trouble += TROUBLE_ALPHA * (1 - self.trouble)
+            if self.trouble < TROUBLE_SHARE:
+                return False
         if t.epoch != self.epoch:
             return False
         if kind == "concurrency":
@@ -167,14 +190,19 @@ METER_SLOTS, METER_SLOT_S = 10, 0.1  # the send rate over the last second, in 10
 class RateMeter:
     """Requests sent per second over the last second: ten 100 ms slots, O(1) per send."""
 
+    __slots__ = ("_counts", "_slot", "_start")
+
     def __init__(self) -> None:
         self._counts = [0] * METER_SLOTS
         self._slot = 0  # absolute index of the newest slot
         self._start: float | None = None
 
-    def add(self, now: float, n: float = 1.0) -> None:
-        self._advance(now)
-        self._counts[self._slot % METER_SLOTS] += int(n)
+    def add(self, now: float) -> None:
+        # Called per request: the common case (same slot as the last call) without a call.
+        start = self._start
+        if start is None or int((now - start) / METER_SLOT_S) != self._slot:
+            self._advance(now)
+        self._counts[self._slot % METER_SLOTS] += 1
 
     def rate(self, now: float) -> float:
         self._advance(now)
@@ -294,7 +322,9 @@ class RateController:
 # ---- outages and repeated failures -------------------------------------------------------
 
 OUTAGE_KINDS = frozenset({"connect", "disconnected", "connection_reset", "timeout"})
-BREAKER_TRIP = 5  # consecutive outage-like failures, with no success between, that open the breaker
+BREAKER_TRIP = 5  # consecutive outage-like failures, with no success between, that open the breaker...
+BREAKER_QUIET = 1.0  # ...and no success for this long: errors come back faster than answers, so at high
+# concurrency a few random 5xx arrive in a row while the successes sent beside them are still on the way
 PROBE_FIRST, PROBE_MAX = 0.5, 30.0  # seconds between probes: doubling from the first to the most
 
 
@@ -322,15 +352,17 @@ class Breaker:
         self.open_since: float | None = None
         self.interval = PROBE_FIRST
         self.streak = 0
+        self.last_success = -math.inf
         self.opened = 0  # times the breaker opened, for the summary
 
     @property
     def is_open(self) -> bool:
         return self.open_since is not None
 
-    def success(self) -> bool:
+    def success(self, now: float) -> bool:
         """Returns True when this closes an open breaker."""
         self.streak = 0
+        self.last_success = now
         if self.open_since is None:
             return False
         self.open_since, self.interval = None, PROBE_FIRST
@@ -343,7 +375,7 @@ class Breaker:
             return None
         self.streak += 1
         if self.open_since is None:
-            if self.streak < self.trip:
+            if self.streak < self.trip or now - self.last_success < BREAKER_QUIET:
                 return None
             self.open_since = now
             self.opened += 1

@@ -115,7 +115,7 @@ class Engine:
     ) -> None:
         self._provider = provider
         self._transport = transport
-        self._governor = governor
+        self.governor = self._governor = governor
         self._policy = policy
         self._concurrency = concurrency
         self._checkpoint = checkpoint
@@ -143,10 +143,12 @@ class Engine:
             workers = [group.create_task(self._worker()) for _ in range(self._concurrency)]
             writer = group.create_task(self._writer())
             stopper = group.create_task(self._stop_when_drained())
+            lag = group.create_task(self._governor.watch_loop())
             await self._produce(batches, prep)
             self._order.put_nowait(None)
             await writer
             stopper.cancel()
+            lag.cancel()
             for _ in workers:
                 self._queue.put_nowait(None)
 

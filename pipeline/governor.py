@@ -24,6 +24,7 @@ from pipeline.stats import RunStats
 HOLD_ALL_FROM = 2.0  # a 429 asking for at least this long holds every request; shorter waits hold only the row
 NOTICE_WAIT = 5.0  # holds shorter than this pass without a word
 TOKEN_DIMS = ("tokens", "input_tokens", "output_tokens")
+LAG_EVERY = 0.05  # seconds between samples of our own event loop's lag
 
 
 def _span(seconds: float) -> str:
@@ -84,20 +85,23 @@ class Governor:
 
         The hold is checked again after the pacers: a request that waited through a
         429's hold goes out at the pace, not in a burst when the hold lifts."""
+        hold, gate = self.hold, self.gate
         while True:
-            await self.hold.wait()
-            await self.gate.acquire()
+            if not hold.is_open:
+                await hold.wait()
+            if not gate.try_acquire():  # the common case costs no coroutine
+                await gate.acquire()
             try:
                 if self._requests is not None:
                     await self._requests.acquire()
                 if self._tokens:
                     await self._take_tokens(tokens)
             except BaseException:
-                self.gate.release()
+                gate.release()
                 raise
-            if self.hold.is_open:
+            if hold.is_open:
                 break
-            self.gate.release()
+            gate.release()
         self._on_wire += 1
         now = asyncio.get_running_loop().time()
         self.rate.sent(now)
@@ -129,6 +133,17 @@ class Governor:
         self.hold.shut()
         if self._on_wire == 0:
             self._drained.set()
+
+    async def watch_loop(self) -> None:
+        """Measure how late our own event loop runs a timer, for the latency rule: when this
+        process is the busy one, answers wait in our loop, not in the server's queue."""
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(LAG_EVERY)
+            lag = max(0.0, loop.time() - t0 - LAG_EVERY)
+            if self.concurrency is not None:
+                self.concurrency.loop_lag = 0.7 * self.concurrency.loop_lag + 0.3 * lag
 
     async def drained(self) -> None:
         """Returns once stop() was called and every request in flight has come back."""
@@ -175,7 +190,7 @@ class Governor:
         return None
 
     def succeeded(self, ticket: Ticket, latency_s: float, output_tokens: int | None) -> None:
-        if self.breaker.success():
+        if self.breaker.success(ticket.sent_at + latency_s):
             self.gate.cap(None)
             self._notice("pipeline: the server answers again; resuming at the pace learned before")
         self.repeat.success()

@@ -118,9 +118,15 @@ class Gate:
         self._cap = cap
         self._wake()
 
-    async def acquire(self) -> None:
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free and nobody is queued for it."""
         if self.held < self.limit and not self._waiters:
             self.held += 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        if self.try_acquire():
             return
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)

@@ -11,6 +11,7 @@ import contextlib
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -25,13 +26,13 @@ from pipeline.governor import Governor
 from pipeline.local_model import LocalServer, check_installed
 from pipeline.progress import Progress, summary
 from pipeline.prompts import Renderer, RequestSpec, parse_template
-from pipeline.providers import make_provider
+from pipeline.providers import Provider, make_provider
 from pipeline.providers.ratelimit import dialect_for
 from pipeline.retry import RetryPolicy
 from pipeline.sink import ParquetSink, check_output
 from pipeline.stats import RunStats
 from pipeline.structured import Structured, load_schema
-from pipeline.transport import AiohttpTransport
+from pipeline.transport import AiohttpTransport, Transport
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130  # and 2, bad usage: UserError, mapped by the CLI
 NOWHERE = "http://127.0.0.1:9/v1"  # stands in for a server that no request will reach
@@ -120,9 +121,48 @@ def preflight(cfg: RunConfig) -> Plan:
     return Plan(structured=structured, renderer=renderer, table=table, output=output)
 
 
+def build_engine(
+    cfg: RunConfig,
+    plan: Plan,
+    *,
+    provider: Provider,
+    transport: Transport,
+    base_url: str,
+    checkpoint: Checkpoint,
+    sink: ParquetSink,
+    stats: RunStats,
+    notice: Callable[[str], None] = lambda message: None,
+) -> Engine:
+    """The engine and its governor for one run, from the validated settings (inside the event loop)."""
+    concurrency = int(cfg.setting("concurrency"))
+    governor = Governor(
+        stats=stats,
+        concurrency=concurrency,
+        rpm=cfg.rpm,
+        tpm=cfg.tpm,
+        adapt=cfg.adapt,
+        max_wait=cfg.max_wait,
+        dialect=dialect_for(base_url, cfg.provider),
+        max_tokens=plan.renderer.spec.max_tokens or 0,
+        notice=notice,
+    )
+    return Engine(
+        provider=provider,
+        transport=transport,
+        governor=governor,
+        policy=RetryPolicy(max_attempts=cfg.max_attempts, max_wait=cfg.max_wait),
+        concurrency=concurrency,
+        checkpoint=checkpoint,
+        sink=sink,
+        stats=stats,
+        system_prompt=cfg.system,
+        structured=plan.structured,
+    )
+
+
 def _run_job(cfg: RunConfig, err: TextIO) -> int:
     plan = preflight(cfg)
-    structured, renderer, table, output = plan.structured, plan.renderer, plan.table, plan.output
+    renderer, table, output = plan.renderer, plan.table, plan.output
     api_key = cfg.api_key()
     base_url = cfg.setting("base_url")
     if cfg.provider == "local" and base_url is None:
@@ -162,28 +202,16 @@ def _run_job(cfg: RunConfig, err: TextIO) -> int:
                 loop.add_signal_handler(signal.SIGTERM, task.cancel)
                 transport = AiohttpTransport(concurrency=concurrency, timeout=timeout)
                 progress = Progress(stats, enabled=cfg.progress, stream=err)
-                governor = Governor(
-                    stats=stats,
-                    concurrency=concurrency,
-                    rpm=cfg.rpm,
-                    tpm=cfg.tpm,
-                    adapt=cfg.adapt,
-                    max_wait=cfg.max_wait,
-                    dialect=dialect_for(base_url, cfg.provider),
-                    max_tokens=renderer.spec.max_tokens or 0,
-                    notice=progress.notice,
-                )
-                engine = Engine(
+                engine = build_engine(
+                    cfg,
+                    plan,
                     provider=provider,
                     transport=transport,
-                    governor=governor,
-                    policy=RetryPolicy(max_attempts=cfg.max_attempts, max_wait=cfg.max_wait),
-                    concurrency=concurrency,
+                    base_url=base_url,
                     checkpoint=checkpoint,
                     sink=sink,
                     stats=stats,
-                    system_prompt=cfg.system,
-                    structured=structured,
+                    notice=progress.notice,
                 )
                 progress.start()
                 try:

@@ -31,11 +31,9 @@ from multidict import CIMultiDict
 from pipeline import errors, source
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import build_config
-from pipeline.engine import Engine, prepare
-from pipeline.governor import Governor
+from pipeline.engine import prepare
 from pipeline.providers import make_provider
-from pipeline.retry import RetryPolicy
-from pipeline.run import preflight
+from pipeline.run import build_engine, preflight
 from pipeline.sink import ParquetSink
 from pipeline.stats import RunStats
 
@@ -185,7 +183,7 @@ class SimServer:
 @dataclass
 class SimRun:
     stats: RunStats
-    governor: Governor
+    governor: Any
     server: SimServer
     wall: float  # virtual seconds
     output: pl.DataFrame
@@ -219,25 +217,8 @@ def run_sim(
     sink = ParquetSink(out)
     key = "k" * 20 if provider == "modelslab" else None
     prov = make_provider(cfg.provider, base, plan.renderer.spec, key)
-    concurrency = int(cfg.setting("concurrency"))
-    governor = Governor(
-        stats=stats,
-        concurrency=concurrency,
-        rpm=cfg.rpm,
-        tpm=cfg.tpm,
-        adapt=cfg.adapt,
-        max_wait=cfg.max_wait,
-        max_tokens=plan.renderer.spec.max_tokens or 0,
-    )
-    engine = Engine(
-        provider=prov,
-        transport=server,
-        governor=governor,
-        policy=RetryPolicy(max_attempts=cfg.max_attempts, max_wait=cfg.max_wait),
-        concurrency=concurrency,
-        checkpoint=checkpoint,
-        sink=sink,
-        stats=stats,
+    engine = build_engine(
+        cfg, plan, provider=prov, transport=server, base_url=base, checkpoint=checkpoint, sink=sink, stats=stats
     )
     loop = looptime.new_event_loop(start=0.0)
     error: BaseException | None = None
@@ -252,4 +233,4 @@ def run_sim(
         loop.close()
         checkpoint.close()
     output = pl.read_parquet(out) if out.exists() else pl.DataFrame()
-    return SimRun(stats=stats, governor=governor, server=server, wall=wall, output=output, error=error)
+    return SimRun(stats=stats, governor=engine.governor, server=server, wall=wall, output=output, error=error)
