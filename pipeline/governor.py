@@ -75,7 +75,7 @@ class Governor:
         self._drained = asyncio.Event()  # set when stopping and the last request in flight came back
         self._answered_once = False  # the breaker is armed only once the server has worked
         stats.concurrency_ceiling = concurrency
-        self._apply_pace()
+        self._apply_pace(started=False)
         self._show_concurrency()
 
     # ---- before a request --------------------------------------------------------------
@@ -284,12 +284,14 @@ class Governor:
 
     # ---- applying decisions ------------------------------------------------------------
 
-    def _apply_pace(self) -> None:
+    def _apply_pace(self, *, started: bool = True) -> None:
+        """Set the pacers to the pace in force. A pacer that appears mid-run (a limit just
+        learned) starts full: what was sent before it existed already counts at the server."""
         pace = self.rate.pace()
         if pace.per_second is None:
             self._requests = None
         elif self._requests is None:
-            self._requests = request_pacer(pace.per_second)
+            self._requests = request_pacer(pace.per_second, full=started)
         elif abs(self._requests.per_second - pace.per_second) > 1e-9:
             self._requests.set_rate(pace.per_second)
         s = self._stats
@@ -305,7 +307,7 @@ class Governor:
             if dim in self._tokens:
                 self._tokens[dim].set_rate(per_second)
             else:
-                self._tokens[dim] = token_pacer(per_second)
+                self._tokens[dim] = token_pacer(per_second, full=started)
         tpm = [c for c in (self._user_tpm, self._token_ceiling.get("tokens")) if c]
         s.pace_tpm = min(tpm) if tpm else None
         s.pace_tpm_source = None if not tpm else ("user" if self._user_tpm and min(tpm) == self._user_tpm else "header")

@@ -59,6 +59,11 @@ class Pacer(AsyncLimiter):
         self._level = min(self._level, capacity)
         self._wake_next()  # re-arm the waiters' timer for the new rate
 
+    def fill(self) -> Pacer:
+        """Start with the bucket full (inside the event loop): the next request waits its turn."""
+        self._level, self._last_check = self.max_rate, self._loop.time()
+        return self
+
     def has_capacity(self, amount: float = 1) -> bool:
         # aiolimiter tests capacity as `level + amount <= max_rate` here but as
         # `amount - max_rate + level <= 0` when waking a waiter; one ulp apart, a
@@ -88,13 +93,15 @@ class Pacer(AsyncLimiter):
             amount -= chunk
 
 
-def request_pacer(per_second: float) -> Pacer:
-    return Pacer(per_second, capacity_s=BANK, min_capacity=1.0)
+def request_pacer(per_second: float, *, full: bool = False) -> Pacer:
+    pacer = Pacer(per_second, capacity_s=BANK, min_capacity=1.0)
+    return pacer.fill() if full else pacer
 
 
-def token_pacer(per_second: float) -> Pacer:
+def token_pacer(per_second: float, *, full: bool = False) -> Pacer:
     # A second's worth at most, as for requests; bigger requests are charged in chunks.
-    return Pacer(per_second, capacity_s=1.0, min_capacity=0.0)
+    pacer = Pacer(per_second, capacity_s=1.0, min_capacity=0.0)
+    return pacer.fill() if full else pacer
 
 
 class Gate:

@@ -24,6 +24,14 @@ def test_learns_an_announced_per_second_limit_with_no_429s(tmp_path: Path) -> No
     assert run.stats.pace_source == "header" and run.stats.pace_rpm == pytest.approx(6000 * 0.987)
 
 
+def test_a_sliding_minute_window_announced_in_headers_is_never_exceeded(tmp_path: Path) -> None:
+    server = SimServer(latency=0.1, rpm=600, window="minute")
+    run = run_sim(server, tmp_path, 1200, concurrency=64)
+    assert run.error is None and run.stats.ok == 1200
+    assert server.count(429) == 0
+    assert server.ok_rate(since=10) >= 0.95 * 10
+
+
 def test_without_headers_429s_teach_the_rate(tmp_path: Path) -> None:
     # Also the regression test for the pacer's float-dust spin (limits.Pacer._wake_next): it hung here.
     server = SimServer(latency=0.03, rpm=6000, window="second", headers=False)

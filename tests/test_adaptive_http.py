@@ -29,6 +29,17 @@ def test_openai_headers_set_the_pace_with_no_429s() -> None:
     assert "pace 1,184 requests/min (the server's headers, x-ratelimit-limit-requests)" in result.output
 
 
+def test_a_token_limit_announced_in_headers_paces_tokens() -> None:
+    # 60,000 tokens/min = 1,000 a second; each request is charged about 60 (prompt + max_tokens 50).
+    with FakeLLMServer(latency=0.02, tpm=60_000, rate_window="second") as server:
+        write_table("in.csv", texts(40))
+        result = run_cli(*base_args(server), "--max-tokens", "50")
+        stats = server.stats()
+    assert result.exit_code == 0, result.output
+    assert stats["status_429"] == 0
+    assert "60,000 tokens/min (the server's headers)" in result.output
+
+
 def test_anthropic_headers_set_the_pace() -> None:
     with FakeLLMServer(latency=0.02, rpm=1200, rate_window="second", rate_headers="anthropic", api_key="sk-ant-test-key") as srv:
         write_table("in.csv", texts(40))

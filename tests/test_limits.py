@@ -122,3 +122,18 @@ def test_hold_reopens_on_its_timer_and_shut_is_for_good() -> None:
         return t
 
     assert virtual(main()) == pytest.approx(5.0)
+
+
+def test_a_pacer_learned_mid_run_starts_full() -> None:
+    """What went out before the limit was known already counts at the server: no burst on top."""
+
+    async def main() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        empty, full = token_pacer(100), token_pacer(100, full=True)
+        await empty.take(100)  # a second's worth banked: at once
+        t_empty = loop.time()
+        await full.take(100)  # must be earned first
+        return t_empty, loop.time() - t_empty
+
+    t_empty, t_full = virtual(main())
+    assert t_empty == 0.0 and t_full == pytest.approx(1.0, abs=0.01)

@@ -140,7 +140,8 @@ def test_without_a_terminal_progress_is_a_status_line_now_and_then() -> None:
     from pipeline.progress import Progress
     from pipeline.stats import RunStats
 
-    stats = RunStats(total_rows=200, rows_done=50, errors=2, retries=3)
+    stats = RunStats(total_rows=200, rows_done=50, errors=2, retries=3, pace_rpm=5922, pace_source="header")
+    stats.pace_detail, stats.concurrency, stats.concurrency_ceiling, stats.limited_rate = "x-ratelimit-limit-requests", 12, 256, 3
     log = io.StringIO()  # not a terminal, like a cron job's log
 
     async def run_briefly() -> None:
@@ -153,3 +154,45 @@ def test_without_a_terminal_progress_is_a_status_line_now_and_then() -> None:
     lines = log.getvalue().splitlines()
     assert 2 <= len(lines) <= 4
     assert lines[0].startswith("pipeline: 50 of 200 (25%) rows after") and "2 errors, 3 retries" in lines[0]
+    # What the run has learned, and from where, is in every line of a nightly log.
+    assert "pace 5,922 requests/min (the server's headers, x-ratelimit-limit-requests)" in lines[0]
+    assert "12 in flight (learned, at most 256); 429s: 3 rate, 0 in-flight" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("message", "status", "kind"),
+    [
+        ("Provider returned error", 200, errors.ServerError),
+        ("Something went wrong", 200, errors.ServerError),
+        ("Server Error, please try again", 200, errors.ServerError),
+        ("Model is currently unavailable", 200, errors.ServerError),
+        ("The model_id field is required.", 200, errors.ErrorReply),
+        ("Model not found", 200, errors.ErrorReply),
+        ("Invalid API key. Please check your key.", 200, errors.AuthError),
+        ("Rate limit exceeded. Maximum 5 queued requests allowed.", 429, errors.RateLimited),
+        ("Insufficient credit balance", 200, errors.QuotaExhausted),
+    ],
+)
+def test_modelslab_error_messages_are_retried_unless_known_permanent(message: str, status: int, kind: type) -> None:
+    from pipeline.providers.modelslab import classify_message
+
+    err = classify_message(message, status, None)
+    assert type(err) is kind
+    if isinstance(err, errors.RateLimited):
+        assert (err.scope, err.limit) == ("concurrency", 5)
+
+
+@pytest.mark.parametrize(
+    ("message", "scope", "limit"),
+    [
+        ("Rate limit reached for gpt-4o in organization org-x on requests per min (RPM): Limit 500", "rate", None),
+        ("Rate limit reached for requests", "rate", None),
+        ("Too many concurrent requests. Maximum 8 concurrent requests allowed.", "concurrency", 8),
+        ("You have too many requests in flight", "concurrency", None),
+        ("Too Many Requests", "unknown", None),
+    ],
+)
+def test_a_429_says_whether_it_is_about_rate_or_requests_in_flight(message: str, scope: str, limit: int | None) -> None:
+    from pipeline.providers.base import limit_scope
+
+    assert limit_scope(message) == (scope, limit)
