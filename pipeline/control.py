@@ -21,7 +21,6 @@ gate, so every rule here is tested with scripted events and no sleeping.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from statistics import median
@@ -185,45 +184,78 @@ BETA_BLIND = 0.7  # decrease without headers: we do not know the limit, so step 
 BETA_KNOWN = 0.9  # decrease under an announced limit: someone else shares the key, give way a little
 MAX_OVER_MEASURED = 2.0  # never pace above twice what is actually being sent
 METER_SLOTS, METER_SLOT_S = 10, 0.1  # the send rate over the last second, in 100 ms slots
+METER_MIN_EVENTS = 10  # fewer in the last ten seconds say nothing about a rate
 
 
 class RateMeter:
-    """Requests sent per second over the last second: ten 100 ms slots, O(1) per send."""
+    """Events per second over the last ten slots (100 ms slots: the last second), O(1) per event."""
 
-    __slots__ = ("_counts", "_slot", "_start")
+    __slots__ = ("_counts", "_min_span", "_slot", "_slot_s", "_start")
 
-    def __init__(self) -> None:
+    def __init__(self, slot_s: float = METER_SLOT_S, *, min_span: float | None = None) -> None:
         self._counts = [0] * METER_SLOTS
         self._slot = 0  # absolute index of the newest slot
+        self._slot_s = slot_s
+        self._min_span = min_span  # early on, divide by the time elapsed, but by no less than this
         self._start: float | None = None
 
     def add(self, now: float) -> None:
         # Called per request: the common case (same slot as the last call) without a call.
         start = self._start
-        if start is None or int((now - start) / METER_SLOT_S) != self._slot:
+        if start is None or int((now - start) / self._slot_s) != self._slot:
             self._advance(now)
         self._counts[self._slot % METER_SLOTS] += 1
+
+    def count(self, now: float) -> int:
+        self._advance(now)
+        return sum(self._counts)
 
     def rate(self, now: float) -> float:
         self._advance(now)
         if self._start is None:
             return 0.0
-        # Nine whole slots and the part of the newest one that has passed; a full second
-        # even in the first second, so that a start-up burst is not taken for a rate.
+        # Nine whole slots and the part of the newest one that has passed; the full span
+        # even at the start, so that a start-up burst is not taken for a rate.
         elapsed = now - self._start
-        span = (METER_SLOTS - 1) * METER_SLOT_S + (elapsed - self._slot * METER_SLOT_S)
-        return sum(self._counts) / max(span, METER_SLOT_S)
+        span = (METER_SLOTS - 1) * self._slot_s + (elapsed - self._slot * self._slot_s)
+        if self._min_span is not None:
+            span = min(span, max(elapsed, self._min_span))
+        return sum(self._counts) / max(span, self._slot_s)
 
     def _advance(self, now: float) -> None:
         if self._start is None:
             self._start = now
-        slot = int((now - self._start) / METER_SLOT_S)
+        slot = int((now - self._start) / self._slot_s)
         if slot - self._slot >= METER_SLOTS:
             self._counts = [0] * METER_SLOTS
         else:
             for s in range(self._slot + 1, slot + 1):
                 self._counts[s % METER_SLOTS] = 0
         self._slot = max(self._slot, slot)
+
+
+class Meter:
+    """A rate over the last second when there is enough in it to tell, else over the last ten:
+    at 12 requests a minute (or answers taking seconds) the last second is usually empty."""
+
+    __slots__ = ("_long", "_short")
+
+    def __init__(self) -> None:
+        # The long one divides by the time elapsed in the first ten seconds (at least one): ten
+        # seconds for five requests sent in the first 0.2 s would make a pace of one in two seconds.
+        self._short, self._long = RateMeter(METER_SLOT_S), RateMeter(10 * METER_SLOT_S, min_span=1.0)
+
+    def add(self, now: float) -> None:
+        self._short.add(now)
+        self._long.add(now)
+
+    def rate(self, now: float) -> float | None:
+        """Per second; None while there are too few events to call it a rate."""
+        if self._short.count(now) >= METER_MIN_EVENTS:
+            return self._short.rate(now)
+        if self._long.count(now) >= METER_MIN_EVENTS:
+            return self._long.rate(now)
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,8 +281,8 @@ class RateController:
         self._k = 0.0
         self._since = 0.0
         self._quiet_until = 0.0  # 429s of requests sent before this belong to the last decrease
-        self.meter = RateMeter()  # requests sent
-        self.accepted = RateMeter()  # requests answered (not refused): what the server lets through for us
+        self.meter = Meter()  # requests sent
+        self.accepted = Meter()  # requests answered (not refused): what the server lets through for us
 
     def ceiling(self) -> float | None:
         caps = [c * HEADROOM for c in (self.user, self.header) if c]
@@ -286,10 +318,12 @@ class RateController:
             return False
         # Step down from what the server let through for us, not from what we sent: when
         # another job shares the key, that is our share, and one step gets near it.
-        through = self.accepted.rate(now)
-        base = min(r for r in (self.pace().per_second, self.meter.rate(now), through or None) if r is not None)
-        if base <= 0:
-            base = 1.0
+        # Too few sends to call it a rate (a 429 on the second request): the row waits its
+        # Retry-After, and the next 429, with more to go on, sets a pace.
+        known = [r for r in (self.pace().per_second, self.meter.rate(now), self.accepted.rate(now)) if r]
+        if not known:
+            return False
+        base = min(known)
         beta = BETA_KNOWN if self.header else BETA_BLIND
         self._w_max = base
         self._k = (base * (1 - beta) / CUBIC_C) ** (1 / 3)
@@ -308,7 +342,9 @@ class RateController:
             return False
         t = now - self._since
         target = CUBIC_C * (t - self._k) ** 3 + self._w_max
-        target = min(target, max(MAX_OVER_MEASURED * self.meter.rate(now), self._w_max * BETA_BLIND))
+        measured = self.meter.rate(now)
+        if measured:
+            target = min(target, max(MAX_OVER_MEASURED * measured, self._w_max * BETA_BLIND))
         ceiling = self.ceiling()
         if ceiling is not None and target >= ceiling:
             self.operating = None  # back at the ceiling: nothing left to learn until the next 429
@@ -322,23 +358,19 @@ class RateController:
 # ---- outages and repeated failures -------------------------------------------------------
 
 OUTAGE_KINDS = frozenset({"connect", "disconnected", "connection_reset", "timeout"})
-BREAKER_TRIP = 5  # consecutive outage-like failures, with no success between, that open the breaker...
-BREAKER_QUIET = 1.0  # ...and no success for this long: errors come back faster than answers, so at high
-# concurrency a few random 5xx arrive in a row while the successes sent beside them are still on the way
+# Outage-like failures in a row, with no success between, that open the breaker: at least
+# BREAKER_TRIP, and at least as many as are in flight (up to BREAKER_SPAN). Errors come back
+# faster than answers, so at high concurrency a few random 5xx arrive in a row while the
+# successes sent beside them are still on the way; a whole round trip of failures is an outage.
+BREAKER_TRIP, BREAKER_SPAN = 5, 64
 PROBE_FIRST, PROBE_MAX = 0.5, 30.0  # seconds between probes: doubling from the first to the most
 
 
 def outage_kind(kind: str) -> bool:
     """Failures that say "the server is not there / not well", not "this row is bad"."""
-    return (
-        kind in OUTAGE_KINDS
-        or (kind.startswith("http_5") and kind not in ("http_501", "http_505"))
-        or kind
-        in (
-            "http_529",
-            "server_error",
-        )
-    )
+    if kind.startswith("http_5"):
+        return kind not in ("http_501", "http_505")
+    return kind in OUTAGE_KINDS or kind == "server_error"
 
 
 class Breaker:
@@ -352,30 +384,30 @@ class Breaker:
         self.open_since: float | None = None
         self.interval = PROBE_FIRST
         self.streak = 0
-        self.last_success = -math.inf
         self.opened = 0  # times the breaker opened, for the summary
 
     @property
     def is_open(self) -> bool:
         return self.open_since is not None
 
-    def success(self, now: float) -> bool:
+    def success(self) -> bool:
         """Returns True when this closes an open breaker."""
         self.streak = 0
-        self.last_success = now
         if self.open_since is None:
             return False
         self.open_since, self.interval = None, PROBE_FIRST
         return True
 
-    def failure(self, now: float, kind: str) -> float | None:
-        """Record a failure; returns the seconds to hold everything when the breaker (re)opens."""
+    def failure(self, now: float, kind: str, in_flight: int = 1) -> float | None:
+        """Record a failure; returns the seconds to hold everything when the breaker opens.
+
+        `in_flight` is how many may be in flight (the gate's limit)."""
         if not outage_kind(kind):
             self.streak = 0
             return None
         self.streak += 1
         if self.open_since is None:
-            if self.streak < self.trip or now - self.last_success < BREAKER_QUIET:
+            if self.streak < max(self.trip, min(in_flight, BREAKER_SPAN)):
                 return None
             self.open_since = now
             self.opened += 1

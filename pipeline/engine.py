@@ -216,19 +216,22 @@ class Engine:
 
     async def _attempt(self, work: Work) -> None:
         governor = self._governor
-        ticket = await governor.admit(work.tokens)
+        try:
+            ticket = await governor.admit(work.tokens)
+        except errors.FatalError as blocked:  # nothing more may be sent (a daily limit used up)
+            self._stop(blocked)
+            return
         work.attempts += 1
         self._stats.requests_sent += 1
         loop = asyncio.get_running_loop()
         started = loop.time()
-        stop: errors.FatalError | None = None
         try:
             try:
                 body = self._provider.body(work.prompt, work.extra, work.followup)
                 status, headers, reply = await self._transport.post(self._provider.url, self._provider.headers, body)
             finally:
                 governor.release()
-            stop = governor.answered(headers)
+            governor.answered(headers)
             completion = read_reply(self._provider, status, headers, reply)
             latency = loop.time() - started
             governor.succeeded(ticket, latency, completion.completion_tokens)
@@ -240,8 +243,6 @@ class Engine:
             self._any_success = True
             self._stats.record_latency(latency * 1000)
             self._finish(work, self._ok_result(work, completion, latency * 1000))
-        if stop is not None:
-            self._stop(stop)  # after this answer is saved: a daily limit used up, say
 
     def _ok_result(self, work: Work, c: Completion, latency: float) -> Result:
         pt, ct = c.prompt_tokens, c.completion_tokens

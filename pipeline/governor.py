@@ -32,10 +32,14 @@ def _span(seconds: float) -> str:
         return f"{seconds:.0f} s"
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} days"
 
 
 def _at(seconds: float) -> str:
+    if not seconds < 366 * 86400:
+        return "more than a year from now"
     when = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds)
     return when.strftime("%Y-%m-%d %H:%M UTC")
 
@@ -72,6 +76,7 @@ class Governor:
         self._tokens: dict[str, Pacer] = {}
         self._on_wire = 0
         self._stopping = False
+        self._blocked: errors.FatalError | None = None
         self._drained = asyncio.Event()  # set when stopping and the last request in flight came back
         self._answered_once = False  # the breaker is armed only once the server has worked
         stats.concurrency_ceiling = concurrency
@@ -89,6 +94,8 @@ class Governor:
         while True:
             if not hold.is_open:
                 await hold.wait()
+            if self._blocked is not None:
+                raise self._blocked
             if not gate.try_acquire():  # the common case costs no coroutine
                 await gate.acquire()
             try:
@@ -99,7 +106,7 @@ class Governor:
             except BaseException:
                 gate.release()
                 raise
-            if hold.is_open:
+            if hold.is_open and self._blocked is None:
                 break
             gate.release()
         self._on_wire += 1
@@ -127,6 +134,12 @@ class Governor:
         if self._on_wire == 0 and self._stopping:
             self._drained.set()
 
+    def _block(self, err: errors.FatalError) -> None:
+        """Refuse every further request with `err` (waiters are woken to hear it)."""
+        if self._blocked is None:
+            self._blocked = err
+            self.hold.open_now()
+
     def stop(self) -> None:
         """Admit nothing more (the run is ending early); requests in flight may finish."""
         self._stopping = True
@@ -151,15 +164,12 @@ class Governor:
 
     # ---- after a request ---------------------------------------------------------------
 
-    def answered(self, headers: Mapping[str, str]) -> errors.FatalError | None:
-        """Read the rate-limit headers of any answer. Returns an error to stop the run with
-        once this answer is saved (a daily limit used up until after --max-wait)."""
-        if not self._adapt:
-            return None
-        seen = parse_rate_headers(headers, self._dialect)
-        return None if seen is None else self._learn(seen)
+    def answered(self, headers: Mapping[str, str]) -> None:
+        """Read the rate-limit headers of any answer."""
+        if self._adapt and (seen := parse_rate_headers(headers, self._dialect)) is not None:
+            self._learn(seen)
 
-    def _learn(self, seen: RateHeaders) -> errors.FatalError | None:
+    def _learn(self, seen: RateHeaders) -> None:
         changed = False
         r = seen.requests
         if r is not None and r.limit and r.window_s <= 60:
@@ -180,17 +190,21 @@ class Governor:
         for daily in (seen.requests_day, seen.tokens_day):
             if daily is not None and daily.remaining is not None and daily.remaining <= 0 and daily.reset_s:
                 if daily.reset_s > self._max_wait:
-                    return errors.WaitTooLong(
-                        f"the daily limit ({daily.header}: {daily.limit or 0:,.0f}) is used up and resets in "
-                        f"{_span(daily.reset_s)}, at about {_at(daily.reset_s)}, later than --max-wait {_span(self._max_wait)}. "
-                        "Run the same command again after that",
-                        kind="daily_limit",
+                    # Nothing more may be sent, but the run may be done already: the next
+                    # request that asks to go out stops the run instead.
+                    self._block(
+                        errors.WaitTooLong(
+                            f"the daily limit ({daily.header}: {daily.limit or 0:,.0f}) is used up and resets in "
+                            f"{_span(daily.reset_s)}, at about {_at(daily.reset_s)}, later than --max-wait {_span(self._max_wait)}. "
+                            "Run the same command again after that",
+                            kind="daily_limit",
+                        )
                     )
+                    return
                 self._hold_all(daily.reset_s, f"daily limit {daily.header} used up")
-        return None
 
     def succeeded(self, ticket: Ticket, latency_s: float, output_tokens: int | None) -> None:
-        if self.breaker.success(ticket.sent_at + latency_s):
+        if self.breaker.success():
             self.gate.cap(None)
             self._notice("pipeline: the server answers again; resuming at the pace learned before")
         self.repeat.success()
@@ -266,7 +280,7 @@ class Governor:
                     )
                 self.hold.close_for(self.breaker.probe_failed())
             return False
-        hold = self.breaker.failure(now, err.kind)
+        hold = self.breaker.failure(now, err.kind, self.gate.limit)
         if hold is None:
             return True
         self._stats.breaker_opened += 1
@@ -293,7 +307,11 @@ class Governor:
         elif self._requests is None:
             self._requests = request_pacer(pace.per_second, full=started)
         elif abs(self._requests.per_second - pace.per_second) > 1e-9:
+            slower = pace.per_second < self._requests.per_second
             self._requests.set_rate(pace.per_second)
+            if slower and started:
+                # What was sent at the old pace counts against the new one: no burst on top.
+                self._requests.fill()
         s = self._stats
         s.pace_rpm = None if pace.per_second is None else pace.per_second * 60
         s.pace_source = pace.source
@@ -305,7 +323,10 @@ class Governor:
                 continue
             per_second = min(caps) * 0.987 / 60
             if dim in self._tokens:
+                slower = per_second < self._tokens[dim].per_second
                 self._tokens[dim].set_rate(per_second)
+                if slower and started:
+                    self._tokens[dim].fill()
             else:
                 self._tokens[dim] = token_pacer(per_second, full=started)
         tpm = [c for c in (self._user_tpm, self._token_ceiling.get("tokens")) if c]

@@ -38,6 +38,7 @@ class Pacer(AsyncLimiter):
 
     __slots__ = ("_capacity_s", "_min_capacity")
     _waker_handle: asyncio.TimerHandle | None
+    _waiters: list[tuple[float, int, asyncio.Future[None]]]
 
     def __init__(self, per_second: float, *, capacity_s: float, min_capacity: float) -> None:
         self._capacity_s, self._min_capacity = capacity_s, min_capacity
@@ -53,7 +54,10 @@ class Pacer(AsyncLimiter):
 
     def set_rate(self, per_second: float) -> None:
         self._leak()  # the level as of now, drained at the old rate
-        capacity = self._capacity(per_second)
+        # Never below what a waiter already asked for (a chunk sized to the old capacity):
+        # aiolimiter would leave it waiting for room that can never exist.
+        waiting = max((amount for amount, _, fut in self._waiters if not fut.done()), default=0.0)
+        capacity = max(self._capacity(per_second), waiting)
         self.max_rate, self.time_period = capacity, capacity / per_second
         self._rate_per_sec = per_second
         self._level = min(self._level, capacity)
@@ -171,6 +175,14 @@ class Hold:
 
     async def wait(self) -> None:
         await self._open.wait()
+
+    def open_now(self) -> None:
+        """Reopen at once (unless shut for good)."""
+        if self.until != math.inf:
+            self.until = 0.0
+            if self._reopen is not None:
+                self._reopen.cancel()
+            self._open.set()
 
     def shut(self) -> None:
         """Closed for good (the run is stopping)."""

@@ -237,13 +237,17 @@ def _run_job(cfg: RunConfig, err: TextIO) -> int:
                 if fatal is None:
                     raise
                 sink.abort()
-                print(
-                    f"pipeline: stopped: {str(fatal.exceptions[0]).rstrip('.')}.\n"
-                    f"  Every further request would fail the same way, so the run stopped at once. "
-                    f"{checkpoint.appended} answers from this run are kept in {cfg.checkpoint_path}; "
-                    f"fix the cause and run the same command again to resume.",
-                    file=err,
-                )
+                cause = fatal.exceptions[0]
+                kept = f"{checkpoint.appended} answers from this run are kept in {cfg.checkpoint_path}"
+                if isinstance(cause, errors.WaitTooLong):  # its message already says when to come back
+                    then = f"  Nothing more was sent; the requests in flight came back. {kept}; rows answered are not sent again."
+                else:
+                    then = (
+                        f"  Every further request would fail the same way, so nothing more was sent. {kept}; "
+                        "fix the cause and run the same command again to resume."
+                    )
+                print(f"pipeline: stopped: {str(cause).rstrip('.')}.\n{then}", file=err)
+                print(summary(stats, time.monotonic() - started, None, str(cfg.checkpoint_path)), file=err)
                 return EXIT_FAILED
             finally:
                 # Closing the loop resets SIGTERM to the default (die at once); keep it an interrupt.

@@ -32,6 +32,14 @@ def test_a_sliding_minute_window_announced_in_headers_is_never_exceeded(tmp_path
     assert server.ok_rate(since=10) >= 0.95 * 10
 
 
+def test_a_low_limit_without_headers_and_slow_answers_is_learned_not_starved(tmp_path: Path) -> None:
+    """300/min with answers taking 2 s: the last second often holds no send at all."""
+    server = SimServer(latency=2.0, rpm=300, window="minute", headers=False, retry_after=1)
+    run = run_sim(server, tmp_path, 600, concurrency=64)
+    assert run.error is None and run.stats.ok == 600
+    assert run.wall <= 600 / 5 * 1.6  # 120 s at the limit; well under twice that
+
+
 def test_without_headers_429s_teach_the_rate(tmp_path: Path) -> None:
     # Also the regression test for the pacer's float-dust spin (limits.Pacer._wake_next): it hung here.
     server = SimServer(latency=0.03, rpm=6000, window="second", headers=False)
@@ -111,6 +119,16 @@ def test_server_down_mid_run_holds_and_resumes_without_failing_rows(tmp_path: Pa
     assert run.output.get_column("attempts").max() <= 2
 
 
+def test_an_outage_at_full_speed_costs_rows_a_few_attempts_not_all(tmp_path: Path) -> None:
+    """No --rpm: refused connections come back in no time and must not burn each row's attempts."""
+    server = SimServer(latency=0.05, down=(2.0, 20.0))
+    run = run_sim(server, tmp_path, 300, concurrency=8)
+    assert run.error is None
+    assert run.stats.ok == 300 and run.stats.errors == 0
+    assert server.refused_connections <= 40
+    assert run.output.get_column("attempts").max() <= 4  # of 6: the trip takes a round trip of failures
+
+
 def test_an_outage_longer_than_max_wait_stops_the_run(tmp_path: Path) -> None:
     server = SimServer(latency=0.05, down=(2.0, 10_000.0))
     run = run_sim(server, tmp_path, 400, concurrency=8, rpm=600, max_wait=120)
@@ -153,3 +171,10 @@ def test_a_daily_limit_used_up_stops_after_saving_the_last_answer(tmp_path: Path
     # requests already in flight are let back and saved: answered is never lost.
     assert run.stats.ok == 50
     assert len(server.answers) <= 50 + 4
+
+
+def test_a_daily_limit_used_up_by_the_last_row_is_not_a_failure(tmp_path: Path) -> None:
+    server = SimServer(latency=0.05, daily_limit=100)
+    run = run_sim(server, tmp_path, 100, concurrency=4)
+    assert run.error is None
+    assert run.stats.ok == 100 and run.output.height == 100

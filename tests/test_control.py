@@ -236,7 +236,7 @@ def test_growth_never_passes_twice_the_measured_rate() -> None:
         t += 0.1
         r.sent(t)
         r.grow(t)
-        assert (r.pace().per_second or 0) <= max(2 * r.meter.rate(t), 70) + 1e-9
+        assert (r.pace().per_second or 0) <= max(2 * (r.meter.rate(t) or 0), 70) + 1e-9
 
 
 def test_after_a_429_under_a_known_limit_the_pace_returns_to_the_ceiling_and_lets_go() -> None:
@@ -293,24 +293,34 @@ def test_two_jobs_sharing_a_limit_converge_to_a_fair_split() -> None:
 
 def test_breaker_opens_after_a_streak_and_probes_at_growing_intervals() -> None:
     b = Breaker()
-    b.success(0.0)
     for i in range(BREAKER_TRIP - 1):
         assert b.failure(0.1 * i, "connect") is None
-    assert b.failure(0.9, "connect") is None  # a streak, but the last success is too recent to call it down
     assert b.failure(10.0, "connect") == PROBE_FIRST
     assert b.is_open and b.opened == 1
     waits = [b.probe_failed() for _ in range(10)]
     assert waits[0] == PROBE_FIRST * 2 and waits[-1] == PROBE_MAX
     assert waits == sorted(waits)
     assert b.open_for(70.0) == 60.0
-    assert b.success(70.0) and not b.is_open
+    assert b.success() and not b.is_open
+
+
+def test_with_many_in_flight_the_breaker_wants_a_round_trip_of_failures() -> None:
+    """Fast errors arrive in clusters ahead of the answers sent beside them: ten 503s in a row
+    among 64 in flight is a flaky server; 64 in a row is one that is down."""
+    b = Breaker()
+    for _ in range(10):
+        assert b.failure(0, "http_503", in_flight=64) is None
+    b.success()
+    for _ in range(63):
+        assert b.failure(0, "http_503", in_flight=64) is None
+    assert b.failure(0, "http_503", in_flight=64) == PROBE_FIRST
 
 
 def test_breaker_streak_is_broken_by_successes_and_other_failures() -> None:
     b = Breaker()
     for _ in range(3):
         b.failure(0, "http_500")
-    b.success(0)
+    b.success()
     for _ in range(3):
         b.failure(0, "http_503")
     b.failure(0, "http_400")  # a row's own problem: not an outage

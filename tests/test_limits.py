@@ -137,3 +137,17 @@ def test_a_pacer_learned_mid_run_starts_full() -> None:
 
     t_empty, t_full = virtual(main())
     assert t_empty == 0.0 and t_full == pytest.approx(1.0, abs=0.01)
+
+
+def test_a_token_limit_that_drops_while_a_big_request_waits_still_lets_it_through() -> None:
+    """The waiter asked for a chunk sized to the old bucket; the new one must still hold it."""
+
+    async def main() -> float:
+        pacer = token_pacer(20_000 * 0.987 / 60, full=True)
+        waiting = asyncio.create_task(pacer.take(270))
+        await asyncio.sleep(0.01)
+        pacer.set_rate(10_000 * 0.987 / 60)
+        await asyncio.wait_for(waiting, 60)
+        return asyncio.get_running_loop().time()
+
+    assert virtual(main()) < 5

@@ -9,9 +9,10 @@ class tells the retry policy what to do.
 from __future__ import annotations
 
 import email.utils
+import math
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -77,27 +78,41 @@ def maybe_json(body: bytes) -> Any:
         return None
 
 
+MAX_RETRY_AFTER = 366 * 86400.0  # longer is nonsense; the run stops on anything past --max-wait anyway
+
+
 def retry_after(headers: Mapping[str, str], body_value: Any = None) -> float | None:
-    """Seconds the server asked us to wait: retry-after-ms, Retry-After (seconds or a date), or a body field."""
+    """Seconds the server asked us to wait: retry-after-ms, Retry-After (seconds or a date), or a body field.
+
+    NaN and infinity count as no wait named; a wait is clamped to [0, a year]."""
+    for seconds in _waits(headers, body_value):
+        if seconds is not None and math.isfinite(seconds):
+            return min(max(0.0, seconds), MAX_RETRY_AFTER)
+    return None
+
+
+def _waits(headers: Mapping[str, str], body_value: Any) -> Iterator[float | None]:
     ms = headers.get("retry-after-ms")
     if ms:
-        try:
-            return max(0.0, float(ms) / 1000)
-        except ValueError:
-            pass
+        yield _number(ms, scale=0.001)
     value = headers.get("retry-after")
     if value:
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            pass
-        try:
-            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            pass  # neither seconds nor a date: as if the server named no wait
+        seconds = _number(value)
+        if seconds is None:
+            try:
+                seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+            except (TypeError, ValueError, OverflowError):
+                seconds = None  # neither seconds nor a date: as if the server named no wait
+        yield seconds
     if isinstance(body_value, int | float) and not isinstance(body_value, bool):
-        return max(0.0, float(body_value))
-    return None
+        yield float(body_value)
+
+
+def _number(text: str, *, scale: float = 1.0) -> float | None:
+    try:
+        return float(text) * scale
+    except ValueError:
+        return None
 
 
 def clip(message: object, limit: int = 300) -> str:

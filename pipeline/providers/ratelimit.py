@@ -33,6 +33,7 @@ DAY = 86400.0
 # The longest reset a per-minute bucket can announce. Not exactly 60: a just-emptied bucket
 # rounds up ("1m0.001s" from a server that never lets a client wait too little).
 _MINUTE_RESET_MAX = 61.0
+_DAILY_RESET_MIN = 3600.0  # under OpenAI's names, a reset longer than this means a daily limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,10 +344,10 @@ def parse_rate_headers(headers: Mapping[str, str], dialect: Dialect = "auto", *,
             continue
         reset_s = _reset_of(found, dim, clock)[0]
         requests = dim.field == "requests"
-        if (dialect == "groq" and requests) or (reset_s is not None and reset_s > _MINUTE_RESET_MAX):
-            # Groq sends requests per day under OpenAI's per-minute name. Otherwise a per-minute bucket refills
-            # within a minute: a longer reset is a longer window (Groq behind a proxy, a daily cap), which
-            # must never become a pace.
+        if (dialect == "groq" and requests) or (reset_s is not None and reset_s > _DAILY_RESET_MIN):
+            # Groq sends requests per day under OpenAI's per-minute name, and a reset of hours is a daily
+            # cap: never a pace. Minutes are not enough to tell: OpenAI's own example sends 6m0s for a
+            # per-minute token limit (the time until the bucket is back to full).
             field, window = dim.field + "_day", DAY
         else:
             field, window = dim.field, MINUTE
