@@ -58,8 +58,8 @@ class Ticket:
 class ConcurrencyController:
     """The limit L on requests in flight, a float in [1, ceiling]; the gate uses floor(L).
 
-    Slow start: doubling after each window of a round trip's answers whose latency
-    stayed within tolerance, until the first overload signal. After it, +1 per
+    Slow start: after each window of a round trip's answers, x4 while latency is
+    flat and x2 while it is within tolerance, until the first overload signal. After it, +1 per
     round trip up to just below where it failed, then one more slot every
     `PROBE_RTTS` round trips. A decrease reacts once per round trip: signals from
     requests sent before it are ignored.
@@ -276,7 +276,6 @@ class RateController:
         self.header_name = ""
         self.operating: float | None = None  # set after a rate-type 429, else None (no AIMD in force)
         self.epoch = 0
-        self.decreases = 0
         self._w_max = 0.0
         self._k = 0.0
         self._since = 0.0
@@ -331,7 +330,6 @@ class RateController:
         self._quiet_until = now + min(retry_after or 0.0, 1.0)
         self.operating = max(base * beta, 1 / 60)
         self.epoch += 1
-        self.decreases += 1
         return True
 
     def grow(self, now: float) -> bool:

@@ -115,7 +115,7 @@ class Engine:
     ) -> None:
         self._provider = provider
         self._transport = transport
-        self.governor = self._governor = governor
+        self.governor = governor
         self._policy = policy
         self._concurrency = concurrency
         self._checkpoint = checkpoint
@@ -143,7 +143,7 @@ class Engine:
             workers = [group.create_task(self._worker()) for _ in range(self._concurrency)]
             writer = group.create_task(self._writer())
             stopper = group.create_task(self._stop_when_drained())
-            lag = group.create_task(self._governor.watch_loop())
+            lag = group.create_task(self.governor.watch_loop())
             await self._produce(batches, prep)
             self._order.put_nowait(None)
             await writer
@@ -157,12 +157,12 @@ class Engine:
         are paid for and must be saved), then end the run with `err`."""
         if self._fatal is None:
             self._fatal = err
-            self._governor.stop()
+            self.governor.stop()
             self._stopping.set()
 
     async def _stop_when_drained(self) -> None:
         await self._stopping.wait()
-        await self._governor.drained()
+        await self.governor.drained()
         assert self._fatal is not None
         raise self._fatal
 
@@ -215,7 +215,7 @@ class Engine:
             await self._attempt(work)
 
     async def _attempt(self, work: Work) -> None:
-        governor = self._governor
+        governor = self.governor
         try:
             ticket = await governor.admit(work.tokens)
         except errors.FatalError as blocked:  # nothing more may be sent (a daily limit used up)
@@ -273,7 +273,7 @@ class Engine:
         try:
             if err.fatal:
                 raise err
-            if not self._governor.failed(ticket, err):
+            if not self.governor.failed(ticket, err):
                 # The server is down, not this row: the attempt is not charged; the row waits at the hold.
                 work.attempts -= 1
                 self._stats.retries += 1

@@ -16,7 +16,7 @@ import datetime
 from collections.abc import Callable, Mapping
 
 from pipeline import errors
-from pipeline.control import Breaker, ConcurrencyController, RateController, RepeatGuard, Ticket, outage_kind
+from pipeline.control import HEADROOM, Breaker, ConcurrencyController, RateController, RepeatGuard, Ticket, outage_kind
 from pipeline.limits import Gate, Hold, Pacer, request_pacer, token_pacer
 from pipeline.providers.ratelimit import Budget, Dialect, RateHeaders, parse_rate_headers
 from pipeline.stats import RunStats
@@ -78,7 +78,6 @@ class Governor:
         self._stopping = False
         self._blocked: errors.FatalError | None = None
         self._drained = asyncio.Event()  # set when stopping and the last request in flight came back
-        self._answered_once = False  # the breaker is armed only once the server has worked
         stats.concurrency_ceiling = concurrency
         self._apply_pace(started=False)
         self._show_concurrency()
@@ -208,7 +207,6 @@ class Governor:
             self.gate.cap(None)
             self._notice("pipeline: the server answers again; resuming at the pace learned before")
         self.repeat.success()
-        self._answered_once = True
         self.rate.answered(ticket.sent_at + latency_s)
         if self.concurrency is not None and self.concurrency.on_success(ticket, latency_s, output_tokens):
             self._show_concurrency()
@@ -266,7 +264,7 @@ class Governor:
     def _outage(self, ticket: Ticket, err: errors.RequestError, now: float) -> bool:
         # Armed only once something has worked: a server that never answered is a wrong
         # address, which the engine reports at once instead of waiting --max-wait.
-        if not self._answered_once or not outage_kind(err.kind):
+        if not self.repeat.any_success or not outage_kind(err.kind):
             if not outage_kind(err.kind):
                 self.breaker.failure(now, err.kind)  # breaks the streak
             return True
@@ -283,7 +281,7 @@ class Governor:
         hold = self.breaker.failure(now, err.kind, self.gate.limit)
         if hold is None:
             return True
-        self._stats.breaker_opened += 1
+        self._stats.breaker_opened = self.breaker.opened
         self.gate.cap(1)
         self.hold.close_for(hold)
         self._notice(
@@ -321,7 +319,7 @@ class Governor:
             if not caps:
                 self._tokens.pop(dim, None)
                 continue
-            per_second = min(caps) * 0.987 / 60
+            per_second = min(caps) * HEADROOM / 60
             if dim in self._tokens:
                 slower = per_second < self._tokens[dim].per_second
                 self._tokens[dim].set_rate(per_second)

@@ -133,7 +133,7 @@ def build_engine(
     stats: RunStats,
     notice: Callable[[str], None] = lambda message: None,
 ) -> Engine:
-    """The engine and its governor for one run, from the validated settings (inside the event loop)."""
+    """The engine and its governor for one run, from the validated settings."""
     concurrency = int(cfg.setting("concurrency"))
     governor = Governor(
         stats=stats,
@@ -247,7 +247,8 @@ def _run_job(cfg: RunConfig, err: TextIO) -> int:
                         "fix the cause and run the same command again to resume."
                     )
                 print(f"pipeline: stopped: {str(cause).rstrip('.')}.\n{then}", file=err)
-                print(summary(stats, time.monotonic() - started, None, str(cfg.checkpoint_path)), file=err)
+                if checkpoint.appended:  # what this run did get, for the log
+                    print(summary(stats, time.monotonic() - started, None, str(cfg.checkpoint_path)), file=err)
                 return EXIT_FAILED
             finally:
                 # Closing the loop resets SIGTERM to the default (die at once); keep it an interrupt.
