@@ -56,50 +56,122 @@ PROVIDER_DEFAULTS: dict[str, dict[str, Any]] = {
 OPENAI_DEFAULT_BASE = PROVIDER_DEFAULTS["openai"]["base_url"]
 
 
+def opt(default: Any = None, help: str = "", **cli: Any) -> Any:
+    """A setting: its default, the help shown by `--help`, and how it looks as a flag.
+
+    `cli` holds what the command line needs beyond the name and type: `short`
+    ("-i"), `flag` (a flag name other than --the-name), `metavar`, `hidden`.
+    The CLI generates its options from these, so a setting is a flag by construction.
+    """
+    factory = {"default_factory": dict} if default is dict else {"default": default}
+    return Field(**factory, description=help, json_schema_extra=cli or None)
+
+
 class RunConfig(BaseModel):
     """Every setting of one `pipeline run`. Paths are as the user wrote them."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    input: tuple[str, ...] = Field(min_length=1)
-    output: str
-    prompt: str | None = None
-    prompt_column: str | None = None
-    messages_column: str | None = None
-    system: str | None = None
-    id_column: str | None = None
-    provider: Provider = "openai"
-    base_url: str | None = None
-    model: str | None = None
-    api_key_env: str | None = None
-    max_tokens: int | None = Field(default=256, ge=1)
-    temperature: float | None = Field(default=None, ge=0)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    params: dict[str, Any] = Field(default_factory=dict)
-    param_columns: dict[str, str] = Field(default_factory=dict)
-    schema_: dict[str, Any] | str | None = Field(default=None, alias="schema")
-    schema_output: Literal["columns", "struct"] = "columns"
-    schema_column: str = "extracted"
-    schema_prefix: str = ""
-    json_mode: Literal["json_schema", "json_object"] | None = None
-    rpm: float | None = Field(default=None, gt=0)
-    tpm: float | None = Field(default=None, gt=0)
-    concurrency: int | None = Field(default=None, ge=1, le=4096)
-    max_attempts: int = Field(default=6, ge=1, le=100)
-    timeout: float | None = Field(default=None, gt=0)
+    input: tuple[str, ...] = Field(
+        min_length=1,
+        description="Input table: CSV, Parquet or JSONL. Repeat, or give a quoted glob.",
+        json_schema_extra={"short": "-i"},
+    )
+    output: str | None = opt(None, "Output file: .parquet, .csv or .jsonl; - writes JSON Lines to stdout.", short="-o")
+    prompt: str | None = opt(
+        None, "Prompt template with {column} placeholders; {column:default} for a column that may be empty.", short="-p"
+    )
+    prompt_column: str | None = opt(None, "Column that already holds the whole prompt (instead of --prompt).")
+    messages_column: str | None = opt(None, "Column holding each row's conversation: a list of {role, content}.")
+    system: str | None = opt(None, "System prompt sent with every row.")
+    id_column: str | None = opt(None, "Column identifying a row; identical prompts on different ids are sent separately.")
+    provider: Provider = opt("openai", "API to speak. Default: openai.")
+    base_url: str | None = opt(None, "Server base URL, e.g. http://127.0.0.1:8080/v1.")
+    model: str | None = opt(None, "Model name (model_id for ModelsLab).", short="-m")
+    api_key_env: str | None = opt(None, "Environment variable holding the API key.")
+    headers: dict[str, str] = opt(
+        dict,
+        "An HTTP header sent with every request, 'Name: value'; $VAR in the value reads an environment "
+        "variable (keys stay out of configs). Repeatable.",
+        flag="--header",
+        metavar="'NAME: VALUE'",
+    )
+    max_tokens: int | None = Field(default=256, ge=1, description="Most tokens to generate per row. Default: 256.")
+    temperature: float | None = Field(default=None, ge=0, description="Sampling temperature.")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling.")
+    params: dict[str, Any] = opt(
+        dict,
+        "Another request parameter, KEY=VALUE (VALUE is read as JSON where it parses: seed=7, stop='[\"\\n\"]'). Repeatable.",
+        flag="--param",
+        metavar="KEY=VALUE",
+    )
+    param_columns: dict[str, str] = opt(
+        dict,
+        "A request parameter taken per row from a column, e.g. max_tokens=budget. Repeatable.",
+        flag="--param-column",
+        metavar="PARAM=COLUMN",
+    )
+    schema_: dict[str, Any] | str | None = Field(
+        default=None,
+        alias="schema",
+        description="JSON Schema, a file or inline JSON: replies must be JSON matching it; its fields become typed columns.",
+    )
+    schema_output: Literal["columns", "struct"] = opt("columns", "Extracted fields as columns (default) or one struct column.")
+    schema_column: str = opt("extracted", "Name of the struct column with --schema-output struct. Default: extracted.")
+    schema_prefix: str = opt("", "Prefix for the extracted columns (e.g. x_), when their names clash with others.")
+    json_mode: Literal["json_schema", "json_object"] | None = opt(
+        None,
+        "How the schema is asked for: json_schema (OpenAI's response_format) or json_object (llama.cpp, and servers "
+        "that refuse json_schema; chosen by itself when a server refuses json_schema).",
+    )
+    rpm: float | None = Field(
+        default=None, gt=0, description="Most requests per minute, paced evenly; a hard cap over what the server announces."
+    )
+    tpm: float | None = Field(
+        default=None, gt=0, description="Most tokens per minute (prompt estimate + max tokens); a hard cap."
+    )
+    concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="Most requests in flight. Default: learned up to 256 (ModelsLab 15); 16 (ModelsLab 5) with --no-adapt.",
+        json_schema_extra={"short": "-c"},
+    )
+    max_attempts: int = Field(default=6, ge=1, le=100, description="Attempts per row, retries included. Default: 6.")
+    timeout: float | None = Field(default=None, gt=0, description="Seconds to wait for one answer.")
     # Learn the server's limits (rate-limit headers, 429s, latency); off: exactly --rpm/--tpm/--concurrency.
-    adapt: bool = True
+    adapt: bool = opt(
+        True, "Do not learn limits from headers, 429s and latency: exactly --rpm, --tpm and --concurrency.", flag="--no-adapt"
+    )
     # The longest single wait sat out (a Retry-After, a daily limit, an outage); longer stops the run.
-    max_wait: float = Field(default=900.0, gt=0)
-    limit: int | None = Field(default=None, ge=1)
-    checkpoint_dir: str | None = None
-    max_error_rate: float = Field(default=0.0, ge=0, le=1)
+    max_wait: float = Field(
+        default=900.0,
+        gt=0,
+        description="Longest wait to sit out (a Retry-After, a daily limit, an outage): seconds or 15m, 1h. Default: 15m.",
+        json_schema_extra={"metavar": "DURATION"},
+    )
+    limit: int | None = Field(default=None, ge=1, description="Only the first N rows (a try-out).")
+    checkpoint_dir: str | None = opt(None, "Checkpoint folder. Default: next to the output.")
+    max_error_rate: float = Field(default=0.0, ge=0, le=1, description="Exit 1 if more than this share of rows fail. Default: 0.")
     # Prices in currency units per million tokens, for `pipeline estimate`.
-    price_in: float | None = Field(default=None, ge=0)
-    price_out: float | None = Field(default=None, ge=0)
-    batch_size: int = Field(default=5000, ge=1)
-    progress: bool = True
-    fresh: bool = False
+    price_in: float | None = Field(default=None, ge=0, description="Price per million prompt tokens, for the cost in estimate.")
+    price_out: float | None = Field(
+        default=None, ge=0, description="Price per million completion tokens, for the cost in estimate."
+    )
+    # Reading the input.
+    encoding: str = opt("utf-8", "Text encoding of CSV and JSONL input, e.g. cp1252, latin-1. Default: utf-8.")
+    separator: str | None = opt(None, "CSV field separator, e.g. ';' or tab. Default: ',' (tab for .tsv).")
+    null_as_empty: bool = opt(False, "Render null cells as empty text instead of not sending the row.")
+    list_join: str | None = opt(
+        None, "Render list cells joined with this text instead of as JSON (struct cells are always JSON).", metavar="TEXT"
+    )
+    # Writing the output.
+    result_prefix: str = opt(
+        "", "Prefix for the result columns (llm_ gives llm_completion, llm_status...), when the input has such columns."
+    )
+    batch_size: int = Field(default=5000, ge=1, description="Rows read and written per batch. Default: 5000.")
+    progress: bool = opt(True, "No progress bar (nor, without a terminal, the status line each minute).", flag="--no-progress")
+    fresh: bool = opt(False, "Ignore the checkpoint: send every row again.")
 
     @field_validator("input", mode="before")
     @classmethod
