@@ -5,9 +5,11 @@ from __future__ import annotations
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import click
+from pydantic.fields import FieldInfo
 
 from pipeline import errors
 from pipeline.config import RunConfig, build_config, load_yaml
@@ -16,7 +18,7 @@ RUN_EXAMPLES = """
 \b
 Examples:
   pipeline run configs/summarise-reviews.yaml
-  pipeline run configs/summarise-reviews.yaml --limit 5 --fresh
+  pipeline run configs/summarise-reviews.yaml --limit 5 -o out/try.parquet   # a try-out, its own output
   pipeline run --input data/reviews.csv --prompt 'Summarise in one sentence: {text}' \\
       --output out/reviews.parquet --base-url http://127.0.0.1:8080/v1 --model SmolLM2-135M-Instruct
   MODELSLAB_API_KEY=... pipeline run configs/modelslab-llama-3.2-1b.yaml
@@ -39,79 +41,44 @@ class UsageFailure(click.ClickException):
         click.echo(f"pipeline: error: {self.format_message()}", err=True)
 
 
+# How a setting's type looks on the command line; mappings are given as repeated PAIRS.
+_PAIR_SEPARATORS = {"headers": ":", "params": "=", "param_columns": "="}
+
+
+def _option(name: str, field: FieldInfo) -> Callable[..., Any]:
+    """One click option for one RunConfig setting, from its type, default and help."""
+    extra: dict[str, Any] = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    key = field.alias or name
+    flag = str(extra.get("flag") or "--" + key.replace("_", "-"))
+    decls = [flag, *([str(extra["short"])] if "short" in extra else []), name]
+    kw: dict[str, Any] = {"help": field.description, "default": None}
+    if "metavar" in extra:
+        kw["metavar"] = extra["metavar"]
+    kind = _bare(field.annotation)
+    if kind is bool:
+        # --no-x for a setting on by default, --x for one off by default; unset stays None (the config decides).
+        kw.update(flag_value=not field.default)
+    elif get_origin(kind) is Literal:
+        kw["type"] = click.Choice([str(a) for a in get_args(kind)])
+    elif kind in (int, float):
+        kw["type"] = kind
+    elif get_origin(kind) in (tuple, dict):
+        kw.update(multiple=True, default=())
+    return click.option(*decls, **kw)
+
+
+def _bare(annotation: Any) -> Any:
+    """`X | None` as X; unions of other kinds (the schema: a path or a mapping) as str."""
+    if get_origin(annotation) in (Union, UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return annotation
+
+
 def run_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    opts = [
-        click.option(
-            "--input", "-i", "input", multiple=True, help="Input table: CSV, Parquet or JSONL. Repeat, or give a quoted glob."
-        ),
-        click.option("--output", "-o", help="Output Parquet file."),
-        click.option("--prompt", "-p", help="Prompt template with {column} placeholders."),
-        click.option("--prompt-column", help="Column that already holds the whole prompt (instead of --prompt)."),
-        click.option("--messages-column", help="Column holding each row's conversation: a list of {role, content}."),
-        click.option("--system", help="System prompt sent with every row."),
-        click.option("--id-column", help="Column identifying a row; identical prompts on different ids are sent separately."),
-        click.option(
-            "--provider", type=click.Choice(["openai", "modelslab", "anthropic", "local"]), help="API to speak. Default: openai."
-        ),
-        click.option("--base-url", help="Server base URL, e.g. http://127.0.0.1:8080/v1."),
-        click.option("--model", "-m", help="Model name (model_id for ModelsLab)."),
-        click.option("--api-key-env", help="Environment variable holding the API key."),
-        click.option("--max-tokens", type=int, help="Most tokens to generate per row. Default: 256."),
-        click.option("--temperature", type=float, help="Sampling temperature."),
-        click.option("--top-p", type=float, help="Nucleus sampling."),
-        click.option(
-            "--param-column",
-            "param_columns",
-            multiple=True,
-            metavar="PARAM=COLUMN",
-            help="A request parameter taken per row from a column, e.g. max_tokens=budget. Repeatable.",
-        ),
-        click.option(
-            "--schema", "schema_", help="JSON Schema file: replies must be JSON matching it; its fields become typed columns."
-        ),
-        click.option(
-            "--schema-output",
-            type=click.Choice(["columns", "struct"]),
-            help="Extracted fields as columns (default) or one struct column.",
-        ),
-        click.option(
-            "--rpm", type=float, help="Most requests per minute, paced evenly; a hard cap over what the server announces."
-        ),
-        click.option("--tpm", type=float, help="Most tokens per minute (prompt estimate + max tokens); a hard cap."),
-        click.option(
-            "--concurrency",
-            "-c",
-            type=int,
-            help="Most requests in flight. Default: learned up to 256 (ModelsLab 15); 16 (ModelsLab 5) with --no-adapt.",
-        ),
-        click.option(
-            "--no-adapt",
-            "adapt",
-            flag_value=False,
-            default=None,
-            help="Do not learn limits from headers, 429s and latency: exactly --rpm, --tpm and --concurrency.",
-        ),
-        click.option(
-            "--max-wait",
-            help="Longest wait to sit out (a Retry-After, a daily limit, an outage): seconds or 15m, 1h. Default: 15m.",
-        ),
-        click.option("--max-attempts", type=int, help="Attempts per row, retries included. Default: 6."),
-        click.option("--timeout", type=float, help="Seconds to wait for one answer."),
-        click.option("--limit", type=int, help="Only the first N rows (a try-out)."),
-        click.option("--checkpoint-dir", help="Checkpoint folder. Default: next to the output."),
-        click.option("--max-error-rate", type=float, help="Exit 1 if more than this share of rows fail. Default: 0."),
-        click.option("--batch-size", type=int, help="Rows read and written per batch. Default: 5000."),
-        click.option("--fresh", is_flag=True, default=None, help="Ignore the checkpoint: send every row again."),
-        click.option(
-            "--no-progress",
-            "progress",
-            flag_value=False,
-            default=None,
-            help="No progress bar (nor, without a terminal, the status line each minute).",
-        ),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
+    """Every setting of RunConfig as a flag: the model is the one list of options."""
+    for name, field in reversed(RunConfig.model_fields.items()):
+        f = _option(name, field)(f)
     return f
 
 
@@ -227,19 +194,36 @@ def _config(config: str | None, flags: dict[str, Any]) -> RunConfig:
     """The config file (if any) with the flags laid over it, validated."""
     flags["input"] = flags["input"] or None
     flags["schema"] = flags.pop("schema_")
-    flags["param_columns"] = _pairs(flags["param_columns"])
+    for name, sep in _PAIR_SEPARATORS.items():
+        flags[name] = _pairs(name, sep, flags[name])
     values = load_yaml(config) if config else {}
     return build_config(values, flags, source=f"config {config}" if config else "flags")
 
 
-def _pairs(values: tuple[str, ...]) -> dict[str, str] | None:
-    """PARAM=COLUMN flags as a mapping (None when none were given)."""
+def _pairs(name: str, sep: str, values: tuple[str, ...]) -> dict[str, Any] | None:
+    """Repeated NAME<sep>VALUE flags as a mapping (None when none were given, so the config's stand)."""
     if not values:
         return None
-    bad = [v for v in values if "=" not in v]
-    if bad:
-        raise UsageFailure(f"--param-column takes PARAM=COLUMN (e.g. max_tokens=budget), not {bad[0]!r}.")
-    return dict(tuple(v.split("=", 1)) for v in values)  # type: ignore[misc]
+    field = RunConfig.model_fields[name]
+    flag = str((field.json_schema_extra or {}).get("flag"))  # type: ignore[union-attr]
+    metavar = str((field.json_schema_extra or {}).get("metavar"))  # type: ignore[union-attr]
+    pairs: dict[str, Any] = {}
+    for v in values:
+        left, found, right = v.partition(sep)
+        if not found or not left.strip():
+            raise UsageFailure(f"{flag} takes {metavar}, not {v!r}.")
+        pairs[left.strip()] = _json_or_text(right.strip()) if name == "params" else right.strip()
+    return pairs
+
+
+def _json_or_text(text: str) -> Any:
+    """A --param value: JSON where it parses (7, 0.5, true, ["a"]), else the text itself."""
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def main() -> None:

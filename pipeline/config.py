@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -190,6 +191,17 @@ class RunConfig(BaseModel):
             return seconds
         return value
 
+    @field_validator("schema_", mode="before")
+    @classmethod
+    def _inline_schema(cls, value: Any) -> Any:
+        """A schema given as JSON text on the command line (--schema '{"type": "object", ...}')."""
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            try:
+                return orjson.loads(value)
+            except orjson.JSONDecodeError as exc:
+                raise ValueError(f"the inline schema is not valid JSON ({exc}); give JSON text or a .json file") from None
+        return value
+
     @field_validator("base_url")
     @classmethod
     def _url_has_scheme(cls, value: str | None) -> str | None:
@@ -251,20 +263,28 @@ class RunConfig(BaseModel):
             return None
         key = os.environ.get(env, "").strip()
         if not key:
+            state = "is set but empty" if env in os.environ else "is not set"
             raise ConfigError(
                 f"The {self.provider} provider needs an API key in the environment variable "
-                f"{env}, which is not set. Set it (export {env}=...) and run again, or name "
+                f"{env}, which {state}. Set it (export {env}=...) and run again, or name "
                 f"another variable with --api-key-env."
             )
         return key
 
 
+# The input formats (source.FORMATS), here so a misplaced table is caught without importing polars.
+TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq", ".jsonl", ".ndjson")
 FIELDS = tuple(f.alias or name for name, f in RunConfig.model_fields.items())
 
 
 def load_yaml(path: str) -> dict[str, Any]:
     """Read a config file into a plain dict, or explain why it cannot be read."""
     p = Path(path)
+    if p.suffix.lower() in TABLE_SUFFIXES:
+        raise ConfigError(
+            f"{path} looks like a table, not a config file. Pass it with --input: "
+            f"pipeline run --input {path} --prompt '...{{column}}...' --output out/result.parquet"
+        )
     if not p.is_file():
         raise ConfigError(
             f"Config file {path} does not exist. Check the path, or run without a config and give --input/--output/--prompt."
@@ -291,12 +311,13 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any], source:
 
 def _explain(exc: ValidationError, source: str) -> str:
     lines = []
+    unknown = False
     for err in exc.errors():
         key = ".".join(str(part) for part in err["loc"]) or "(config)"
         if err["type"] == "extra_forbidden":
             near = difflib.get_close_matches(key, FIELDS, n=1)
-            hint = f" Did you mean '{near[0]}'?" if near else ""
-            lines.append(f"unknown setting '{key}'.{hint} Valid settings: {', '.join(FIELDS)}.")
+            lines.append(f"unknown setting '{key}'." + (f" Did you mean '{near[0]}'?" if near else ""))
+            unknown = True
         elif err["type"] == "missing":
             flag = "--" + key.replace("_", "-")
             lines.append(f"'{key}' is required: set it in the config or pass {flag}.")
@@ -304,4 +325,6 @@ def _explain(exc: ValidationError, source: str) -> str:
             msg = err["msg"].removeprefix("Value error, ")
             shown = "" if err["type"].startswith("value_error") else f" (got {err.get('input')!r})"
             lines.append(f"'{key}': {msg}{shown}." if key != "(config)" else f"{msg}.")
+    if unknown:  # once, however many keys were unknown
+        lines.append(f"Valid settings: {', '.join(FIELDS)}.")
     return f"Invalid {source}: " + " ".join(lines)
