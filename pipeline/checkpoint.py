@@ -16,6 +16,7 @@ No request body is stored, so no API key can end up here.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
 import os
@@ -115,14 +116,30 @@ class Checkpoint:
             os.fsync(self._fd)
             self._last_sync = now
 
-    def close(self) -> None:
+    def close(self, *, discard_unused: bool = False) -> None:
+        """Flush and release. With `discard_unused`, a folder that never held an answer (a run stopped
+        before anything came back) is removed, so it does not look like a run to resume."""
         if self._fd is not None:
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
+        if discard_unused and self._lock_fd is not None:
+            self._discard_if_unused()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
+
+    def _discard_if_unused(self) -> None:
+        # Only while the lock is held, and only what this class writes: empty journals and the lock.
+        names = {p.name: p for p in self.folder.iterdir()}
+        journals = [p for n, p in names.items() if n.startswith("journal-") and n.endswith(".jsonl")]
+        if set(names) - {"lock"} - {p.name for p in journals} or any(p.stat().st_size for p in journals):
+            return
+        for p in journals:
+            p.unlink()
+        (self.folder / "lock").unlink()
+        with contextlib.suppress(OSError):  # someone put something there meanwhile: leave it
+            self.folder.rmdir()
 
 
 def read_journal(path: Path) -> pl.DataFrame:

@@ -9,6 +9,7 @@ job's log that it is alive and how far it got.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sys
 import time
 from typing import Never, TextIO
@@ -38,8 +39,14 @@ class Progress:
             return
         self._started = time.monotonic()
         if self._tty:
+            # tqdm's own rate and ETA would count rows answered from the checkpoint, which take no time:
+            # the bar shows ours (rows this run's requests finished), in the postfix.
             self._bar = tqdm(
-                total=self._stats.total_rows or None, unit="row", file=self._stream, dynamic_ncols=True, smoothing=0.1
+                total=self._stats.total_rows or None,
+                unit="row",
+                file=self._stream,
+                dynamic_ncols=True,
+                bar_format="{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
             )
         self._task = asyncio.get_running_loop().create_task(self._tick())
 
@@ -51,29 +58,47 @@ class Progress:
             else:
                 self.notice(self.status_line())
 
+    def _rate_and_left(self) -> tuple[float, str]:
+        """Rows a second this run's requests finish, and the time left at that pace ("" when unknown)."""
+        s = self._stats
+        elapsed = time.monotonic() - self._started
+        worked = s.rows_done - s.from_checkpoint  # checkpoint rows take no time; counting them flatters the pace
+        rate = worked / elapsed if elapsed > 0 else 0.0
+        left = s.total_rows - s.rows_done
+        return rate, (duration(left / rate) + " left" if rate > 0 and left > 0 else "")
+
     def status_line(self) -> str:
         s = self._stats
         elapsed = time.monotonic() - self._started
-        rate = s.rows_done / elapsed if elapsed > 0 else 0.0
-        total = f" of {s.total_rows:,} ({s.rows_done / s.total_rows:.0%})" if s.total_rows else ""
-        left = s.total_rows - s.rows_done
-        eta = f", about {left / rate / 60:.0f} min left" if rate > 0 and left > 0 else ""
+        rate, left = self._rate_and_left()
+        done = (
+            f"{s.rows_done:,} of {plural(s.total_rows, 'row')} ({s.rows_done / s.total_rows:.0%})"
+            if s.total_rows
+            else plural(s.rows_done, "row")
+        )
+        resumed = f" ({s.from_checkpoint:,} from the checkpoint)" if s.from_checkpoint else ""
         return (
-            f"pipeline: {s.rows_done:,}{total} rows after {elapsed / 60:.1f} min, {rate:.1f} rows/s, {s.errors} errors, "
-            f"{s.retries} retries{eta}; {limits_text(s)}"
+            f"pipeline: {done} done{resumed} after {elapsed / 60:.1f} min, {rate:.1f} rows/s, "
+            f"{plural(s.errors, 'error')}, {plural(s.retries, 'retry', 'retries')}{', ' + left if left else ''}; {limits_text(s)}"
         )
 
     def refresh(self) -> None:
         if self._bar is None:
             return
         s = self._stats
-        pace = f" rpm={s.pace_rpm:,.0f}({s.pace_source})" if s.pace_rpm else ""
-        limited = f" 429={s.limited_rate}r/{s.limited_concurrency}c" if s.limited_rate or s.limited_concurrency else ""
-        self._bar.set_postfix_str(
-            f"ok={s.ok} err={s.errors} tok={s.prompt_tokens + s.completion_tokens:,} retries={s.retries}"
-            f"{pace} c={s.concurrency}/{s.concurrency_ceiling}{limited}",
-            refresh=False,
-        )
+        rate, left = self._rate_and_left()
+        parts = [f"{rate:.1f} rows/s", left, f"err {s.errors:,}" if s.errors else ""]
+        # The details only where the terminal has room: at 80 columns the bar itself comes first.
+        if shutil.get_terminal_size().columns >= 120:
+            limited = f"429s {s.limited_rate}r/{s.limited_concurrency}c" if s.limited_rate or s.limited_concurrency else ""
+            parts += [
+                f"tok {s.prompt_tokens + s.completion_tokens:,}",
+                f"retries {s.retries:,}" if s.retries else "",
+                f"rpm {s.pace_rpm:,.0f}" if s.pace_rpm else "",
+                f"in flight {s.concurrency}/{s.concurrency_ceiling}",
+                limited,
+            ]
+        self._bar.set_postfix_str(", ".join(p for p in parts if p), refresh=False)
         self._bar.update(s.rows_done - self._shown)  # redraws, with the postfix just set
         self._shown = s.rows_done
 
@@ -84,12 +109,17 @@ class Progress:
         else:
             print(message, file=self._stream, flush=True)
 
-    def close(self) -> None:
+    def close(self, *, interrupted: bool = False) -> None:
+        """Stop updating. After an interrupt the bar is cleared, not left: the terminal has echoed ^C
+        on its line, and the message that follows says how far the run got."""
         if self._task is not None:
             self._task.cancel()
             self._task = None
         if self._bar is not None:
-            self.refresh()
+            if interrupted:
+                self._bar.leave = False
+            else:
+                self.refresh()
             self._bar.close()
             self._bar = None
 
@@ -119,14 +149,28 @@ def limits_text(s: RunStats) -> str:
     return f"{pace}; {conc}{limited}"
 
 
+def plural(n: int, one: str, many: str | None = None) -> str:
+    return f"{n:,} {one if n == 1 else (many or one + 's')}"
+
+
+def duration(seconds: float) -> str:
+    """A time left, as a person would say it."""
+    if seconds < 60:
+        return "under a minute"
+    if seconds < 90 * 60:
+        return f"about {seconds / 60:.0f} min"
+    return f"about {seconds / 3600:.1f} h"
+
+
 def summary(stats: RunStats, wall: float, output: str | None, checkpoint: str) -> str:
     s = stats
     sent = s.rows_sent
+    resumed = f" ({s.from_checkpoint:,} ok from the checkpoint, not sent again)" if s.from_checkpoint else ""
     lines = [
-        f"pipeline: {s.rows_done} rows in {wall:.1f} s: {s.ok} ok, {s.errors} error"
-        f" ({s.from_checkpoint} ok from the checkpoint, not sent again)",
-        f"  requests: {s.requests_sent} sent for {sent} rows ({s.retries} retries), {sent / wall if wall > 0 else 0:.1f} rows/s"
-        + (f"; {s.shared} rows shared the answer of an identical request" if s.shared else ""),
+        f"pipeline: {plural(s.rows_done, 'row')} in {wall:.1f} s: {s.ok:,} ok, {plural(s.errors, 'error')}{resumed}",
+        f"  requests: {s.requests_sent:,} sent for {plural(sent, 'row')} ({plural(s.retries, 'retry', 'retries')}), "
+        f"{sent / wall if wall > 0 else 0:.1f} rows/s"
+        + (f"; {plural(s.shared, 'row')} shared the answer of an identical request" if s.shared else ""),
         f"  tokens this run: {s.prompt_tokens:,} in, {s.completion_tokens:,} out"
         + (f" ({s.estimated_rows} rows estimated: the server sent no usage)" if s.estimated_rows else ""),
     ]
@@ -136,7 +180,7 @@ def summary(stats: RunStats, wall: float, output: str | None, checkpoint: str) -
     lines.append(f"  limits: {limits_text(s)}" + (f"; outage holds: {s.breaker_opened}" if s.breaker_opened else ""))
     if s.error_kinds:
         kinds = ", ".join(f"{k} x{n}" for k, n in s.error_kinds.most_common())
-        lines.append(f"  errors by kind: {kinds}")
+        lines.append(f"  errors by kind (rows): {kinds}")
     if output:
         lines.append(f"  output: {output}")
     lines.append(f"  checkpoint: {checkpoint}")

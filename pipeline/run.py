@@ -216,6 +216,9 @@ def _run_job(cfg: RunConfig, err: TextIO) -> int:
                 progress.start()
                 try:
                     await engine.run(source.batches(table, cfg.batch_size, cfg.limit), lambda f: prepare(f, renderer, done))
+                except (asyncio.CancelledError, KeyboardInterrupt):
+                    progress.close(interrupted=True)
+                    raise
                 finally:
                     progress.close()
                     await transport.close()
@@ -241,6 +244,8 @@ def _run_job(cfg: RunConfig, err: TextIO) -> int:
                 kept = f"{checkpoint.appended} answers from this run are kept in {cfg.checkpoint_path}"
                 if isinstance(cause, errors.WaitTooLong):  # its message already says when to come back
                     then = f"  Nothing more was sent; the requests in flight came back. {kept}; rows answered are not sent again."
+                elif not checkpoint.appended:
+                    then = "  Nothing was answered, so nothing was kept; fix the cause and run again."
                 else:
                     then = (
                         f"  Every further request would fail the same way, so nothing more was sent. {kept}; "
@@ -264,7 +269,7 @@ def _run_job(cfg: RunConfig, err: TextIO) -> int:
         return EXIT_INTERRUPTED
     finally:
         sink.abort()  # no-op after commit
-        checkpoint.close()
+        checkpoint.close(discard_unused=True)
 
     wall = time.monotonic() - started
     print(summary(stats, wall, str(output), str(cfg.checkpoint_path)), file=err)

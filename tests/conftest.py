@@ -73,3 +73,52 @@ def spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str
 
 def chat_requests(server: FakeLLMServer) -> list[Any]:
     return [r for r in server.requests if r.path.endswith(("/chat/completions", "/messages"))]
+
+
+def run_in_terminal(*args: str, columns: int = 80, interrupt_after: float | None = None) -> tuple[int, str]:
+    """`python -m pipeline ...` on a real pseudo-terminal `columns` wide, as a user at a shell sees it;
+    with `interrupt_after`, type Ctrl-C after that many seconds. Returns the exit code and everything shown."""
+    import fcntl
+    import select
+    import struct
+    import termios
+    import time
+
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+
+    def own_terminal() -> None:  # in the child: the pty becomes its controlling terminal, so ^C is SIGINT
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        preexec_fn=own_terminal,
+    )
+    os.close(slave)
+    shown, started, typed = b"", time.monotonic(), False
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+            if interrupt_after is not None and not typed and time.monotonic() - started > interrupt_after:
+                os.write(master, b"\x03")
+                typed = True
+            if not ready and proc.poll() is not None:
+                break
+    finally:
+        os.close(master)
+        proc.wait(timeout=60)
+    return proc.returncode, shown.decode("utf-8", "replace")

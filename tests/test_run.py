@@ -310,7 +310,7 @@ def test_duplicates_far_apart_are_sent_once(server: FakeLLMServer) -> None:
     assert len(chat_requests(server)) == 30
     out = pl.read_parquet("out/result.parquet")
     assert out["completion"][30] == out["completion"][0] and out["request_key"][30] == out["request_key"][0]
-    assert "1 rows shared" in result.output
+    assert "1 row shared" in result.output
 
 
 def test_a_404_before_any_answer_stops_with_a_hint_about_the_url(server: FakeLLMServer) -> None:

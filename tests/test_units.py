@@ -153,10 +153,27 @@ def test_without_a_terminal_progress_is_a_status_line_now_and_then() -> None:
     asyncio.run(run_briefly())
     lines = log.getvalue().splitlines()
     assert 2 <= len(lines) <= 4
-    assert lines[0].startswith("pipeline: 50 of 200 (25%) rows after") and "2 errors, 3 retries" in lines[0]
+    assert lines[0].startswith("pipeline: 50 of 200 rows (25%) done after") and "2 errors, 3 retries" in lines[0]
     # What the run has learned, and from where, is in every line of a nightly log.
     assert "pace 5,922 requests/min (the server's headers, x-ratelimit-limit-requests)" in lines[0]
     assert "12 in flight (learned, at most 256); 429s: 3 rate, 0 in-flight" in lines[0]
+
+
+def test_after_a_resume_the_pace_and_time_left_count_only_rows_sent_this_run() -> None:
+    import re
+
+    from pipeline.progress import Progress, duration
+    from pipeline.stats import RunStats
+
+    # 600 of 1,000 rows done 100 s in, but 500 of them came from the checkpoint: 1 row/s is real, 6 is not.
+    stats = RunStats(total_rows=1000, rows_done=600, from_checkpoint=500)
+    progress = Progress(stats, enabled=False)
+    progress._started -= 100
+    line = progress.status_line()
+    rate = float(re.search(r"([0-9.]+) rows/s", line)[1])  # type: ignore[index]
+    assert 0.9 < rate < 1.01, line
+    assert "(500 from the checkpoint)" in line and "about 7 min left" in line, line
+    assert duration(20) == "under a minute" and duration(3 * 3600) == "about 3.0 h"
 
 
 @pytest.mark.parametrize(
