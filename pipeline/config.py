@@ -243,6 +243,8 @@ class RunConfig(BaseModel):
     def checkpoint_path(self) -> Path:
         if self.checkpoint_dir:
             return Path(self.checkpoint_dir)
+        if self.output is None:
+            raise ValueError("no output, so no checkpoint: give --output or --checkpoint-dir")
         out = Path(self.output)
         return out.with_name(out.stem + ".checkpoint")
 

@@ -245,13 +245,13 @@ def sample_bodies(
 
 def estimate(cfg: RunConfig, samples: int = 3, *, count_limit: int = 200) -> Estimate:
     """Check the job as `run_job` does, then count; raises UserError for bad input. Sends count requests only."""
-    plan = preflight(cfg)
+    plan = preflight(cfg, writes=False)
     renderer, table = plan.renderer, plan.table
     api_key = None
     if cfg.provider in COUNTING_PROVIDERS:
         with contextlib.suppress(errors.ConfigError):  # no key yet: price by the byte estimate, and say so
             api_key = cfg.api_key()
-    done = read_done(cfg.checkpoint_path)
+    done = read_done(cfg.checkpoint_path) if cfg.output or cfg.checkpoint_dir else pl.DataFrame(schema=RESULT_SCHEMA)
     scan = scan_table(table, cfg, renderer, done.clear() if cfg.fresh else done, samples, count_limit)
     result = figures(cfg, scan, count_tokens(cfg, renderer, scan, api_key), measured_latency(done))
     bodies = sample_bodies(cfg, renderer, scan.samples, api_key)

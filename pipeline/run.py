@@ -107,17 +107,24 @@ class Plan:
     structured: Structured | None
     renderer: Renderer
     table: source.Table
-    output: Path
+    output: Path | None  # None for a job that writes nothing (estimate)
 
 
-def preflight(cfg: RunConfig) -> Plan:
-    """Every check of the config, the input and the output; raises UserError (exit 2)."""
+def preflight(cfg: RunConfig, *, writes: bool = True) -> Plan:
+    """Every check of the config, the input and (when the job `writes`) the output; raises UserError (exit 2).
+
+    `pipeline estimate` writes nothing, so it needs no output; `run` does."""
+    if writes and cfg.output is None:
+        raise errors.ConfigError(
+            "'output' is required: set it in the config or pass --output (a .parquet, .csv or .jsonl file, or - for stdout)."
+        )
     structured = structured_for(cfg)
     renderer = renderer_for(cfg, structured)
     table = source.open_table(cfg.input)
     renderer.check(table.schema, table.label)
-    output = Path(cfg.output)
-    check_output(output, table.files, list(table.schema.names()), structured.output_columns() if structured else [])
+    output = Path(cfg.output) if cfg.output is not None else None
+    if output is not None:
+        check_output(output, table.files, list(table.schema.names()), structured.output_columns() if structured else [])
     return Plan(structured=structured, renderer=renderer, table=table, output=output)
 
 
@@ -163,6 +170,7 @@ def build_engine(
 def _run_job(cfg: RunConfig, err: TextIO) -> int:
     plan = preflight(cfg)
     renderer, table, output = plan.renderer, plan.table, plan.output
+    assert output is not None  # preflight refuses a run without one
     api_key = cfg.api_key()
     base_url = cfg.setting("base_url")
     if cfg.provider == "local" and base_url is None:

@@ -131,3 +131,15 @@ def test_after_a_resume_the_bar_counts_the_pace_of_rows_sent(tmp_path: Path) -> 
     rates = [float(r) for r in re.findall(r"([0-9.]+) rows/s", shown.split("pipeline: 200 rows")[0])]
     assert rates and max(rates) < 25, shown
     assert "pipeline: 200 rows in" in shown and "(150 ok from the checkpoint, not sent again)" in shown
+
+
+def test_estimate_needs_no_output_and_run_says_it_needs_one(server: FakeLLMServer) -> None:
+    write_table("in.csv", texts(3))
+    args = ["-i", "in.csv", "-p", "S: {text}", "-m", "m", "--base-url", f"{server.url}/v1"]
+    est = run_cli("estimate", *args, "--price-in", "0.15", "--price-out", "0.6")
+    assert est.exit_code == 0, est.output
+    assert "3 requests" in est.output or "requests: 3" in est.output, est.output
+    assert "$" in est.output  # priced from the flags alone
+    assert chat_requests(server) == []
+    run = run_cli("run", *args)
+    assert run.exit_code == 2 and "'output' is required" in run.output and "--output" in run.output
