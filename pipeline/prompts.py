@@ -7,7 +7,7 @@ across versions, while request keys must be stable across runs).
 
 from __future__ import annotations
 
-import string
+import re
 from dataclasses import dataclass, field
 from hashlib import blake2b
 from typing import Any
@@ -21,47 +21,118 @@ from pipeline.errors import ConfigError, InputError
 PROMPT, EXTRA, SKIP_REASON, KEY, EST_TOKENS = "__prompt", "__extra", "__skip_reason", "__request_key", "__est_tokens"
 
 
+# Placeholders kept as they are when showing a JSON template fixed; every other brace is doubled
+# (JSON's "}}" closes two objects: it is not an escape there).
+_KEEP = re.compile(r"\{[^{}\"'\s][^{}\"']*\}|[{}]")
+# A default that is really a Python format spec ({price:.2f}, {name:>10}): it would be sent as text when the
+# cell is empty. Only specs with an alignment width or a typed precision: "0", "-" or "0.5" are plausible defaults.
+_FORMAT_SPEC = re.compile(r"(.?[<>=^])?[+\- ]?z?#?0?\d*[,_]?(\.\d+)?[bcdeEfFgGnosxX%]?")
+_FORMAT_SIGN = re.compile(r"[<>=^]\d|\.\d+[a-zA-Z%]")
+
+
 @dataclass(frozen=True)
 class Template:
     text: str
     literals: tuple[str, ...]
     fields: tuple[str, ...]  # fields[i] sits between literals[i] and literals[i + 1]
+    defaults: tuple[str | None, ...] = ()  # defaults[i] for fields[i] ({notes:n/a}); None: the cell is required
 
     @property
     def columns(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(self.fields))
 
+    def default_of(self, i: int) -> str | None:
+        return self.defaults[i] if self.defaults else None
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        """Columns used at least once without a default: a null or empty cell there means the row is not sent."""
+        return tuple(dict.fromkeys(f for i, f in enumerate(self.fields) if self.default_of(i) is None))
+
+
+def _escape_json(text: str) -> str:
+    return _KEEP.sub(lambda m: m.group() if len(m.group()) > 1 else m.group() * 2, text)
+
+
+def _json_error(text: str, at: int) -> ConfigError:
+    depth, end = 0, len(text)
+    for j in range(at, len(text)):  # the whole JSON object, nested ones included
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            end = j + 1
+            break
+    fragment = text[at:end]
+    fixed = _escape_json(text)
+    # One paragraph: a long or multi-line template is shown by its JSON part alone, on one line.
+    example = fixed if len(fixed) <= 300 and "\n" not in fixed else " ".join(_escape_json(fragment).split())
+    fragment = " ".join(fragment.split())
+    fragment = fragment if len(fragment) <= 40 else fragment[:37] + "..."
+    return ConfigError(
+        f"The prompt template contains JSON braces ({fragment}), which would be read as a placeholder. "
+        f"Placeholders name a column, as in {{text}}; write {{{{ and }}}} for literal braces, e.g.: {example}"
+    )
+
 
 def parse_template(text: str) -> Template:
-    """Parse `{column}` placeholders; `{{` and `}}` are literal braces."""
+    """Parse `{column}` and `{column:default}` placeholders; `{{` and `}}` are literal braces.
+
+    `{notes:}` renders an empty or null cell as empty text, `{notes:n/a}` as n/a; a plain
+    `{notes}` needs the cell filled in, else the row is not sent.
+    """
     literals: list[str] = []
     fields: list[str] = []
-    try:
-        parsed = list(string.Formatter().parse(text))
-    except ValueError as exc:
-        raise ConfigError(
-            f"The prompt template is not valid: {exc}. Placeholders look like {{column}}; write {{{{ and }}}} for literal braces."
-        ) from None
-    pending = ""  # the parser splits literal text at escaped braces; join it up
-    for literal, name, spec, conversion in parsed:
-        pending += literal
-        if name is None:
+    defaults: list[str | None] = []
+    pending: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        brace = min((j for j in (text.find("{", i), text.find("}", i)) if j >= 0), default=n)
+        pending.append(text[i:brace])
+        i = brace
+        if i >= n:
+            break
+        if text.startswith(("{{", "}}"), i):
+            pending.append(text[i])
+            i += 2
             continue
-        if not name:
-            raise ConfigError("The prompt template has an empty placeholder {}. Name a column inside the braces, e.g. {text}.")
-        if spec or conversion:
+        if text[i] == "}":
             raise ConfigError(
-                f"Placeholder {{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}} uses a format spec; placeholders take a bare column name, e.g. {{{name}}}."
+                f"The prompt template is not valid: it has a }} with no {{ before it (at {text[max(0, i - 20) : i + 1]!r}). "
+                "Placeholders look like {column}; write }} for a literal brace."
             )
-        literals.append(pending)
+        end = text.find("}", i + 1)
+        inner = text[i + 1 : end] if end >= 0 else text[i + 1 :]
+        # JSON in a prompt ({"summary": ...}) is the usual cause of a brace that is not a placeholder.
+        if inner.lstrip().startswith(('"', "'")) or "{" in inner:
+            raise _json_error(text, i)
+        if end < 0:
+            raise ConfigError(
+                f"The prompt template is not valid: it has a {{ that is never closed (at {text[i : i + 20]!r}). "
+                "Placeholders look like {column}; write {{ for a literal brace."
+            )
+        name, colon, default = inner.partition(":")
+        if "!" in name:
+            raise ConfigError(
+                f"Placeholder {{{inner}}} uses a conversion ({name[name.index('!') :]}); placeholders take a column name, "
+                f"e.g. {{{name.split('!')[0]}}}, or a default for empty cells, e.g. {{{name.split('!')[0]}:n/a}}."
+            )
+        if not name.strip():
+            raise ConfigError("The prompt template has an empty placeholder {}. Name a column inside the braces, e.g. {text}.")
+        if colon and _FORMAT_SPEC.fullmatch(default) and _FORMAT_SIGN.search(default):
+            raise ConfigError(
+                f"Placeholder {{{inner}}} looks like a Python format spec, but after ':' comes the text used when "
+                f"{name!r} is empty (e.g. {{{name}:n/a}}). Format the column before the run and write {{{name}}}."
+            )
+        literals.append("".join(pending))
         fields.append(name)
-        pending = ""
-    literals.append(pending)
+        defaults.append(default if colon else None)
+        pending = []
+        i = end + 1
+    literals.append("".join(pending))
     if not fields:
         raise ConfigError(
             f"The prompt template {text!r} names no column, so every row would send the same prompt. Add a placeholder such as {{text}}."
         )
-    return Template(text=text, literals=tuple(literals), fields=tuple(fields))
+    return Template(text=text, literals=tuple(literals), fields=tuple(fields), defaults=tuple(defaults))
 
 
 @dataclass(frozen=True)
@@ -106,6 +177,8 @@ class Renderer:
     id_column: str | None
     messages_column: str | None = None
     param_columns: dict[str, str] = field(default_factory=dict)
+    null_as_empty: bool = False  # a null or empty template cell renders as empty text instead of holding the row back
+    list_join: str | None = None  # list cells of scalars joined with this text; None: as JSON
 
     def _source_columns(self) -> tuple[str, ...]:
         if self.template is not None:
@@ -116,14 +189,19 @@ class Renderer:
         extra = (self.id_column,) if self.id_column else ()
         return tuple(dict.fromkeys(self._source_columns() + extra + tuple(self.param_columns.values())))
 
-    def check(self, schema: pl.Schema, where: str) -> None:
+    def check(self, schema: pl.Schema, where: str, hint: str = "") -> None:
+        """Refuse, before anything is sent, columns that are not there or cannot be shown; `hint` ends the missing-column message."""
         columns = list(schema.names())
         missing = [c for c in self.needed_columns() if c not in columns]
         if missing:
             what = "The prompt template uses" if self.template else "The settings name the"
+            t = self.template
+            braced = [f for i, f in enumerate(t.fields) if f in missing and t.default_of(i) is not None] if t else []
+            if braced and not hint:  # {key: value} that was meant as literal text, not column:default
+                hint = f" If {{{braced[0]}:...}} is meant as literal text, write {{{{ and }}}} for its braces."
             raise InputError(
                 f"{what} column{'s' if len(missing) > 1 else ''} {', '.join(repr(m) for m in missing)}, "
-                f"which {where} does not have. Its columns are: {', '.join(repr(c) for c in columns)}."
+                f"which {where} does not have. Its columns are: {', '.join(repr(c) for c in columns)}.{hint}"
             )
         if self.messages_column:
             dtype = schema[self.messages_column]
@@ -134,14 +212,21 @@ class Renderer:
                     f"Column {self.messages_column!r} of {where} should hold a list of messages with 'role' and 'content' "
                     f'(as in JSONL: [{{"role": "user", "content": "..."}}]), or their JSON text; it is {dtype}.'
                 )
-        text_columns = self.template.columns if self.template else tuple(c for c in (self.prompt_column,) if c)
-        nested = [c for c in text_columns if schema[c].is_nested() or schema[c] in (pl.Binary, pl.Object)]
-        if nested:
-            c = nested[0]
+        # Templates show lists and structs as JSON; a whole prompt must already be text.
+        if self.template:
+            shown = [c for c in self.template.columns if schema[c] in (pl.Binary, pl.Object)]
+        else:
+            shown = [c for c in (self.prompt_column,) if c and (schema[c].is_nested() or schema[c] in (pl.Binary, pl.Object))]
+        if shown:
+            c = shown[0]
             raise InputError(
                 f"Column {c!r} of {where} holds {schema[c]} values, which a prompt cannot show faithfully. "
-                f"Templates take text, numbers, dates and the like: turn {c!r} into a string column first"
-                + (", or give conversations with --messages-column." if schema[c].is_nested() else ".")
+                + (
+                    f"Templates take text, numbers, dates, lists and structs: turn {c!r} into a string column first."
+                    if self.template
+                    else f"Use --prompt with a template such as '{{{c}}}' (lists and structs are shown as JSON), "
+                    "or give conversations with --messages-column."
+                )
             )
 
     def _payload_expr(self, schema: pl.Schema) -> pl.Expr:
@@ -159,11 +244,43 @@ class Renderer:
             if lit:
                 parts.append(pl.lit(lit))
             if i < len(self.template.fields):
-                parts.append(pl.col(self.template.fields[i]).cast(pl.String))
-        return pl.concat_str(parts)
+                parts.append(self._field_expr(self.template.fields[i], self.template.default_of(i), schema))
+        return pl.concat_str(parts)  # a null part (a required cell) makes the whole prompt null
+
+    def _cell_expr(self, c: str, schema: pl.Schema) -> pl.Expr:
+        """A template cell as text: scalars cast, lists joined (--list-join) or JSON, structs JSON."""
+        col, dtype = pl.col(c), schema[c]
+        if isinstance(dtype, pl.Array):
+            col, dtype = col.arr.to_list(), pl.List(dtype.inner)
+        if isinstance(dtype, pl.List) and self.list_join is not None and not dtype.inner.is_nested():
+            return col.cast(pl.List(pl.String)).list.join(self.list_join)
+        if dtype.is_nested():
+            # polars JSON-encodes structs only: wrap the cell in one and cut the wrapper off again.
+            wrapped = pl.struct(col.alias("v")).struct.json_encode()
+            return pl.when(col.is_not_null()).then(wrapped.str.strip_prefix('{"v":').str.strip_suffix("}"))
+        return col.cast(pl.String)
+
+    def _field_expr(self, c: str, default: str | None, schema: pl.Schema) -> pl.Expr:
+        cell = self._cell_expr(c, schema)
+        if default is not None:
+            return pl.when(cell.is_null() | (cell.str.strip_chars() == "")).then(pl.lit(default)).otherwise(cell)
+        # Exactly the cast of earlier versions when no option is used: the prompt, hence the request key, is unchanged.
+        return cell.fill_null("") if self.null_as_empty else cell
 
     def _skip_expr(self, schema: pl.Schema) -> pl.Expr:
         checks = []
+        if self.template is not None:
+            required = () if self.null_as_empty else self.template.required
+            for c in required:
+                cell = self._cell_expr(c, schema)
+                checks.append(pl.when(cell.is_null()).then(pl.lit(f"not sent: column '{c}' is null in this row")))
+                checks.append(pl.when(cell.str.strip_chars() == "").then(pl.lit(f"not sent: column '{c}' is empty in this row")))
+            if self.null_as_empty or len(required) < len(self.template.columns):
+                # Defaults and --null-as-empty can leave nothing to ask; without them a filled cell means a non-blank prompt.
+                checks.append(
+                    pl.when(pl.col(PROMPT).str.strip_chars() == "").then(pl.lit("not sent: the prompt is empty in this row"))
+                )
+            return pl.coalesce(checks)
         for c in self._source_columns():
             if schema[c] != pl.String and c == self.messages_column:
                 checks.append(
@@ -179,7 +296,9 @@ class Renderer:
 
     def render(self, df: pl.DataFrame) -> pl.DataFrame:
         """Return `df` plus payload, per-row parameters, skip reason, request key and token estimate."""
-        out = df.with_columns(self._payload_expr(df.schema).alias(PROMPT), self._skip_expr(df.schema).alias(SKIP_REASON))
+        out = df.with_columns(self._payload_expr(df.schema).alias(PROMPT)).with_columns(
+            self._skip_expr(df.schema).alias(SKIP_REASON)
+        )
         if self.messages_column is not None and df.schema[self.messages_column] == pl.String:
             # Conversations given as JSON text: a cell that is not one is not sent (checked here, not at send time).
             bad = [_conversation_problem(t) for t in out.get_column(PROMPT).to_list()]

@@ -24,12 +24,12 @@ from pipeline.config import RunConfig
 from pipeline.engine import Engine, prepare
 from pipeline.governor import Governor
 from pipeline.local_model import LocalServer, check_installed
-from pipeline.progress import Progress, summary
+from pipeline.progress import Progress, plural, summary
 from pipeline.prompts import Renderer, RequestSpec, parse_template
 from pipeline.providers import Provider, make_provider
 from pipeline.providers.ratelimit import dialect_for
 from pipeline.retry import RetryPolicy
-from pipeline.sink import ParquetSink, check_output
+from pipeline.sink import ParquetSink, check_output, result_frame
 from pipeline.stats import RunStats
 from pipeline.structured import Structured, load_schema
 from pipeline.transport import AiohttpTransport, Transport
@@ -72,6 +72,8 @@ def renderer_for(cfg: RunConfig, structured: Structured | None = None) -> Render
         id_column=cfg.id_column,
         messages_column=cfg.messages_column,
         param_columns=dict(cfg.param_columns),
+        null_as_empty=cfg.null_as_empty,
+        list_join=cfg.list_join,
     )
 
 
@@ -120,8 +122,8 @@ def preflight(cfg: RunConfig, *, writes: bool = True) -> Plan:
         )
     structured = structured_for(cfg)
     renderer = renderer_for(cfg, structured)
-    table = source.open_table(cfg.input)
-    renderer.check(table.schema, table.label)
+    table = source.open_table(cfg.input, encoding=cfg.encoding, separator=cfg.separator, headerless=renderer.needed_columns())
+    renderer.check(table.schema, table.label, hint=source.separator_hint(table))
     output = Path(cfg.output) if cfg.output is not None else None
     if output is not None:
         check_output(output, table.files, list(table.schema.names()), structured.output_columns() if structured else [])
@@ -167,6 +169,25 @@ def build_engine(
     )
 
 
+def _empty_run(plan: Plan, output: Path, err: TextIO) -> int:
+    """No rows (a scheduled job's empty partition): an empty output with every column, and success.
+    Nothing is sent, no model is started and no checkpoint is made: there is nothing to resume."""
+    started = time.monotonic()
+    frame = pl.DataFrame(schema=plan.table.schema).hstack(result_frame([]))
+    sink = ParquetSink(output)
+    try:
+        sink.write(plan.structured.add_columns(frame) if plan.structured else frame)
+        sink.commit()
+    finally:
+        sink.abort()  # no-op after commit
+    print(
+        f"pipeline: 0 rows in {time.monotonic() - started:.1f} s: the input {plan.table.label} has no rows, "
+        f"so nothing was sent\n  output: {output}",
+        file=err,
+    )
+    return EXIT_OK
+
+
 def _run_job(cfg: RunConfig, err: TextIO) -> int:
     plan = preflight(cfg)
     renderer, table, output = plan.renderer, plan.table, plan.output
@@ -176,6 +197,8 @@ def _run_job(cfg: RunConfig, err: TextIO) -> int:
     if cfg.provider == "local" and base_url is None:
         check_installed()
     stats = RunStats(total_rows=source.count_rows(table, cfg.limit))
+    if stats.total_rows == 0:
+        return _empty_run(plan, output, err)
 
     checkpoint = Checkpoint(cfg.checkpoint_path)
     checkpoint.open()
@@ -286,14 +309,16 @@ def _run_job(cfg: RunConfig, err: TextIO) -> int:
         not_sent = stats.error_kinds.get("not_sent", 0)
         advice = ["The output has every row, with the reason in 'error'."]
         if stats.errors > not_sent:
-            advice.append(f"Run the same command again to retry the {stats.errors - not_sent} rows whose requests failed.")
+            n = stats.errors - not_sent
+            advice.append(f"Run the same command again to retry the {plural(n, 'row')} whose requests failed.")
         if not_sent:
             advice.append(
-                f"{not_sent} rows were not sent because a prompt cell is null or empty: a re-run cannot fix those; "
-                "fill them in, or allow them with --max-error-rate."
+                f"{plural(not_sent, 'row was', 'rows were')} not sent because a prompt cell is null or empty: a re-run "
+                "cannot fix that; fill the cells in, give the placeholder a default ({notes:} or {notes:n/a}), pass "
+                "--null-as-empty, or allow such rows with --max-error-rate."
             )
         print(
-            f"pipeline: {stats.errors} of {stats.rows_done} rows failed ({rate:.1%}), above --max-error-rate "
+            f"pipeline: {stats.errors:,} of {plural(stats.rows_done, 'row')} failed ({rate:.1%}), above --max-error-rate "
             f"{cfg.max_error_rate:g}: exit 1. " + " ".join(advice),
             file=err,
         )

@@ -2,20 +2,40 @@
 
 Only this module and `sink` touch table files. Reading goes through polars'
 streaming engine, so memory depends on the batch size, not the table size.
+polars reads only UTF-8 text: a CSV or JSONL file in another encoding is
+transcoded once, in bounded memory, into a private temporary folder that the
+`Table` owns (removed by `Table.close`, when the table is collected, or at
+exit) and read from there.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
-from collections.abc import Iterator
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
-from pipeline.errors import InputError
+from pipeline.errors import ConfigError, InputError
 
 FORMATS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+NATIVE = ("utf-8", "utf-8-sig")  # codec names polars reads itself (it skips a byte-order mark)
+CHUNK = 1 << 20  # bytes decoded at a time when transcoding or looking for a bad byte
+SEPARATOR_NAMES = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pipe": "|", "space": " "}
+# Separators worth suggesting when a CSV's header came out as one column.
+CANDIDATES = {";": "';'", "\t": "tab", "|": "'|'", ",": "','"}
+
+
+@dataclass(frozen=True)
+class Part:
+    """One input file that has rows: where polars reads it from and how."""
+
+    path: Path  # as the user named it
+    read: Path  # the file polars scans: `path`, or its UTF-8 copy
+    separator: str  # CSV only
 
 
 @dataclass(frozen=True)
@@ -25,10 +45,19 @@ class Table:
     files: tuple[Path, ...]
     fmt: str
     schema: pl.Schema
+    parts: tuple[Part, ...] = ()  # the files with rows; empty files are left out
+    separator: str | None = None  # CSV: the separator of the first file, for hints
+    # Owns the UTF-8 copies; its own finalizer removes them when the table is collected or at exit.
+    scratch: tempfile.TemporaryDirectory[str] | None = field(default=None, compare=False, repr=False)
 
     @property
     def label(self) -> str:
         return str(self.files[0]) if len(self.files) == 1 else f"{len(self.files)} {self.fmt} files"
+
+    def close(self) -> None:
+        """Remove the transcoded copies now (later reads of this table fail)."""
+        if self.scratch is not None:
+            self.scratch.cleanup()
 
 
 def resolve_files(patterns: tuple[str, ...]) -> tuple[Path, ...]:
@@ -62,44 +91,137 @@ def _format_of(path: Path) -> str:
     return fmt
 
 
-def _scan(path: Path, fmt: str) -> pl.LazyFrame:
+def codec_name(encoding: str) -> str:
+    """Python's canonical name for a text encoding ('latin-1' -> 'iso8859-1'), or a ConfigError."""
+    try:
+        info = codecs.lookup(encoding)
+    except LookupError:
+        info = None
+    # bytes-to-bytes codecs (base64, zlib...) are found by lookup but are no text encoding.
+    if info is None or not getattr(info, "_is_text_encoding", True):
+        raise ConfigError(
+            f"The input encoding {encoding!r} (--encoding) is not a text encoding Python knows. "
+            "Give the file's encoding, e.g. --encoding utf-8, --encoding cp1252 (Excel on Windows), "
+            "--encoding latin-1 or --encoding utf-16."
+        )
+    return info.name
+
+
+def parse_separator(value: str | None) -> str | None:
+    """The one-byte separator polars needs, from ';', tab, '\\t' or a name such as semicolon."""
+    if value is None:
+        return None
+    sep = SEPARATOR_NAMES.get(value.lower(), value)
+    if len(sep) != 1 or not sep.isascii() or sep in '"\r\n':
+        raise ConfigError(
+            f"The CSV separator {value!r} (--separator) should be one character, e.g. --separator ';', "
+            "--separator '|' or --separator tab."
+        )
+    return sep
+
+
+def _scan(path: Path, fmt: str, separator: str = ",") -> pl.LazyFrame:
     if fmt == "csv":
-        sep = "\t" if path.suffix.lower() == ".tsv" else ","
         # Whole-file type inference: a column that is numeric for 100 rows and
         # text later must not fail half-way through a paid run.
-        return pl.scan_csv(path, separator=sep, infer_schema_length=None)
+        return pl.scan_csv(path, separator=separator, infer_schema_length=None)
     if fmt == "parquet":
         return pl.scan_parquet(path)
     return pl.scan_ndjson(path, infer_schema_length=None)
 
 
-def open_table(patterns: tuple[str, ...]) -> Table:
-    """Resolve and check every input file before anything is sent."""
+def _transcode(src: Path, codec: str, dest: Path) -> None:
+    """Copy `src` to `dest` as UTF-8, a chunk at a time (a bounded amount of memory whatever the size)."""
+    decoder = codecs.getincrementaldecoder(codec)(errors="strict")
+    offset = 0
+    try:
+        with src.open("rb") as fin, dest.open("w", encoding="utf-8", newline="") as fout:
+            while chunk := fin.read(CHUNK):
+                try:
+                    fout.write(decoder.decode(chunk))
+                except UnicodeDecodeError as exc:
+                    at = offset + exc.start - (len(exc.object) - len(chunk))  # the decoder prepends bytes it held back
+                    raise InputError(
+                        f"Input file {src} is not valid {codec} text: the byte 0x{exc.object[exc.start]:02X} at offset "
+                        f"{at:,} has no meaning in that encoding. Check the file's encoding and give it with --encoding "
+                        "(latin-1 accepts any byte; files from Excel on Windows are usually cp1252)."
+                    ) from None
+                offset += len(chunk)
+            fout.write(decoder.decode(b"", final=True))
+    except UnicodeDecodeError:
+        raise InputError(
+            f"Input file {src} ends in the middle of a {codec} character. Check the file's encoding (--encoding)."
+        ) from None
+    except OSError as exc:
+        raise InputError(
+            f"Input file {src} could not be converted from {codec} to UTF-8 in {dest.parent}: {exc.strerror or exc}. "
+            "Free some space there or point TMPDIR at a folder with room."
+        ) from None
+
+
+def _blank(path: Path) -> bool:
+    """No header and no rows: nothing but whitespace (and perhaps a byte-order mark)."""
+    if path.stat().st_size > 4096:
+        return False
+    return not path.read_bytes().removeprefix(codecs.BOM_UTF8).strip()
+
+
+def open_table(
+    patterns: tuple[str, ...],
+    *,
+    encoding: str = "utf-8",
+    separator: str | None = None,
+    headerless: Sequence[str] = (),
+) -> Table:
+    """Resolve and check every input file before anything is sent.
+
+    `encoding` applies to CSV and JSONL, `separator` to CSV. A file with no rows
+    is left out (its header, if it has one, must match the others); when no file
+    has even a header, the table has the `headerless` columns, as text.
+    """
+    codec = codec_name(encoding)
+    sep = parse_separator(separator)
     files = resolve_files(patterns)
     fmts = {_format_of(f) for f in files}
     if len(fmts) > 1:
         raise InputError(f"Inputs mix formats ({', '.join(sorted(fmts))}). Give files of one format per run.")
     fmt = fmts.pop()
-    schema: pl.Schema | None = None
-    for f in files:
+    scratch = None
+    parts: list[Part] = []
+    schema: pl.Schema | None = None  # of the first file with rows: its types are the table's
+    header: tuple[Path, pl.Schema] | None = None  # the first file with columns: the others must match it
+    for i, f in enumerate(files):
+        read = f
+        if fmt != "parquet" and codec not in NATIVE:
+            scratch = scratch or tempfile.TemporaryDirectory(prefix="pipeline-input-", ignore_cleanup_errors=True)
+            read = Path(scratch.name) / f"{i}-{f.name}"
+            _transcode(f, codec, read)
+        file_sep = sep or ("\t" if f.suffix.lower() == ".tsv" else ",")
+        this: pl.Schema | None = None
         try:
-            this = _scan(f, fmt).collect_schema()
-            first = _scan(f, fmt).head(1).collect()
-        except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as exc:
+            if fmt != "parquet" and _blank(read):
+                continue
+            this = _scan(read, fmt, file_sep).collect_schema()
+            has_rows = _scan(read, fmt, file_sep).head(1).collect().height > 0
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            hint = _explain(exc, [f] if codec in NATIVE else [], this, file_sep if fmt == "csv" else None)
             raise InputError(
-                f"Input file {f} could not be read as {fmt}: {_short(exc)}. Check that the file is a valid {fmt} file."
+                f"Input file {f} could not be read as {fmt}: {_short(exc)}.{hint or f' Check that the file is a valid {fmt} file.'}"
             ) from None
-        if not this or first.height == 0:
-            raise InputError(f"Input file {f} is empty (no rows). Give a table with at least one row.")
-        if schema is None:
-            schema = this
-        elif list(this.names()) != list(schema.names()):
+        if header is None:
+            header = (f, this)
+        elif list(this.names()) != list(header[1].names()):
             raise InputError(
-                f"Input file {f} has columns {list(this.names())}, but {files[0]} has {list(schema.names())}. "
+                f"Input file {f} has columns {list(this.names())}, but {header[0]} has {list(header[1].names())}. "
                 f"All inputs of one run must have the same columns."
             )
-    assert schema is not None
-    return Table(files=files, fmt=fmt, schema=schema)
+        if has_rows:
+            parts.append(Part(path=f, read=read, separator=file_sep))
+            schema = schema or this
+    if schema is None:
+        schema = header[1] if header else pl.Schema(dict.fromkeys(headerless, pl.String()))
+    first_sep = (sep or ("\t" if files[0].suffix.lower() == ".tsv" else ",")) if fmt == "csv" else None
+    return Table(files=files, fmt=fmt, schema=schema, parts=tuple(parts), separator=first_sep, scratch=scratch)
 
 
 def _short(exc: BaseException) -> str:
@@ -107,10 +229,89 @@ def _short(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def separator_hint(table: Table) -> str:
+    """A sentence suggesting --separator when a CSV's header came out as a single column, else ''."""
+    if table.separator is None:
+        return ""
+    return _separator_hint(table.schema, table.separator)
+
+
+def _separator_hint(schema: pl.Schema | None, used: str) -> str:
+    if schema is None or len(schema) != 1:
+        return ""
+    (name,) = schema.names()
+    counts = {c: name.count(c) for c in CANDIDATES if c != used}
+    found = max(counts, key=lambda c: counts[c])
+    if not counts[found]:
+        return ""
+    return (
+        f" Its header was read as the single column {name!r}: the file seems to separate fields with "
+        f"{CANDIDATES[found]}, not {CANDIDATES.get(used, repr(used))}. Pass --separator {CANDIDATES[found]}."
+    )
+
+
+def _explain(exc: BaseException, utf8_files: Sequence[Path], schema: pl.Schema | None, separator: str | None) -> str:
+    """What to do about a polars read error: a file in another encoding, or the wrong separator."""
+    text = str(exc).lower()
+    if "utf-8" in text or "utf8" in text:
+        for f in utf8_files:
+            found = _not_utf8(f)
+            if found:
+                return " " + found
+    return _separator_hint(schema, separator) if separator else ""
+
+
+def _not_utf8(path: Path) -> str:
+    """Where `path` stops being UTF-8 and which encoding reads it, as advice; '' if it is all UTF-8.
+
+    Only called after polars refused a file, so a pass over it here costs nothing on the happy path."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines = 0
+    with path.open("rb") as f:
+        while True:
+            chunk = f.read(CHUNK)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                data, bad = exc.object, exc.start
+                break
+            if not chunk:
+                return ""
+            lines += chunk.count(b"\n")
+    line_no = lines + data.count(b"\n", 0, bad) + 1
+    start = data.rfind(b"\n", 0, bad) + 1
+    end = data.find(b"\n", bad)
+    line = data[start : end if end >= 0 else len(data)].rstrip(b"\r")
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) and not lines:
+        return (
+            "The file is not UTF-8 but UTF-16 (it starts with a UTF-16 byte-order mark, as Excel's 'Unicode text' does): "
+            "give its encoding with --encoding utf-16, or save it as UTF-8."
+        )
+    try:
+        line.decode("cp1252")
+        guess, also = "cp1252", " (or latin-1)"
+    except UnicodeDecodeError:
+        guess, also = "latin-1", ""
+    shown = line.decode(guess)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return (
+        f"The file is not UTF-8 text: line {line_no} has the byte 0x{data[bad]:02X}, which UTF-8 does not allow. "
+        f"Give the file's encoding with --encoding {guess}{also}, which reads that line as {shown!r}, "
+        "or save the file as UTF-8."
+    )
+
+
 def lazy(table: Table, limit: int | None = None) -> pl.LazyFrame:
-    frames = [_scan(f, table.fmt) for f in table.files]
+    if not table.parts:  # every file empty: no rows, the table's columns
+        return pl.LazyFrame(schema=table.schema)
+    frames = [_scan(p.read, table.fmt, p.separator) for p in table.parts]
     lf = frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical_relaxed")
     return lf.head(limit) if limit is not None else lf
+
+
+def _native_files(table: Table) -> list[Path]:
+    """The files polars reads as they are (not a UTF-8 copy): the only ones that can hold bad UTF-8."""
+    return [p.path for p in table.parts if p.read == p.path and table.fmt != "parquet"]
 
 
 def count_rows(table: Table, limit: int | None = None) -> int:
@@ -118,11 +319,13 @@ def count_rows(table: Table, limit: int | None = None) -> int:
     malformed line far down the file is reported now, before any request is sent."""
     query = lazy(table, limit)
     try:
-        if table.fmt == "parquet":  # row counts come from the footer; pages were checksummed on write
+        if table.fmt == "parquet" or not table.parts:  # row counts come from the footer; pages were checksummed on write
             return int(query.select(pl.len()).collect().item())
         return int(query.select(pl.len().alias("__rows"), pl.all().null_count()).collect().get_column("__rows").item())
     except pl.exceptions.PolarsError as exc:
-        hint = " Look for a line with extra separators or an unclosed quote." if table.fmt == "csv" else ""
+        hint = _explain(exc, _native_files(table), table.schema, table.separator)
+        if not hint and table.fmt == "csv":
+            hint = " Look for a line with extra separators or an unclosed quote."
         raise InputError(f"Input {table.label} could not be read in full: {_short(exc)}.{hint}") from None
 
 
@@ -133,4 +336,5 @@ def batches(table: Table, batch_size: int, limit: int | None = None) -> Iterator
             if df.height:
                 yield df
     except pl.exceptions.PolarsError as exc:
-        raise InputError(f"Input {table.label} could not be read part-way through: {_short(exc)}.") from None
+        hint = _explain(exc, _native_files(table), table.schema, table.separator)
+        raise InputError(f"Input {table.label} could not be read part-way through: {_short(exc)}.{hint}") from None
