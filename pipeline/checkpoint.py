@@ -82,16 +82,7 @@ class Checkpoint:
         frames = [f for f in frames if f.height]
         if not frames:
             return pl.DataFrame(schema=RESULT_SCHEMA)
-        everything = pl.concat(frames, how="vertical_relaxed")
-        # Newest answer per key, but an `ok` is never replaced by a later error
-        # (say from a --fresh run): nothing answered is ever lost.
-        ok = everything.filter(pl.col("status") == "ok").unique(subset="request_key", keep="last", maintain_order=True)
-        failed = (
-            everything.filter(pl.col("status") != "ok")
-            .join(ok.select("request_key"), on="request_key", how="anti")
-            .unique(subset="request_key", keep="last", maintain_order=True)
-        )
-        everything = pl.concat([ok, failed])
+        everything = newest(pl.concat(frames, how="vertical_relaxed"))
         if journals:
             tmp = compacted.with_suffix(".parquet.tmp")
             everything.write_parquet(tmp)
@@ -140,6 +131,36 @@ class Checkpoint:
         (self.folder / "lock").unlink()
         with contextlib.suppress(OSError):  # someone put something there meanwhile: leave it
             self.folder.rmdir()
+
+
+def newest(everything: pl.DataFrame) -> pl.DataFrame:
+    """One result per key, the newest, but an `ok` is never replaced by a later error
+    (say from a --fresh run): nothing answered is ever lost. The ok ones first."""
+    ok = everything.filter(pl.col("status") == "ok").unique(subset="request_key", keep="last", maintain_order=True)
+    failed = (
+        everything.filter(pl.col("status") != "ok")
+        .join(ok.select("request_key"), on="request_key", how="anti")
+        .unique(subset="request_key", keep="last", maintain_order=True)
+    )
+    return pl.concat([ok, failed])
+
+
+def read_results(folder: Path) -> pl.DataFrame:
+    """Every result kept in `folder`, as `Checkpoint.load` sees them but without its lock and its
+    compaction: a job running on the folder is left alone (`pipeline estimate`, `pipeline show`)."""
+    files = [folder / "results.parquet", *sorted(folder.glob("journal-*.jsonl"))] if folder.is_dir() else []
+    frames = []
+    for f in files:
+        try:  # a running job may compact a journal away between glob and read
+            frames.append(pl.read_parquet(f) if f.suffix == ".parquet" else read_journal(f))
+        except FileNotFoundError:
+            continue
+    return newest(pl.concat([pl.DataFrame(schema=RESULT_SCHEMA), *frames], how="vertical_relaxed"))
+
+
+def read_done(folder: Path) -> pl.DataFrame:
+    """Answered (`ok`) results, one per key, sorted by key: `Checkpoint.load` without its lock and compaction."""
+    return read_results(folder).filter(pl.col("status") == "ok").sort("request_key")
 
 
 def read_journal(path: Path) -> pl.DataFrame:

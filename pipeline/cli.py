@@ -60,7 +60,7 @@ def _option(name: str, field: FieldInfo) -> Callable[..., Any]:
         kw.update(flag_value=not field.default)
     elif get_origin(kind) is Literal:
         kw["type"] = click.Choice([str(a) for a in get_args(kind)])
-    elif kind in (int, float):
+    elif kind in (int, float) and not extra.get("text"):
         kw["type"] = kind
     elif get_origin(kind) in (tuple, dict):
         kw.update(multiple=True, default=())
@@ -135,23 +135,41 @@ def estimate(config: str | None, samples: int, **flags: Any) -> None:
 
 @cli.command(
     name="serve-local",
-    epilog="\b\nExample:\n  pipeline serve-local --port 8080\n  pipeline run configs/openai-compatible.yaml --base-url http://127.0.0.1:8080/v1",
+    epilog="\b\nExamples:\n  pipeline serve-local --port 8080\n"
+    "  pipeline run configs/openai-compatible.yaml --base-url http://127.0.0.1:8080/v1\n"
+    "  pipeline serve-local --model-file models/qwen2.5-0.5b-instruct-q4_k_m.gguf --threads 4 --ctx-size 4096",
 )
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=8080, show_default=True)
-def serve_local(host: str, port: int) -> None:
-    """Serve the embedded model (SmolLM2-135M-Instruct) as an OpenAI-compatible server.
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for generation. Default: llama.cpp's.")
+@click.option("--ctx-size", type=click.IntRange(min=64), default=2048, show_default=True, help="Context window in tokens.")
+@click.option(
+    "--model-file",
+    type=click.Path(),  # checked by check_gguf, whose message says what to give
+    default=None,
+    metavar="PATH.gguf",
+    help="Serve this GGUF model instead of the embedded SmolLM2-135M-Instruct.",
+)
+@click.option(
+    "--alias",
+    default=None,
+    metavar="NAME",
+    help="Model name clients ask for. Default: the model file's stem (SmolLM2-135M-Instruct).",
+)
+def serve_local(host: str, port: int, threads: int | None, ctx_size: int, model_file: str | None, alias: str | None) -> None:
+    """Serve the embedded model (SmolLM2-135M-Instruct), or another GGUF, as an OpenAI-compatible server.
 
     Runs in the foreground until Ctrl-C or SIGTERM (`kill PID` for one started
     in the background); the llama.cpp process stops with it.
     """
-    from pipeline.local_model import MODEL_ALIAS, LocalServer
+    from pipeline.local_model import LocalServer, check_gguf
 
     try:
-        server = LocalServer(host=host, port=port).start()
+        model = check_gguf(model_file) if model_file is not None else None
+        server = LocalServer(host=host, port=port, n_ctx=ctx_size, threads=threads, model=model, alias=alias).start()
     except errors.UserError as exc:
         raise UsageFailure(str(exc)) from None
-    click.echo(f"Serving {MODEL_ALIAS} at {server.base_url} (model name {MODEL_ALIAS!r}); Ctrl-C to stop.", err=True)
+    click.echo(f"Serving {server.alias} at {server.base_url} (model name {server.alias!r}); Ctrl-C to stop.", err=True)
     try:
         server.wait()
     except KeyboardInterrupt:
@@ -160,34 +178,31 @@ def serve_local(host: str, port: int) -> None:
         server.stop()
 
 
-@cli.command(epilog="\b\nExample:\n  pipeline show out/reviews-summary.parquet --rows 5")
-@click.argument("path", type=click.Path(exists=True, dir_okay=False))
-@click.option("--rows", "-n", type=int, default=5, show_default=True, help="How many rows to show.")
-def show(path: str, rows: int) -> None:
-    """Print the first rows of an output file and its status counts."""
-    import polars as pl
+@cli.command(
+    epilog="\b\nExamples:\n  pipeline show out/reviews-summary.parquet --rows 5\n"
+    "  pipeline show out/reviews-summary.parquet --errors --columns review_id,error --full\n"
+    "  pipeline show reviews.stdout.checkpoint      # the answers of a run with --output -"
+)
+@click.argument("path")
+@click.option("--rows", "-n", type=click.IntRange(min=0), default=5, show_default=True, help="How many rows to show.")
+@click.option("--errors", "errors_only", is_flag=True, help="Only rows whose status is error.")
+@click.option("--columns", default=None, metavar="A,B", help="The columns to show, comma-separated.")
+@click.option("--full", is_flag=True, help="Every value whole, one per line, instead of a table of shortened text.")
+@click.option("--checkpoint-dir", default=None, help="The run's checkpoint folder, if not next to the output.")
+def show(path: str, rows: int, errors_only: bool, columns: str | None, full: bool, checkpoint_dir: str | None) -> None:
+    """Print the first rows of an output file (Parquet, CSV or JSONL) and its status counts.
 
+    Before its run has finished (running, or stopped), the answers so far are
+    shown from its checkpoint. PATH may also be a checkpoint folder.
+    """
+    from pipeline.show import show as show_output  # polars only when showing
+
+    chosen = [c.strip() for c in columns.split(",") if c.strip()] if columns else []
     try:
-        columns = pl.read_parquet_schema(path)
-        df = pl.read_parquet(path, n_rows=rows)
-    except (pl.exceptions.PolarsError, OSError) as exc:
-        raise UsageFailure(
-            f"{path} is not a readable Parquet file ({str(exc).splitlines()[0]}). Give the output of a `pipeline run`."
-        ) from None
-    if "status" not in columns or "completion" not in columns:
-        raise UsageFailure(
-            f"{path} is not a pipeline output (it has no 'status' and 'completion' columns). Give the --output of a `pipeline run`."
-        )
-    names = list(columns)
-    # The first input column (often an id), what the model gave (extracted fields if a schema was used), the outcome.
-    extracted = names[names.index("tokens_estimated") + 1 :] if "tokens_estimated" in names else []
-    shown = [*names[:1], *(extracted or ["completion"]), "status", "error", "total_tokens"]
-    counts = pl.scan_parquet(path).group_by("status").len().sort("status").collect()
-    with pl.Config(
-        tbl_rows=rows, fmt_str_lengths=90, tbl_width_chars=160, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True
-    ):
-        click.echo(df.select(list(dict.fromkeys(shown))))
-    click.echo(f"{path}: " + ", ".join(f"{r['status']}: {r['len']} rows" for r in counts.iter_rows(named=True)))
+        text = show_output(path, rows=rows, errors_only=errors_only, columns=chosen, full=full, checkpoint_dir=checkpoint_dir)
+    except errors.UserError as exc:
+        raise UsageFailure(str(exc)) from None
+    click.echo(text)
 
 
 def _config(config: str | None, flags: dict[str, Any]) -> RunConfig:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,7 +62,8 @@ def opt(default: Any = None, help: str = "", **cli: Any) -> Any:
     """A setting: its default, the help shown by `--help`, and how it looks as a flag.
 
     `cli` holds what the command line needs beyond the name and type: `short`
-    ("-i"), `flag` (a flag name other than --the-name), `metavar`, `hidden`.
+    ("-i"), `flag` (a flag name other than --the-name), `metavar`, `text` (taken as text
+    and parsed by the model, as "15m" is).
     The CLI generates its options from these, so a setting is a flag by construction.
     """
     factory = {"default_factory": dict} if default is dict else {"default": default}
@@ -149,7 +151,7 @@ class RunConfig(BaseModel):
         default=900.0,
         gt=0,
         description="Longest wait to sit out (a Retry-After, a daily limit, an outage): seconds or 15m, 1h. Default: 15m.",
-        json_schema_extra={"metavar": "DURATION"},
+        json_schema_extra={"metavar": "DURATION", "text": True},
     )
     limit: int | None = Field(default=None, ge=1, description="Only the first N rows (a try-out).")
     checkpoint_dir: str | None = opt(None, "Checkpoint folder. Default: next to the output.")
@@ -245,6 +247,11 @@ class RunConfig(BaseModel):
             return Path(self.checkpoint_dir)
         if self.output is None:
             raise ValueError("no output, so no checkpoint: give --output or --checkpoint-dir")
+        if self.output == "-":
+            # Stdout has no folder to sit beside: the current one, named after the input, so the
+            # same command run again from the same place resumes. A glob's wildcards make no name.
+            stem = re.sub(r"[*?\[\]]+", "_", Path(self.input[0]).stem).strip("_") or "input"
+            return Path(f"{stem}.stdout.checkpoint")
         out = Path(self.output)
         return out.with_name(out.stem + ".checkpoint")
 
@@ -273,6 +280,61 @@ class RunConfig(BaseModel):
             )
         return key
 
+    def request_headers(self) -> tuple[dict[str, str], tuple[str, ...]]:
+        """The headers to send, $VAR and ${VAR} read from the environment ($$ is a dollar sign), and the
+        values to mask in replies: every value read from the environment, and the credential in an
+        Authorization, api-key or x-api-key header. Refused here, before anything is sent: a variable
+        unset or empty, a header the pipeline sets itself, a name or value HTTP cannot carry."""
+        resolved: dict[str, str] = {}
+        secrets: list[str] = []
+        for raw_name, raw_value in self.headers.items():
+            name = raw_name.strip()
+            if not _HEADER_NAME.fullmatch(name):
+                raise ConfigError(f"{name!r} is not an HTTP header name: use letters, digits and -, e.g. api-key.")
+            if name.lower() in _OWN_HEADERS:
+                raise ConfigError(
+                    f"The header {name} is set by the pipeline itself ({_OWN_HEADERS[name.lower()]}); "
+                    "remove it from headers/--header."
+                )
+            if any(name.lower() == seen.lower() for seen in resolved):
+                raise ConfigError(f"The header {name} is given twice (header names ignore case); give it once.")
+            read: dict[str, str] = {}  # variable -> its value
+
+            def substitute(m: re.Match[str], header: str = name, read: dict[str, str] = read) -> str:
+                if m[0] == "$$":
+                    return "$"
+                var = m[1] or m[2]
+                value = os.environ.get(var, "").strip()
+                if not value:
+                    state = "is set but empty" if var in os.environ else "is not set"
+                    raise ConfigError(
+                        f"The header {header} reads the environment variable {var}, which {state}. "
+                        f"Set it (export {var}=...) and run again."
+                    )
+                read[var] = value
+                return value
+
+            value = _ENV_REF.sub(substitute, raw_value.strip())
+            if any(c in value for c in "\r\n\0"):
+                origin = f" (read from {', '.join(read)})" if read else ""
+                raise ConfigError(f"The value of the header {name}{origin} holds a line break; a header value is one line.")
+            resolved[name] = value
+            secrets.extend(read.values())
+            if name.lower() in _CREDENTIAL_HEADERS and value:
+                secrets.extend((value, value.split()[-1]))  # "Bearer sk-..." may be echoed whole or as the key alone
+        return resolved, tuple(dict.fromkeys(secrets))
+
+
+_ENV_REF = re.compile(r"\$(?:\{(\w+)\}|(\w+)|\$)")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+# Set by the pipeline or the HTTP client: another value would break every request.
+_OWN_HEADERS = {
+    "content-type": "its bodies are always JSON",
+    "content-length": "the HTTP client counts the body",
+    "transfer-encoding": "the HTTP client frames the body",
+    "host": "it comes from --base-url",
+}
+_CREDENTIAL_HEADERS = ("authorization", "proxy-authorization", "api-key", "x-api-key")
 
 # The input formats (source.FORMATS), here so a misplaced table is caught without importing polars.
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq", ".jsonl", ".ndjson")

@@ -25,9 +25,10 @@ from pipeline.checkpoint import RESULT_COLUMNS, Checkpoint, lookup
 from pipeline.control import Ticket
 from pipeline.governor import Governor
 from pipeline.prompts import EST_TOKENS, EXTRA, KEY, PROMPT, SKIP_REASON, Renderer, estimate_tokens
-from pipeline.providers import Completion, Provider, read_reply
+from pipeline.providers import Completion, Provider, SchemaFormatRefused, read_reply
+from pipeline.providers.base import clip
 from pipeline.retry import RetryPolicy
-from pipeline.sink import ParquetSink, result_frame
+from pipeline.sink import Sink, result_frame
 from pipeline.stats import RunStats
 from pipeline.structured import Structured, check_reply, correction
 from pipeline.transport import Transport
@@ -107,7 +108,7 @@ class Engine:
         policy: RetryPolicy,
         concurrency: int,
         checkpoint: Checkpoint,
-        sink: ParquetSink,
+        sink: Sink,
         stats: RunStats,
         system_prompt: str | None = None,
         structured: Structured | None = None,
@@ -134,6 +135,7 @@ class Engine:
         self._outstanding = 0
         self._room = asyncio.Condition()
         self._any_success = False
+        self._told_json_object = False
         self._fatal: errors.FatalError | None = None
         self._stopping = asyncio.Event()
 
@@ -207,8 +209,9 @@ class Engine:
                 self._room.notify_all()
 
     def _write_batch(self, batch: Batch) -> None:
-        frame = batch.frame.hstack(result_frame(batch.results))  # type: ignore[arg-type]  # all settled
-        self._sink.write(self._structured.add_columns(frame) if self._structured else frame)
+        results = result_frame(batch.results)  # type: ignore[arg-type]  # all settled
+        # Apart from the input's columns: an input may have its own 'status' (written with --result-prefix).
+        self._sink.write(batch.frame, self._structured.add_columns(results) if self._structured else results)
 
     async def _worker(self) -> None:
         while (work := await self._queue.get()) is not None:
@@ -225,6 +228,7 @@ class Engine:
         self._stats.requests_sent += 1
         loop = asyncio.get_running_loop()
         started = loop.time()
+        form = self._provider.json_mode  # what this request asks in, whatever the others switch to meanwhile
         try:
             try:
                 body = self._provider.body(work.prompt, work.extra, work.followup)
@@ -237,12 +241,30 @@ class Engine:
             governor.succeeded(ticket, latency, completion.completion_tokens)
             if self._validator is not None:
                 completion = replace(completion, text=check_reply(completion.text, self._validator, self._dtype))
+        except SchemaFormatRefused as err:
+            if form == "json_schema" and self._provider.use_json_object():
+                self._resend_as_json_object(work, err)
+            else:  # refused in json_object form too: the row fails like any other refusal
+                self._failed(work, err, ticket)
         except errors.RequestError as err:
             self._failed(work, err, ticket)
         else:
             self._any_success = True
             self._stats.record_latency(latency * 1000)
             self._finish(work, self._ok_result(work, completion, latency * 1000))
+
+    def _resend_as_json_object(self, work: Work, err: SchemaFormatRefused) -> None:
+        """The server refused the json_schema form (llama-cpp-python, TGI): the run asks for json_object
+        with the schema from now on. The rows refused were never really asked, so they go again, uncharged,
+        and the refusal is kept from the governor: it is the form's fault, not the server's or the row's."""
+        if not self._told_json_object:
+            self._told_json_object = True
+            self.governor.tell(
+                f"pipeline: the server refuses response_format json_schema ({clip(err.message, 160)}); asking for "
+                "json_object with the schema instead, as llama.cpp takes it, for the rest of this run"
+            )
+        work.attempts -= 1
+        self._queue.put_nowait(work)
 
     def _ok_result(self, work: Work, c: Completion, latency: float) -> Result:
         pt, ct = c.prompt_tokens, c.completion_tokens
@@ -291,7 +313,7 @@ class Engine:
             self._stats.retries += 1
             asyncio.get_running_loop().call_later(delay, self._queue.put_nowait, work)
             return
-        self._stats.error_kinds[err.kind] += 1
+        self._stats.error_kinds[err.kind] += len(work.waiters)  # rows, as the errors beside it: a shared request fails each
         message = f"{err.message} (after {work.attempts} attempt{'s' if work.attempts > 1 else ''})"
         result = error_result(message, work.attempts, work.key)
         if isinstance(err, errors.InvalidOutput):

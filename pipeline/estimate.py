@@ -14,14 +14,13 @@ import contextlib
 import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TextIO
 
 import orjson
 import polars as pl
 
 from pipeline import errors, source
-from pipeline.checkpoint import RESULT_SCHEMA, read_journal
+from pipeline.checkpoint import RESULT_SCHEMA, read_done
 from pipeline.config import RunConfig
 from pipeline.engine import Prepared, prepare
 from pipeline.prompts import Renderer
@@ -70,19 +69,6 @@ class Estimate:
     rate: float  # requests a second
     pace: str  # which limit sets the rate, and why
     samples: tuple[str, ...] = ()  # pretty request bodies, keys masked
-
-
-def read_done(folder: Path) -> pl.DataFrame:
-    """Answered (`ok`) results, one per key, sorted by key: `Checkpoint.load` without its lock and compaction."""
-    files = [folder / "results.parquet", *sorted(folder.glob("journal-*.jsonl"))] if folder.is_dir() else []
-    frames = []
-    for f in files:
-        try:  # a running job may compact a journal away between glob and read
-            frames.append(pl.read_parquet(f) if f.suffix == ".parquet" else read_journal(f))
-        except FileNotFoundError:
-            continue
-    done = pl.concat([pl.DataFrame(schema=RESULT_SCHEMA), *frames], how="vertical_relaxed")
-    return done.filter(pl.col("status") == "ok").unique(subset="request_key", keep="last").sort("request_key")
 
 
 def measured_latency(done: pl.DataFrame) -> tuple[float, str]:

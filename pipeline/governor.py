@@ -294,6 +294,10 @@ class Governor:
         if self.hold.close_for(seconds) and seconds >= NOTICE_WAIT:
             self._notice(f"pipeline: {why}; holding all requests for {_span(seconds)}")
 
+    def tell(self, message: str) -> None:
+        """A one-off line for the user from the engine, through the same reporter as the governor's own."""
+        self._notice(message)
+
     # ---- applying decisions ------------------------------------------------------------
 
     def _apply_pace(self, *, started: bool = True) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import errno
 import importlib.util
 import signal
 import socket
@@ -37,9 +38,44 @@ def model_path() -> Path:
 
 
 def check_installed() -> Path:
+    check_server()
+    return model_path()
+
+
+def check_server() -> None:
     if importlib.util.find_spec("llama_cpp") is None:
         raise ConfigError(f"The embedded model server (llama-cpp-python[server]) is not installed. {INSTALL_HINT}")
-    return model_path()
+
+
+def check_gguf(path: str | Path) -> Path:
+    """A model file the user named: it must exist and be a GGUF, which llama.cpp would otherwise
+    report as a page of log after seconds of loading."""
+    p = Path(path)
+    if not p.is_file():
+        state = "is a folder" if p.is_dir() else "does not exist"
+        raise ConfigError(f"The model file {path} {state}. Give the path of a .gguf file with --model-file.")
+    try:
+        with p.open("rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ConfigError(f"The model file {path} cannot be read ({exc.strerror}).") from None
+    if magic != b"GGUF":
+        raise ConfigError(f"The model file {path} is not a GGUF file (llama.cpp serves only those; convert it first).")
+    return p
+
+
+def check_port(host: str, port: int) -> None:
+    """Bind the port for a moment, so a busy one is named at once instead of in llama.cpp's log.
+
+    SO_REUSEADDR as uvicorn sets it: a port only lingering after a closed connection is free to it."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port {port} is in use on {host}; choose another with --port") from None
+            raise ConfigError(f"cannot listen on {host} port {port} ({exc.strerror}); choose another --host or --port") from None
 
 
 def _die_with_parent() -> None:
@@ -61,33 +97,56 @@ class LocalServer:
     """`with LocalServer() as server: ... server.base_url ...`"""
 
     def __init__(
-        self, *, host: str = "127.0.0.1", port: int | None = None, n_ctx: int = 2048, startup_timeout: float = 120.0
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        n_ctx: int = 2048,
+        threads: int | None = None,
+        model: Path | None = None,
+        alias: str | None = None,
+        startup_timeout: float = 120.0,
     ) -> None:
         self.host = host
+        self._chosen_port = port is not None
         self.port = port or free_port(host)
         self._n_ctx = n_ctx
+        self._threads = threads
+        self._model = model  # None: the embedded SmolLM2
+        self.alias = alias or (model.stem if model is not None else MODEL_ALIAS)
         self._timeout = startup_timeout
         self._proc: subprocess.Popen[str] | None = None
         self._log: collections.deque[str] = collections.deque(maxlen=40)
         self._ready = threading.Event()
+        self._listening = False
 
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}/v1"
 
     def command(self) -> list[str]:
+        if self._model is None:
+            model = check_installed()
+        else:
+            check_server()
+            model = self._model
+        threads = ["--n_threads", str(self._threads)] if self._threads else []
         return [
             sys.executable, "-m", "llama_cpp.server",
-            "--model", str(check_installed()),
-            "--model_alias", MODEL_ALIAS,
+            "--model", str(model),
+            "--model_alias", self.alias,
             "--host", self.host,
             "--port", str(self.port),
             "--n_ctx", str(self._n_ctx),
+            *threads,
         ]  # fmt: skip
 
     def start(self) -> LocalServer:
+        command = self.command()  # the checks of what is installed come before the port's
+        if self._chosen_port:
+            check_port(self.host, self.port)
         self._proc = subprocess.Popen(
-            self.command(),
+            command,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -99,11 +158,25 @@ class LocalServer:
             preexec_fn=_die_with_parent,
         )
         threading.Thread(target=self._drain, daemon=True).start()
-        if not self._ready.wait(self._timeout) or self._proc.poll() is not None:
-            tail = "\n".join(self._log)
-            self.stop()
-            raise ConfigError(f"The embedded model server did not start within {self._timeout:.0f} s. Its last output:\n{tail}")
-        return self
+        self._ready.wait(self._timeout)
+        if self._listening and self._proc.poll() is None:
+            return self
+        if self._ready.is_set():  # its output ended: it exited, or is about to
+            try:
+                code = self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                code = None
+            if code is not None:
+                self._proc = None
+                raise ConfigError(
+                    f"The model server exited with code {code} before it was ready. Its last output:\n{self._tail()}"
+                )
+        tail = self._tail()
+        self.stop()
+        raise ConfigError(f"The model server did not start within {self._timeout:.0f} s. Its last output:\n{tail}")
+
+    def _tail(self, lines: int = 10) -> str:
+        return "\n".join(list(self._log)[-lines:])
 
     def _drain(self) -> None:
         # Read the server's log so its pipe never fills; the ready line releases start().
@@ -111,6 +184,7 @@ class LocalServer:
         for line in self._proc.stdout:
             self._log.append(line.rstrip())
             if READY_MARK in line:
+                self._listening = True
                 self._ready.set()
         self._ready.set()  # exited: let start() notice instead of waiting out the timeout
 

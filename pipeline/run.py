@@ -29,7 +29,7 @@ from pipeline.prompts import Renderer, RequestSpec, parse_template
 from pipeline.providers import Provider, make_provider
 from pipeline.providers.ratelimit import dialect_for
 from pipeline.retry import RetryPolicy
-from pipeline.sink import ParquetSink, check_output, result_frame
+from pipeline.sink import Sink, check_output, describe, open_sink, result_frame
 from pipeline.stats import RunStats
 from pipeline.structured import Structured, load_schema
 from pipeline.transport import AiohttpTransport, Transport
@@ -126,7 +126,8 @@ def preflight(cfg: RunConfig, *, writes: bool = True) -> Plan:
     renderer.check(table.schema, table.label, hint=source.separator_hint(table))
     output = Path(cfg.output) if cfg.output is not None else None
     if output is not None:
-        check_output(output, table.files, list(table.schema.names()), structured.output_columns() if structured else [])
+        extracted = structured.output_columns() if structured else []
+        check_output(output, table.files, list(table.schema.names()), extracted, cfg.result_prefix)
     return Plan(structured=structured, renderer=renderer, table=table, output=output)
 
 
@@ -138,7 +139,7 @@ def build_engine(
     transport: Transport,
     base_url: str,
     checkpoint: Checkpoint,
-    sink: ParquetSink,
+    sink: Sink,
     stats: RunStats,
     notice: Callable[[str], None] = lambda message: None,
 ) -> Engine:
@@ -169,20 +170,20 @@ def build_engine(
     )
 
 
-def _empty_run(plan: Plan, output: Path, err: TextIO) -> int:
+def _empty_run(plan: Plan, output: Path, result_prefix: str, err: TextIO) -> int:
     """No rows (a scheduled job's empty partition): an empty output with every column, and success.
     Nothing is sent, no model is started and no checkpoint is made: there is nothing to resume."""
     started = time.monotonic()
-    frame = pl.DataFrame(schema=plan.table.schema).hstack(result_frame([]))
-    sink = ParquetSink(output)
+    results = result_frame([])
+    sink = open_sink(output, result_prefix)
     try:
-        sink.write(plan.structured.add_columns(frame) if plan.structured else frame)
+        sink.write(pl.DataFrame(schema=plan.table.schema), plan.structured.add_columns(results) if plan.structured else results)
         sink.commit()
     finally:
         sink.abort()  # no-op after commit
     print(
         f"pipeline: 0 rows in {time.monotonic() - started:.1f} s: the input {plan.table.label} has no rows, "
-        f"so nothing was sent\n  output: {output}",
+        f"so nothing was sent\n  output: {describe(output)}",
         file=err,
     )
     return EXIT_OK
@@ -193,16 +194,17 @@ def _run_job(cfg: RunConfig, err: TextIO) -> int:
     renderer, table, output = plan.renderer, plan.table, plan.output
     assert output is not None  # preflight refuses a run without one
     api_key = cfg.api_key()
+    headers, secrets = cfg.request_headers()  # before anything starts: a variable unset is exit 2
     base_url = cfg.setting("base_url")
     if cfg.provider == "local" and base_url is None:
         check_installed()
     stats = RunStats(total_rows=source.count_rows(table, cfg.limit))
     if stats.total_rows == 0:
-        return _empty_run(plan, output, err)
+        return _empty_run(plan, output, cfg.result_prefix, err)
 
     checkpoint = Checkpoint(cfg.checkpoint_path)
     checkpoint.open()
-    sink = ParquetSink(output)
+    sink = open_sink(output, cfg.result_prefix)
     started = time.monotonic()
     try:
         done = checkpoint.load()
@@ -222,7 +224,7 @@ def _run_job(cfg: RunConfig, err: TextIO) -> int:
             if base_url is None:
                 print("pipeline: starting the embedded model server (SmolLM2-135M-Instruct on 127.0.0.1)", file=err)
                 base_url = stack.enter_context(LocalServer()).base_url
-            provider = make_provider(cfg.provider, base_url, renderer.spec, api_key)
+            provider = make_provider(cfg.provider, base_url, renderer.spec, api_key, headers, secrets)
             concurrency = int(cfg.setting("concurrency"))
             timeout = float(cfg.setting("timeout"))
 
@@ -303,7 +305,7 @@ def _run_job(cfg: RunConfig, err: TextIO) -> int:
         checkpoint.close(discard_unused=True)
 
     wall = time.monotonic() - started
-    print(summary(stats, wall, str(output), str(cfg.checkpoint_path)), file=err)
+    print(summary(stats, wall, describe(output), str(cfg.checkpoint_path)), file=err)
     rate = stats.errors / stats.rows_done if stats.rows_done else 0.0
     if rate > cfg.max_error_rate:
         not_sent = stats.error_kinds.get("not_sent", 0)

@@ -1,47 +1,159 @@
-"""The output Parquet: input columns, then result columns, one row per input row, in order.
+"""The output: input columns, then result columns, one row per input row, in order.
 
-Batches are appended to a temporary file as they complete (so memory does not
-grow with the table) and the file is renamed into place only when every row
-is in it: a reader never sees a half-written output.
+The format follows the output's extension: Parquet (.parquet, .pq), CSV (.csv)
+or JSON Lines (.jsonl, .ndjson); `-` streams JSON Lines to stdout. Batches are
+appended to a temporary file as they complete (so memory does not grow with
+the table) and the file is renamed into place only when every row is in it: a
+reader never sees a half-written output. Stdout cannot be taken back, so there
+each batch goes out as soon as it is in order.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import polars as pl
 import pyarrow.parquet as pq
 
 from pipeline.checkpoint import RESULT_COLUMNS, RESULT_SCHEMA
-from pipeline.errors import InputError
+from pipeline.errors import FatalError, InputError
+
+STDOUT = "-"
+FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 
-def check_output(path: Path, inputs: Sequence[Path], input_columns: list[str], extracted: Sequence[str] = ()) -> None:
+def is_stdout(path: Path | str) -> bool:
+    return str(path) == STDOUT
+
+
+def describe(path: Path) -> str:
+    """The output as the summary names it."""
+    return "stdout (JSON Lines)" if is_stdout(path) else str(path)
+
+
+def result_names(prefix: str) -> list[str]:
+    """The result columns as written to the output."""
+    return [prefix + c for c in RESULT_COLUMNS]
+
+
+def check_output(
+    path: Path,
+    inputs: Sequence[Path],
+    input_columns: list[str],
+    extracted: Sequence[str] = (),
+    result_prefix: str = "",
+) -> None:
     """Refuse, before any request, an output we could not write, one that is an input, or columns that clash."""
-    if any(path.resolve() == f.resolve() for f in inputs):
-        raise InputError(f"Output {path} is also an input: the run would overwrite its own input. Choose another --output.")
-    clash = [c for c in input_columns if c in RESULT_COLUMNS]
+    results = result_names(result_prefix)
+    clash = [c for c in input_columns if c in results]
     if clash:
+        several = len(clash) > 1
+        named = ", ".join(repr(c) for c in clash)
+        if result_prefix:
+            fix = f"Choose another --result-prefix (now {result_prefix!r}), or rename {'them' if several else 'it'} in the input."
+        else:
+            fix = (
+                f"Rename {'them' if several else 'it'} in the input, or, simpler, pass --result-prefix llm_ to write "
+                "the result columns as llm_completion, llm_status..."
+            )
         raise InputError(
-            f"Input column{'s' if len(clash) > 1 else ''} {', '.join(repr(c) for c in clash)} would clash with the output's "
-            f"result columns ({', '.join(RESULT_COLUMNS)}). Rename {'them' if len(clash) > 1 else 'it'} in the input first."
+            f"Input column{'s' if several else ''} {named} would clash with the output's result columns "
+            f"({', '.join(results)}). {fix}"
         )
-    taken = [c for c in extracted if c in input_columns or c in RESULT_COLUMNS]
+    # The extracted columns are made beside the unprefixed result columns, so those names are taken too.
+    taken = [c for c in extracted if c in input_columns or c in results or c in RESULT_COLUMNS]
     if taken:
         raise InputError(
             f"The schema's output column{'s' if len(taken) > 1 else ''} {', '.join(repr(c) for c in taken)} would clash with "
             f"an input or result column. Set schema_prefix (e.g. 'x_') or use schema_output: struct."
         )
-    if path.suffix.lower() not in (".parquet", ".pq"):
-        raise InputError(f"Output {path} should end in .parquet: pipeline writes Parquet.")
+    if is_stdout(path):
+        return
+    if any(path.resolve() == f.resolve() for f in inputs):
+        raise InputError(f"Output {path} is also an input: the run would overwrite its own input. Choose another --output.")
+    if path.suffix.lower() not in FORMATS:
+        raise InputError(
+            f"Output {path} has no output format's extension: end it in .parquet, .csv or .jsonl "
+            f"(or give --output - for JSON Lines on stdout)."
+        )
     if path.is_dir():
-        raise InputError(f"Output {path} is a folder. Give a file name such as {path}/results.parquet.")
+        raise InputError(f"Output {path} is a folder. Give a file name such as {path}/results{path.suffix or '.parquet'}.")
     # Check without creating anything: `pipeline estimate` runs this too.
     existing = next(p for p in (path.parent, *path.parent.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         raise InputError(f"Cannot write the output {path}: {existing} is not a folder we may write to. Choose another --output.")
+
+
+def open_sink(path: Path, result_prefix: str = "") -> Sink:
+    """The sink for an output checked by `check_output`."""
+    if is_stdout(path):
+        return StdoutSink(result_prefix)
+    kind = FORMATS[path.suffix.lower()]
+    if kind == "csv":
+        return CsvSink(path, result_prefix)
+    if kind == "jsonl":
+        return JsonLinesSink(path, result_prefix)
+    return ParquetSink(path, result_prefix)
+
+
+class Sink:
+    """Where finished batches go, in input order: `write` each, then `commit`, or `abort` on failure."""
+
+    def __init__(self, result_prefix: str = "") -> None:
+        # The checkpoint and the engine know the result columns by their own names;
+        # the prefix exists only in what the user reads.
+        self._rename = {c: result_prefix + c for c in RESULT_COLUMNS} if result_prefix else {}
+
+    def write(self, inputs: pl.DataFrame, results: pl.DataFrame) -> None:
+        """Append rows: the input's columns and their results (result columns by their own names,
+        then any extracted by a schema)."""
+        self._append(inputs.hstack(results.rename(self._rename) if self._rename else results))
+
+    def _append(self, frame: pl.DataFrame) -> None:
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        """Everything is written: make the output whole."""
+
+    def abort(self) -> None:
+        """Drop what is not committed; a no-op after `commit`."""
+
+
+class _FileSink(Sink):
+    """A file written under a temporary name and renamed into place by `commit`."""
+
+    def __init__(self, path: Path, result_prefix: str = "") -> None:
+        super().__init__(result_prefix)
+        self.path = path
+        # A run killed mid-write leaves its temporary file; the checkpoint lock
+        # means no other run is writing this output, so old ones can go.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        self._tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+    def _close(self) -> bool:
+        """Close the temporary file; whether there is one to move into place."""
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        if not self._close():
+            return
+        fd = os.open(self._tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        self._close()
+        self._tmp.unlink(missing_ok=True)
 
 
 # Rows per Parquet row group: readers scan and skip whole groups, so groups
@@ -51,21 +163,15 @@ def check_output(path: Path, inputs: Sequence[Path], input_columns: list[str], e
 ROW_GROUP = 25_000
 
 
-class ParquetSink:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        # A run killed mid-write leaves its temporary file; the checkpoint lock
-        # means no other run is writing this output, so old ones can go.
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
-        self._tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+class ParquetSink(_FileSink):
+    def __init__(self, path: Path, result_prefix: str = "") -> None:
+        super().__init__(path, result_prefix)
         self._writer: pq.ParquetWriter | None = None
         self._pending: list[pl.DataFrame] = []
         self._pending_rows = 0
 
-    def write(self, frame: pl.DataFrame) -> None:
-        """Append rows; they reach the file in row groups of about ROW_GROUP rows."""
+    def _append(self, frame: pl.DataFrame) -> None:
+        """Rows reach the file in row groups of about ROW_GROUP rows."""
         self._pending.append(frame)
         self._pending_rows += frame.height
         if self._pending_rows >= ROW_GROUP:
@@ -83,25 +189,95 @@ class ParquetSink:
         self._writer.write_table(table)
 
     def commit(self) -> None:
-        """Close, flush to disk and move into place."""
         self._flush()
+        super().commit()
+
+    def _close(self) -> bool:
         if self._writer is None:
-            return
+            return False
         self._writer.close()
         self._writer = None
-        fd = os.open(self._tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(self._tmp, self.path)
+        return True
 
     def abort(self) -> None:
         self._pending = []
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        self._tmp.unlink(missing_ok=True)
+        super().abort()
+
+
+class _StreamSink(_FileSink):
+    """A text format appended batch by batch: nothing is held back."""
+
+    def __init__(self, path: Path, result_prefix: str = "") -> None:
+        super().__init__(path, result_prefix)
+        self._file: BinaryIO | None = None
+        self._first = True
+
+    def _append(self, frame: pl.DataFrame) -> None:
+        if self._file is None:
+            self._file = open(self._tmp, "wb")  # noqa: SIM115  # held open across batches, closed by commit/abort
+        self._encode(frame, self._file)
+        self._first = False
+
+    def _encode(self, frame: pl.DataFrame, out: BinaryIO) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> bool:
+        if self._file is None:
+            return False
+        self._file.close()
+        self._file = None
+        return True
+
+
+class CsvSink(_StreamSink):
+    def _encode(self, frame: pl.DataFrame, out: BinaryIO) -> None:
+        frame.pipe(as_flat).write_csv(out, include_header=self._first)
+
+
+class JsonLinesSink(_StreamSink):
+    def _encode(self, frame: pl.DataFrame, out: BinaryIO) -> None:
+        frame.write_ndjson(out)
+
+
+class StdoutSink(Sink):
+    """JSON Lines on stdout, each batch flushed as soon as it is in order, for a pipe to read as they come."""
+
+    def __init__(self, result_prefix: str = "") -> None:
+        super().__init__(result_prefix)
+        self._out = sys.stdout.buffer
+
+    def _append(self, frame: pl.DataFrame) -> None:
+        # Encoded here, one batch at a time: polars writing to the pipe itself would hide a broken pipe in an OSError.
+        data = io.BytesIO()
+        frame.write_ndjson(data)
+        try:
+            self._out.write(data.getbuffer())
+            self._out.flush()
+        except BrokenPipeError:
+            # The reader is gone (`| head`): later writes, and the flush at exit, would fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._out.fileno())
+            raise FatalError(
+                "stdout was closed by its reader before every row was written (--output - piped into a command that "
+                "stopped reading)",
+                kind="broken_pipe",
+            ) from None
+
+    def commit(self) -> None:
+        self._out.flush()
+
+
+def as_flat(frame: pl.DataFrame) -> pl.DataFrame:
+    """List, array and struct columns as JSON text, for a format of flat cells (CSV)."""
+    nested = [c for c, t in frame.schema.items() if t.is_nested()]
+    if not nested:
+        return frame
+    # json_encode takes a struct: wrap each value as {"v": value} and cut the wrapper off the text.
+    return frame.with_columns(
+        pl.when(pl.col(c).is_not_null())
+        .then(pl.struct(pl.col(c).alias("v")).struct.json_encode().str.slice(5).str.strip_suffix("}"))
+        .alias(c)
+        for c in nested
+    )
 
 
 def result_frame(results: list[tuple[object, ...]]) -> pl.DataFrame:

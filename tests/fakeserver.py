@@ -41,6 +41,17 @@ Limits, each a keyword of FakeLLMServer and a CLI option (read per request):
       exceeded. Please try again later." on every dialect.
   slots / --slots: vLLM-like, at most that many requests in service (slow, hang, latency);
       the rest wait in a FIFO queue, never rejected.  A client that gives up leaves it.
+  refuse_formats / --refuse-format TYPE (repeatable): OpenAI-dialect requests whose
+      response_format type is one of these are answered as llama-cpp-python 0.3 answers
+      json_schema (checked against the real server): HTTP 500, its pydantic message ("1 validation
+      error: ... 'loc': ('body', 'response_format', 'type'), 'msg': "Input should be 'text' or
+      'json_object'", 'input': 'json_schema' ..."), type internal_server_error.  Checked right
+      after auth, as its request validation comes first.
+  auth_header / --auth-header NAME: with api_key, OpenAI-dialect requests are authorized by this
+      header holding the key (Azure's ``api-key``) instead of ``Authorization: Bearer``; a 401
+      echoes what the header held.
+Azure OpenAI's path ``/openai/deployments/{name}/chat/completions`` speaks the OpenAI dialect and
+answers 404 "Resource not found" without an ``api-version`` query parameter, as Azure does.
 ``GET /timeline`` (and ``timeline()``) counts chat answers per second since the first chat
 request: ``{"t0": <monotonic>, "buckets": [{"t": s, "ok": n, "429": n, "other": n,
 "ok_by_model": {model: n}}]}``, only seconds with answers, a small dict per second.
@@ -137,6 +148,7 @@ class Received:
     content: str
     status: int
     t: float
+    query: str = ""  # the raw query string, e.g. "api-version=2024-06-01"
 
 
 def _text(content: object) -> str:
@@ -230,6 +242,20 @@ def _error(
         code = etype if etype is not None else _OPENAI_CODES.get(status)
         body = {"error": {"message": msg or default, "type": etype or oa_type, "param": None, "code": code}}
     return status, orjson.dumps(body), None if wait is None else {"Retry-After": f"{wait:g}"}, False
+
+
+def _refuse_format(sent: str, refused: tuple[str, ...]) -> _Reply:
+    """llama-cpp-python's answer to a response_format type it does not know: pydantic's validation
+    error surfaced as a 500 (byte for byte but for the traceback's file path)."""
+    allowed = " or ".join(f"'{t}'" for t in ("text", "json_object", "json_schema") if t not in refused)
+    message = (
+        "1 validation error:\n  {'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), "
+        f"'msg': \"Input should be {allowed}\", 'input': '{sent}', 'ctx': {{'expected': \"{allowed}\"}}}}\n\n"
+        '  File "/venv/lib/python3.11/site-packages/llama_cpp/server/app.py", line 376, in create_chat_completion\n'
+        "    POST /v1/chat/completions"
+    )
+    body = {"error": {"message": message, "type": "internal_server_error", "param": None, "code": None}}
+    return 500, orjson.dumps(body), None, False
 
 
 def _go_duration(seconds: float) -> str:
@@ -344,6 +370,8 @@ class FakeLLMServer:
         max_in_flight: int | None = None,
         in_flight_message: Literal["named", "generic"] = "named",
         slots: int | None = None,
+        refuse_formats: tuple[str, ...] = (),
+        auth_header: str | None = None,
         fault_rate: float = 0.0,
         fault_statuses: tuple[int, ...] = (500, 503),
         seed: int = 0,
@@ -359,6 +387,7 @@ class FakeLLMServer:
         self.send_usage, self.record = send_usage, record
         self.tpm, self.rate_headers, self.clock_skew_s = tpm, rate_headers, clock_skew_s
         self.in_flight_message, self.slots = in_flight_message, slots
+        self.refuse_formats, self.auth_header = tuple(refuse_formats), auth_header
         if limit_schedule is not None:
             _parse_schedule(limit_schedule)  # a typo fails here, not as a 500 on the first request
         self.limit_schedule = limit_schedule
@@ -472,7 +501,7 @@ class FakeLLMServer:
     async def _setup(self, sock: socket.socket) -> None:
         app = web.Application(client_max_size=64 * 2**20)
         add, serve = app.router.add_route, self._serve
-        for path in ("/v1/chat/completions", "/chat/completions"):
+        for path in ("/v1/chat/completions", "/chat/completions", "/openai/deployments/{deployment}/chat/completions"):
             add("POST", path, partial(serve, dialect="openai", kind="chat"))
         add("POST", "/api/v7/llm/chat/completions", partial(serve, dialect="modelslab", kind="chat"))
         for pre in ("", "/api/v7/llm"):
@@ -509,7 +538,7 @@ class FakeLLMServer:
         rec = None
         if self.record:
             headers = {k.lower(): v for k, v in request.headers.items()}
-            rec = Received(request.path, headers, body, content, 0, t)
+            rec = Received(request.path, headers, body, content, 0, t, request.query_string)
         with self._lock:
             if kind == "chat":  # first, so a bad schedule set mid-run fails before any counter moves
                 if self._t0 is None:
@@ -676,6 +705,8 @@ class FakeLLMServer:
             return True
         if dialect == "anthropic":
             return request.headers.get("x-api-key") == self.api_key
+        if self.auth_header is not None and dialect == "openai":
+            return request.headers.get(self.auth_header) == self.api_key
         bearer = request.headers.get("Authorization") == f"Bearer {self.api_key}"
         if dialect == "modelslab" and isinstance(body, dict):
             return bearer or body.get("key") == self.api_key
@@ -725,6 +756,10 @@ class FakeLLMServer:
                 return 200, orjson.dumps({"status": "error", "message": message}), None, False
             if dialect == "anthropic":
                 return _error(dialect, 401, f"invalid x-api-key: {request.headers.get('x-api-key', '')}")
+            if self.auth_header is not None:
+                return _error(
+                    dialect, 401, f"Access denied: invalid {self.auth_header} {request.headers.get(self.auth_header, '')!r}"
+                )
             return _error(
                 dialect, 401, f"Incorrect API key provided: {request.headers.get('Authorization', '').removeprefix('Bearer ')}"
             )
@@ -732,6 +767,11 @@ class FakeLLMServer:
             return _error(dialect, 400, "anthropic-version: header is required")
         if kind == "models":
             return 200, _MODELS, None, True
+        if "deployment" in request.match_info and "api-version" not in request.query:
+            return 404, orjson.dumps({"error": {"code": "404", "message": "Resource not found"}}), None, False
+        fmt = body.get("response_format") if isinstance(body, dict) else None
+        if dialect == "openai" and isinstance(fmt, dict) and fmt.get("type") in self.refuse_formats:
+            return _refuse_format(str(fmt["type"]), self.refuse_formats)
         problem = _validate(body, dialect, kind)
         if problem is not None:
             if dialect == "modelslab":
@@ -906,6 +946,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-in-flight", type=int, default=None)
     p.add_argument("--in-flight-message", choices=("named", "generic"), default="named")
     p.add_argument("--slots", type=int, default=None)
+    p.add_argument("--refuse-format", dest="refuse_formats", action="append", default=[])
+    p.add_argument("--auth-header", default=None)
     p.add_argument("--fault-rate", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     # Off by default so memory stays flat across millions of benchmark requests.

@@ -12,7 +12,18 @@ import orjson
 
 from pipeline import errors
 from pipeline.prompts import RequestSpec
-from pipeline.providers.base import Completion, clip, decode, http_error, json_headers, maybe_json, retry_after, usage_of
+from pipeline.providers.base import (
+    Completion,
+    clip,
+    decode,
+    endpoint,
+    has_credential,
+    http_error,
+    json_headers,
+    maybe_json,
+    retry_after,
+    usage_of,
+)
 from pipeline.providers.modelslab import classify_message
 from pipeline.providers.openai import row_params
 from pipeline.structured import TOOL_NAME
@@ -22,10 +33,20 @@ DEFAULT_MAX_TOKENS = 1024  # the API requires max_tokens; used when the user set
 
 
 class AnthropicMessages:
-    def __init__(self, base_url: str, spec: RequestSpec, api_key: str | None) -> None:
-        self.url = base_url.rstrip("/") + "/v1/messages"
-        self.headers = json_headers({"x-api-key": api_key or "", "anthropic-version": API_VERSION})
-        self.secret = api_key
+    json_mode = None  # the schema goes as a forced tool, which every Messages server takes
+
+    def __init__(
+        self,
+        base_url: str,
+        spec: RequestSpec,
+        api_key: str | None,
+        headers: Mapping[str, str] | None = None,
+        secrets: tuple[str, ...] = (),
+    ) -> None:
+        self.url = endpoint(base_url, "/v1/messages")
+        self.headers = json_headers({"x-api-key": api_key or "", "anthropic-version": API_VERSION}, headers)
+        self.secrets = tuple(s for s in (api_key, *secrets) if s)
+        self.sends_key = has_credential(api_key, headers)
         self._spec = spec
         params: dict[str, Any] = {"max_tokens": spec.max_tokens or DEFAULT_MAX_TOKENS}
         if spec.temperature is not None:
@@ -42,6 +63,9 @@ class AnthropicMessages:
             params["tool_choice"] = {"type": "tool", "name": TOOL_NAME}
         params.update(spec.params)
         self._params = params
+
+    def use_json_object(self) -> bool:
+        return False
 
     def body(self, payload: str, extra: str | None = None, followup: list[dict[str, str]] | None = None) -> bytes:
         params = self._params

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
@@ -35,12 +36,26 @@ class Provider(Protocol):
     def url(self) -> str: ...
 
     @property
-    def secret(self) -> str | None:
-        """The API key, so that replies echoing it can be masked."""
+    def secrets(self) -> tuple[str, ...]:
+        """The API key and header values read from the environment, so that replies echoing them can be masked."""
+        ...
+
+    @property
+    def sends_key(self) -> bool:
+        """Whether requests carry a credential (the key, or a header the user gave for one)."""
         ...
 
     @property
     def headers(self) -> Mapping[str, str]: ...
+
+    @property
+    def json_mode(self) -> str | None:
+        """How the schema is asked for right now ("json_schema", "json_object"), None if not in response_format."""
+        ...
+
+    def use_json_object(self) -> bool:
+        """Ask for the schema as json_object from now on; False when this adapter cannot."""
+        ...
 
     def body(self, payload: str, extra: str | None = None, followup: list[dict[str, str]] | None = None) -> bytes:
         """Request bytes for one row: a prompt (or a JSON list of messages), per-row
@@ -157,6 +172,35 @@ def limit_scope(message: str) -> tuple[str, int | None]:
     return "unknown", None
 
 
+# A request the server's validation refused: servers built on pydantic (llama-cpp-python,
+# some proxies) answer that with a 500, but the same body gets the same answer every time.
+_VALIDATION = re.compile(
+    r"\bvalidation errors?\b|input should be|field required|extra inputs are not permitted|"
+    r"failed to deserialize the json body|unknown variant"
+)
+
+
+def request_refused(message: str) -> bool:
+    """Whether an error message is a validation error of the request itself (certain to repeat)."""
+    return _VALIDATION.search(message.lower()) is not None
+
+
+class SchemaFormatRefused(errors.PermanentError):
+    """The server does not take response_format json_schema (llama-cpp-python answers 500, TGI 422):
+    the engine switches the run to json_object once and sends the row again, uncharged."""
+
+
+def refuses_json_schema(status: int, message: str) -> bool:
+    """A refusal of the response_format form, not of the schema in it. OpenAI's "Invalid schema for
+    response_format" is the user's schema at fault: another form would only hide that."""
+    low = message.lower()
+    return (
+        status in (200, 400, 422, 500, 501)  # 200: ModelsLab says every error so
+        and ("json_schema" in low or "response_format" in low)
+        and "invalid schema" not in low
+    )
+
+
 def http_error(status: int, message: str, *, wait: float | None, quota: bool = False) -> errors.RequestError:
     """Map a non-2xx answer to the exception class the retry policy acts on."""
     text = f"HTTP {status}: {clip(message)}" if message else f"HTTP {status}"
@@ -170,10 +214,34 @@ def http_error(status: int, message: str, *, wait: float | None, quota: bool = F
         return errors.RateLimited(text, kind=kind, retry_after=wait, scope=scope, limit=limit)
     if status in (501, 505):  # not implemented, HTTP version not supported: the same answer every time
         return errors.PermanentError(text, kind=kind)
+    if status >= 500 and request_refused(message):
+        return errors.PermanentError(text, kind=kind)
     if status in (408, 409) or status >= 500:
         return errors.ServerError(text, kind=kind, retry_after=wait, overloaded=status in (503, 529))
     return errors.PermanentError(text, kind=kind)
 
 
-def json_headers(extra: Mapping[str, str]) -> dict[str, str]:
-    return {"Content-Type": "application/json", "Accept": "application/json", **extra}
+def endpoint(base_url: str, path: str) -> str:
+    """`path` appended to the base URL's path, its query kept after it: Azure OpenAI's base
+    .../deployments/NAME?api-version=2024-06-01 gives .../deployments/NAME/chat/completions?api-version=..."""
+    parts = urlsplit(base_url.strip())
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + path))
+
+
+# Header names (lower case) that carry a credential: a user header by one of these names means a key is sent.
+CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key", "proxy-authorization")
+
+
+def json_headers(own: Mapping[str, str], user: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The adapter's headers with the user's laid over them; a user header replaces the adapter's
+    of the same name in any case (its own Authorization or api-key for a gateway, say)."""
+    merged = {"Content-Type": "application/json", "Accept": "application/json", **own}
+    if user:
+        names = {name.lower() for name in user}
+        merged = {k: v for k, v in merged.items() if k.lower() not in names}
+        merged.update(user)
+    return merged
+
+
+def has_credential(api_key: str | None, user: Mapping[str, str] | None) -> bool:
+    return bool(api_key) or any(name.lower() in CREDENTIAL_HEADERS for name in user or {})

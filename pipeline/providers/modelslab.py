@@ -10,8 +10,21 @@ import orjson
 
 from pipeline import errors
 from pipeline.prompts import RequestSpec
-from pipeline.providers.base import Completion, clip, decode, http_error, json_headers, limit_scope, retry_after
-from pipeline.providers.openai import chat_messages, generation_params, parse_choices, row_params
+from pipeline.providers.base import (
+    Completion,
+    SchemaFormatRefused,
+    clip,
+    decode,
+    endpoint,
+    has_credential,
+    http_error,
+    json_headers,
+    limit_scope,
+    refuses_json_schema,
+    request_refused,
+    retry_after,
+)
+from pipeline.providers.openai import SchemaForms, chat_messages, generation_params, parse_choices, row_params
 
 _AUTH_WORDS = ("api key", "unauthori", "invalid key", "not authenticated")
 _QUOTA_WORDS = ("credit", "balance", "quota", "subscription", "plan limit")
@@ -37,18 +50,26 @@ def classify_message(message: str, status: int, wait: float | None) -> errors.Re
         return errors.RateLimited(text, kind="rate_limited", retry_after=wait, scope="concurrency", limit=named)
     if any(w in low for w in _AUTH_WORDS) or status in (401, 403):
         return errors.AuthError(text, kind="auth")
-    if status in (501, 505) or (status < 500 and any(w in low for w in _PERMANENT_WORDS)):
+    if status in (501, 505) or (status < 500 and any(w in low for w in _PERMANENT_WORDS)) or request_refused(message):
         return errors.ErrorReply(text, kind="error_reply")
     return errors.ServerError(text, kind="server_error", retry_after=wait, overloaded=status in (503, 529))
 
 
-class ModelsLabChat:
-    def __init__(self, base_url: str, spec: RequestSpec, api_key: str | None) -> None:
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.headers = json_headers({})
+class ModelsLabChat(SchemaForms):
+    def __init__(
+        self,
+        base_url: str,
+        spec: RequestSpec,
+        api_key: str | None,
+        headers: Mapping[str, str] | None = None,
+        secrets: tuple[str, ...] = (),
+    ) -> None:
+        self.url = endpoint(base_url, "/chat/completions")
+        self.headers = json_headers({}, headers)
         self._spec = spec
         self._key = api_key or ""
-        self.secret = api_key
+        self.secrets = tuple(s for s in (api_key, *secrets) if s)
+        self.sends_key = has_credential(api_key, headers)  # the key rides in the body, as `key`
         self._params = generation_params(spec)
 
     def body(self, payload: str, extra: str | None = None, followup: list[dict[str, str]] | None = None) -> bytes:
@@ -67,6 +88,8 @@ class ModelsLabChat:
             data = decode(body)  # raises MalformedReply
         if isinstance(data, dict) and (data.get("status") == "error" or (status != 200 and "message" in data)):
             message = str(data.get("message") or data.get("messege") or data.get("error") or "unknown error")
+            if refuses_json_schema(status, message):
+                raise SchemaFormatRefused(f"ModelsLab error (HTTP {status}): {clip(message)}", kind="error_reply")
             raise classify_message(message, status, retry_after(headers, data.get("retry_after")))
         if status != 200:
             raise http_error(status, clip(data), wait=retry_after(headers))

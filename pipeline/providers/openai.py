@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import orjson
 
 from pipeline import errors
 from pipeline.prompts import RequestSpec
-from pipeline.providers.base import Completion, clip, decode, http_error, json_headers, maybe_json, retry_after, usage_of
+from pipeline.providers.base import (
+    Completion,
+    SchemaFormatRefused,
+    clip,
+    decode,
+    endpoint,
+    has_credential,
+    http_error,
+    json_headers,
+    maybe_json,
+    refuses_json_schema,
+    retry_after,
+    usage_of,
+)
 from pipeline.structured import schema_instruction
 
 
@@ -81,11 +95,40 @@ def _text_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-class OpenAIChat:
-    def __init__(self, base_url: str, spec: RequestSpec, api_key: str | None) -> None:
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.headers = json_headers({"Authorization": f"Bearer {api_key}"} if api_key else {})
-        self.secret = api_key
+class SchemaForms:
+    """The json_schema -> json_object switch, shared by the adapters that speak OpenAI's response_format."""
+
+    _spec: RequestSpec
+    _params: dict[str, Any]
+
+    @property
+    def json_mode(self) -> str | None:
+        return self._spec.json_mode if self._spec.schema is not None else None
+
+    def use_json_object(self) -> bool:
+        if self._spec.schema is None:
+            return False
+        if self._spec.json_mode != "json_object":
+            # Only the wire form changes: the request keys were made from the run's settings and stay,
+            # so a resume finds the rows answered in either form.
+            self._spec = replace(self._spec, json_mode="json_object")
+            self._params = generation_params(self._spec)
+        return True
+
+
+class OpenAIChat(SchemaForms):
+    def __init__(
+        self,
+        base_url: str,
+        spec: RequestSpec,
+        api_key: str | None,
+        headers: Mapping[str, str] | None = None,
+        secrets: tuple[str, ...] = (),
+    ) -> None:
+        self.url = endpoint(base_url, "/chat/completions")
+        self.headers = json_headers({"Authorization": f"Bearer {api_key}"} if api_key else {}, headers)
+        self.secrets = tuple(s for s in (api_key, *secrets) if s)
+        self.sends_key = has_credential(api_key, headers)
         self._spec = spec
         self._params = generation_params(spec)
 
@@ -100,6 +143,8 @@ class OpenAIChat:
             message = (
                 err.get("message", "") if isinstance(err, dict) else (str(err) if err else body[:200].decode("utf-8", "replace"))
             )
+            if refuses_json_schema(status, message):
+                raise SchemaFormatRefused(f"HTTP {status}: {clip(message)}", kind=f"http_{status}")
             code = str(err.get("code") or err.get("type") or "") if isinstance(err, dict) else ""
             raise http_error(status, message, wait=retry_after(headers), quota=code == "insufficient_quota")
         data = decode(body)
