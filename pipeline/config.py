@@ -259,6 +259,8 @@ class RunConfig(BaseModel):
         """The environment variable that holds the key, if this run needs one."""
         if self.api_key_env:
             return self.api_key_env
+        if any(name.strip().lower() in _CREDENTIAL_HEADERS for name in self.headers):
+            return None  # the user's own header carries the credential (Azure's api-key, a gateway's token)
         if self.provider == "openai":
             # Never send OPENAI_API_KEY to a server the user did not name it for.
             base = self.base_url or OPENAI_DEFAULT_BASE

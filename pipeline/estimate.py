@@ -26,7 +26,7 @@ from pipeline.engine import Prepared, prepare
 from pipeline.prompts import Renderer
 from pipeline.providers import MIN_SECRET, make_provider
 from pipeline.providers.anthropic import DEFAULT_MAX_TOKENS, AnthropicMessages
-from pipeline.providers.base import decode, http_error
+from pipeline.providers.base import decode, endpoint, http_error
 from pipeline.providers.openai import chat_messages
 from pipeline.run import NOWHERE, preflight
 from pipeline.transport import AiohttpTransport
@@ -134,7 +134,7 @@ def scan_table(
     return Scan(rows, not_sendable, skipped, n, request_bytes, rule_tokens, charged, samples_rows, count_sample)
 
 
-async def _count(url: str, headers: Mapping[str, str], bodies: list[bytes], secret: str | None) -> list[int]:
+async def _count(url: str, headers: Mapping[str, str], bodies: list[bytes], secrets: tuple[str, ...]) -> list[int]:
     """POST every body to the count endpoint, a few at a time; the first failure stops the rest."""
     transport = AiohttpTransport(concurrency=COUNT_CONCURRENCY, timeout=COUNT_TIMEOUT)
     todo, counts = iter(bodies), []
@@ -142,8 +142,9 @@ async def _count(url: str, headers: Mapping[str, str], bodies: list[bytes], secr
     async def worker() -> None:
         for body in todo:  # one shared iterator: each body is taken by exactly one worker
             status, _, reply = await transport.post(url, headers, body)
-            if secret and len(secret) >= MIN_SECRET:  # a server may echo the key in its error message
-                reply = reply.replace(secret.encode(), b"***")
+            for secret in secrets:  # a server may echo the key in its error message
+                if len(secret) >= MIN_SECRET:
+                    reply = reply.replace(secret.encode(), b"***")
             data = decode(reply) if status == 200 else None
             if not isinstance(data, dict) or not isinstance(data.get("input_tokens"), int):
                 raise http_error(status, reply[:200].decode("utf-8", "replace"), wait=None)
@@ -164,17 +165,20 @@ def count_tokens(cfg: RunConfig, renderer: Renderer, scan: Scan, api_key: str | 
         return 0, "nothing to send"
     if cfg.provider not in COUNTING_PROVIDERS:
         return scan.rule_tokens, f"{ESTIMATED}, no tokenizer for this provider"
-    if not api_key:
-        return scan.rule_tokens, f"{ESTIMATED}; set {cfg.key_env()} to count exactly with the provider's count endpoint"
     # The Messages adapter builds the body (system turns, schema tool and all); the count
     # endpoint takes only the fields that are input, not max_tokens or sampling.
-    messages = AnthropicMessages(str(cfg.setting("base_url")), renderer.spec, api_key)
+    headers, secrets = cfg.request_headers()
+    messages = AnthropicMessages(str(cfg.setting("base_url")), renderer.spec, api_key, headers, secrets)
+    if not messages.sends_key:
+        env = cfg.key_env() or "the key's variable"
+        return scan.rule_tokens, f"{ESTIMATED}; set {env} to count exactly with the provider's count endpoint"
     bodies = []
     for payload, _ in scan.count_sample:
         full = orjson.loads(messages.body(payload))
         bodies.append(orjson.dumps({k: full[k] for k in COUNT_FIELDS if k in full}))
     try:
-        counts = asyncio.run(_count(messages.url + "/count_tokens", messages.headers, bodies, api_key))
+        url = endpoint(str(cfg.setting("base_url")), "/v1/messages/count_tokens")
+        counts = asyncio.run(_count(url, messages.headers, bodies, messages.secrets))
     except BaseExceptionGroup as group:
         failed = group.subgroup(errors.RequestError)
         if failed is None:
@@ -219,7 +223,8 @@ def sample_bodies(
     cfg: RunConfig, renderer: Renderer, rows: tuple[tuple[str, str | None], ...], api_key: str | None
 ) -> tuple[str, ...]:
     """Request bodies exactly as the provider adapter builds them, with any key in the body masked."""
-    provider = make_provider(cfg.provider, cfg.setting("base_url") or NOWHERE, renderer.spec, api_key)
+    headers, secrets = cfg.request_headers()
+    provider = make_provider(cfg.provider, cfg.setting("base_url") or NOWHERE, renderer.spec, api_key, headers, secrets)
     shown = []
     for payload, extra in rows:
         body = orjson.loads(provider.body(payload, extra))

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from pipeline.config import RunConfig
-from tests.conftest import base_args, chat_requests, run_cli, run_in_terminal, texts, write_table
+from tests.conftest import base_args, chat_requests, run_cli, run_in_terminal, spawn, texts, write_table
 from tests.fakeserver import FakeLLMServer
 
 
@@ -143,3 +143,63 @@ def test_estimate_needs_no_output_and_run_says_it_needs_one(server: FakeLLMServe
     assert chat_requests(server) == []
     run = run_cli("run", *args)
     assert run.exit_code == 2 and "'output' is required" in run.output and "--output" in run.output
+
+
+# A support-ticket export as spreadsheets write it on Windows: cp1252, semicolons, a 'status' column, empty cells.
+EXPORT = (
+    "id;status;subject;notes\r\n"
+    "1;open;Caf\xe9 machine leaks;customer sent photos\r\n"
+    "2;closed;Invoice shows 12 \x80 too much;\r\n"
+    "3;pending;Na\xefve question about the r\xe9sum\xe9 upload;\r\n"
+).encode("latin-1")
+
+
+def test_done_when_an_own_export_and_an_own_server_with_a_key_work_from_flags_alone(tmp_path: Path) -> None:
+    """The issue's bar, as a data engineer runs it: a real process, a cp1252 semicolon export with a
+    'status' column and empty cells, a vLLM-like server that wants a key, CSV out, nothing set up in YAML."""
+    Path("tickets.csv").write_bytes(EXPORT)
+    key = "vllm-secret-key-0123456789"
+    with FakeLLMServer(api_key=key) as vllm:
+        proc = spawn(
+            "run", "-i", "tickets.csv", "--encoding", "cp1252", "--separator", ";",
+            "-p", "Ticket ({status}): {subject}\nNotes: {notes:none}", "--result-prefix", "llm_",
+            "--base-url", f"{vllm.url}/v1", "-m", "served-model", "--api-key-env", "MY_VLLM_KEY",
+            "-o", "out/tickets.csv", "--no-progress",
+            env={"MY_VLLM_KEY": key},
+        )  # fmt: skip
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        received = chat_requests(vllm)
+    assert len(received) == 3 and all(r.headers["authorization"] == f"Bearer {key}" for r in received)
+    prompts = sorted(r.content for r in received)
+    assert prompts[0] == "Ticket (closed): Invoice shows 12 € too much\nNotes: none"
+    assert "Café machine leaks\nNotes: customer sent photos" in prompts[1]
+    assert "Naïve question about the résumé upload" in prompts[2]
+    out = pl.read_csv("out/tickets.csv")
+    assert out.columns[:4] == ["id", "status", "subject", "notes"] and out.columns[4] == "llm_completion"
+    assert out["status"].to_list() == ["open", "closed", "pending"]  # the input's own column, untouched
+    assert out["llm_status"].to_list() == ["ok"] * 3 and out["id"].to_list() == [1, 2, 3]
+    assert "pipeline: 3 rows in" in err and "3 ok, 0 errors" in err
+    for f in Path(".").rglob("*"):  # the key is in no file the run left behind
+        if f.is_file():
+            assert key.encode() not in f.read_bytes(), f
+
+
+def test_an_anthropic_key_given_as_a_header_needs_no_key_variable(server: FakeLLMServer) -> None:
+    write_table("in.csv", texts(2))
+    server.api_key = "gateway-token-abcdefgh"
+    result = run_cli(
+        "run", "-i", "in.csv", "-o", "out/r.parquet", "-p", "S: {text}", "--provider", "anthropic", "-m", "claude",
+        "--base-url", server.url, "--header", "x-api-key: $GATEWAY_TOKEN", "--no-progress",
+        env={"GATEWAY_TOKEN": "gateway-token-abcdefgh"},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert [r.headers["x-api-key"] for r in chat_requests(server)] == ["gateway-token-abcdefgh"] * 2
+    est = run_cli(
+        "estimate", "-i", "in.csv", "-p", "S: {text}", "--provider", "anthropic", "-m", "claude",
+        "--base-url", server.url, "--header", "x-api-key: $GATEWAY_TOKEN",
+        env={"GATEWAY_TOKEN": "gateway-token-abcdefgh"},
+    )  # fmt: skip
+    assert est.exit_code == 0, est.output
+    assert "exact, from the provider's count endpoint" in est.output
+    assert "gateway-token-abcdefgh" not in est.output

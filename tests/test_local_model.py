@@ -110,3 +110,23 @@ def test_sigterm_while_the_model_starts_exits_130_and_leaves_no_server() -> None
     assert "interrupted" in err
     for pid in children:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def test_extraction_against_serve_local_from_flags_alone_falls_back_to_json_object(served: str) -> None:
+    """The issue's first stumble, for real: --schema against llama.cpp, which refuses json_schema with a 500.
+    The run sees the refusal once, asks for json_object with the schema, and every row is answered."""
+    Path("reviews.csv").write_bytes(
+        "id;status;review\r\n1;new;Caf\xe9 grinder: great, 5 stars.\r\n2;new;Broke after a week, 1 star.\r\n".encode("cp1252")
+    )
+    schema = '{"type": "object", "properties": {"stars": {"type": "integer"}}, "required": ["stars"]}'
+    result = run_cli(
+        "run", "-i", "reviews.csv", "--encoding", "cp1252", "--separator", ";", "--result-prefix", "llm_",
+        "-p", "How many stars does this review give? {review}", "--schema", schema, "--max-tokens", "24",
+        "--base-url", served, "-m", MODEL_ALIAS, "-o", "out/stars.parquet", "--no-progress",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.output.count("refuses response_format json_schema") == 1, result.output
+    out = pl.read_parquet("out/stars.parquet")
+    assert out["llm_status"].to_list() == ["ok", "ok"] and out["llm_attempts"].to_list() == [1, 1]
+    assert out["status"].to_list() == ["new", "new"] and out["stars"].dtype == pl.Int64
+    assert out["stars"].null_count() == 0
