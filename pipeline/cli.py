@@ -18,17 +18,20 @@ RUN_EXAMPLES = """
 \b
 Examples:
   pipeline run configs/summarise-reviews.yaml
-  pipeline run configs/summarise-reviews.yaml --limit 5 -o out/try.parquet   # a try-out, its own output
+  pipeline run configs/summarise-reviews.yaml --limit 5 -o out/try.parquet
+  pipeline run -i export.csv --encoding cp1252 --separator ';' -p 'Ticket: {subject} {notes:}' \\
+      --result-prefix llm_ --base-url http://127.0.0.1:8000/v1 -m my-model --api-key-env MY_KEY -o out/t.csv
   pipeline run --input data/reviews.csv --prompt 'Summarise in one sentence: {text}' \\
       --output out/reviews.parquet --base-url http://127.0.0.1:8080/v1 --model SmolLM2-135M-Instruct
   MODELSLAB_API_KEY=... pipeline run configs/modelslab-llama-3.2-1b.yaml
 
 \b
-Exit codes: 0 done; 1 error rate above --max-error-rate, or stopped early (bad
-key, no quota, server unreachable or 404 before any answer, the same refusal
-on every request, a wait longer than --max-wait); 2 bad usage, config or input
-(nothing sent); 130 interrupted by Ctrl-C or SIGTERM (the checkpoint is saved;
-run again to resume).
+Exit codes: 0 done (also an input with no rows: the output is written
+empty); 1 error rate above --max-error-rate, or stopped early (bad key, no
+quota, server unreachable or 404 before any answer, the same refusal on every
+request, a wait longer than --max-wait); 2 bad usage, config or input (nothing
+sent); 130 interrupted by Ctrl-C or SIGTERM (the checkpoint is saved; run
+again to resume).
 """
 
 
@@ -85,7 +88,7 @@ def run_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="pipeline")
 def cli() -> None:
-    """Batch LLM inference over tables: one prompt per row in, completions and token counts out, in Parquet."""
+    """Batch LLM inference over tables: one prompt per row in, completions and token counts out (Parquet, CSV or JSONL)."""
 
 
 @cli.command(epilog=RUN_EXAMPLES)
