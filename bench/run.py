@@ -68,10 +68,15 @@ class Run:
     def summary(self) -> dict[str, Any]:
         """Figures from `pipeline run`'s closing summary on stderr (its wall excludes start-up)."""
         out: dict[str, Any] = {}
-        if m := re.search(r"(\d+) rows in ([\d.]+) s: (\d+) ok, (\d+) error \((\d+) ok from the checkpoint", self.stderr):
-            out.update(rows=int(m[1]), wall=float(m[2]), ok=int(m[3]), errors=int(m[4]), from_checkpoint=int(m[5]))
-        if m := re.search(r"requests: (\d+) sent for (\d+) rows \((\d+) retries\), ([\d.]+) rows/s", self.stderr):
-            out.update(requests=int(m[1]), retries=int(m[3]), rows_per_s=float(m[4]))
+        # "N rows in W s: A ok, B errors (C ok from the checkpoint, ...)", counts with thousands separators,
+        # singular for one, the checkpoint clause only when there is one.
+        n = r"([\d,]+)"
+        if m := re.search(rf"{n} rows? in ([\d.]+) s: {n} ok, {n} errors?(?: \({n} ok from the checkpoint)?", self.stderr):
+            rows, ok, errors, cached = (int((g or "0").replace(",", "")) for g in (m[1], m[3], m[4], m[5]))
+            out.update(rows=rows, wall=float(m[2]), ok=ok, errors=errors, from_checkpoint=cached)
+        if m := re.search(rf"requests: {n} sent for {n} rows? \({n} retr(?:y|ies)\), ([\d.,]+) rows/s", self.stderr):
+            requests, retries, rate = (g.replace(",", "") for g in (m[1], m[3], m[4]))
+            out.update(requests=int(requests), retries=int(retries), rows_per_s=float(rate))
         # "  limits: pace N requests/min (...); C in flight (...); 429s: a rate, b in-flight"
         if m := re.search(r"^  limits: (.*)$", self.stderr, re.MULTILINE):
             out["limits"] = m[1]  # as printed, for the figures
