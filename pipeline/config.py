@@ -259,7 +259,7 @@ class RunConfig(BaseModel):
         """The environment variable that holds the key, if this run needs one."""
         if self.api_key_env:
             return self.api_key_env
-        if any(name.strip().lower() in _CREDENTIAL_HEADERS for name in self.headers):
+        if any(name.strip().lower() in CREDENTIAL_HEADERS for name in self.headers):
             return None  # the user's own header carries the credential (Azure's api-key, a gateway's token)
         if self.provider == "openai":
             # Never send OPENAI_API_KEY to a server the user did not name it for.
@@ -272,15 +272,7 @@ class RunConfig(BaseModel):
         env = self.key_env()
         if env is None:
             return None
-        key = os.environ.get(env, "").strip()
-        if not key:
-            state = "is set but empty" if env in os.environ else "is not set"
-            raise ConfigError(
-                f"The {self.provider} provider needs an API key in the environment variable "
-                f"{env}, which {state}. Set it (export {env}=...) and run again, or name "
-                f"another variable with --api-key-env."
-            )
-        return key
+        return from_env(env, f"The {self.provider} provider needs an API key in", "or name another variable with --api-key-env.")
 
     def request_headers(self) -> tuple[dict[str, str], tuple[str, ...]]:
         """The headers to send, $VAR and ${VAR} read from the environment ($$ is a dollar sign), and the
@@ -306,13 +298,7 @@ class RunConfig(BaseModel):
                 if m[0] == "$$":
                     return "$"
                 var = m[1] or m[2]
-                value = os.environ.get(var, "").strip()
-                if not value:
-                    state = "is set but empty" if var in os.environ else "is not set"
-                    raise ConfigError(
-                        f"The header {header} reads the environment variable {var}, which {state}. "
-                        f"Set it (export {var}=...) and run again."
-                    )
+                value = from_env(var, f"The header {header} reads")
                 read[var] = value
                 return value
 
@@ -322,7 +308,7 @@ class RunConfig(BaseModel):
                 raise ConfigError(f"The value of the header {name}{origin} holds a line break; a header value is one line.")
             resolved[name] = value
             secrets.extend(read.values())
-            if name.lower() in _CREDENTIAL_HEADERS and value:
+            if name.lower() in CREDENTIAL_HEADERS and value:
                 secrets.extend((value, value.split()[-1]))  # "Bearer sk-..." may be echoed whole or as the key alone
         return resolved, tuple(dict.fromkeys(secrets))
 
@@ -336,7 +322,22 @@ _OWN_HEADERS = {
     "transfer-encoding": "the HTTP client frames the body",
     "host": "it comes from --base-url",
 }
-_CREDENTIAL_HEADERS = ("authorization", "proxy-authorization", "api-key", "x-api-key")
+
+
+def from_env(var: str, who: str, alternative: str = "") -> str:
+    """A secret from the environment, or an error that says whether it is unset or empty and how to set it."""
+    value = os.environ.get(var, "").strip()
+    if not value:
+        state = "is set but empty" if var in os.environ else "is not set"
+        raise ConfigError(
+            f"{who} the environment variable {var}, which {state}. Set it (export {var}=...) and run again"
+            + (f", {alternative}" if alternative else ".")
+        )
+    return value
+
+
+# Header names (lower case) that carry a credential: a user header by one of these names means a key is sent.
+CREDENTIAL_HEADERS = ("authorization", "proxy-authorization", "api-key", "x-api-key")
 
 # The input formats (source.FORMATS), here so a misplaced table is caught without importing polars.
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq", ".jsonl", ".ndjson")

@@ -12,6 +12,7 @@ import pytest
 from pipeline.checkpoint import RESULT_COLUMNS
 from tests.conftest import base_args, chat_requests, run_cli, spawn, texts, write_table
 from tests.fakeserver import FakeLLMServer
+from tests.test_bad_input import assert_refused
 
 # An export from Excel on Windows: cp1252, where é is 0xE9, è 0xE8, ï 0xEF and € 0x80.
 CP1252_CSV = b"id,text\r\n1,Caf\xe9 cr\xe8me \x80 5\r\n2,na\xefve\r\n"
@@ -26,16 +27,6 @@ def args_with(server: FakeLLMServer, prompt: str, *, inp: str = "in.csv") -> lis
 
 def contents(server: FakeLLMServer) -> list[str]:
     return sorted(r.content for r in chat_requests(server))
-
-
-def assert_refused(result: object, server: FakeLLMServer, *needles: str) -> None:
-    out = result.output  # type: ignore[attr-defined]
-    assert result.exit_code == 2, out  # type: ignore[attr-defined]
-    assert "Traceback" not in out
-    for needle in needles:
-        assert needle in out, out
-    assert server.requests == []
-    assert not Path("out/result.parquet").exists()
 
 
 # Encodings

@@ -14,12 +14,11 @@ from pipeline import errors
 from pipeline.prompts import RequestSpec
 from pipeline.providers.base import (
     Completion,
+    Wire,
     clip,
     decode,
     endpoint,
-    has_credential,
     http_error,
-    json_headers,
     maybe_json,
     retry_after,
     usage_of,
@@ -32,7 +31,7 @@ API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 1024  # the API requires max_tokens; used when the user sets none
 
 
-class AnthropicMessages:
+class AnthropicMessages(Wire):
     json_mode = None  # the schema goes as a forced tool, which every Messages server takes
 
     def __init__(
@@ -43,10 +42,8 @@ class AnthropicMessages:
         headers: Mapping[str, str] | None = None,
         secrets: tuple[str, ...] = (),
     ) -> None:
-        self.url = endpoint(base_url, "/v1/messages")
-        self.headers = json_headers({"x-api-key": api_key or "", "anthropic-version": API_VERSION}, headers)
-        self.secrets = tuple(s for s in (api_key, *secrets) if s)
-        self.sends_key = has_credential(api_key, headers)
+        own = {"x-api-key": api_key or "", "anthropic-version": API_VERSION}
+        self._wire(endpoint(base_url, "/v1/messages"), own, api_key, headers, secrets)
         self._spec = spec
         params: dict[str, Any] = {"max_tokens": spec.max_tokens or DEFAULT_MAX_TOKENS}
         if spec.temperature is not None:

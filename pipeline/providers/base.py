@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 
 from pipeline import errors
+from pipeline.config import CREDENTIAL_HEADERS
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,10 +229,6 @@ def endpoint(base_url: str, path: str) -> str:
     return urlunsplit(parts._replace(path=parts.path.rstrip("/") + path))
 
 
-# Header names (lower case) that carry a credential: a user header by one of these names means a key is sent.
-CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key", "proxy-authorization")
-
-
 def json_headers(own: Mapping[str, str], user: Mapping[str, str] | None = None) -> dict[str, str]:
     """The adapter's headers with the user's laid over them; a user header replaces the adapter's
     of the same name in any case (its own Authorization or api-key for a gateway, say)."""
@@ -243,5 +240,19 @@ def json_headers(own: Mapping[str, str], user: Mapping[str, str] | None = None) 
     return merged
 
 
-def has_credential(api_key: str | None, user: Mapping[str, str] | None) -> bool:
-    return bool(api_key) or any(name.lower() in CREDENTIAL_HEADERS for name in user or {})
+class Wire:
+    """What every adapter holds besides its format: where it posts, the headers (the user's over its
+    own), the values to mask in replies, and whether any credential goes out (for a 401's advice)."""
+
+    url: str
+    headers: dict[str, str]
+    secrets: tuple[str, ...]
+    sends_key: bool
+
+    def _wire(
+        self, url: str, own: Mapping[str, str], api_key: str | None, user: Mapping[str, str] | None, secrets: tuple[str, ...]
+    ) -> None:
+        self.url = url
+        self.headers = json_headers(own, user)
+        self.secrets = tuple(s for s in (api_key, *secrets) if s)
+        self.sends_key = bool(api_key) or any(name.lower() in CREDENTIAL_HEADERS for name in user or {})

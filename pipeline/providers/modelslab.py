@@ -16,9 +16,7 @@ from pipeline.providers.base import (
     clip,
     decode,
     endpoint,
-    has_credential,
     http_error,
-    json_headers,
     limit_scope,
     refuses_json_schema,
     request_refused,
@@ -64,12 +62,9 @@ class ModelsLabChat(SchemaForms):
         headers: Mapping[str, str] | None = None,
         secrets: tuple[str, ...] = (),
     ) -> None:
-        self.url = endpoint(base_url, "/chat/completions")
-        self.headers = json_headers({}, headers)
+        self._wire(endpoint(base_url, "/chat/completions"), {}, api_key, headers, secrets)  # the key rides in the body
         self._spec = spec
         self._key = api_key or ""
-        self.secrets = tuple(s for s in (api_key, *secrets) if s)
-        self.sends_key = has_credential(api_key, headers)  # the key rides in the body, as `key`
         self._params = generation_params(spec)
 
     def body(self, payload: str, extra: str | None = None, followup: list[dict[str, str]] | None = None) -> bytes:

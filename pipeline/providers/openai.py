@@ -13,12 +13,11 @@ from pipeline.prompts import RequestSpec
 from pipeline.providers.base import (
     Completion,
     SchemaFormatRefused,
+    Wire,
     clip,
     decode,
     endpoint,
-    has_credential,
     http_error,
-    json_headers,
     maybe_json,
     refuses_json_schema,
     retry_after,
@@ -95,7 +94,7 @@ def _text_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-class SchemaForms:
+class SchemaForms(Wire):
     """The json_schema -> json_object switch, shared by the adapters that speak OpenAI's response_format."""
 
     _spec: RequestSpec
@@ -125,10 +124,8 @@ class OpenAIChat(SchemaForms):
         headers: Mapping[str, str] | None = None,
         secrets: tuple[str, ...] = (),
     ) -> None:
-        self.url = endpoint(base_url, "/chat/completions")
-        self.headers = json_headers({"Authorization": f"Bearer {api_key}"} if api_key else {}, headers)
-        self.secrets = tuple(s for s in (api_key, *secrets) if s)
-        self.sends_key = has_credential(api_key, headers)
+        own = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._wire(endpoint(base_url, "/chat/completions"), own, api_key, headers, secrets)
         self._spec = spec
         self._params = generation_params(spec)
 
