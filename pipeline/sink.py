@@ -70,7 +70,7 @@ def check_output(
     if taken:
         raise InputError(
             f"The schema's output column{'s' if len(taken) > 1 else ''} {', '.join(repr(c) for c in taken)} would clash with "
-            f"an input or result column. Set schema_prefix (e.g. 'x_') or use schema_output: struct."
+            f"an input or result column. Pass --schema-prefix x_ (schema_prefix in YAML) or --schema-output struct."
         )
     if is_stdout(path):
         return
