@@ -264,6 +264,7 @@ class Engine:
                 "json_object with the schema instead, as llama.cpp takes it, for the rest of this run"
             )
         work.attempts -= 1
+        self._stats.retries += 1  # sent again: counted, so that requests = rows + retries in the summary
         self._queue.put_nowait(work)
 
     def _ok_result(self, work: Work, c: Completion, latency: float) -> Result:

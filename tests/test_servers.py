@@ -178,6 +178,7 @@ def test_json_schema_refused_as_llama_cpp_does_switches_to_json_object_once() ->
         assert "Input should be 'text' or 'json_object'" in result.output
         assert "asking for json_object with the schema instead" in result.output
         assert "12 ok, 0 errors" in result.output
+        assert "requests: 13 sent for 12 rows (1 retry)" in result.output  # the re-send adds up in the summary
         refused = chat_requests(server)[0]
         retried = [r for r in chat_requests(server)[1:] if r.content == refused.content]
         assert len(retried) == 1 and retried[0].body["response_format"]["schema"]["required"] == ["summary"]
