@@ -161,6 +161,19 @@ class RunConfig(BaseModel):
     price_out: float | None = Field(
         default=None, ge=0, description="Price per million completion tokens, for the cost in estimate."
     )
+    # Spend, and what a run leaves behind for whoever reads it the next morning.
+    max_cost: float | None = Field(
+        default=None,
+        gt=0,
+        description="Most this run may spend, in the prices' currency (needs --price-in and --price-out): "
+        "no request is sent whose worst case would pass it.",
+    )
+    max_tokens_total: int | None = Field(
+        default=None, ge=1, description="Most tokens (in + out, worst case) this run may use, for servers with no price."
+    )
+    metrics: str | None = opt(None, "Metrics JSON file. Default: next to the output, <output>.metrics.json.")
+    report: str | None = opt(None, "Run report HTML file. Default: next to the output, <output>.report.html.")
+    make_report: bool = opt(True, "Write no HTML report.", flag="--no-report")
     # Reading the input.
     encoding: str = opt("utf-8", "Text encoding of CSV and JSONL input, e.g. cp1252, latin-1. Default: utf-8.")
     separator: str | None = opt(None, "CSV field separator, e.g. ';' or tab. Default: ',' (tab for .tsv).")
