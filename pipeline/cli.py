@@ -208,6 +208,36 @@ def show(path: str, rows: int, errors_only: bool, columns: str | None, full: boo
     click.echo(text)
 
 
+@cli.command(
+    epilog="\b\nExamples:\n  pipeline report out/reviews-summary.parquet      # writes out/reviews-summary.report.html\n"
+    "  pipeline report out/tickets.csv --metrics nightly/tickets.metrics.json -o /srv/www/tickets.html"
+)
+@click.argument("output")
+@click.option(
+    "--metrics", default=None, metavar="FILE", help="The run's metrics file. Default: <output stem>.metrics.json beside it."
+)
+@click.option("--checkpoint-dir", default=None, help="The run's checkpoint folder, if not next to the output.")
+@click.option(
+    "-o", "--report", "report_file", default=None, metavar="FILE.html", help="Where to write. Default: <output stem>.report.html."
+)
+def report(output: str, metrics: str | None, checkpoint_dir: str | None, report_file: str | None) -> None:
+    """Build the HTML run report of an output again (self-contained, opens offline).
+
+    Charts come from the output (or, before the run has finished, its
+    checkpoint) and from the metrics file the run wrote beside it.
+    """
+    from pipeline import report as run_report  # altair and vl-convert only when drawing
+
+    target = report_file or str(run_report.default_report_path(output))
+    try:
+        run_report.write_report(target, run_report.build_report(output, metrics=metrics, checkpoint_dir=checkpoint_dir))
+    except errors.UserError as exc:
+        raise UsageFailure(str(exc)) from None
+    except OSError as exc:
+        raise UsageFailure(f"Cannot write the report {target}: {exc.strerror}. Choose another path with -o.") from None
+    click.echo(f"Report written to {target}")
+
+
 def _config(config: str | None, flags: dict[str, Any]) -> RunConfig:
     """The config file (if any) with the flags laid over it, validated."""
     flags["input"] = flags["input"] or None
