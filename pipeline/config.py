@@ -245,6 +245,14 @@ class RunConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _ceiling_has_worst_case(self) -> RunConfig:
+        from pipeline.spend import refusal  # here: spend imports this module for its types
+
+        if (why := refusal(self)) is not None:
+            raise ValueError(why)
+        return self
+
     def setting(self, name: str) -> Any:
         """A setting, falling back to the provider's default where the user gave none."""
         value = getattr(self, name)

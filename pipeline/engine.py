@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import orjson
 import polars as pl
 
 from pipeline import errors
@@ -29,6 +30,7 @@ from pipeline.providers import Completion, Provider, SchemaFormatRefused, read_r
 from pipeline.providers.base import clip
 from pipeline.retry import RetryPolicy
 from pipeline.sink import Sink, result_frame
+from pipeline.spend import NOT_SENT as NOT_SENT_CEILING
 from pipeline.stats import RunStats
 from pipeline.structured import Structured, check_reply, correction
 from pipeline.transport import Transport
@@ -138,6 +140,9 @@ class Engine:
         self._told_json_object = False
         self._fatal: errors.FatalError | None = None
         self._stopping = asyncio.Event()
+        self._spend = governor.spend
+        self._ceiling_reached = False
+        self._base_bytes: dict[str | None, int] = {}  # the body around an empty prompt, by JSON form
 
     async def run(self, batches: Iterator[pl.DataFrame], prep: Callable[[pl.DataFrame], Prepared]) -> None:
         """Send every row; returns when every batch is written, raises FatalError to stop early."""
@@ -193,6 +198,9 @@ class Engine:
                 elif (work := self._inflight.get(key)) is not None:
                     self._stats.shared += 1
                     work.waiters.append((batch, row))  # same request already on its way: share the answer
+                elif self._ceiling_reached:
+                    self._stats.error_kinds["spend_ceiling"] += 1
+                    self._finish_row(batch, row, error_result(NOT_SENT_CEILING, 0, key))
                 else:
                     prompt = p.prompts[row]
                     assert prompt is not None
@@ -219,9 +227,17 @@ class Engine:
 
     async def _attempt(self, work: Work) -> None:
         governor = self.governor
+        held = None
+        if self._spend is not None:
+            held = self._spend.worst(self._request_bytes(work))
+            if not await governor.reserve(held):
+                self._not_sent(work)
+                return
         try:
             ticket = await governor.admit(work.tokens)
         except errors.FatalError as blocked:  # nothing more may be sent (a daily limit used up)
+            if held is not None:
+                governor.settle(held, 0, 0)
             self._stop(blocked)
             return
         work.attempts += 1
@@ -229,6 +245,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         started = loop.time()
         form = self._provider.json_mode  # what this request asks in, whatever the others switch to meanwhile
+        completion: Completion | None = None
         try:
             try:
                 body = self._provider.body(work.prompt, work.extra, work.followup)
@@ -237,21 +254,71 @@ class Engine:
                 governor.release()
             governor.answered(headers)
             completion = read_reply(self._provider, status, headers, reply)
+            if held is not None:  # billed, whatever the checks below make of the answer
+                self._settle(held, completion)
             latency = loop.time() - started
             governor.succeeded(ticket, latency, completion.completion_tokens)
             if self._validator is not None:
                 completion = replace(completion, text=check_reply(completion.text, self._validator, self._dtype))
         except SchemaFormatRefused as err:
+            if held is not None:
+                self._settle(held, None, err)
             if form == "json_schema" and self._provider.use_json_object():
                 self._resend_as_json_object(work, err)
             else:  # refused in json_object form too: the row fails like any other refusal
                 self._failed(work, err, ticket)
         except errors.RequestError as err:
+            if held is not None and completion is None:  # an answer that failed the checks was settled above
+                self._settle(held, None, err)
             self._failed(work, err, ticket)
         else:
             self._any_success = True
             self._stats.record_latency(latency * 1000)
             self._finish(work, self._ok_result(work, completion, latency * 1000))
+
+    def _request_bytes(self, work: Work) -> int:
+        """Bytes of the request around the prompt plus the prompt's (and a correction's): what the
+        spend ceiling bounds its prompt tokens by. The JSON form may switch mid-run, so by form."""
+        form = self._provider.json_mode
+        base = self._base_bytes.get(form)
+        if base is None:
+            try:
+                base = len(self._provider.body("", None))
+            except orjson.JSONDecodeError:  # a conversation column: the payload is a JSON list
+                base = len(self._provider.body("[]", None))
+            self._base_bytes[form] = base
+        size = base + len(work.prompt.encode())
+        if work.followup:
+            size += len(orjson.dumps(work.followup))
+        return size
+
+    def _settle(self, held: tuple[int, int], completion: Completion | None, err: errors.RequestError | None = None) -> None:
+        """Settle a reservation to what the server billed. Its usage when it sent one (an answer that
+        fails validation was billed too); the worst case when it may have billed without saying (no
+        usage, a timeout or a broken connection after sending, a garbled 200); nothing for an error
+        status, which carries no usage and bills nothing."""
+        if completion is not None:
+            pt, ct = completion.prompt_tokens, completion.completion_tokens
+            self.governor.settle(held, held[0] if pt is None else pt, held[1] if ct is None else ct)
+        elif isinstance(err, errors.RequestTimeout | errors.MalformedReply) or (
+            isinstance(err, errors.TransportError) and err.kind != "connect"
+        ):
+            self.governor.settle(held, *held)
+        else:
+            self.governor.settle(held, 0, 0)
+
+    def _not_sent(self, work: Work) -> None:
+        """The ceiling is reached: the row (and every identical row sharing its request) is not sent.
+        Nothing goes to the checkpoint: there is no answer, and the next run sends it."""
+        self._ceiling_reached = True
+        del self._inflight[work.key]
+        message = NOT_SENT_CEILING
+        if work.attempts:
+            message += f" (after {work.attempts} failed attempt{'s' if work.attempts > 1 else ''})"
+        result = error_result(message, work.attempts, work.key)
+        self._stats.error_kinds["spend_ceiling"] += len(work.waiters)
+        for batch, row in work.waiters:
+            self._finish_row(batch, row, result)
 
     def _resend_as_json_object(self, work: Work, err: SchemaFormatRefused) -> None:
         """The server refused the json_schema form (llama-cpp-python, TGI): the run asks for json_object

@@ -19,6 +19,8 @@ from pipeline import errors
 from pipeline.control import HEADROOM, Breaker, ConcurrencyController, RateController, RepeatGuard, Ticket, outage_kind
 from pipeline.limits import Gate, Hold, Pacer, request_pacer, token_pacer
 from pipeline.providers.ratelimit import Budget, Dialect, RateHeaders, parse_rate_headers
+from pipeline.spend import Budget as SpendBudget
+from pipeline.spend import Verdict, describe_ceiling
 from pipeline.stats import RunStats
 
 HOLD_ALL_FROM = 2.0  # a 429 asking for at least this long holds every request; shorter waits hold only the row
@@ -57,8 +59,13 @@ class Governor:
         dialect: Dialect = "auto",
         max_tokens: int = 0,
         notice: Callable[[str], None] = lambda message: None,
+        spend: SpendBudget | None = None,
     ) -> None:
         self._stats = stats
+        self.spend = spend
+        self._settled = asyncio.Event()  # a reservation was settled or released: waiters for the budget look again
+        if spend is not None:
+            stats.ceiling_what = describe_ceiling(spend)
         self._adapt = adapt
         self._max_wait = max_wait
         self._dialect = dialect
@@ -119,6 +126,31 @@ class Governor:
             probe=self.breaker.is_open,
             generation=self.concurrency.generation if self.concurrency else 0,
         )
+
+    async def reserve(self, held: tuple[int, int]) -> bool:
+        """Reserve a request's worst case against the spend ceiling; False once the ceiling is reached.
+
+        A request that fits only once those in flight settle waits for them (they were
+        reserved at their worst case and are usually billed far less), woken by each settle."""
+        spend = self.spend
+        assert spend is not None
+        while (verdict := spend.check(*held)) is Verdict.WAIT:
+            self._settled.clear()
+            await self._settled.wait()
+        if verdict is Verdict.REFUSE:
+            self._stats.ceiling_reached = True
+            self._settled.set()  # the other waiters hear it too
+            return False
+        spend.reserve(held)
+        return True
+
+    def settle(self, held: tuple[int, int], tokens_in: int, tokens_out: int) -> None:
+        """What the server billed for a reserved request: its usage, or (0, 0) when nothing was billed."""
+        spend = self.spend
+        assert spend is not None
+        spend.settle(held, tokens_in, tokens_out)
+        self._stats.spent_tokens_in, self._stats.spent_tokens_out = spend.spent_in, spend.spent_out
+        self._settled.set()
 
     async def _take_tokens(self, tokens: int) -> None:
         out = min(self._max_tokens, tokens)

@@ -16,6 +16,7 @@ from typing import Never, TextIO
 
 from tqdm import tqdm
 
+from pipeline.spend import summary_line as spend_line
 from pipeline.stats import RunStats
 
 REFRESH = 0.5
@@ -177,6 +178,8 @@ def summary(stats: RunStats, wall: float, output: str | None, checkpoint: str) -
     p50, p95 = s.latency_quantile(0.5), s.latency_quantile(0.95)
     if p50 is not None and p95 is not None:
         lines.append(f"  latency: p50 {p50:.0f} ms, p95 {p95:.0f} ms")
+    if (spent := spend_line(s)) is not None:
+        lines.append(spent)
     lines.append(f"  limits: {limits_text(s)}" + (f"; outage holds: {s.breaker_opened}" if s.breaker_opened else ""))
     if s.error_kinds:
         kinds = ", ".join(f"{k} x{n}" for k, n in s.error_kinds.most_common())

@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 _BUCKET = math.log(1.02)  # latency histogram resolution: 2%, constant memory at any row count
+TIMELINE_MAX = 3600  # samples kept: an hour at one a second, then thinned
 
 
 @dataclass
@@ -36,7 +37,46 @@ class RunStats:
     concurrency: int = 0  # the gate's current limit
     concurrency_ceiling: int = 0
     concurrency_named: int | None = None  # an in-flight limit the server named
+    # Spend: what the server billed this run (with a ceiling: usage of every billed attempt, worst case
+    # where an answer had no usage), and what the checkpoint's answers cost in earlier runs.
+    spent_tokens_in: int = 0
+    spent_tokens_out: int = 0
+    spent_cost: float | None = None  # None: no price configured
+    earlier_tokens_in: int = 0
+    earlier_tokens_out: int = 0
+    earlier_cost: float | None = None
+    ceiling_what: str | None = None  # "--max-cost $0.0200", when a ceiling is set
+    ceiling_reached: bool = False
     _latency: Counter[int] = field(default_factory=Counter)
+    # The metrics file's timeline: cumulative counters sampled by a timer (never per row), bounded in length.
+    timeline: list[dict[str, float | int]] = field(default_factory=list)
+    sample_every: float = 1.0  # seconds between samples; doubles each time the timeline is thinned
+
+    def sample(self, t: float) -> None:
+        """Record the counters at `t` seconds into the run. Past TIMELINE_MAX samples every other one is
+        dropped and the interval doubles, so a week-long run keeps a timeline of the same size as an hour's."""
+        self.timeline.append(
+            {
+                "t": round(t, 3),
+                "rows": self.rows_done,
+                "ok": self.ok,
+                "errors": self.errors,
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "requests": self.requests_sent,
+                "retries": self.retries,
+                "limited_rate": self.limited_rate,
+                "limited_concurrency": self.limited_concurrency,
+                "concurrency": self.concurrency,
+            }
+        )
+        if len(self.timeline) > TIMELINE_MAX:
+            del self.timeline[1::2]
+            self.sample_every *= 2
+
+    def latency_histogram(self) -> list[tuple[float, int]]:
+        """(milliseconds at the bucket's middle, answers) per non-empty bucket, fastest first."""
+        return [(math.exp((b + 0.5) * _BUCKET), self._latency[b]) for b in sorted(self._latency)]
 
     def record_latency(self, ms: float) -> None:
         self._latency[int(math.log(max(ms, 0.01)) / _BUCKET)] += 1

@@ -352,7 +352,8 @@ class FakeLLMServer:
     "max_in_flight_seen" (concurrent handlers, rejected ones included; with latency 0 a
     handler never yields, so expect 1 there).  With ``slots``: "slot_served" (requests that got a
     slot), "queue_wait_ms_total" (their summed wait for it), "max_queue_seen" and
-    "max_in_service_seen".  Received.status is 0 while a request is still being handled and for
+    "max_in_service_seen".  "billed_prompt_tokens" / "billed_completion_tokens" (present once one is
+    billed): the usage of every answer that carried usage, as an invoice would sum it.  Received.status is 0 while a request is still being handled and for
     requests that never got an answer.
     """
 
@@ -862,6 +863,10 @@ class FakeLLMServer:
             words = words[:limit]
             reply = " ".join(words)
         prompt, completion = _prompt_tokens(body, dialect), len(words)
+        if usage:  # what a provider would invoice, for spend tests: only answers that carry usage are billed
+            with self._lock:
+                self._stats["billed_prompt_tokens"] = self._stats.get("billed_prompt_tokens", 0) + prompt
+                self._stats["billed_completion_tokens"] = self._stats.get("billed_completion_tokens", 0) + completion
         n = next(self._ids)
         out: dict[str, Any]
         if dialect == "anthropic":
