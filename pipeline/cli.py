@@ -27,11 +27,13 @@ Examples:
 
 \b
 Exit codes: 0 done (also an input with no rows: the output is written
-empty); 1 error rate above --max-error-rate, or stopped early (bad key, no
-quota, server unreachable or 404 before any answer, the same refusal on every
+empty); 1 error rate above --max-error-rate, the spend ceiling reached (the
+output is written, unsent rows marked), or stopped early (bad key, no quota,
+server unreachable or 404 before any answer, the same refusal on every
 request, a wait longer than --max-wait); 2 bad usage, config or input (nothing
 sent); 130 interrupted by Ctrl-C or SIGTERM (the checkpoint is saved; run
-again to resume).
+again to resume). Each run but exit 2 writes <output>.metrics.json and
+<output>.report.html beside the output.
 """
 
 
