@@ -43,7 +43,7 @@ CORES = sorted(os.sched_getaffinity(0))
 TASKSET = shutil.which("taskset") if len(CORES) >= 2 else None
 CLIENT_CORE, SERVER_CORE = CORES[0], CORES[-1]
 GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
-SCENARIOS = ("overhead", "ratelimit", "memory", "resume", "faults", "adapt")
+SCENARIOS = ("overhead", "ratelimit", "memory", "resume", "faults", "spend", "report", "adapt")
 LIVE: set[subprocess.Popen[Any]] = set()  # children still running, so every exit path can end them
 Row = tuple[str, str, float | None, float | None, float | None]
 
@@ -527,6 +527,79 @@ class Bench:
         self.add(scn, "rows ended in error", bad["summary"].get("errors"), bad["base"]["failed"])
         self.add(scn, "retries (--max-attempts 10)", bad["summary"].get("retries"), 0)
         self.figures["faults"] = dict(requests=n, concurrency=conc, fault_rate=rate, runs={str(k): v for k, v in res.items()})
+
+    # ---- issue 10: unattended nights -------------------------------------------------------------
+
+    def spend(self) -> None:
+        """With --max-cost at half of what the job costs, what the server billed (its usage at the
+        prices) is at most the ceiling and at least 95% of it."""
+        n, conc, p_in, p_out = self.n(3_000), 64, 1.0, 2.0
+        inp = self.table(n)
+        prices = ["--price-in", str(p_in), "--price-out", str(p_out), "--max-tokens", "64"]
+
+        def billed(st: dict[str, int]) -> float:
+            return (st["billed_prompt_tokens"] * p_in + st["billed_completion_tokens"] * p_out) / 1e6
+
+        with closing(Server(latency=0.02)) as srv:
+            self.ours(inp, srv.url, conc, *prices)
+            full = billed(srv.stats())
+            srv.reset()
+            ceiling = full / 2
+            r = self.ours(inp, srv.url, conc, *prices, "--max-cost", f"{ceiling:.8f}", expect=1)
+            got = srv.stats()
+        spent = billed(got)
+        scn = f"7 spend {n} req c{conc}, --max-cost half the job"
+        self.add(scn, "job cost without a ceiling (server-billed)", full)
+        self.add(scn, "spent (server-billed) / ceiling", spent / ceiling)
+        self.add(scn, "rows answered before the stop", r.summary().get("ok"))
+        targets = [
+            self.target("R11", "spend ceiling: spent / ceiling, at most", spent / ceiling, hi=1.0),
+            self.target("R11", "spend ceiling: spent / ceiling, at least", spent / ceiling, lo=0.95),
+        ]
+        self.figures["spend"] = dict(requests=n, full_cost=full, ceiling=ceiling, spent=spent, server=got, targets=targets)
+
+    def report(self) -> None:
+        """`pipeline report` on a 1M-row output (it reads columns, not rows), and the report a
+        20,000-row run draws at its end: what it adds to the run's wall time."""
+        n = self.n(1_000_000)
+        out = self.tmp / "report-1m" / "big.parquet"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        i = pl.col("id")
+        ok = i % 50 != 0
+        pl.select(pl.int_range(0, n, dtype=pl.Int64).alias("id")).with_columns(
+            completion=pl.when(ok).then(pl.format("summary {}", i)),
+            prompt_tokens=i % 300 + 20,
+            completion_tokens=pl.when(ok).then(i % 64 + 1),
+            total_tokens=i % 300 + i % 64 + 21,
+            finish_reason=pl.when(i % 7 == 0).then(pl.lit("length")).otherwise(pl.lit("stop")),
+            model=pl.lit("m"),
+            status=pl.when(ok).then(pl.lit("ok")).otherwise(pl.lit("error")),
+            error=pl.when(ok).then(None).otherwise(pl.lit("HTTP 500: boom (after 6 attempts)")),
+            attempts=pl.lit(1, dtype=pl.Int64),
+            latency_ms=(i % 997).cast(pl.Float64) + 5.0,
+            request_key=i.cast(pl.String),
+            tokens_estimated=pl.lit(False),
+        ).write_parquet(out)
+        exe = Path(sys.executable).with_name("pipeline")
+        r = run_child([str(exe), "report", str(out), "-o", str(out.with_suffix(".html"))], timeout=self.timeout)
+        if r.rc != 0:
+            raise BenchError(f"pipeline report exited {r.rc}: {r.stderr.strip()[-800:]}")
+        size = out.with_suffix(".html").stat().st_size
+        scn = f"8 report, {n:,}-row output"
+        self.add(scn, "pipeline report wall s (process start to exit)", r.wall)
+        self.add(scn, "pipeline report peak RSS MB", r.rss_mb)
+        self.add(scn, "report size kB", size / 1000)
+        # The same run with and without its report: the report is drawn once, after the summary.
+        rows = self.n(20_000)
+        inp = self.table(rows)
+        walls: dict[str, float] = {}
+        with closing(Server(latency=0.0)) as srv:
+            for who, extra in (("report", []), ("no_report", ["--no-report"]), ("report2", []), ("no_report2", ["--no-report"])):
+                srv.reset()
+                walls[who] = self.ours(inp, srv.url, 256, *extra).wall
+        with_r, without = min(walls["report"], walls["report2"]), min(walls["no_report"], walls["no_report2"])
+        self.add(f"8 report, {rows:,}-row run", "wall s with the report / --no-report", with_r, without)
+        self.figures["report"] = dict(rows=n, wall_s=r.wall, rss_mb=r.rss_mb, size=size, run_walls=walls)
 
     # ---- issue 8: the client learns the server's limits --------------------------------------------
 
