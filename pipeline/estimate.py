@@ -1,10 +1,17 @@
 """`pipeline estimate`: price a job before it starts, without one generation request.
 
 One streaming pass over the table (the same rendering, request keys and
-checkpoint look-up as `pipeline run`) gathers the counts; prompt tokens come
-from the provider's count endpoint where it has one (every request when there
-are few, else a uniform sample scaled up by bytes), else from the 4-bytes rule.
-The checkpoint is only read: no lock, no compaction, so a running job is safe.
+checkpoint look-up as `pipeline run`) gathers the counts. Prompt tokens get two
+figures. The typical one comes from the provider's count endpoint where it has
+one (every request when there are few, else a uniform sample scaled up by
+bytes), else is calibrated from the answers the checkpoint holds for rows of
+this table (their rendered bytes are known here and their billed
+`prompt_tokens` are in the checkpoint), else from the 4-bytes rule; no offline
+tokenizer is shipped. The upper bound is an exact count where there is one,
+else the byte bound the run's spend ceiling reserves by (spend.py): one token a
+byte of the request, so what `estimate` calls "at most" and what a run may
+spend agree. The checkpoint is only read: no lock, no compaction, so a running
+job is safe.
 """
 
 from __future__ import annotations
@@ -19,13 +26,13 @@ from typing import TextIO
 import orjson
 import polars as pl
 
-from pipeline import errors, source
-from pipeline.checkpoint import RESULT_SCHEMA, read_done
+from pipeline import errors, source, spend
+from pipeline.checkpoint import RESULT_COLUMNS, RESULT_SCHEMA, read_done
 from pipeline.config import RunConfig
 from pipeline.engine import Prepared, prepare
 from pipeline.prompts import Renderer
-from pipeline.providers import MIN_SECRET, make_provider
-from pipeline.providers.anthropic import DEFAULT_MAX_TOKENS, AnthropicMessages
+from pipeline.providers import MIN_SECRET, Provider, make_provider
+from pipeline.providers.anthropic import AnthropicMessages
 from pipeline.providers.base import decode, endpoint, http_error
 from pipeline.providers.openai import chat_messages
 from pipeline.run import NOWHERE, preflight
@@ -35,7 +42,26 @@ COUNTING_PROVIDERS = ("anthropic", "modelslab")  # both serve /v1/messages/count
 COUNT_CONCURRENCY, COUNT_TIMEOUT = 4, 30.0
 DEFAULT_LATENCY = 1.0  # seconds a request, until a run has measured one
 ESTIMATED = "estimate: about 4 bytes a token"
+EXACT = "exact, from the provider's count endpoint"
+BOUND = "1 token a byte of the request"  # spend.BOUND_LABEL, said briefly
+STATUS, PROMPT_TOKENS, COMPLETION_TOKENS, TOKENS_ESTIMATED = (
+    RESULT_COLUMNS.index(c) for c in ("status", "prompt_tokens", "completion_tokens", "tokens_estimated")
+)
 COUNT_FIELDS = ("model", "system", "messages", "tools", "tool_choice")  # what count_tokens accepts
+
+
+@dataclass(frozen=True)
+class Seen:
+    """Answers in the checkpoint for rows of this table: what their requests weighed and what was billed."""
+
+    answers: int = 0
+    bytes: int = 0  # payload + system, as Scan.request_bytes
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def per_byte(self) -> float:
+        return self.prompt_tokens / self.bytes if self.bytes else 0.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +77,8 @@ class Scan:
     charged_tokens: int  # what the --tpm limiter will charge for them
     samples: tuple[tuple[str, str | None], ...]  # the first requests to send, in input order
     count_sample: tuple[tuple[str, int], ...]  # (payload, bytes) of up to count_limit requests, uniformly chosen
+    payload_bytes: int = 0  # the payloads alone, summed over the requests to send: the run's byte bound adds the body
+    seen: Seen = Seen()
 
 
 @dataclass(frozen=True)
@@ -59,16 +87,26 @@ class Estimate:
     not_sendable: int
     skipped: int
     requests: int
-    tokens_in: int
+    tokens_in: int  # typical (exact where counted)
     tokens_in_method: str
     max_tokens: int | None
     tokens_out: int | None  # None: no max_tokens, so no worst case
-    cost_in: float | None  # None: no price in the config
-    cost_out: float | None
+    cost_in: float | None  # None: no price in the config; the typical prompt's cost
+    cost_out: float | None  # the worst-case output's
     seconds: float
     rate: float  # requests a second
     pace: str  # which limit sets the rate, and why
     samples: tuple[str, ...] = ()  # pretty request bodies, keys masked
+    tokens_in_most: int | None = None  # an upper bound on the prompt tokens (None: as tokens_in, which is exact)
+    tokens_in_exact: bool = False
+    tokens_out_typical: int | None = None  # from the answers in the checkpoint, else the worst case
+    tokens_out_method: str = ""
+    cost_typical: float | None = None
+    cost_most: float | None = None
+
+    @property
+    def most_in(self) -> int:
+        return self.tokens_in if self.tokens_in_most is None else self.tokens_in_most
 
 
 def measured_latency(done: pl.DataFrame) -> tuple[float, str]:
@@ -92,7 +130,30 @@ def _batch_requests(p: Prepared, system_bytes: int) -> pl.DataFrame:
         # and the smallest ids make a uniform, repeatable sample for the count endpoint.
         id=pl.col("key").str.slice(0, 15).str.to_integer(base=16),
         bytes=pl.col("payload").str.len_bytes().cast(pl.Int64) + system_bytes,
+        payload_bytes=pl.col("payload").str.len_bytes().cast(pl.Int64),
     )
+
+
+def _answered(p: Prepared, df: pl.DataFrame) -> pl.DataFrame:
+    """(id, bytes, prompt_tokens, completion_tokens) of this batch's rows answered in the checkpoint
+    with usage the server reported (not the pipeline's own estimate)."""
+    usable = [
+        (row, r[PROMPT_TOKENS], r[COMPLETION_TOKENS] or 0)
+        for row, r in p.cached.items()
+        if r[STATUS] == "ok" and r[PROMPT_TOKENS] is not None and not r[TOKENS_ESTIMATED]
+    ]
+    if not usable:
+        return SEEN_SCHEMA.clear()
+    rows, pt, ct = zip(*usable, strict=True)
+    picked = df.select("id", "bytes", "sendable")[list(rows)]
+    return (
+        picked.with_columns(pt=pl.Series(pt, dtype=pl.Int64), ct=pl.Series(ct, dtype=pl.Int64))
+        .filter("sendable")
+        .select(SEEN_SCHEMA.columns)
+    )
+
+
+SEEN_SCHEMA = pl.DataFrame(schema={"id": pl.Int64, "bytes": pl.Int64, "pt": pl.Int64, "ct": pl.Int64})
 
 
 def scan_table(
@@ -100,20 +161,28 @@ def scan_table(
 ) -> Scan:
     """Stream the table once, as `run` would, and count what it would send."""
     rows = not_sendable = skipped = 0
-    parts: list[pl.DataFrame] = []  # (id, bytes, charge) of each row to send: 16 bytes a row, not the table
+    parts: list[pl.DataFrame] = []  # (id, bytes, charge, payload bytes) of each row to send: 20 bytes a row, not the table
+    answered: list[pl.DataFrame] = []  # (id, bytes, prompt and completion tokens) of rows answered already
     shown = pl.DataFrame(schema={"id": pl.Int64, "payload": pl.String, "extra": pl.String})
     reservoir = pl.DataFrame(schema={"id": pl.Int64, "payload": pl.String, "bytes": pl.Int64})
     # The system prompt as sent, the schema included where the server is told it in words.
     sent = chat_messages(replace(renderer.spec, conversation=False), "")
     system_bytes = sum(len(str(m["content"]).encode()) for m in sent if m["role"] == "system")
     for frame in source.batches(table, cfg.batch_size, cfg.limit):
-        df = _batch_requests(prepare(frame, renderer, done), system_bytes)
+        prepared = prepare(frame, renderer, done)
+        df = _batch_requests(prepared, system_bytes)
+        if prepared.cached:
+            answered.append(_answered(prepared, df))
         sendable = df.filter("sendable")
         rows += df.height
         not_sendable += df.height - sendable.height
         skipped += int(sendable.get_column("cached").sum())
         todo = sendable.filter(~pl.col("cached")).unique(subset="id", keep="first", maintain_order=True)
-        parts.append(todo.select("id", pl.col("bytes").cast(pl.Int32), pl.col("charge").cast(pl.Int32)))
+        parts.append(
+            todo.select(
+                "id", pl.col("bytes").cast(pl.Int32), pl.col("charge").cast(pl.Int32), pl.col("payload_bytes").cast(pl.Int32)
+            )
+        )
         if shown.height < samples:
             more = todo.filter(~pl.col("id").is_in(shown.get_column("id").implode())).head(samples - shown.height)
             shown = pl.concat([shown, more.select(shown.columns)])
@@ -121,17 +190,30 @@ def scan_table(
         reservoir = candidates.unique(subset="id").sort("id").head(count_limit)
     # Identical requests are sent once, wherever they sit in the table: one hash pass at the end
     # (is_first_distinct needs a fraction of the memory of unique(subset=...)).
-    requests = pl.concat([pl.DataFrame(schema={"id": pl.Int64, "bytes": pl.Int32, "charge": pl.Int32}), *parts])
+    empty = pl.DataFrame(schema={"id": pl.Int64, "bytes": pl.Int32, "charge": pl.Int32, "payload_bytes": pl.Int32})
+    requests = pl.concat([empty, *parts])
     totals = requests.filter(pl.col("id").is_first_distinct()).select(
         n=pl.len(),
         bytes=pl.col("bytes").cast(pl.Int64).sum(),
         rule=((pl.col("bytes").cast(pl.Int64) + 3) // 4).clip(lower_bound=1).sum(),
         charge=pl.col("charge").cast(pl.Int64).sum(),
+        payload=pl.col("payload_bytes").cast(pl.Int64).sum(),
     )
-    n, request_bytes, rule_tokens, charged = (int(v) for v in totals.row(0))
+    n, request_bytes, rule_tokens, charged, payload_bytes = (int(v) for v in totals.row(0))
+    seen_rows = pl.concat([SEEN_SCHEMA, *answered])
+    seen = Seen(
+        *(
+            int(v or 0)
+            for v in seen_rows.filter(pl.col("id").is_first_distinct())
+            .select(pl.len(), pl.col("bytes").sum(), pl.col("pt").sum(), pl.col("ct").sum())
+            .row(0)
+        )
+    )
     samples_rows = tuple(shown.select("payload", "extra").rows())
     count_sample = tuple(reservoir.select("payload", "bytes").rows())
-    return Scan(rows, not_sendable, skipped, n, request_bytes, rule_tokens, charged, samples_rows, count_sample)
+    return Scan(
+        rows, not_sendable, skipped, n, request_bytes, rule_tokens, charged, samples_rows, count_sample, payload_bytes, seen
+    )
 
 
 async def _count(url: str, headers: Mapping[str, str], bodies: list[bytes], secrets: tuple[str, ...]) -> list[int]:
@@ -159,19 +241,31 @@ async def _count(url: str, headers: Mapping[str, str], bodies: list[bytes], secr
     return counts
 
 
+def calibrated(scan: Scan, why: str) -> tuple[int, str]:
+    """Typical prompt tokens without a count: the tokens a byte billed for the answers in the checkpoint,
+    applied to the bytes to send; with no answers, the 4-bytes rule. `why` says why there is no count."""
+    seen = scan.seen
+    if seen.answers and seen.bytes:
+        return round(seen.per_byte * scan.request_bytes), (
+            f"calibrated from {seen.answers:,} answer{'s' if seen.answers != 1 else ''} in the checkpoint: "
+            f"{seen.per_byte * 1000:,.0f} tokens per KB of prompt; {why}"
+        )
+    return scan.rule_tokens, f"{ESTIMATED}{',' if why.startswith('no ') else ';'} {why}"
+
+
 def count_tokens(cfg: RunConfig, renderer: Renderer, scan: Scan, api_key: str | None) -> tuple[int, str]:
-    """Prompt tokens of the requests to send, and how they were found."""
+    """Prompt tokens of the requests to send, and how they were found (EXACT when counted, all of them)."""
     if scan.requests == 0:
         return 0, "nothing to send"
     if cfg.provider not in COUNTING_PROVIDERS:
-        return scan.rule_tokens, f"{ESTIMATED}, no tokenizer for this provider"
+        return calibrated(scan, "no tokenizer for this provider")
     # The Messages adapter builds the body (system turns, schema tool and all); the count
     # endpoint takes only the fields that are input, not max_tokens or sampling.
     headers, secrets = cfg.request_headers()
     messages = AnthropicMessages(str(cfg.setting("base_url")), renderer.spec, api_key, headers, secrets)
     if not messages.sends_key:
         env = cfg.key_env() or "the key's variable"
-        return scan.rule_tokens, f"{ESTIMATED}; set {env} to count exactly with the provider's count endpoint"
+        return calibrated(scan, f"set {env} to count exactly with the provider's count endpoint")
     bodies = []
     for payload, _ in scan.count_sample:
         full = orjson.loads(messages.body(payload))
@@ -183,21 +277,38 @@ def count_tokens(cfg: RunConfig, renderer: Renderer, scan: Scan, api_key: str | 
         failed = group.subgroup(errors.RequestError)
         if failed is None:
             raise
-        return scan.rule_tokens, f"{ESTIMATED}; the provider's count endpoint failed: {failed.exceptions[0]}"
+        return calibrated(scan, f"the provider's count endpoint failed: {failed.exceptions[0]}")
     if len(counts) == scan.requests:
-        return sum(counts), "exact, from the provider's count endpoint"
+        return sum(counts), EXACT
     per_byte = sum(counts) / sum(b for _, b in scan.count_sample)
     return round(per_byte * scan.request_bytes), f"extrapolated from {len(counts):,} rows counted by the provider"
 
 
-def figures(cfg: RunConfig, scan: Scan, tokens: tuple[int, str], latency: tuple[float, str]) -> Estimate:
-    """The pure arithmetic: worst-case output, cost and wall time from the counts."""
-    max_tokens = cfg.max_tokens or (DEFAULT_MAX_TOKENS if cfg.provider == "anthropic" else None)  # Anthropic requires one
-    out = None if max_tokens is None else scan.requests * max_tokens
-    cost_in = cost_out = None
+def figures(cfg: RunConfig, scan: Scan, tokens: tuple[int, str], latency: tuple[float, str], *, base_bytes: int = 0) -> Estimate:
+    """The pure arithmetic: typical and worst-case tokens, cost and wall time from the counts.
+    `base_bytes`: the request body around an empty prompt, as the run's spend ceiling counts it."""
+    per_out = spend.worst_out(cfg)
+    if {"max_tokens", "max_completion_tokens"} & cfg.param_columns.keys():
+        per_out = None  # taken per row from a column: no one worst case (and no ceiling either, see spend.refusal)
+    out = None if per_out is None else scan.requests * per_out
+    exact = tokens[1] == EXACT or scan.requests == 0
+    # The bound the run reserves by: every request's body around an empty prompt plus its prompt, a token a byte.
+    most_in = tokens[0] if exact else max(tokens[0], scan.requests * base_bytes + scan.payload_bytes)
+    seen = scan.seen
+    typical_out: int | None
+    if seen.answers:
+        average = seen.completion_tokens / seen.answers
+        guess = round(average * scan.requests)
+        typical_out = guess if out is None else min(out, guess)
+        out_method = f"{average:,.0f} a request, the average of {seen.answers:,} answers in the checkpoint"
+    else:
+        typical_out, out_method = out, "every request at max_tokens: no answers yet to go by"
+    cost_in = cost_out = cost_typical = cost_most = None
     if cfg.price_in is not None and cfg.price_out is not None:
         cost_in = tokens[0] / 1e6 * cfg.price_in
         cost_out = None if out is None else out / 1e6 * cfg.price_out
+        cost_typical = spend.cost(cfg, tokens[0], typical_out or 0) if typical_out is not None else None
+        cost_most = None if out is None else spend.cost(cfg, most_in, out)
     concurrency = int(cfg.setting("concurrency"))
     if cfg.adapt and cfg.concurrency is None:
         # The run learns how many the server takes: this is the best case, its limits decide.
@@ -214,9 +325,25 @@ def figures(cfg: RunConfig, scan: Scan, tokens: tuple[int, str], latency: tuple[
     rate, pace = min(paces)
     return Estimate(
         rows=scan.rows, not_sendable=scan.not_sendable, skipped=scan.skipped, requests=scan.requests,
-        tokens_in=tokens[0], tokens_in_method=tokens[1], max_tokens=max_tokens, tokens_out=out,
+        tokens_in=tokens[0], tokens_in_method=tokens[1], max_tokens=per_out, tokens_out=out,
         cost_in=cost_in, cost_out=cost_out, seconds=scan.requests / rate, rate=rate, pace=pace,
+        tokens_in_most=None if exact else most_in, tokens_in_exact=exact,
+        tokens_out_typical=typical_out, tokens_out_method=out_method, cost_typical=cost_typical, cost_most=cost_most,
     )  # fmt: skip
+
+
+def empty_request_bytes(provider: Provider) -> int:
+    """Bytes of a request body around an empty prompt, the most over the JSON forms the run may send in
+    (engine._request_bytes reserves by the form in use, so never more). Switches `provider`'s form: pass one of its own."""
+    sizes = []
+    for _ in range(2):
+        try:
+            sizes.append(len(provider.body("", None)))
+        except orjson.JSONDecodeError:  # a conversation column: the payload is a JSON list
+            sizes.append(len(provider.body("[]", None)))
+        if not provider.use_json_object():
+            break
+    return max(sizes)
 
 
 def sample_bodies(
@@ -244,7 +371,10 @@ def estimate(cfg: RunConfig, samples: int = 3, *, count_limit: int = 200) -> Est
             api_key = cfg.api_key()
     done = read_done(cfg.checkpoint_path) if cfg.output or cfg.checkpoint_dir else pl.DataFrame(schema=RESULT_SCHEMA)
     scan = scan_table(table, cfg, renderer, done.clear() if cfg.fresh else done, samples, count_limit)
-    result = figures(cfg, scan, count_tokens(cfg, renderer, scan, api_key), measured_latency(done))
+    headers, secrets = cfg.request_headers()
+    provider = make_provider(cfg.provider, cfg.setting("base_url") or NOWHERE, renderer.spec, api_key, headers, secrets)
+    tokens = count_tokens(cfg, renderer, scan, api_key)
+    result = figures(cfg, scan, tokens, measured_latency(done), base_bytes=empty_request_bytes(provider))
     bodies = sample_bodies(cfg, renderer, scan.samples, api_key)
     return replace(result, samples=bodies)
 
@@ -270,18 +400,42 @@ def report(cfg: RunConfig, est: Estimate) -> str:
         f"  rows: {est.rows:,}; already answered (skipped): {est.skipped:,}; not sendable (null/empty): {est.not_sendable:,}; "
         f"requests to send: {est.requests:,}"
     )
-    lines.append(f"  tokens in: {est.tokens_in:,} ({est.tokens_in_method})")
-    if est.tokens_out is None:
-        lines.append(f"  tokens out: no limit (no max_tokens set), {est.requests:,} requests")
+    if est.tokens_in_exact:
+        lines.append(f"  tokens in: {est.tokens_in:,} ({est.tokens_in_method})")
     else:
-        lines.append(f"  tokens out: at most {est.tokens_out:,} ({est.requests:,} requests x max_tokens {est.max_tokens})")
+        lines.append(
+            f"  tokens in: about {est.tokens_in:,} ({est.tokens_in_method}); "
+            f"at most {est.most_in:,} (bound: {BOUND}, as the run's spend ceiling counts it)"
+        )
+    if est.tokens_out is None:
+        typical = "" if est.tokens_out_typical is None else f"; about {est.tokens_out_typical:,} ({est.tokens_out_method})"
+        lines.append(f"  tokens out: no limit (no max_tokens set), {est.requests:,} requests{typical}")
+    else:
+        typical = (
+            f"; about {est.tokens_out_typical:,} ({est.tokens_out_method})" if est.tokens_out_typical != est.tokens_out else ""
+        )
+        lines.append(
+            f"  tokens out: at most {est.tokens_out:,} ({est.requests:,} requests x max_tokens {est.max_tokens}){typical}"
+        )
+    bound = "the exact prompt count + max_tokens" if est.tokens_in_exact else f"{BOUND} + max_tokens"
     if est.cost_in is None:
         lines.append("  cost: set price_in and price_out (per million tokens) in the config to see a cost")
-    elif est.cost_out is None:
-        lines.append(f"  cost: {_money(est.cost_in)} in, plus the output, which has no bound: no max_tokens set")
+    elif est.cost_most is None:
+        if est.cost_typical is not None:
+            lines.append(f"  cost: about {_money(est.cost_typical)} (typical); no upper bound: no max_tokens set")
+        else:
+            lines.append(f"  cost: about {_money(est.cost_in)} in, plus the output, which has no bound: no max_tokens set")
     else:
-        total = est.cost_in + est.cost_out
-        lines.append(f"  cost: {_money(est.cost_in)} in + {_money(est.cost_out)} out = {_money(total)} at most")
+        typical = "typical" if est.tokens_out_typical != est.tokens_out else "typical prompt, output at max_tokens"
+        about = f"about {_money(est.cost_typical or 0.0)} ({typical}), " if est.cost_typical != est.cost_most else ""
+        lines.append(f"  cost: {about}at most {_money(est.cost_most)} (bound: {bound})")
+    out = est.tokens_out
+    fit = spend.fit_line(
+        cfg, (est.tokens_in, est.tokens_out_typical or 0), None if out is None else (est.most_in, out),
+        est.tokens_in_exact, requests=est.requests,
+    )  # fmt: skip
+    if fit is not None:
+        lines.append(fit + "; nothing was sent")
     if est.requests == 0:
         lines.append("  time: none, nothing to send")
     else:

@@ -209,8 +209,11 @@ def describe_ceiling(budget: Budget) -> str:
     return " and ".join(f"{c.flag} {c.show(c.limit)}" for c in budget.ceilings)
 
 
-def fit_line(cfg: RunConfig, typical: tuple[int, int], bound: tuple[int, int] | None, bound_exact: bool) -> str | None:
-    """Whether a job of `typical` (about) and `bound` (at most) (prompt, completion) tokens fits under the ceilings."""
+def fit_line(
+    cfg: RunConfig, typical: tuple[int, int], bound: tuple[int, int] | None, bound_exact: bool, *, requests: int = 0
+) -> str | None:
+    """Whether a job of `typical` (about) and `bound` (at most) (prompt, completion) tokens fits under the ceilings;
+    with `requests`, how many of them fit at the typical cost when the job does not."""
     found = ceilings(cfg)
     if not found:
         return None
@@ -228,8 +231,11 @@ def fit_line(cfg: RunConfig, typical: tuple[int, int], bound: tuple[int, int] | 
                 f"'{NOT_SENT}'"
             )
         else:
+            share = (
+                f" (about {int(c.limit / (about / requests)):,} of {requests:,} requests at the typical cost)" if requests else ""
+            )
             parts.append(
-                f"does not fit under {c.flag} {c.show(c.limit)}: about {c.show(about)}; the run will stop at the "
+                f"does not fit under {c.flag} {c.show(c.limit)}: about {c.show(about)}{share}; the run will stop at the "
                 f"ceiling and mark the rest '{NOT_SENT}' (raise it to {c.show(most)} to be sure it does not)"
             )
     return "  ceiling: " + "; ".join(parts)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import pytest
 from pipeline import errors
 from pipeline.config import RunConfig, build_config
 from pipeline.estimate import Estimate, Scan, estimate, estimate_job, figures
-from tests.conftest import chat_requests, run_cli, texts, write_table
+from tests.conftest import ROOT, chat_requests, run_cli, texts, write_table
 from tests.fakeserver import FakeLLMServer
 
 SECRET = "sk-estimate-secret-123"
@@ -84,7 +86,10 @@ def test_no_generation_request_and_the_report_names_every_figure(monkeypatch: py
     text = out.getvalue()
     assert text.count("sample request") == 2 and '"content": "Summarise: a b c"' in text
     assert "requests to send: 3" in text and "not sendable (null/empty): 1" in text
-    assert "at most 30 (3 requests x max_tokens 10)" in text and " = $" in text
+    assert "at most 30 (3 requests x max_tokens 10)" in text
+    # Counted exactly, and no answers to go by: the typical cost is the bound, shown once.
+    assert "cost: at most $0.0005 (bound: the exact prompt count + max_tokens)" in text
+    assert "ceiling" not in text
     assert SECRET not in text
     assert not Path("out/result.parquet").exists() and not Path("out/result.checkpoint").exists()
 
@@ -99,7 +104,10 @@ def test_answered_rows_in_the_checkpoint_are_skipped_and_left_untouched(server: 
     before = sorted(p.name for p in folder.iterdir())
     est = estimate(config(base_url=f"{server.url}/v1"))
     assert (est.rows, est.skipped, est.requests) == (6, 4, 2)
-    assert est.tokens_in_method == "estimate: about 4 bytes a token, no tokenizer for this provider"
+    # The four answers' billed prompt tokens calibrate the two rows to send (the fake counts words, not bytes).
+    assert est.tokens_in_method.startswith("calibrated from 4 answers in the checkpoint: ")
+    assert est.tokens_in_method.endswith("tokens per KB of prompt; no tokenizer for this provider")
+    assert est.tokens_in == 2 * (9 + 3)  # every prompt is 9 words, + 3 a message: the calibration is exact here
     assert "median of 4 answers in the checkpoint" in est.pace
     assert server.requests == []
     assert sorted(p.name for p in folder.iterdir()) == before  # not compacted, no new journal
@@ -181,3 +189,112 @@ def test_estimate_without_a_key_falls_back_to_the_labelled_estimate() -> None:
     result = run_cli("estimate", "-i", "in.csv", "-o", "out/e.parquet", "-p", "{text}", "--provider", "modelslab")
     assert result.exit_code == 0, result.output
     assert "set MODELSLAB_API_KEY to count exactly" in result.output
+
+
+# --- Two figures for prompt tokens: typical (calibrated) and an upper bound (the run's byte bound) ---
+
+RUN = ["-i", "in.csv", "-o", "out/result.parquet", "-p", "Summarise: {text}", "-m", "fake-model", "--max-tokens", "20"]
+PRICES = ["--price-in", "1", "--price-out", "2"]
+
+
+def varied(n: int) -> list[dict[str, Any]]:
+    """Reviews of different lengths and wording, so tokens a byte is not the same for every row."""
+    return [
+        {"id": i, "text": f"review {i}: the {'very ' * (i % 7)}{'extraordinarily ' * (i % 3)}good product, {i * 37} stars"}
+        for i in range(n)
+    ]
+
+
+def figure(text: str, pattern: str) -> int:
+    found = re.search(pattern, text)
+    assert found, (pattern, text)
+    return int(found.group(1).replace(",", ""))
+
+
+def test_estimate_calibrated_from_the_checkpoint_matches_what_the_run_then_bills(server: FakeLLMServer) -> None:
+    write_table("in.csv", varied(120))
+    base = [*RUN, "--base-url", f"{server.url}/v1"]
+    assert run_cli("run", *base, "--limit", "30", "--no-progress").exit_code == 0  # a try-out on the first rows
+    server.reset()
+    est = run_cli("estimate", *base, *PRICES)
+    assert est.exit_code == 0, est.output
+    assert chat_requests(server) == []
+    assert "requests to send: 90" in est.output
+    assert re.search(r"calibrated from 30 answers in the checkpoint: [0-9,]+ tokens per KB of prompt", est.output)
+    typical = figure(est.output, r"tokens in: about ([0-9,]+) ")
+    most = figure(est.output, r"; at most ([0-9,]+) \(bound: 1 token a byte of the request")
+    assert "cost: about $" in est.output and "(typical), at most $" in est.output
+    assert "(bound: 1 token a byte of the request + max_tokens)" in est.output
+    run = run_cli("run", *base, "--no-progress")
+    assert run.exit_code == 0, run.output
+    assert len(chat_requests(server)) == 90
+    billed = server.stats()["billed_prompt_tokens"]
+    rule = sum((len(f"Summarise: {r['text']}".encode()) + 3) // 4 for r in varied(120)[30:])
+    assert abs(rule - billed) / billed > 0.1  # the 4-bytes rule is well off here...
+    assert typical == pytest.approx(billed, rel=0.04)  # ...the calibration is not
+    assert most >= billed
+
+
+def test_estimate_with_no_answers_says_the_rule_and_still_bounds_what_is_billed(server: FakeLLMServer) -> None:
+    write_table("in.csv", varied(20))
+    base = [*RUN, "--base-url", f"{server.url}/v1"]
+    est = run_cli("estimate", *base, *PRICES)
+    assert est.exit_code == 0, est.output
+    assert "tokens in: about" in est.output and "estimate: about 4 bytes a token, no tokenizer for this provider" in est.output
+    assert "every request at max_tokens: no answers yet" not in est.output  # typical out = the bound, not repeated
+    assert "cost: about $" in est.output and "(typical prompt, output at max_tokens), at most $" in est.output
+    most = figure(est.output, r"; at most ([0-9,]+) \(bound: 1 token a byte of the request")
+    assert run_cli("run", *base, "--no-progress").exit_code == 0
+    assert most >= server.stats()["billed_prompt_tokens"]
+
+
+@pytest.mark.parametrize(
+    ("ceiling", "verdict"),
+    [("0.0000001", "does not fit under --max-cost"), ("100", "fits under --max-cost $100.00 (at most $")],
+)
+def test_estimate_with_a_ceiling_says_whether_the_job_fits_and_sends_nothing(
+    server: FakeLLMServer, ceiling: str, verdict: str
+) -> None:
+    write_table("in.csv", varied(20))
+    est = run_cli("estimate", *RUN, "--base-url", f"{server.url}/v1", *PRICES, "--max-cost", ceiling)
+    assert est.exit_code == 0, est.output  # estimate prices, it does not refuse
+    assert verdict in est.output and "; nothing was sent" in est.output
+    if verdict.startswith("does not"):
+        assert "(about 0 of 20 requests at the typical cost)" in est.output
+    assert server.requests == []
+    assert not Path("out/result.checkpoint").exists()
+
+
+def test_a_ceiling_between_typical_and_bound_may_not_fit(server: FakeLLMServer) -> None:
+    write_table("in.csv", varied(40))
+    base = [*RUN, "--base-url", f"{server.url}/v1"]
+    assert run_cli("run", *base, "--limit", "10", "--no-progress").exit_code == 0
+    server.reset()
+    est = run_cli("estimate", *base, "--max-tokens-total", "1")
+    typical = figure(est.output, r"tokens in: about ([0-9,]+) ")
+    most = figure(est.output, r"; at most ([0-9,]+) \(bound")
+    out_typical = figure(est.output, r"tokens out: at most [0-9,]+ \(30 requests x max_tokens 20\); about ([0-9,]+)")
+    between = str((typical + out_typical + most + 30 * 20) // 2)
+    est = run_cli("estimate", *base, "--max-tokens-total", between)
+    assert est.exit_code == 0, est.output
+    assert f"may not fit under --max-tokens-total {int(between):,} tokens: about" in est.output
+    assert "by the byte bound" in est.output
+    assert chat_requests(server) == []
+
+
+def test_the_invoices_example_is_bounded_by_what_estimate_calls_at_most(server: FakeLLMServer) -> None:
+    for name in ("configs/extract-invoices.yaml", "data/invoices.jsonl"):
+        Path(name).parent.mkdir(exist_ok=True)
+        shutil.copy(ROOT / name, name)
+    where = ["--provider", "openai", "--base-url", f"{server.url}/v1", "--model", "fake-model"]
+    est = run_cli("estimate", "configs/extract-invoices.yaml", *where)
+    assert est.exit_code == 0, est.output
+    assert chat_requests(server) == []
+    most = figure(est.output, r"; at most ([0-9,]+) \(bound: 1 token a byte of the request")
+    cost_most = float(re.search(r"at most \$([0-9.]+) \(bound", est.output).group(1))  # type: ignore[union-attr]
+    run = run_cli("run", "configs/extract-invoices.yaml", *where, "--no-progress")
+    assert run.exit_code == 0, run.output
+    stats = server.stats()
+    assert most >= stats["billed_prompt_tokens"]
+    billed_cost = stats["billed_prompt_tokens"] * 0.05 / 1e6 + stats["billed_completion_tokens"] * 0.10 / 1e6
+    assert cost_most >= billed_cost
