@@ -4,9 +4,12 @@ its size on a 1M-row output, and rendered in a real headless Chromium (driven ov
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -316,7 +319,8 @@ def test_cli_help_does_not_import_the_plotting_libraries() -> None:
 
 async def _open_in_chromium(urls: list[str]) -> list[dict[str, Any]]:
     """Open each page in headless Chromium over the DevTools protocol; for each, what rendered and what it complained of."""
-    with tempfile.TemporaryDirectory() as profile:
+    # Chromium's helper processes may still write to the profile as it goes: clean up what can be cleaned.
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         proc = await asyncio.create_subprocess_exec(
             "chromium",
             "--headless",
@@ -329,6 +333,7 @@ async def _open_in_chromium(urls: list[str]) -> list[dict[str, Any]]:
             "about:blank",
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,  # its own process group, so the renderer and zygote stop with it
         )
         try:
             port_file = Path(profile) / "DevToolsActivePort"
@@ -344,7 +349,8 @@ async def _open_in_chromium(urls: list[str]) -> list[dict[str, Any]]:
                 async with http.ws_connect(ws_url, max_msg_size=0) as ws:
                     return [await _visit(ws, url) for url in urls]
         finally:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
 
 
