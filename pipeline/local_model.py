@@ -158,7 +158,14 @@ class LocalServer:
             preexec_fn=_die_with_parent,
         )
         threading.Thread(target=self._drain, daemon=True).start()
-        self._ready.wait(self._timeout)
+        try:
+            self._ready.wait(self._timeout)
+        except BaseException:
+            # Ctrl-C or SIGTERM while the model loads: `with LocalServer()` never entered, so its
+            # __exit__ will not stop the server. Stop it here and wait for it, rather than leave it
+            # to the parent-death signal after we are gone.
+            self.stop()
+            raise
         if self._listening and self._proc.poll() is None:
             return self
         if self._ready.is_set():  # its output ended: it exited, or is about to
