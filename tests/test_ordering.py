@@ -6,13 +6,13 @@ from collections import Counter
 from pathlib import Path
 
 import polars as pl
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import chat_requests, run_cli, write_table
 from tests.fakeserver import FakeLLMServer
 
-# directive -> (final status, attempts it takes)
+# directive -> (final status, requests the server sees for the row)
 BEHAVIOURS = {
     "": ("ok", 1),
     "[[fault:500x1]]": ("ok", 2),
@@ -25,6 +25,7 @@ BEHAVIOURS = {
 }
 
 
+@example(plan=["[[fault:resetx1]]"] * 12, batch=5, concurrency=12)  # enough resets at once to hold the run
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     plan=st.lists(st.sampled_from(sorted(BEHAVIOURS)), min_size=1, max_size=40),
@@ -41,12 +42,17 @@ def test_rows_come_out_once_in_order_whatever_happens(
         result = run_cli(
             "run", "-i", str(folder / "in.csv"), "-o", str(folder / "out.parquet"), "-p", "{text}", "--base-url", f"{server.url}/v1",
             "--model", "m", "--no-progress", "--batch-size", str(batch), "--concurrency", str(concurrency), "--max-error-rate", "1",
+            "--no-report",  # ordering only: drawing a report per example made shrinking outlast the test timeout in CI
         )  # fmt: skip
         assert result.exit_code == 0, result.output
         received = Counter(r.content for r in chat_requests(server))
     out = pl.read_parquet(folder / "out.parquet")
     assert out["id"].to_list() == list(range(len(plan)))
     for row, directive in zip(out.iter_rows(named=True), plan, strict=True):
-        status, attempts = BEHAVIOURS[directive]
-        assert (row["status"], row["attempts"]) == (status, attempts), (directive, row)
-        assert received[row["text"]] == attempts  # the server saw exactly those attempts, no more
+        status, sends = BEHAVIOURS[directive]
+        assert row["status"] == status, (directive, row)
+        assert received[row["text"]] == sends  # the server saw exactly those requests, no more
+        # 5xx and resets, several in a row, look like an outage: the breaker holds the run and does not charge
+        # the rows for it (a design of the adaptive-limits issue), so their attempts may be fewer than sent.
+        outage = any(f"fault:{kind}" in directive for kind in ("500", "502", "503", "reset"))
+        assert (1 <= row["attempts"] <= sends) if outage else row["attempts"] == sends, (directive, row)
