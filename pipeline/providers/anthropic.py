@@ -11,13 +11,11 @@ from typing import Any
 import orjson
 
 from pipeline import errors
-from pipeline.prompts import RequestSpec
 from pipeline.providers.base import (
     Completion,
     Wire,
     clip,
     decode,
-    endpoint,
     http_error,
     maybe_json,
     retry_after,
@@ -34,17 +32,13 @@ DEFAULT_MAX_TOKENS = 1024  # the API requires max_tokens; used when the user set
 class AnthropicMessages(Wire):
     json_mode = None  # the schema goes as a forced tool, which every Messages server takes
 
-    def __init__(
-        self,
-        base_url: str,
-        spec: RequestSpec,
-        api_key: str | None,
-        headers: Mapping[str, str] | None = None,
-        secrets: tuple[str, ...] = (),
-    ) -> None:
-        own = {"x-api-key": api_key or "", "anthropic-version": API_VERSION}
-        self._wire(endpoint(base_url, "/v1/messages"), own, api_key, headers, secrets)
-        self._spec = spec
+    PATH = "/v1/messages"
+
+    def _own_headers(self, api_key: str | None) -> dict[str, str]:
+        return {"x-api-key": api_key or "", "anthropic-version": API_VERSION}
+
+    def _ready(self, api_key: str | None) -> None:
+        spec = self._spec
         params: dict[str, Any] = {"max_tokens": spec.max_tokens or DEFAULT_MAX_TOKENS}
         if spec.temperature is not None:
             params["temperature"] = spec.temperature

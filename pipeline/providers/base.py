@@ -14,13 +14,14 @@ import re
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
 from pipeline import errors
 from pipeline.config import CREDENTIAL_HEADERS
+from pipeline.prompts import RequestSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,15 +245,26 @@ class Wire:
     """What every adapter holds besides its format: where it posts, the headers (the user's over its
     own), the values to mask in replies, and whether any credential goes out (for a 401's advice)."""
 
-    url: str
-    headers: dict[str, str]
-    secrets: tuple[str, ...]
-    sends_key: bool
+    PATH: ClassVar[str]  # appended to the base URL
 
-    def _wire(
-        self, url: str, own: Mapping[str, str], api_key: str | None, user: Mapping[str, str] | None, secrets: tuple[str, ...]
+    def __init__(
+        self,
+        base_url: str,
+        spec: RequestSpec,
+        api_key: str | None,
+        headers: Mapping[str, str] | None = None,
+        secrets: tuple[str, ...] = (),
     ) -> None:
-        self.url = url
-        self.headers = json_headers(own, user)
+        self._spec = spec
+        self.url = endpoint(base_url, self.PATH)
+        self.headers = json_headers(self._own_headers(api_key), headers)
         self.secrets = tuple(s for s in (api_key, *secrets) if s)
-        self.sends_key = bool(api_key) or any(name.lower() in CREDENTIAL_HEADERS for name in user or {})
+        self.sends_key = bool(api_key) or any(name.lower() in CREDENTIAL_HEADERS for name in headers or {})
+        self._ready(api_key)
+
+    def _own_headers(self, api_key: str | None) -> dict[str, str]:
+        """The adapter's headers (its way of sending the key); the user's are laid over them."""
+        return {}
+
+    def _ready(self, api_key: str | None) -> None:
+        """What the adapter precomputes once per run from the spec."""

@@ -9,13 +9,11 @@ from typing import Any
 import orjson
 
 from pipeline import errors
-from pipeline.prompts import RequestSpec
 from pipeline.providers.base import (
     Completion,
     SchemaFormatRefused,
     clip,
     decode,
-    endpoint,
     http_error,
     limit_scope,
     refuses_json_schema,
@@ -54,18 +52,11 @@ def classify_message(message: str, status: int, wait: float | None) -> errors.Re
 
 
 class ModelsLabChat(SchemaForms):
-    def __init__(
-        self,
-        base_url: str,
-        spec: RequestSpec,
-        api_key: str | None,
-        headers: Mapping[str, str] | None = None,
-        secrets: tuple[str, ...] = (),
-    ) -> None:
-        self._wire(endpoint(base_url, "/chat/completions"), {}, api_key, headers, secrets)  # the key rides in the body
-        self._spec = spec
-        self._key = api_key or ""
-        self._params = generation_params(spec)
+    PATH = "/chat/completions"
+
+    def _ready(self, api_key: str | None) -> None:
+        self._key = api_key or ""  # the key rides in the body, not in a header
+        self._params = generation_params(self._spec)
 
     def body(self, payload: str, extra: str | None = None, followup: list[dict[str, str]] | None = None) -> bytes:
         messages = chat_messages(self._spec, payload, followup)

@@ -16,7 +16,6 @@ from pipeline.providers.base import (
     Wire,
     clip,
     decode,
-    endpoint,
     http_error,
     maybe_json,
     refuses_json_schema,
@@ -116,18 +115,13 @@ class SchemaForms(Wire):
 
 
 class OpenAIChat(SchemaForms):
-    def __init__(
-        self,
-        base_url: str,
-        spec: RequestSpec,
-        api_key: str | None,
-        headers: Mapping[str, str] | None = None,
-        secrets: tuple[str, ...] = (),
-    ) -> None:
-        own = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._wire(endpoint(base_url, "/chat/completions"), own, api_key, headers, secrets)
-        self._spec = spec
-        self._params = generation_params(spec)
+    PATH = "/chat/completions"
+
+    def _own_headers(self, api_key: str | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def _ready(self, api_key: str | None) -> None:
+        self._params = generation_params(self._spec)
 
     def body(self, payload: str, extra: str | None = None, followup: list[dict[str, str]] | None = None) -> bytes:
         messages = chat_messages(self._spec, payload, followup)
