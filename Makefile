@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/summarise-reviews.yaml
 
 .DEFAULT_GOAL := help
-.PHONY: help setup local-model run test check lint bench clean
+.PHONY: help setup local-model run test check lint bench bench-ab clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -40,6 +40,11 @@ check: lint test ## ruff, mypy and the tests
 
 bench: setup ## measure throughput, rate-limit adherence, memory and resume cost
 	@$(PY) bench/run.py
+
+A ?= HEAD~1
+B ?= HEAD
+bench-ab: setup ## overhead of two commits, interleaved in one session: make bench-ab A=<rev> B=<rev> [FLAGS=--no-adapt]
+	@$(PY) bench/ab.py $(A) $(B) -- $(FLAGS)
 
 clean: ## remove the venv, outputs and caches
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache bench/results

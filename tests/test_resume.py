@@ -67,3 +67,47 @@ def test_killed_run_resumes_without_sending_answered_rows_again(sig: signal.Sign
     assert len(second_run) == ROWS - answered_before
     assert f"{answered_before} ok from the checkpoint" in result.output
     assert all(n == 1 for n in second_run.values())
+
+
+def test_killed_run_under_a_ceiling_resumes_and_each_run_keeps_its_own_ceiling() -> None:
+    """SIGKILL mid-run with --max-cost, a re-run whose ceiling stops it, then one that finishes:
+    each run's spend at the server stays under its own ceiling, and no answered row is paid twice."""
+    prices = ["--price-in", "1", "--price-out", "2", "--max-tokens", "20"]  # ~$0.000032 a request
+
+    def billed(server: FakeLLMServer) -> float:
+        s = server.stats()
+        return s.get("billed_prompt_tokens", 0) * 1e-6 + s.get("billed_completion_tokens", 0) * 2e-6
+
+    with FakeLLMServer(latency=0.05) as server:
+        write_table("in.csv", texts(ROWS))
+        proc = spawn(*job_args(server), *prices, "--max-cost", "1")
+        wait_for_answers(Path("out/result.checkpoint"), 60, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+        answered_first = len(journal_lines(Path("out/result.checkpoint")))
+        first_run = Counter(r.content for r in chat_requests(server))
+        assert 60 <= answered_first < ROWS - 100
+
+        server.reset()  # a ceiling for about 50 of the remaining rows
+        second = run_cli(*job_args(server), *prices, "--max-cost", "0.0016")
+        assert second.exit_code == 1, second.output
+        assert billed(server) <= 0.0016
+        second_run = Counter(r.content for r in chat_requests(server))
+        assert len(set(first_run) & set(second_run)) <= 8  # at most what was in flight at the kill
+        assert f"{answered_first} ok from the checkpoint" in second.output
+        out = pl.read_parquet("out/result.parquet")
+        assert out["id"].to_list() == list(range(ROWS))
+        unsent = out.filter(pl.col("error").str.starts_with("not sent: spend ceiling reached"))
+        assert unsent.height > 0 and out.filter(pl.col("status") == "ok").height + unsent.height == ROWS
+
+        server.reset()
+        third = run_cli(*job_args(server), *prices, "--max-cost", "1")
+        assert third.exit_code == 0, third.output
+        third_run = Counter(r.content for r in chat_requests(server))
+        assert sorted(third_run) == sorted(f"Summarise: {t}" for t in unsent["text"].to_list())  # only the unsent
+        assert all(n == 1 for n in third_run.values())
+    final = pl.read_parquet("out/result.parquet")
+    assert final["id"].to_list() == list(range(ROWS)) and set(final["status"]) == {"ok"}
+    # Across runs: what the answers kept in the output record is what "on this output in all runs" says.
+    total = int(final["prompt_tokens"].sum()) * 1e-6 + int(final["completion_tokens"].sum()) * 2e-6
+    assert f"${total:.4f} on this output in all runs" in third.output
