@@ -15,6 +15,8 @@ ceiling: each reservation is settled to the real count as soon as it comes back.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -173,7 +175,13 @@ def note_run(stats: RunStats, cfg: RunConfig, done: pl.DataFrame) -> None:
 
 
 def money(x: float) -> str:
-    return f"${x:,.2f}" if x >= 1 else f"${x:.4f}"
+    """Dollars and cents from $1, four decimals from a cent, and below that two significant
+    digits ($0.000032, $0.0005), so a small test run never reads $0.0000."""
+    if x >= 1:
+        return f"${x:,.2f}"
+    if x >= 0.01 or x <= 0:
+        return f"${x:.4f}"
+    return f"${x:.{1 - math.floor(math.log10(x))}f}".rstrip("0")
 
 
 def summary_line(stats: RunStats) -> str | None:

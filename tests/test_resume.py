@@ -10,6 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from pipeline.spend import money
 from tests.conftest import chat_requests, run_cli, spawn, texts, write_table
 from tests.fakeserver import FakeLLMServer
 
@@ -110,4 +111,4 @@ def test_killed_run_under_a_ceiling_resumes_and_each_run_keeps_its_own_ceiling()
     assert final["id"].to_list() == list(range(ROWS)) and set(final["status"]) == {"ok"}
     # Across runs: what the answers kept in the output record is what "on this output in all runs" says.
     total = int(final["prompt_tokens"].sum()) * 1e-6 + int(final["completion_tokens"].sum()) * 2e-6
-    assert f"${total:.4f} on this output in all runs" in third.output
+    assert f"{money(total)} on this output in all runs" in third.output

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.checkpoint import read_done
 from pipeline.config import RunConfig
-from pipeline.spend import NOT_SENT, Budget, Ceiling, Verdict, refusal, worst_out
+from pipeline.spend import NOT_SENT, Budget, Ceiling, Verdict, money, refusal, worst_out
 from tests.conftest import base_args, chat_requests, run_cli, texts, write_table
 from tests.fakeserver import FakeLLMServer
 
@@ -55,7 +55,7 @@ def test_budget_money_ceiling_and_token_ceiling_together() -> None:
     b.settle((300, 100), 400, 0)
     assert b.overrun  # billed more than the bound: reported, not hidden
     assert b.check(500, 100) is Verdict.REFUSE  # 1000 tokens: the token ceiling binds first
-    assert money.show(0.001) == "$0.0010" and tokens.show(1000) == "1,000 tokens"
+    assert money.show(0.001) == "$0.001" and tokens.show(1000) == "1,000 tokens"
 
 
 def test_worst_out_and_refusals() -> None:
@@ -110,7 +110,7 @@ def test_ceiling_mid_batch_leaves_valid_output_and_rerun_sends_only_unsent_rows(
     tin, tout = billed(server)
     assert tin * 1e-6 + tout * 2e-6 <= 0.0005
     assert (
-        f"this run spent ${tin * 1e-6 + tout * 2e-6:.4f} ({tin:,} tokens in, {tout:,} out) of --max-cost $0.0005" in result.output
+        f"this run spent {money(tin * 1e-6 + tout * 2e-6)} ({tin:,} tokens in, {tout:,} out) of --max-cost {money(0.0005)}" in result.output
     )
     assert f"{unsent.height} rows were not sent (status error, '{NOT_SENT}')" in result.output
     assert (
@@ -131,8 +131,8 @@ def test_ceiling_mid_batch_leaves_valid_output_and_rerun_sends_only_unsent_rows(
     tin2, tout2 = billed(server)
     this_run = tin2 * 1e-6 + tout2 * 2e-6
     line = spend_line(again.output)
-    assert line.startswith(f"  spend: ${this_run:.4f} this run (ceiling --max-cost $1.00)")
-    assert f"${this_run + tin * 1e-6 + tout * 2e-6:.4f} on this output in all runs" in line
+    assert line.startswith(f"  spend: {money(this_run)} this run (ceiling --max-cost $1.00)")
+    assert f"{money(this_run + tin * 1e-6 + tout * 2e-6)} on this output in all runs" in line
 
 
 def test_spend_counts_each_billed_attempt_under_faults(server: FakeLLMServer) -> None:
