@@ -104,15 +104,39 @@ def run(config: str | None, **flags: Any) -> None:
     command resumes: rows already answered are not sent again.
     """
     try:
-        from pipeline.run import run_job  # heavy imports (polars, pyarrow, aiohttp) only when running
-
-        code = run_job(_config(config, flags))
+        code = _run(_config(config, flags))
     except errors.UserError as exc:
         raise UsageFailure(str(exc)) from None
     except KeyboardInterrupt:  # before anything was sent (later ones are handled inside the run)
         click.echo("\npipeline: interrupted before sending anything.", err=True)
         code = 130
     sys.exit(code)
+
+
+def _run(cfg: RunConfig) -> int:
+    """One job on a fresh event loop; the exit code. SIGTERM is an interrupt like Ctrl-C for the whole run
+    (a scheduler's kill gets the same flush, message and exit 130)."""
+    import asyncio  # with the run's heavy imports (polars, pyarrow, aiohttp): only when running
+
+    from pipeline.job import prepare_job
+
+    job = prepare_job(cfg)
+
+    async def main() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return (await job.execute()).exit_code
+
+    try:
+        return asyncio.run(main())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        if job.result is None:  # not yet sending: nothing to save
+            raise KeyboardInterrupt from None
+        return job.result.exit_code
+    finally:
+        # Closing the loop resets SIGTERM to the default (die at once); keep it an interrupt.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 @cli.command(

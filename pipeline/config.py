@@ -75,8 +75,9 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    # Required by `run` and `estimate` (the plan says so); the API's complete() passes its table instead.
     input: tuple[str, ...] = Field(
-        min_length=1,
+        default=(),
         description="Input table: CSV, Parquet or JSONL. Repeat, or give a quoted glob.",
         json_schema_extra={"short": "-i"},
     )

@@ -4,21 +4,25 @@
     ├── UserError                 exit 2, raised before any request is sent
     │   ├── ConfigError           a bad config file, key, value or flag
     │   └── InputError            a missing/unreadable/empty table, a missing column
-    ├── RequestError              one request failed; the row records `kind` and message
-    │   ├── TransientError        worth another attempt (after `retry_after` if given)
-    │   │   ├── RateLimited       429, ModelsLab's "Rate limit exceeded"; `scope` says rate or concurrency
-    │   │   ├── ServerError       408, 409, 5xx, 529; `overloaded` for 503/529
-    │   │   ├── TransportError    connection refused/reset, server disconnected
-    │   │   ├── RequestTimeout    no answer within --timeout
-    │   │   ├── MalformedReply    unparseable body (a truncated reply is often transient)
-    │   │   └── InvalidOutput     a reply that breaks the JSON Schema: asked again, with the reason
-    │   ├── PermanentError        another attempt would get the same answer (other 4xx, 501, 505)
-    │   │   └── ErrorReply        HTTP 200 carrying an error or no completion
-    │   └── FatalError            stops the whole run: every row would fail the same way
-    │       ├── AuthError         401/403, invalid key
-    │       ├── QuotaExhausted    out of credits or quota
-    │       └── WaitTooLong       a limit that resets later than --max-wait (a daily limit, an outage)
-    └── Interrupted               Ctrl-C or SIGTERM, after the checkpoint is flushed
+    ├── RunStopped                the API's complete(): a run stopped before its output (bad key, no
+    │                             quota, a wait too long); `result` says what was kept
+    └── RequestError              one request failed; the row records `kind` and message
+        ├── TransientError        worth another attempt (after `retry_after` if given)
+        │   ├── RateLimited       429, ModelsLab's "Rate limit exceeded"; `scope` says rate or concurrency
+        │   ├── ServerError       408, 409, 5xx, 529; `overloaded` for 503/529
+        │   ├── TransportError    connection refused/reset, server disconnected
+        │   ├── RequestTimeout    no answer within --timeout
+        │   ├── MalformedReply    unparseable body (a truncated reply is often transient)
+        │   └── InvalidOutput     a reply that breaks the JSON Schema: asked again, with the reason
+        ├── PermanentError        another attempt would get the same answer (other 4xx, 501, 505)
+        │   └── ErrorReply        HTTP 200 carrying an error or no completion
+        └── FatalError            stops the whole run: every row would fail the same way
+            ├── AuthError         401/403, invalid key
+            ├── QuotaExhausted    out of credits or quota
+            └── WaitTooLong       a limit that resets later than --max-wait (a daily limit, an outage)
+
+    Interrupted                   a KeyboardInterrupt: the Python API's Ctrl-C, after the
+                                  checkpoint is flushed; `result` says how far the run got
 
 Lower-level errors (aiohttp, polars, pyarrow, pydantic) are translated into this
 tree where they cross a module boundary, so callers never catch library types.
@@ -44,8 +48,24 @@ class InputError(UserError):
     pass
 
 
-class Interrupted(PipelineError):
-    pass
+class RunStopped(PipelineError):
+    """The Python API's `complete()`: a fatal answer stopped the run before it could return its table.
+    Every answer received is kept in the checkpoint; `result` is the run's RunResult."""
+
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run of the Python API stopped by Ctrl-C (or a notebook's stop button) after saving every answer.
+
+    A KeyboardInterrupt, not a PipelineError, so `except Exception` in a caller's code does not swallow
+    the user's interrupt. `result` is the run's RunResult (outcome "interrupted")."""
+
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 class RequestError(PipelineError):

@@ -30,12 +30,12 @@ from pipeline import errors, source, spend
 from pipeline.checkpoint import RESULT_COLUMNS, RESULT_SCHEMA, read_done
 from pipeline.config import RunConfig
 from pipeline.engine import Prepared, prepare
+from pipeline.plan import NOWHERE, preflight
 from pipeline.prompts import Renderer
 from pipeline.providers import MIN_SECRET, Provider, make_provider
 from pipeline.providers.anthropic import AnthropicMessages
 from pipeline.providers.base import decode, endpoint, http_error
 from pipeline.providers.openai import chat_messages
-from pipeline.run import NOWHERE, preflight
 from pipeline.transport import AiohttpTransport
 
 COUNTING_PROVIDERS = ("anthropic", "modelslab")  # both serve /v1/messages/count_tokens
@@ -362,7 +362,7 @@ def sample_bodies(
 
 
 def estimate(cfg: RunConfig, samples: int = 3, *, count_limit: int = 200) -> Estimate:
-    """Check the job as `run_job` does, then count; raises UserError for bad input. Sends count requests only."""
+    """Check the job as `pipeline run` does, then count; raises UserError for bad input. Sends count requests only."""
     plan = preflight(cfg, writes=False)
     renderer, table = plan.renderer, plan.table
     api_key = None

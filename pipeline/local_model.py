@@ -7,6 +7,7 @@ stops it on exit, whether the run succeeded, failed or was interrupted.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import ctypes
 import errno
@@ -142,6 +143,29 @@ class LocalServer:
         ]  # fmt: skip
 
     def start(self) -> LocalServer:
+        self._spawn()
+        try:
+            self._ready.wait(self._timeout)
+        except BaseException:
+            # Ctrl-C or SIGTERM while the model loads: `with LocalServer()` never entered, so its
+            # __exit__ will not stop the server. Stop it here and wait for it, rather than leave it
+            # to the parent-death signal after we are gone.
+            self.stop()
+            raise
+        return self._started()
+
+    async def astart(self) -> LocalServer:
+        """`start` for a running event loop: the wait for the model to load happens in a thread, so a
+        cancellation (Ctrl-C in `pipeline run`, a caller's cancel) stops the server at once."""
+        self._spawn()
+        try:
+            await asyncio.to_thread(self._ready.wait, self._timeout)
+        except BaseException:
+            self.stop()  # ends its output, which releases the waiting thread
+            raise
+        return self._started()
+
+    def _spawn(self) -> None:
         command = self.command()  # the checks of what is installed come before the port's
         if self._chosen_port:
             check_port(self.host, self.port)
@@ -158,14 +182,10 @@ class LocalServer:
             preexec_fn=_die_with_parent,
         )
         threading.Thread(target=self._drain, daemon=True).start()
-        try:
-            self._ready.wait(self._timeout)
-        except BaseException:
-            # Ctrl-C or SIGTERM while the model loads: `with LocalServer()` never entered, so its
-            # __exit__ will not stop the server. Stop it here and wait for it, rather than leave it
-            # to the parent-death signal after we are gone.
-            self.stop()
-            raise
+
+    def _started(self) -> LocalServer:
+        """After the wait: the server, or why it is not there."""
+        assert self._proc is not None
         if self._listening and self._proc.poll() is None:
             return self
         if self._ready.is_set():  # its output ended: it exited, or is about to
@@ -214,4 +234,10 @@ class LocalServer:
         return self.start()
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> LocalServer:
+        return await self.astart()
+
+    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()

@@ -150,11 +150,13 @@ def build(
     clock: Clock,
     *,
     earlier_tokens: tuple[int, int] | None = None,
+    paths: tuple[Path, Path | None, Path | None] | None = None,
 ) -> dict[str, Any]:
     """The metrics of one run as a plain dict (schema `SCHEMA`).
 
     `earlier_tokens` is (prompt, completion) of the answers the checkpoint held before this run, for the
-    cost across runs."""
+    cost across runs. `paths` is (checkpoint, metrics file, report) as the run used them, where they are
+    not the settings' defaults (the API's DataFrame out has no output to put them beside)."""
     wall = clock.elapsed()
     if not stats.timeline or stats.timeline[-1]["t"] < wall:
         stats.sample(wall)  # the last state, so the timeline ends where the run did
@@ -220,9 +222,9 @@ def build(
         "config": _config(cfg),
         "paths": {
             "output": cfg.output,
-            "checkpoint": str(cfg.checkpoint_path),
-            "metrics": str(default_path(cfg)),
-            "report": str(p) if (p := report_path(cfg)) else None,
+            "checkpoint": str(paths[0]) if paths else str(cfg.checkpoint_path),
+            "metrics": (str(paths[1]) if paths[1] else None) if paths else str(default_path(cfg)),
+            "report": (str(paths[2]) if paths[2] else None) if paths else (str(p) if (p := report_path(cfg)) else None),
         },
     }
 

@@ -15,6 +15,7 @@ import time
 from typing import Never, TextIO
 
 from tqdm import tqdm
+from tqdm.auto import tqdm as tqdm_auto
 
 from pipeline.spend import summary_line as spend_line
 from pipeline.stats import RunStats
@@ -24,10 +25,20 @@ LOG_EVERY = 60.0  # seconds between status lines when there is no terminal
 
 
 class Progress:
-    def __init__(self, stats: RunStats, *, enabled: bool, stream: TextIO = sys.stderr, log_every: float = LOG_EVERY) -> None:
+    def __init__(
+        self,
+        stats: RunStats,
+        *,
+        enabled: bool,
+        stream: TextIO = sys.stderr,
+        log_every: float = LOG_EVERY,
+        notebook: bool = False,
+    ) -> None:
+        """`notebook`: draw tqdm's notebook widget (the Python API inside Jupyter, whose stderr is no terminal)."""
         self._stats = stats
         self._enabled = enabled
-        self._tty = stream.isatty()
+        self._notebook = notebook
+        self._tty = notebook or stream.isatty()
         self._stream = stream
         self._log_every = log_every
         self._bar: tqdm[Never] | None = None
@@ -42,7 +53,8 @@ class Progress:
         if self._tty:
             # tqdm's own rate and ETA would count rows answered from the checkpoint, which take no time:
             # the bar shows ours (rows this run's requests finished), in the postfix.
-            self._bar = tqdm(
+            bar = tqdm_auto if self._notebook else tqdm  # auto: the widget where ipywidgets is installed
+            self._bar = bar(
                 total=self._stats.total_rows or None,
                 unit="row",
                 file=self._stream,

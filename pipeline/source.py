@@ -49,9 +49,12 @@ class Table:
     separator: str | None = None  # CSV: the separator of the first file, for hints
     # Owns the UTF-8 copies; its own finalizer removes them when the table is collected or at exit.
     scratch: tempfile.TemporaryDirectory[str] | None = field(default=None, compare=False, repr=False)
+    frame: pl.LazyFrame | None = field(default=None, compare=False, repr=False)  # a table handed over in memory
 
     @property
     def label(self) -> str:
+        if self.frame is not None:
+            return "the table passed in"
         return str(self.files[0]) if len(self.files) == 1 else f"{len(self.files)} {self.fmt} files"
 
     def close(self) -> None:
@@ -301,7 +304,15 @@ def _not_utf8(path: Path) -> str:
     )
 
 
+def in_memory(frame: pl.DataFrame | pl.LazyFrame) -> Table:
+    """A table the caller already holds (the Python API): read in batches like a file, never copied."""
+    lf = frame.lazy()
+    return Table(files=(), fmt="frame", schema=lf.collect_schema(), frame=lf)
+
+
 def lazy(table: Table, limit: int | None = None) -> pl.LazyFrame:
+    if table.frame is not None:
+        return table.frame.head(limit) if limit is not None else table.frame
     if not table.parts:  # every file empty: no rows, the table's columns
         return pl.LazyFrame(schema=table.schema)
     frames = [_scan(p.read, table.fmt, p.separator) for p in table.parts]
@@ -319,7 +330,9 @@ def count_rows(table: Table, limit: int | None = None) -> int:
     malformed line far down the file is reported now, before any request is sent."""
     query = lazy(table, limit)
     try:
-        if table.fmt == "parquet" or not table.parts:  # row counts come from the footer; pages were checksummed on write
+        if (
+            table.fmt in ("parquet", "frame") or not table.parts
+        ):  # row counts come from the footer; pages were checksummed on write
             return int(query.select(pl.len()).collect().item())
         return int(query.select(pl.len().alias("__rows"), pl.all().null_count()).collect().get_column("__rows").item())
     except pl.exceptions.PolarsError as exc:

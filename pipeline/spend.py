@@ -16,7 +16,6 @@ ceiling: each reservation is settled to the real count as soon as it comes back.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING

@@ -32,8 +32,9 @@ from pipeline import errors, source
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import build_config
 from pipeline.engine import prepare
+from pipeline.job import build_engine
+from pipeline.plan import preflight
 from pipeline.providers import make_provider
-from pipeline.run import build_engine, preflight
 from pipeline.sink import ParquetSink
 from pipeline.stats import RunStats
 

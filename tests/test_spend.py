@@ -110,7 +110,8 @@ def test_ceiling_mid_batch_leaves_valid_output_and_rerun_sends_only_unsent_rows(
     tin, tout = billed(server)
     assert tin * 1e-6 + tout * 2e-6 <= 0.0005
     assert (
-        f"this run spent {money(tin * 1e-6 + tout * 2e-6)} ({tin:,} tokens in, {tout:,} out) of --max-cost {money(0.0005)}" in result.output
+        f"this run spent {money(tin * 1e-6 + tout * 2e-6)} ({tin:,} tokens in, {tout:,} out) of --max-cost {money(0.0005)}"
+        in result.output
     )
     assert f"{unsent.height} rows were not sent (status error, '{NOT_SENT}')" in result.output
     assert (

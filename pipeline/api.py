@@ -1,0 +1,246 @@
+"""The Python API: the engine of `pipeline run` for notebooks and orchestrators.
+
+    import pipeline
+    df = pipeline.complete(reviews, prompt="Summarise: {text}", base_url="http://127.0.0.1:8080/v1", model="m")
+    result = pipeline.run("configs/summarise-reviews.yaml", limit=100)
+
+Settings are the keyword arguments of the one settings model (`RunConfig`) that
+also makes the CLI's flags and reads YAML, so every flag is a keyword by the
+same name (`--max-tokens` is `max_tokens=`, `--no-adapt` is `adapt=False`).
+Errors are the package's exception tree: `UserError` (a `ConfigError` or an
+`InputError`, raised before anything is sent), `RunStopped` from `complete()`
+when a fatal answer stopped the run, and `Interrupted`, a KeyboardInterrupt,
+after Ctrl-C has saved every answer.
+
+The sync forms run their own event loop, or, inside one that is already
+running (Jupyter), a private loop in a worker thread; the async forms run on
+the caller's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import sys
+import tempfile
+from collections.abc import Callable, Coroutine, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import polars as pl
+
+from pipeline import errors, source
+from pipeline.config import RunConfig, build_config, load_yaml
+from pipeline.job import EXIT_INTERRUPTED, Job, RunResult, prepare_job
+from pipeline.sink import Sink
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+T = TypeVar("T")
+ConfigLike = RunConfig | Mapping[str, Any] | str | Path | None
+
+
+def complete(table: Any, **settings: Any) -> pl.DataFrame:
+    """Send one request per row of `table` and return the table with the result columns.
+
+    `table`: a polars DataFrame or LazyFrame, a pyarrow Table, or a pandas DataFrame.
+    `settings`: those of `pipeline run` by their YAML names (`prompt`, `provider`, `base_url`,
+    `model`, `system`, `max_tokens`, `schema`, `rpm`, ...), plus `config` (a YAML path or a
+    mapping they are laid over). Input and output files are not used: the table comes in and
+    goes out. Output: every input column, then completion, prompt_tokens, ..., request_key,
+    tokens_estimated (and the schema's fields), one row per input row, in order, as a CLI
+    run writes them.
+
+    `checkpoint_dir`: a folder that keeps every answer as it comes; calling again with the same
+    folder resumes (answered rows are not sent again). Without it the answers live in a
+    temporary folder for the call only. `metrics`: a path for the metrics JSON file.
+
+    Raises UserError (ConfigError, InputError) before anything is sent, RunStopped when a
+    fatal answer (bad key, no quota) stopped the run, Interrupted after Ctrl-C.
+    """
+    return _sync(lambda: acomplete(table, **settings))
+
+
+async def acomplete(table: Any, **settings: Any) -> pl.DataFrame:
+    """`complete` on the caller's event loop."""
+    config = settings.pop("config", None)
+    frame = _as_frame(table)
+    cfg = _settings(config, settings, api=True)
+    sink = MemorySink(cfg.result_prefix)
+    with tempfile.TemporaryDirectory(prefix="pipeline-answers-") as scratch:
+        checkpoint = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else Path(scratch) / "answers.checkpoint"
+        job = await asyncio.to_thread(
+            prepare_job,
+            cfg,
+            table=source.in_memory(frame),
+            sink=sink,
+            checkpoint=checkpoint,
+            files=False,
+            notebook=_in_notebook(),
+            say=None if cfg.progress else _log,
+        )
+        result = await _execute(job)
+    if result.outcome in ("stopped", "crashed") or sink.frame is None:
+        raise errors.RunStopped(result.reason or f"the run ended {result.outcome}", result)
+    return sink.frame
+
+
+def run(config: ConfigLike = None, **settings: Any) -> RunResult:
+    """Run a job exactly as `pipeline run CONFIG --flag ...` does (files in, files out, the
+    checkpoint, the metrics file and the report beside the output) and return its RunResult
+    instead of an exit code: `result.outcome`, `result.ok`, `result.errors`, `result.cost`,
+    `result.output`, ... `result.exit_code` is what the CLI would exit with.
+
+    `config`: a YAML file's path, a mapping of settings, a RunConfig, or None; `settings` are laid
+    over it, as flags are over a config file. Raises UserError before anything is sent and
+    Interrupted after Ctrl-C; a run that stops (a bad key, the spend ceiling, the error rate)
+    returns its result, with `result.succeeded` False and the reason in `result.reason`."""
+    return _sync(lambda: arun(config, **settings))
+
+
+async def arun(config: ConfigLike = None, **settings: Any) -> RunResult:
+    """`run` on the caller's event loop."""
+    cfg = _settings(config, settings, api=False)
+    job = await asyncio.to_thread(prepare_job, cfg, notebook=_in_notebook(), say=None if cfg.progress else _log)
+    return await _execute(job)
+
+
+class MemorySink(Sink):
+    """The output kept in memory, in order, for `complete()`: the frames of every batch, joined at commit."""
+
+    def __init__(self, result_prefix: str = "") -> None:
+        super().__init__(result_prefix)
+        self._frames: list[pl.DataFrame] = []
+        self.frame: pl.DataFrame | None = None
+
+    def _append(self, frame: pl.DataFrame) -> None:
+        self._frames.append(frame)
+
+    def commit(self) -> None:
+        if self._frames:
+            self.frame = self._frames[0] if len(self._frames) == 1 else pl.concat(self._frames, how="vertical_relaxed")
+        self._frames = []
+
+    def abort(self) -> None:
+        self._frames = []
+
+
+async def _execute(job: Job) -> RunResult:
+    try:
+        return await job.execute()
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        if job.result is None or job.result.exit_code != EXIT_INTERRUPTED:
+            raise
+        if _cancelled_by_caller():
+            raise  # the caller's own cancel: asyncio's contract is that CancelledError comes back
+        raise errors.Interrupted(job.result.reason or "interrupted", job.result) from None
+
+
+def _cancelled_by_caller() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0 and not getattr(task, "_pipeline_sync", False)
+
+
+def _sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine to the end from sync code: on a new loop, or in a worker thread when this
+    thread already runs one (Jupyter). Ctrl-C cancels it, it saves what it has, and Interrupted follows."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(_marked(make))
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pipeline") as pool:
+        loop_and_task: list[tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]]] = []
+
+        async def main() -> T:
+            task = asyncio.current_task()
+            assert task is not None
+            loop_and_task.append((asyncio.get_running_loop(), task))
+            return await _marked(make)
+
+        future = pool.submit(asyncio.run, main())
+        try:
+            return future.result()
+        except KeyboardInterrupt:  # the notebook's stop button: cancel the run, let it save, then stop
+            for loop, task in loop_and_task:
+                loop.call_soon_threadsafe(task.cancel)
+            try:
+                return future.result()
+            except errors.Interrupted:
+                raise
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                raise KeyboardInterrupt from None
+
+
+async def _marked(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """The coroutine as the root of its loop: a cancel it gets is an interrupt, not a caller's cancel."""
+    task = asyncio.current_task()
+    if task is not None:
+        task._pipeline_sync = True  # type: ignore[attr-defined]
+    return await make()
+
+
+def _settings(config: ConfigLike, settings: Mapping[str, Any], *, api: bool) -> RunConfig:
+    """The config (a YAML path, a mapping or a RunConfig) with the keyword settings laid over it."""
+    if isinstance(config, RunConfig):
+        base: dict[str, Any] = config.model_dump(by_alias=True, exclude_unset=True)
+    elif isinstance(config, str | Path):
+        base = load_yaml(str(config))
+    elif config is None:
+        base = {}
+    elif isinstance(config, Mapping):
+        base = dict(config)
+    else:
+        raise errors.ConfigError(f"config must be a YAML file's path, a mapping or a RunConfig, not {type(config).__name__}.")
+    if api:
+        for name in ("input", "output"):
+            if name in settings or name in base:
+                raise errors.ConfigError(
+                    f"complete() takes its table as the first argument and returns the result: '{name}' is not used. "
+                    "For files in and files out, call pipeline.run()."
+                )
+        base.setdefault("make_report", False)
+        # The rows carry their status: a table with failed rows is still the answer, not an error.
+        base.setdefault("max_error_rate", 1.0)
+    source_name = f"config {config}" if isinstance(config, str | Path) else "settings"
+    return build_config(base, dict(settings), source=source_name)
+
+
+def _as_frame(table: Any) -> pl.DataFrame | pl.LazyFrame:
+    """polars as it is; pyarrow and pandas converted (pandas through Arrow, as polars does)."""
+    if isinstance(table, pl.DataFrame | pl.LazyFrame):
+        return table
+    module = type(table).__module__.split(".")[0]
+    if module == "pyarrow":
+        converted = pl.from_arrow(_arrow(table))
+        assert isinstance(converted, pl.DataFrame)
+        return converted
+    if module == "pandas" and hasattr(table, "columns"):
+        return pl.from_pandas(table)
+    raise errors.InputError(
+        f"complete() takes a polars DataFrame or LazyFrame, a pyarrow Table or a pandas DataFrame, "
+        f"not {type(table).__name__}. For a file, call pipeline.run(input=...), or read it with polars first."
+    )
+
+
+def _arrow(table: Any) -> pa.Table:
+    import pyarrow as pa
+
+    if isinstance(table, pa.RecordBatch):
+        return pa.Table.from_batches([table])
+    if not isinstance(table, pa.Table):
+        raise errors.InputError(f"complete() takes a pyarrow Table or RecordBatch, not {type(table).__name__}.")
+    return table
+
+
+def _log(message: str) -> None:
+    """Where messages go with progress=False: the `pipeline` logger, at INFO, for an orchestrator's log."""
+    logging.getLogger("pipeline").info(message.strip())
+
+
+def _in_notebook() -> bool:
+    """Inside a Jupyter kernel: the progress bar is tqdm's widget (stderr there is no terminal)."""
+    shell = sys.modules.get("IPython")
+    get = getattr(shell, "get_ipython", None)
+    return get is not None and type(get()).__name__ == "ZMQInteractiveShell"

@@ -1,0 +1,459 @@
+"""One run of a job: the checks, then `Job.execute()`, which sends and returns a RunResult.
+
+`prepare_job` makes every check that can fail because of the user (settings,
+files, columns, the output's place, the key, the embedded model installed) and
+raises UserError before anything is sent. `Job.execute()` is the rest of the
+run as one coroutine: it opens the checkpoint, the sink, the embedded model if
+one is needed and the transport, each closed on every way out, sends, writes
+the metrics file and the report, and returns a RunResult.
+
+What the user is told goes through `say`; how the event loop is run, signals,
+exceptions shown to a person and exit codes belong to the callers: cli.py for
+`pipeline run`, api.py for the Python API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import polars as pl
+
+from pipeline import errors, metrics, source, spend
+from pipeline.checkpoint import Checkpoint
+from pipeline.config import RunConfig
+from pipeline.engine import Engine, prepare
+from pipeline.governor import Governor
+from pipeline.local_model import LocalServer, check_installed
+from pipeline.plan import NOWHERE, Plan, preflight
+from pipeline.progress import Progress, plural, summary
+from pipeline.prompts import Renderer
+from pipeline.providers import Provider, make_provider
+from pipeline.providers.ratelimit import dialect_for
+from pipeline.retry import RetryPolicy
+from pipeline.sink import Sink, describe, open_sink, result_frame
+from pipeline.stats import RunStats
+from pipeline.transport import AiohttpTransport, Transport
+
+EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130  # and 2, bad usage: UserError, mapped by the CLI
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one run did: how it ended, its counts, what it cost and where it left its files.
+
+    `outcome` is one of completed, error_rate, spend_ceiling, stopped, interrupted,
+    empty_input; `exit_code` is what `pipeline run` exits with; `reason` what the
+    user was told when the run did not simply complete. `metrics` is the whole
+    metrics document (schema pipeline.metrics/1), written to `metrics_file` when
+    there is one."""
+
+    outcome: metrics.Outcome
+    exit_code: int
+    reason: str | None
+    rows: int
+    ok: int
+    errors: int
+    from_checkpoint: int
+    not_sent: int
+    requests: int
+    retries: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float | None  # this run, in the prices' currency; None with no price
+    cost_all_runs: float | None  # this output, the checkpoint's earlier answers included
+    wall_s: float
+    output: str | None
+    checkpoint: str | None
+    metrics_file: str | None
+    report_file: str | None
+    metrics: dict[str, Any] = field(repr=False)
+
+    @property
+    def succeeded(self) -> bool:
+        """Exit 0: every row answered, or no more errors than max_error_rate allows."""
+        return self.exit_code == EXIT_OK
+
+
+def _anything_to_send(table: source.Table, cfg: RunConfig, renderer: Renderer, done: pl.DataFrame) -> bool:
+    """Whether any row still needs a request (a quick pass, used before starting the local model)."""
+    for frame in source.batches(table, cfg.batch_size, cfg.limit):
+        p = prepare(frame, renderer, done)
+        if any(
+            key is not None and skip is None and row not in p.cached
+            for row, (key, skip) in enumerate(zip(p.keys, p.skip, strict=True))
+        ):
+            return True
+    return False
+
+
+def build_engine(
+    cfg: RunConfig,
+    plan: Plan,
+    *,
+    provider: Provider,
+    transport: Transport,
+    base_url: str,
+    checkpoint: Checkpoint,
+    sink: Sink,
+    stats: RunStats,
+    notice: Callable[[str], None] = lambda message: None,
+) -> Engine:
+    """The engine and its governor for one run, from the validated settings."""
+    concurrency = int(cfg.setting("concurrency"))
+    governor = Governor(
+        stats=stats,
+        concurrency=concurrency,
+        rpm=cfg.rpm,
+        tpm=cfg.tpm,
+        adapt=cfg.adapt,
+        max_wait=cfg.max_wait,
+        dialect=dialect_for(base_url, cfg.provider),
+        max_tokens=plan.renderer.spec.max_tokens or 0,
+        notice=notice,
+        spend=spend.budget_for(cfg),
+    )
+    return Engine(
+        provider=provider,
+        transport=transport,
+        governor=governor,
+        policy=RetryPolicy(max_attempts=cfg.max_attempts, max_wait=cfg.max_wait),
+        concurrency=concurrency,
+        checkpoint=checkpoint,
+        sink=sink,
+        stats=stats,
+        system_prompt=cfg.system,
+        structured=plan.structured,
+    )
+
+
+def prepare_job(
+    cfg: RunConfig,
+    *,
+    table: source.Table | None = None,
+    sink: Sink | None = None,
+    checkpoint: Path | None = None,
+    say: Callable[[str], None] | None = None,
+    stream: TextIO | None = None,
+    files: bool = True,
+    notebook: bool = False,
+) -> Job:
+    """Check everything the user could have got wrong, before anything is sent; raises UserError.
+
+    `table` and `sink` are the API's DataFrame in and out (else the config's input
+    and output files); `checkpoint` overrides the config's folder; `files` says
+    whether the metrics file and the report are written (the API's DataFrame out
+    writes them only when asked for by path)."""
+    clock = metrics.Clock.now()
+    plan = preflight(cfg, writes=sink is None, table=table)
+    api_key = cfg.api_key()
+    headers, secrets = cfg.request_headers()  # before anything starts: a variable unset is exit 2
+    if cfg.provider == "local" and cfg.setting("base_url") is None:
+        check_installed()
+    stats = RunStats(total_rows=source.count_rows(plan.table, cfg.limit))
+    err = stream or sys.stderr
+
+    def to_stream(message: str) -> None:
+        print(message, file=err, flush=True)
+
+    return Job(
+        cfg,
+        plan,
+        stats=stats,
+        clock=clock,
+        say=say or to_stream,
+        stream=err,
+        secrets=(*secrets, *([api_key] if api_key else [])),
+        api_key=api_key,
+        headers=headers,
+        sink=sink,
+        checkpoint=checkpoint or cfg.checkpoint_path,
+        files=files,
+        notebook=notebook,
+    )
+
+
+class Job:
+    """One checked job: `await job.execute()` sends it; `job.result` is set on every way out but a crash."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        plan: Plan,
+        *,
+        stats: RunStats,
+        clock: metrics.Clock,
+        say: Callable[[str], None],
+        stream: TextIO,
+        secrets: tuple[str, ...],
+        api_key: str | None,
+        headers: dict[str, str],
+        sink: Sink | None,
+        checkpoint: Path,
+        files: bool,
+        notebook: bool,
+    ) -> None:
+        self.cfg, self.plan, self.stats, self.clock = cfg, plan, stats, clock
+        self.say, self.stream, self.notebook = say, stream, notebook
+        self.secrets, self.api_key, self.headers = secrets, api_key, headers
+        self.checkpoint_path = checkpoint
+        self._sink = sink
+        self.files = files
+        self.earlier_tokens: tuple[int, int] | None = None  # (prompt, completion) the checkpoint held, for the cost
+        self.result: RunResult | None = None
+
+    # ---- the way through --------------------------------------------------------------------------
+
+    async def execute(self) -> RunResult:
+        """Send the job and return what it did. Raises UserError for a problem found before anything was
+        sent; on cancellation (Ctrl-C, SIGTERM, a caller's cancel) saves everything answered, sets
+        `self.result` (outcome interrupted) and lets the CancelledError through."""
+        try:
+            ending = self._empty_run() if self.stats.total_rows == 0 else await self._send()
+        except errors.UserError:  # exit 2, found before anything was sent: nothing ran, so there is nothing to record
+            raise
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            message = (
+                f"pipeline: interrupted. {self.stats.rows_done} rows were finished; every answer received is saved in "
+                f"{self.checkpoint_path}. Run the same command again to resume."
+            )
+            self.say("\n" + message)
+            self.result = self._finish(metrics.Ending(EXIT_INTERRUPTED, "interrupted", message))
+            raise
+        except BaseException as exc:  # a bug: still leave the file a CI job looks for, then let the traceback out
+            self._finish(metrics.Ending(EXIT_FAILED, "crashed", f"{type(exc).__name__}: {exc}"))
+            raise
+        self.result = self._finish(ending)
+        self._report(ending)
+        return self.result
+
+    def _finish(self, ending: metrics.Ending) -> RunResult:
+        path, report = self._metrics_path(), self._report_path(ending)
+        data = metrics.build(
+            self.cfg, self.stats, ending, self.clock, earlier_tokens=self.earlier_tokens, paths=(self.checkpoint_path, path, report)
+        )
+        if path is not None:
+            try:
+                metrics.write(path, metrics.dumps(data, self.secrets))
+            except OSError as exc:  # reported, never another exit code: the run's own outcome is what counts
+                self.say(f"pipeline: could not write the metrics file {path}: {exc.strerror or exc}")
+        return _result(data, self.cfg, self.checkpoint_path, path, report)
+
+    def _metrics_path(self) -> Path | None:
+        return metrics.default_path(self.cfg) if self.files or self.cfg.metrics else None
+
+    def _report_path(self, ending: metrics.Ending) -> Path | None:
+        """Where the report goes, if one is drawn. Not after an interrupt (whoever pressed Ctrl-C wants the
+        prompt back; `pipeline report` draws it later), nor for stdout or a DataFrame, which leave no
+        output to read, nor before any answer."""
+        if not (self.files and self.cfg.output not in (None, "-")) or ending.outcome in ("interrupted", "crashed"):
+            return None
+        path = metrics.report_path(self.cfg)
+        if path is None or self.plan.output is None:
+            return None
+        if not self.plan.output.exists() and not self.checkpoint_path.exists():
+            return None
+        return path
+
+    def _report(self, ending: metrics.Ending) -> None:
+        """Draw the HTML report beside the output (after the metrics file, which it reads). A report that
+        cannot be drawn is said, never an exit code."""
+        path = self._report_path(ending)
+        if path is None:
+            return
+        from pipeline.report import report_after_run  # altair and vl-convert: only once the run is over
+
+        assert self.plan.output is not None
+        metrics_file = metrics.default_path(self.cfg)
+        failed = report_after_run(str(self.plan.output), str(metrics_file), str(self.checkpoint_path), str(path))
+        self.say(f"pipeline: {failed}" if failed else f"  report: {path}")
+
+    def _empty_run(self) -> metrics.Ending:
+        """No rows (a scheduled job's empty partition): an empty output with every column, and success.
+        Nothing is sent, no model is started and no checkpoint is made: there is nothing to resume."""
+        plan = self.plan
+        results = result_frame([])
+        with self._open_sink() as sink:
+            sink.write(
+                pl.DataFrame(schema=plan.table.schema), plan.structured.add_columns(results) if plan.structured else results
+            )
+            sink.commit()
+        where = f"\n  output: {describe(plan.output)}" if plan.output is not None else ""
+        message = (
+            f"pipeline: 0 rows in {self.clock.elapsed():.1f} s: the input {plan.table.label} has no rows, "
+            f"so nothing was sent{where}"
+        )
+        self.say(message)
+        return metrics.Ending(EXIT_OK, "empty_input", message)
+
+    @contextlib.contextmanager
+    def _open_sink(self) -> Any:
+        """The sink, aborted on every way out but a commit (abort is a no-op after one)."""
+        if self._sink is not None:
+            sink = self._sink
+        else:
+            assert self.plan.output is not None  # preflight refuses a run with neither
+            sink = open_sink(self.plan.output, self.cfg.result_prefix)
+        try:
+            yield sink
+        finally:
+            sink.abort()
+
+    @contextlib.contextmanager
+    def _open_checkpoint(self) -> Any:
+        checkpoint = Checkpoint(self.checkpoint_path)
+        checkpoint.open()
+        try:
+            yield checkpoint
+        finally:
+            checkpoint.close(discard_unused=True)
+
+    async def _send(self) -> metrics.Ending:
+        cfg, stats = self.cfg, self.stats
+        renderer, table = self.plan.renderer, self.plan.table
+        started = time.monotonic()
+        async with contextlib.AsyncExitStack() as stack:
+            checkpoint = stack.enter_context(self._open_checkpoint())
+            sink = stack.enter_context(self._open_sink())
+            done = checkpoint.load()
+            if done.height:
+                self.earlier_tokens = (int(done["prompt_tokens"].sum() or 0), int(done["completion_tokens"].sum() or 0))
+            if cfg.fresh:
+                done = done.clear()
+            elif done.height:
+                self.say(
+                    f"pipeline: resuming: the checkpoint {self.checkpoint_path} holds {done.height} answered requests; "
+                    "rows that match them are not sent again"
+                )
+            checkpoint.start_journal()
+            base_url = cfg.setting("base_url")
+            if base_url is None and done.height and not _anything_to_send(table, cfg, renderer, done):
+                self.say("pipeline: every row is already answered; the embedded model is not needed this time")
+                base_url = NOWHERE
+            if base_url is None:
+                self.say("pipeline: starting the embedded model server (SmolLM2-135M-Instruct on 127.0.0.1)")
+                base_url = (await stack.enter_async_context(LocalServer())).base_url
+            provider = make_provider(cfg.provider, base_url, renderer.spec, self.api_key, self.headers, self.secrets)
+            transport = AiohttpTransport(concurrency=int(cfg.setting("concurrency")), timeout=float(cfg.setting("timeout")))
+            stack.push_async_callback(transport.close)
+            progress = Progress(stats, enabled=cfg.progress, stream=self.stream, notebook=self.notebook)
+            engine = build_engine(
+                cfg,
+                self.plan,
+                provider=provider,
+                transport=transport,
+                base_url=base_url,
+                checkpoint=checkpoint,
+                sink=sink,
+                stats=stats,
+                notice=progress.notice,
+            )
+            progress.start()
+            sampling = asyncio.get_running_loop().create_task(metrics.sampler(stats, self.clock))  # 1 Hz
+            try:
+                await engine.run(source.batches(table, cfg.batch_size, cfg.limit), lambda f: prepare(f, renderer, done))
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                progress.close(interrupted=True)  # before the message, which would otherwise share the bar's line
+                raise
+            except BaseExceptionGroup as group:
+                progress.close()
+                user, fatal = group.subgroup(errors.UserError), group.subgroup(errors.FatalError)
+                if user is not None and stats.requests_sent == 0:
+                    raise user.exceptions[0] from None
+                if user is not None:  # found part-way, after requests went out: not a plain usage error
+                    message = (
+                        f"pipeline: stopped: {user.exceptions[0]}\n  {checkpoint.appended} answers from this run are kept in "
+                        f"{self.checkpoint_path}; fix the input and run the same command again to resume."
+                    )
+                    self.say(message)
+                    return metrics.Ending(EXIT_FAILED, "stopped", message)
+                if fatal is None:
+                    raise
+                return self._stopped(fatal.exceptions[0], checkpoint.appended, started)
+            finally:
+                sampling.cancel()
+                progress.close()
+            sink.commit()
+        wall = time.monotonic() - started
+        spend.note_run(stats, cfg, done)
+        output = describe(self.plan.output) if self.plan.output is not None else None
+        self.say(summary(stats, wall, output, str(self.checkpoint_path)))
+        if stats.ceiling_reached:  # before the error rate: the rows not sent are errors, for the reason said here
+            message = spend.stop_message(stats, cfg)
+            self.say(message)
+            return metrics.Ending(EXIT_FAILED, "spend_ceiling", message)
+        return self._verdict()
+
+    def _stopped(self, cause: BaseException, appended: int, started: float) -> metrics.Ending:
+        """A fatal answer stopped the run: what was kept and how to go on."""
+        kept = f"{appended} answers from this run are kept in {self.checkpoint_path}"
+        if isinstance(cause, errors.WaitTooLong):  # its message already says when to come back
+            then = f"  Nothing more was sent; the requests in flight came back. {kept}; rows answered are not sent again."
+        elif not appended:
+            then = "  Nothing was answered, so nothing was kept; fix the cause and run again."
+        else:
+            then = (
+                f"  Every further request would fail the same way, so nothing more was sent. {kept}; "
+                "fix the cause and run the same command again to resume."
+            )
+        message = f"pipeline: stopped: {str(cause).rstrip('.')}.\n{then}"
+        self.say(message)
+        if appended:  # what this run did get, for the log
+            self.say(summary(self.stats, time.monotonic() - started, None, str(self.checkpoint_path)))
+        return metrics.Ending(EXIT_FAILED, "spend_ceiling" if self.stats.ceiling_reached else "stopped", message)
+
+    def _verdict(self) -> metrics.Ending:
+        """Exit 0, or 1 when more rows failed than --max-error-rate allows."""
+        cfg, stats = self.cfg, self.stats
+        rate = stats.errors / stats.rows_done if stats.rows_done else 0.0
+        if rate <= cfg.max_error_rate:
+            return metrics.Ending(EXIT_OK, "completed")
+        not_sent = stats.error_kinds.get("not_sent", 0)
+        advice = ["The output has every row, with the reason in 'error'."]
+        if stats.errors > not_sent:
+            n = stats.errors - not_sent
+            advice.append(f"Run the same command again to retry the {plural(n, 'row')} whose requests failed.")
+        if not_sent:
+            advice.append(
+                f"{plural(not_sent, 'row was', 'rows were')} not sent because a prompt cell is null or empty: a re-run "
+                "cannot fix that; fill the cells in, give the placeholder a default ({notes:} or {notes:n/a}), pass "
+                "--null-as-empty, or allow such rows with --max-error-rate."
+            )
+        message = (
+            f"pipeline: {stats.errors:,} of {plural(stats.rows_done, 'row')} failed ({rate:.1%}), above --max-error-rate "
+            f"{cfg.max_error_rate:g}: exit 1. " + " ".join(advice)
+        )
+        self.say(message)
+        return metrics.Ending(EXIT_FAILED, "error_rate", message)
+
+
+def _result(data: dict[str, Any], cfg: RunConfig, checkpoint: Path, metrics_file: Path | None, report: Path | None) -> RunResult:
+    run, rows, requests, tokens, cost = data["run"], data["rows"], data["requests"], data["tokens"], data["cost"]
+    return RunResult(
+        outcome=run["outcome"],
+        exit_code=run["exit_code"],
+        reason=run["reason"],
+        rows=rows["total"],
+        ok=rows["ok"],
+        errors=rows["error"],
+        from_checkpoint=rows["from_checkpoint"],
+        not_sent=rows["not_sent"],
+        requests=requests["sent"],
+        retries=requests["retries"],
+        prompt_tokens=tokens["prompt"],
+        completion_tokens=tokens["completion"],
+        cost=cost["this_run"] if cost else None,
+        cost_all_runs=cost["all_runs"] if cost else None,
+        wall_s=run["wall_s"],
+        output=cfg.output,
+        checkpoint=str(checkpoint),
+        metrics_file=str(metrics_file) if metrics_file else None,
+        report_file=str(report) if report else None,
+        metrics=data,
+    )

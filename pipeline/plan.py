@@ -1,0 +1,91 @@
+"""What a job will send, established before anything is sent: shared by `run`, `estimate` and the API.
+
+Every check that can fail because of the user (settings, files, columns, the
+output's place) runs here and raises UserError, so a bad job stops before the
+first request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import errors, source
+from pipeline.config import RunConfig
+from pipeline.prompts import Renderer, RequestSpec, parse_template
+from pipeline.sink import STDOUT, check_output
+from pipeline.structured import Structured, load_schema
+
+NOWHERE = "http://127.0.0.1:9/v1"  # stands in for a server that no request will reach
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The checked job: how rows become requests, the table they come from, where results go."""
+
+    structured: Structured | None
+    renderer: Renderer
+    table: source.Table
+    output: Path | None  # None for a job that writes no file (estimate, the API's DataFrame out)
+
+
+def structured_for(cfg: RunConfig) -> Structured | None:
+    if cfg.schema_ is None:
+        return None
+    layout = cfg.schema_output
+    return Structured(
+        schema=load_schema(cfg.schema_), layout=layout, name=cfg.schema_column if layout == "struct" else cfg.schema_prefix
+    )
+
+
+def renderer_for(cfg: RunConfig, structured: Structured | None = None) -> Renderer:
+    model = cfg.setting("model")
+    if not model:
+        raise errors.ConfigError(
+            f"No model given. The {cfg.provider} provider needs one: set 'model' in the config or pass --model."
+        )
+    spec = RequestSpec(
+        model=model,
+        system=cfg.system,
+        max_tokens=cfg.max_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        params=dict(cfg.params),
+        conversation=cfg.messages_column is not None,
+        schema=structured.schema if structured else None,
+        json_mode=cfg.setting("json_mode"),
+    )
+    template = parse_template(cfg.prompt) if cfg.prompt is not None else None
+    return Renderer(
+        spec=spec,
+        template=template,
+        prompt_column=cfg.prompt_column,
+        id_column=cfg.id_column,
+        messages_column=cfg.messages_column,
+        param_columns=dict(cfg.param_columns),
+        null_as_empty=cfg.null_as_empty,
+        list_join=cfg.list_join,
+    )
+
+
+def preflight(cfg: RunConfig, *, writes: bool = True, table: source.Table | None = None) -> Plan:
+    """Every check of the settings, the input and (when the job `writes` a file) the output; raises UserError.
+
+    `table` is a table already in memory (the API's DataFrame); otherwise `cfg.input` is opened.
+    `pipeline estimate` and the API's DataFrame out write no file, so they need no output; `run` does."""
+    if writes and cfg.output is None:
+        raise errors.ConfigError(
+            "'output' is required: set it in the config or pass --output (a .parquet, .csv or .jsonl file, or - for stdout)."
+        )
+    if table is None and not cfg.input:
+        raise errors.ConfigError("'input' is required: set it in the config or pass --input.")
+    structured = structured_for(cfg)
+    renderer = renderer_for(cfg, structured)
+    if table is None:
+        table = source.open_table(cfg.input, encoding=cfg.encoding, separator=cfg.separator, headerless=renderer.needed_columns())
+    renderer.check(table.schema, table.label, hint=source.separator_hint(table))
+    output = Path(cfg.output) if cfg.output is not None else None
+    extracted = structured.output_columns() if structured else []
+    # With no file to write, only the column checks apply: they are the ones an output to stdout gets.
+    check_output(output or Path(STDOUT), table.files, list(table.schema.names()), extracted, cfg.result_prefix)
+    return Plan(structured=structured, renderer=renderer, table=table, output=output)
