@@ -130,3 +130,19 @@ def test_extraction_against_serve_local_from_flags_alone_falls_back_to_json_obje
     assert out["llm_status"].to_list() == ["ok", "ok"] and out["llm_attempts"].to_list() == [1, 1]
     assert out["status"].to_list() == ["new", "new"] and out["stars"].dtype == pl.Int64
     assert out["stars"].null_count() == 0
+
+
+def test_the_readme_api_example_runs_as_written(tmp_path: Path) -> None:
+    """The README's Python example is examples/quickstart.py word for word, and it runs (from a copy of
+    the repository's data and configs, so the test writes nothing into the repository)."""
+    script = (ROOT / "examples" / "quickstart.py").read_text()
+    readme = (ROOT / "README.md").read_text()
+    assert f"```python\n{script}```" in readme, "README's Python API example differs from examples/quickstart.py"
+    for folder in ("data", "configs"):
+        subprocess.run(["cp", "-r", str(ROOT / folder), str(tmp_path / folder)], check=True)
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("┆ ok ") == 3  # three answered rows in the printed table
+    assert "completed 3 ok, 0 errors" in done.stdout
+    out = pl.read_parquet(tmp_path / "out" / "quickstart.parquet")
+    assert out.height == 3 and set(out["status"]) == {"ok"}
