@@ -233,9 +233,9 @@ class Renderer:
         if self.messages_column is not None:
             col = pl.col(self.messages_column)
             if schema[self.messages_column] == pl.String:
-                return col
+                return _without_nulls(col)
             encoded = col.list.eval(pl.element().struct.json_encode()).list.join(",")
-            return pl.when(col.list.len() > 0).then(pl.concat_str([pl.lit("["), encoded, pl.lit("]")]))
+            return pl.when(col.list.len() > 0).then(_without_nulls(pl.concat_str([pl.lit("["), encoded, pl.lit("]")])))
         if self.template is None:
             assert self.prompt_column is not None
             return pl.col(self.prompt_column).cast(pl.String)
@@ -326,6 +326,19 @@ class Renderer:
             pl.Series(KEY, keys, dtype=pl.String),
             (pl.col(PROMPT).str.len_bytes() // 4 + system_tokens + 8 + (self.spec.max_tokens or 256)).alias(EST_TOKENS),
         )
+
+
+def _without_nulls(json_text: pl.Expr) -> pl.Expr:
+    """JSON text with every null-valued member removed, at any depth, vectorised (no per-row parse).
+
+    polars writes "name": null for every field a message lacks that another message of the column
+    has, and APIs refuse a null where a field is optional. The patterns match JSON structure only:
+    inside a string every quote is escaped, so a comma or brace followed (after spaces) by a bare
+    quote cannot occur there."""
+    member = r'"[^"\\]*"\s*:\s*null\b'
+    text = json_text.str.replace_all(r",\s*" + member, "")  # a later member: with the comma before it
+    text = text.str.replace_all(r"\{\s*" + member + r"\s*,\s*", "{")  # the first, with the comma after it
+    return text.str.replace_all(r"\{\s*" + member + r"\s*\}", "{}")  # the only one
 
 
 def _conversation_problem(text: str | None) -> str | None:

@@ -195,6 +195,18 @@ def _plan(content: str) -> list[tuple[str, float | None, int | None]] | str:
     return plan
 
 
+def _null_field(value: object, where: str) -> str | None:
+    """The path of the first null inside messages (messages[0].name), if any."""
+    if value is None:
+        return where
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, inner in items:
+        found = _null_field(inner, f"{where}.{key}" if isinstance(value, dict) else f"{where}[{key}]")
+        if found is not None:
+            return found
+    return None
+
+
 def _validate(body: object, dialect: Dialect, kind: Kind) -> str | None:
     if not isinstance(body, dict):
         return "We could not parse the JSON body of your request."
@@ -203,6 +215,9 @@ def _validate(body: object, dialect: Dialect, kind: Kind) -> str | None:
         return "Missing required parameter: 'messages'."
     if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
         return "Invalid 'messages': every message needs a 'role'."
+    if dialect != "modelslab" and (where := _null_field(messages, "messages")) is not None:
+        # As OpenAI answers a message with "name": null (an optional field filled in by a table reader).
+        return f"Invalid type for '{where}': expected a value, but got null instead."
     if not (body.get("model_id") if dialect == "modelslab" else None) and not body.get("model"):
         return "You must provide a model parameter."
     if body.get("stream"):
