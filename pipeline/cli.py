@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -262,6 +263,75 @@ def report(output: str, metrics: str | None, checkpoint_dir: str | None, report_
     except OSError as exc:
         raise UsageFailure(f"Cannot write the report {target}: {exc.strerror}. Choose another path with -o.") from None
     click.echo(f"Report written to {target}")
+
+
+@cli.group(
+    epilog="\b\nExamples:\n  pipeline run configs/summarise-reviews.yaml --cache ~/.cache/pipeline\n"
+    "  pipeline cache info ~/.cache/pipeline\n  pipeline cache prune ~/.cache/pipeline --older-than 30d --max-mb 500"
+)
+def cache() -> None:
+    """The answer cache that `run --cache DIR` shares across jobs and outputs: what it holds, and pruning it."""
+
+
+@cache.command(name="info")
+@click.argument("folder", type=click.Path(file_okay=False))
+def cache_info(folder: str) -> None:
+    """How many answers the cache in FOLDER holds, their size and age."""
+    import datetime
+
+    from pipeline.cache import FILE, AnswerCache
+
+    if not (Path(folder) / FILE).exists():
+        raise UsageFailure(f"{folder} holds no answer cache ({FILE}). Give the folder a run used with --cache.")
+    try:
+        with AnswerCache(folder) as store:
+            info = store.info()
+    except errors.UserError as exc:
+        raise UsageFailure(str(exc)) from None
+
+    def when(t: float | None) -> str:
+        return datetime.datetime.fromtimestamp(t).isoformat(sep=" ", timespec="seconds") if t else "-"
+
+    click.echo(
+        f"{folder}: {info.entries:,} answers, {info.bytes / 1e6:.1f} MB of answers ({info.file_bytes / 1e6:.1f} MB on disk); "
+        f"oldest {when(info.oldest)}, newest {when(info.newest)}"
+    )
+
+
+@cache.command(name="prune")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--older-than", metavar="DURATION", default=None, help="Drop answers not used for this long: 30d, 12h, 90m.")
+@click.option("--max-mb", type=click.FloatRange(min=0), default=None, help="Then drop the least recently used down to this size.")
+def cache_prune(folder: str, older_than: str | None, max_mb: float | None) -> None:
+    """Drop answers from the cache in FOLDER and give their space back (safe while jobs use it)."""
+    from pipeline.cache import FILE, AnswerCache
+
+    if older_than is None and max_mb is None:
+        raise UsageFailure("Say what to drop: --older-than 30d, --max-mb 500, or both.")
+    if not (Path(folder) / FILE).exists():
+        raise UsageFailure(f"{folder} holds no answer cache ({FILE}). Give the folder a run used with --cache.")
+    seconds = None
+    if older_than is not None:
+        seconds = _age(older_than)
+    try:
+        with AnswerCache(folder) as store:
+            dropped = store.prune(max_mb=max_mb, older_than=seconds)
+            store.compact()
+            left = store.info()
+    except errors.UserError as exc:
+        raise UsageFailure(str(exc)) from None
+    click.echo(f"Dropped {dropped:,} answers; {left.entries:,} remain ({left.file_bytes / 1e6:.1f} MB on disk).")
+
+
+def _age(text: str) -> float:
+    """30d, 12h, 90m, 45s or plain seconds."""
+    units = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        value = float(number)
+    except ValueError:
+        raise UsageFailure(f"--older-than takes a duration such as 30d, 12h or 90m, not {text!r}.") from None
+    return value * units[unit]
 
 
 def _config(config: str | None, flags: dict[str, Any]) -> RunConfig:

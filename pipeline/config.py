@@ -189,6 +189,17 @@ class RunConfig(BaseModel):
     batch_size: int = Field(default=5000, ge=1, description="Rows read and written per batch. Default: 5000.")
     progress: bool = opt(True, "No progress bar (nor, without a terminal, the status line each minute).", flag="--no-progress")
     fresh: bool = opt(False, "Ignore the checkpoint: send every row again.")
+    # Answers shared across outputs, jobs and calls; off unless asked for (sampling users may want fresh ones).
+    cache_dir: str | None = opt(
+        None,
+        "Answer cache folder shared by jobs and outputs: a request answered before (same server, same request) "
+        "is not sent again. Default: none.",
+        flag="--cache",
+        metavar="DIR",
+    )
+    cache_max_mb: float = Field(
+        default=1024, gt=0, description="Most answers the cache keeps, in MB; the least recently used go first. Default: 1024."
+    )
 
     @field_validator("input", mode="before")
     @classmethod

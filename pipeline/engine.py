@@ -22,6 +22,7 @@ import orjson
 import polars as pl
 
 from pipeline import errors
+from pipeline.cache import AnswerCache
 from pipeline.checkpoint import RESULT_COLUMNS, Checkpoint, lookup
 from pipeline.control import Ticket
 from pipeline.governor import Governor
@@ -75,24 +76,35 @@ class Prepared:
     skip: list[str | None]
     keys: list[str | None]
     tokens: list[int]
-    cached: dict[int, Result]  # row -> result already in the checkpoint
+    cached: dict[int, Result]  # row -> result already in the checkpoint (or the answer cache)
+    from_cache: frozenset[int] = frozenset()  # the rows of `cached` that the answer cache gave
 
 
-def prepare(frame: pl.DataFrame, renderer: Renderer, done: pl.DataFrame) -> Prepared:
+def prepare(frame: pl.DataFrame, renderer: Renderer, done: pl.DataFrame, cache: AnswerCache | None = None) -> Prepared:
+    """Render a batch and look its keys up: in the checkpoint, then in the answer cache, if any."""
     rendered = renderer.render(frame)
     keys = rendered.get_column(KEY)
     cached: dict[int, Result] = {}
     if done.height:
         hit, rows = lookup(done, keys)
         cached = dict(zip(hit.arg_true().to_list(), rows.rows(), strict=True))
+    key_list, skip = keys.to_list(), rendered.get_column(SKIP_REASON).to_list()
+    from_cache: frozenset[int] = frozenset()
+    if cache is not None:
+        wanted = {row: k for row, k in enumerate(key_list) if k is not None and skip[row] is None and row not in cached}
+        stored = cache.get_many(list(wanted.values())) if wanted else {}
+        answered = {row: stored[k] for row, k in wanted.items() if k in stored}
+        cached.update(answered)
+        from_cache = frozenset(answered)
     return Prepared(
         frame=frame,
         prompts=rendered.get_column(PROMPT).to_list(),
         extra=rendered.get_column(EXTRA).to_list(),
-        skip=rendered.get_column(SKIP_REASON).to_list(),
-        keys=keys.to_list(),
+        skip=skip,
+        keys=key_list,
         tokens=rendered.get_column(EST_TOKENS).to_list(),
         cached=cached,
+        from_cache=from_cache,
     )
 
 
@@ -115,6 +127,7 @@ class Engine:
         system_prompt: str | None = None,
         structured: Structured | None = None,
         window_rows: int | None = None,
+        cache: AnswerCache | None = None,
     ) -> None:
         self._provider = provider
         self._transport = transport
@@ -122,6 +135,7 @@ class Engine:
         self._policy = policy
         self._concurrency = concurrency
         self._checkpoint = checkpoint
+        self._cache = cache
         self._sink = sink
         self._stats = stats
         self._system = system_prompt or ""
@@ -190,7 +204,11 @@ class Engine:
                 if reason is not None or key is None:
                     self._finish_row(batch, row, error_result(reason or "not sent: empty prompt", 0, None))
                 elif (hit := p.cached.get(row)) is not None:
-                    self._stats.from_checkpoint += 1
+                    if row in p.from_cache:  # kept in this output's checkpoint too: its resume needs no cache
+                        self._stats.from_cache += 1
+                        self._checkpoint.append(hit)
+                    else:
+                        self._stats.from_checkpoint += 1
                     self._finish_row(batch, row, hit)
                 elif (answer := self._answered.get(key)) is not None:
                     self._stats.shared += 1
@@ -220,6 +238,8 @@ class Engine:
         results = result_frame(batch.results)  # type: ignore[arg-type]  # all settled
         # Apart from the input's columns: an input may have its own 'status' (written with --result-prefix).
         self._sink.write(batch.frame, self._structured.add_columns(results) if self._structured else results)
+        if self._cache is not None:
+            self._cache.flush()  # once a batch, in this worker thread: one transaction, off the event loop
 
     async def _worker(self) -> None:
         while (work := await self._queue.get()) is not None:
@@ -404,6 +424,8 @@ class Engine:
         self._stats.rows_sent += 1
         self._checkpoint.append(result)
         if result[STATUS] == "ok":
+            if self._cache is not None:
+                self._cache.put(work.key, result)
             self._answered[work.key] = result
             if len(self._answered) > ANSWER_MEMORY:
                 self._answered.popitem(last=False)

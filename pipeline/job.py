@@ -26,6 +26,7 @@ from typing import Any, TextIO
 import polars as pl
 
 from pipeline import errors, metrics, source, spend
+from pipeline.cache import AnswerCache, scope_for
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import RunConfig
 from pipeline.engine import Engine, prepare
@@ -61,6 +62,7 @@ class RunResult:
     ok: int
     errors: int
     from_checkpoint: int
+    from_cache: int
     not_sent: int
     requests: int
     retries: int
@@ -81,10 +83,12 @@ class RunResult:
         return self.exit_code == EXIT_OK
 
 
-def _anything_to_send(table: source.Table, cfg: RunConfig, renderer: Renderer, done: pl.DataFrame) -> bool:
+def _anything_to_send(
+    table: source.Table, cfg: RunConfig, renderer: Renderer, done: pl.DataFrame, cache: AnswerCache | None
+) -> bool:
     """Whether any row still needs a request (a quick pass, used before starting the local model)."""
     for frame in source.batches(table, cfg.batch_size, cfg.limit):
-        p = prepare(frame, renderer, done)
+        p = prepare(frame, renderer, done, cache)
         if any(
             key is not None and skip is None and row not in p.cached
             for row, (key, skip) in enumerate(zip(p.keys, p.skip, strict=True))
@@ -104,6 +108,7 @@ def build_engine(
     sink: Sink,
     stats: RunStats,
     notice: Callable[[str], None] = lambda message: None,
+    cache: AnswerCache | None = None,
 ) -> Engine:
     """The engine and its governor for one run, from the validated settings."""
     concurrency = int(cfg.setting("concurrency"))
@@ -130,6 +135,7 @@ def build_engine(
         stats=stats,
         system_prompt=cfg.system,
         structured=plan.structured,
+        cache=cache,
     )
 
 
@@ -156,6 +162,8 @@ def prepare_job(
     headers, secrets = cfg.request_headers()  # before anything starts: a variable unset is exit 2
     if cfg.provider == "local" and cfg.setting("base_url") is None:
         check_installed()
+    if cfg.cache_dir is not None:
+        AnswerCache(cfg.cache_dir).open().close()  # a folder that cannot hold it is exit 2, before anything is sent
     stats = RunStats(total_rows=source.count_rows(plan.table, cfg.limit))
     err = stream or sys.stderr
 
@@ -236,7 +244,12 @@ class Job:
     def _finish(self, ending: metrics.Ending) -> RunResult:
         path, report = self._metrics_path(), self._report_path(ending)
         data = metrics.build(
-            self.cfg, self.stats, ending, self.clock, earlier_tokens=self.earlier_tokens, paths=(self.checkpoint_path, path, report)
+            self.cfg,
+            self.stats,
+            ending,
+            self.clock,
+            earlier_tokens=self.earlier_tokens,
+            paths=(self.checkpoint_path, path, report),
         )
         if path is not None:
             try:
@@ -333,7 +346,11 @@ class Job:
                 )
             checkpoint.start_journal()
             base_url = cfg.setting("base_url")
-            if base_url is None and done.height and not _anything_to_send(table, cfg, renderer, done):
+            cache = None
+            if cfg.cache_dir is not None:
+                scope = scope_for(cfg.provider, base_url)
+                cache = stack.enter_context(AnswerCache(cfg.cache_dir, scope, max_mb=cfg.cache_max_mb).open())
+            if base_url is None and (done.height or cache) and not _anything_to_send(table, cfg, renderer, done, cache):
                 self.say("pipeline: every row is already answered; the embedded model is not needed this time")
                 base_url = NOWHERE
             if base_url is None:
@@ -353,11 +370,12 @@ class Job:
                 sink=sink,
                 stats=stats,
                 notice=progress.notice,
+                cache=cache,
             )
             progress.start()
             sampling = asyncio.get_running_loop().create_task(metrics.sampler(stats, self.clock))  # 1 Hz
             try:
-                await engine.run(source.batches(table, cfg.batch_size, cfg.limit), lambda f: prepare(f, renderer, done))
+                await engine.run(source.batches(table, cfg.batch_size, cfg.limit), lambda f: prepare(f, renderer, done, cache))
             except (asyncio.CancelledError, KeyboardInterrupt):
                 progress.close(interrupted=True)  # before the message, which would otherwise share the bar's line
                 raise
@@ -443,6 +461,7 @@ def _result(data: dict[str, Any], cfg: RunConfig, checkpoint: Path, metrics_file
         ok=rows["ok"],
         errors=rows["error"],
         from_checkpoint=rows["from_checkpoint"],
+        from_cache=rows["from_cache"],
         not_sent=rows["not_sent"],
         requests=requests["sent"],
         retries=requests["retries"],

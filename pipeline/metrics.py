@@ -161,7 +161,7 @@ def build(
     if not stats.timeline or stats.timeline[-1]["t"] < wall:
         stats.sample(wall)  # the last state, so the timeline ends where the run did
     not_sent_kinds = stats.error_kinds.get("not_sent", 0) + stats.error_kinds.get("spend_ceiling", 0)
-    worked = stats.rows_done - stats.from_checkpoint  # rows answered from the checkpoint take no time
+    worked = stats.rows_done - stats.from_checkpoint - stats.from_cache  # rows answered without a request take no time
     return {
         "schema": SCHEMA,
         "run": {
@@ -178,6 +178,7 @@ def build(
             "ok": stats.ok,
             "error": stats.errors,
             "from_checkpoint": stats.from_checkpoint,
+            "from_cache": stats.from_cache,
             # Rows no request was made for: cells that cannot be sent, a ceiling, and those a stop left unread.
             "not_sent": not_sent_kinds + max(0, stats.total_rows - stats.rows_done),
             "shared": stats.shared,

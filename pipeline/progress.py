@@ -75,7 +75,7 @@ class Progress:
         """Rows a second this run's requests finish, and the time left at that pace ("" when unknown)."""
         s = self._stats
         elapsed = time.monotonic() - self._started
-        worked = s.rows_done - s.from_checkpoint  # checkpoint rows take no time; counting them flatters the pace
+        worked = s.rows_done - s.from_checkpoint - s.from_cache  # rows not sent take no time: they would flatter the pace
         rate = worked / elapsed if elapsed > 0 else 0.0
         left = s.total_rows - s.rows_done
         return rate, (duration(left / rate) + " left" if rate > 0 and left > 0 else "")
@@ -178,7 +178,9 @@ def duration(seconds: float) -> str:
 def summary(stats: RunStats, wall: float, output: str | None, checkpoint: str) -> str:
     s = stats
     sent = s.rows_sent
-    resumed = f" ({s.from_checkpoint:,} ok from the checkpoint, not sent again)" if s.from_checkpoint else ""
+    reused = [f"{s.from_checkpoint:,} ok from the checkpoint" if s.from_checkpoint else "",
+              f"{s.from_cache:,} from the answer cache" if s.from_cache else ""]  # fmt: skip
+    resumed = f" ({', '.join(r for r in reused if r)}, not sent again)" if any(reused) else ""
     lines = [
         f"pipeline: {plural(s.rows_done, 'row')} in {wall:.1f} s: {s.ok:,} ok, {plural(s.errors, 'error')}{resumed}",
         f"  requests: {s.requests_sent:,} sent for {plural(sent, 'row')} ({plural(s.retries, 'retry', 'retries')}), "

@@ -17,6 +17,7 @@ class RunStats:
     ok: int = 0
     errors: int = 0
     from_checkpoint: int = 0
+    from_cache: int = 0  # answered by the shared answer cache (--cache), not sent
     shared: int = 0  # rows answered by an identical request of this run
     rows_sent: int = 0  # distinct requests that got a final answer or gave up this run
     requests_sent: int = 0  # attempts, retries included
