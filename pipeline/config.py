@@ -285,6 +285,11 @@ class RunConfig(BaseModel):
             # same command run again from the same place resumes. A glob's wildcards make no name.
             stem = re.sub(r"[*?\[\]]+", "_", Path(self.input[0]).stem).strip("_") or "input"
             return Path(f"{stem}.stdout.checkpoint")
+        if self.output.startswith("s3://"):  # object storage has no appends: a local folder, named in the summary
+            from pipeline.storage import Url, local_home
+
+            url = Url.parse(self.output)
+            return local_home(url) / (url.stem + ".checkpoint")
         out = Path(self.output)
         return out.with_name(out.stem + ".checkpoint")
 

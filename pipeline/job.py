@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 import polars as pl
 
-from pipeline import errors, metrics, source, spend
+from pipeline import errors, metrics, source, spend, storage
 from pipeline.cache import AnswerCache, scope_for
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import RunConfig
@@ -267,12 +267,17 @@ class Job:
         output to read, nor before any answer."""
         if not (self.files and self.cfg.output not in (None, "-")) or ending.outcome in ("interrupted", "crashed"):
             return None
-        path = metrics.report_path(self.cfg)
-        if path is None or self.plan.output is None:
+        path, output = metrics.report_path(self.cfg), self._local_output()
+        if path is None or output is None:
             return None
-        if not self.plan.output.exists() and not self.checkpoint_path.exists():
+        if not output.exists() and not self.checkpoint_path.exists():
             return None
         return path
+
+    def _local_output(self) -> Path | None:
+        """The output as a local file: itself, or an object output's local copy."""
+        output = self.plan.output
+        return storage.local_copy(output) if isinstance(output, storage.Url) else output
 
     def _report(self, ending: metrics.Ending) -> None:
         """Draw the HTML report beside the output (after the metrics file, which it reads). A report that
@@ -282,9 +287,8 @@ class Job:
             return
         from pipeline.report import report_after_run  # altair and vl-convert: only once the run is over
 
-        assert self.plan.output is not None
         metrics_file = metrics.default_path(self.cfg)
-        failed = report_after_run(str(self.plan.output), str(metrics_file), str(self.checkpoint_path), str(path))
+        failed = report_after_run(str(self._local_output()), str(metrics_file), str(self.checkpoint_path), str(path))
         self.say(f"pipeline: {failed}" if failed else f"  report: {path}")
 
     def _empty_run(self) -> metrics.Ending:
@@ -397,7 +401,15 @@ class Job:
             finally:
                 sampling.cancel()
                 progress.close()
-            sink.commit()
+            try:
+                sink.commit()
+            except OSError as exc:  # a full disk, an upload refused: every answer is in the checkpoint
+                message = (
+                    f"pipeline: stopped: the output could not be written: {exc}\n  Every answer is kept in "
+                    f"{self.checkpoint_path}; fix the cause and run the same command again: nothing is sent again."
+                )
+                self.say(message)
+                return metrics.Ending(EXIT_FAILED, "stopped", message)
         wall = time.monotonic() - started
         spend.note_run(stats, cfg, done)
         output = describe(self.plan.output) if self.plan.output is not None else None

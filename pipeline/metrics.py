@@ -63,10 +63,11 @@ class Clock:
 
 
 def default_path(cfg: RunConfig) -> Path:
-    """`--metrics`, else beside the output (out/x.parquet: out/x.metrics.json); for stdout, beside the checkpoint."""
+    """`--metrics`, else beside the output (out/x.parquet: out/x.metrics.json); for stdout or object storage,
+    beside the (local) checkpoint."""
     if cfg.metrics:
         return Path(cfg.metrics)
-    if cfg.output is not None and cfg.output != "-":
+    if cfg.output is not None and cfg.output != "-" and not cfg.output.startswith("s3://"):
         out = Path(cfg.output)
         return out.with_name(out.stem + ".metrics.json")
     folder = cfg.checkpoint_path

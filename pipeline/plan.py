@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import errors, source
+from pipeline import errors, source, storage
 from pipeline.config import RunConfig
 from pipeline.prompts import Renderer, RequestSpec, parse_template
 from pipeline.sink import STDOUT, check_output
@@ -26,7 +26,7 @@ class Plan:
     structured: Structured | None
     renderer: Renderer
     table: source.Table
-    output: Path | None  # None for a job that writes no file (estimate, the API's DataFrame out)
+    output: Path | storage.Url | None  # None for a job that writes no file (estimate, the API's DataFrame out)
 
 
 def structured_for(cfg: RunConfig) -> Structured | None:
@@ -84,7 +84,7 @@ def preflight(cfg: RunConfig, *, writes: bool = True, table: source.Table | None
     if table is None:
         table = source.open_table(cfg.input, encoding=cfg.encoding, separator=cfg.separator, headerless=renderer.needed_columns())
     renderer.check(table.schema, table.label, hint=source.separator_hint(table))
-    output = Path(cfg.output) if cfg.output is not None else None
+    output = storage.location(cfg.output) if cfg.output is not None else None
     extracted = structured.output_columns() if structured else []
     # With no file to write, only the column checks apply: they are the ones an output to stdout gets.
     check_output(output or Path(STDOUT), table.files, list(table.schema.names()), extracted, cfg.result_prefix)

@@ -20,6 +20,7 @@ from typing import BinaryIO
 import polars as pl
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.checkpoint import RESULT_COLUMNS, RESULT_SCHEMA
 from pipeline.errors import FatalError, InputError
 
@@ -27,12 +28,14 @@ STDOUT = "-"
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 
-def is_stdout(path: Path | str) -> bool:
+def is_stdout(path: Path | str | storage.Url) -> bool:
     return str(path) == STDOUT
 
 
-def describe(path: Path) -> str:
+def describe(path: Path | storage.Url) -> str:
     """The output as the summary names it."""
+    if isinstance(path, storage.Url):
+        return f"{path} (a local copy in {storage.local_copy(path)})"
     return "stdout (JSON Lines)" if is_stdout(path) else str(path)
 
 
@@ -42,8 +45,8 @@ def result_names(prefix: str) -> list[str]:
 
 
 def check_output(
-    path: Path,
-    inputs: Sequence[Path],
+    path: Path | storage.Url,
+    inputs: Sequence[Path | storage.Url],
     input_columns: list[str],
     extracted: Sequence[str] = (),
     result_prefix: str = "",
@@ -74,7 +77,14 @@ def check_output(
         )
     if is_stdout(path):
         return
-    if any(path.resolve() == f.resolve() for f in inputs):
+    if isinstance(path, storage.Url):
+        if any(str(path) == str(f) for f in inputs):
+            raise InputError(f"Output {path} is also an input: the run would overwrite its own input. Choose another --output.")
+        if path.suffix.lower() not in FORMATS:
+            raise InputError(f"Output {path} has no output format's extension: end it in .parquet, .csv or .jsonl.")
+        storage.check_writable(path)  # the bucket is there and we may write to it, before anything is sent
+        return
+    if any(not isinstance(f, storage.Url) and path.resolve() == f.resolve() for f in inputs):
         raise InputError(f"Output {path} is also an input: the run would overwrite its own input. Choose another --output.")
     if path.suffix.lower() not in FORMATS:
         raise InputError(
@@ -89,7 +99,7 @@ def check_output(
         raise InputError(f"Cannot write the output {path}: {existing} is not a folder we may write to. Choose another --output.")
 
 
-def open_sink(path: Path, result_prefix: str = "") -> Sink:
+def open_sink(path: Path | storage.Url, result_prefix: str = "") -> Sink:
     """The sink for an output checked by `check_output`."""
     if is_stdout(path):
         return StdoutSink(result_prefix)
@@ -125,10 +135,13 @@ class Sink:
 
 
 class _FileSink(Sink):
-    """A file written under a temporary name and renamed into place by `commit`."""
+    """A file written under a temporary name and renamed into place by `commit`; for an object
+    output, the file is its local copy, uploaded by `commit` once it is whole."""
 
-    def __init__(self, path: Path, result_prefix: str = "") -> None:
+    def __init__(self, path: Path | storage.Url, result_prefix: str = "") -> None:
         super().__init__(result_prefix)
+        self.remote = path if isinstance(path, storage.Url) else None
+        path = storage.local_copy(path) if isinstance(path, storage.Url) else path
         self.path = path
         # A run killed mid-write leaves its temporary file; the checkpoint lock
         # means no other run is writing this output, so old ones can go.
@@ -150,6 +163,8 @@ class _FileSink(Sink):
         finally:
             os.close(fd)
         os.replace(self._tmp, self.path)
+        if self.remote is not None:
+            storage.upload(self.path, self.remote)
 
     def abort(self) -> None:
         self._close()
@@ -164,7 +179,7 @@ ROW_GROUP = 25_000
 
 
 class ParquetSink(_FileSink):
-    def __init__(self, path: Path, result_prefix: str = "") -> None:
+    def __init__(self, path: Path | storage.Url, result_prefix: str = "") -> None:
         super().__init__(path, result_prefix)
         self._writer: pq.ParquetWriter | None = None
         self._pending: list[pl.DataFrame] = []
@@ -207,7 +222,7 @@ class ParquetSink(_FileSink):
 class _StreamSink(_FileSink):
     """A text format appended batch by batch: nothing is held back."""
 
-    def __init__(self, path: Path, result_prefix: str = "") -> None:
+    def __init__(self, path: Path | storage.Url, result_prefix: str = "") -> None:
         super().__init__(path, result_prefix)
         self._file: BinaryIO | None = None
         self._first = True

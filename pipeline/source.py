@@ -19,6 +19,7 @@ from pathlib import Path
 
 import polars as pl
 
+from pipeline import storage
 from pipeline.errors import ConfigError, InputError
 
 FORMATS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -33,7 +34,7 @@ CANDIDATES = {";": "';'", "\t": "tab", "|": "'|'", ",": "','"}
 class Part:
     """One input file that has rows: where polars reads it from and how."""
 
-    path: Path  # as the user named it
+    path: Path | storage.Url  # as the user named it
     read: Path  # the file polars scans: `path`, or its UTF-8 copy
     separator: str  # CSV only
 
@@ -42,7 +43,7 @@ class Part:
 class Table:
     """The user's input: one or more files of one format, read as one table."""
 
-    files: tuple[Path, ...]
+    files: tuple[Path | storage.Url, ...]
     fmt: str
     schema: pl.Schema
     parts: tuple[Part, ...] = ()  # the files with rows; empty files are left out
@@ -63,10 +64,13 @@ class Table:
             self.scratch.cleanup()
 
 
-def resolve_files(patterns: tuple[str, ...]) -> tuple[Path, ...]:
+def resolve_files(patterns: tuple[str, ...]) -> tuple[Path | storage.Url, ...]:
     """Expand globs, keep the user's order, refuse what is not there."""
-    files: list[Path] = []
+    files: list[Path | storage.Url] = []
     for pattern in patterns:
+        if storage.is_remote(pattern):
+            files.extend(storage.resolve(pattern))
+            continue
         if glob.has_magic(pattern):
             matched = sorted(glob.glob(pattern, recursive=True))
             if not matched:
@@ -84,7 +88,7 @@ def resolve_files(patterns: tuple[str, ...]) -> tuple[Path, ...]:
     return tuple(dict.fromkeys(files))  # a file named twice is read once
 
 
-def _format_of(path: Path) -> str:
+def _format_of(path: Path | storage.Url) -> str:
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise InputError(
@@ -133,8 +137,10 @@ def _scan(path: Path, fmt: str, separator: str = ",") -> pl.LazyFrame:
     return pl.scan_ndjson(path, infer_schema_length=None)
 
 
-def _transcode(src: Path, codec: str, dest: Path) -> None:
-    """Copy `src` to `dest` as UTF-8, a chunk at a time (a bounded amount of memory whatever the size)."""
+def _transcode(src: Path, codec: str, dest: Path, name: Path | storage.Url | None = None) -> None:
+    """Copy `src` to `dest` as UTF-8, a chunk at a time (a bounded amount of memory whatever the size).
+    `name` is the input as the user named it, for messages (`src` may be a local copy of an object)."""
+    name = name or src
     decoder = codecs.getincrementaldecoder(codec)(errors="strict")
     offset = 0
     try:
@@ -145,7 +151,7 @@ def _transcode(src: Path, codec: str, dest: Path) -> None:
                 except UnicodeDecodeError as exc:
                     at = offset + exc.start - (len(exc.object) - len(chunk))  # the decoder prepends bytes it held back
                     raise InputError(
-                        f"Input file {src} is not valid {codec} text: the byte 0x{exc.object[exc.start]:02X} at offset "
+                        f"Input file {name} is not valid {codec} text: the byte 0x{exc.object[exc.start]:02X} at offset "
                         f"{at:,} has no meaning in that encoding. Check the file's encoding and give it with --encoding "
                         "(latin-1 accepts any byte; files from Excel on Windows are usually cp1252)."
                     ) from None
@@ -153,11 +159,11 @@ def _transcode(src: Path, codec: str, dest: Path) -> None:
             fout.write(decoder.decode(b"", final=True))
     except UnicodeDecodeError:
         raise InputError(
-            f"Input file {src} ends in the middle of a {codec} character. Check the file's encoding (--encoding)."
+            f"Input file {name} ends in the middle of a {codec} character. Check the file's encoding (--encoding)."
         ) from None
     except OSError as exc:
         raise InputError(
-            f"Input file {src} could not be converted from {codec} to UTF-8 in {dest.parent}: {exc.strerror or exc}. "
+            f"Input file {name} could not be converted from {codec} to UTF-8 in {dest.parent}: {exc.strerror or exc}. "
             "Free some space there or point TMPDIR at a folder with room."
         ) from None
 
@@ -192,13 +198,18 @@ def open_table(
     scratch = None
     parts: list[Part] = []
     schema: pl.Schema | None = None  # of the first file with rows: its types are the table's
-    header: tuple[Path, pl.Schema] | None = None  # the first file with columns: the others must match it
+    header: tuple[Path | storage.Url, pl.Schema] | None = None  # the first file with columns: the others must match it
     for i, f in enumerate(files):
-        read = f
+        read = f if isinstance(f, Path) else Path()
+        if isinstance(f, storage.Url):  # a local copy, read from here on as any local file is
+            scratch = scratch or tempfile.TemporaryDirectory(prefix="pipeline-input-", ignore_cleanup_errors=True)
+            read = Path(scratch.name) / f"{i}-object-{f.name}"
+            storage.download(f, read)
         if fmt != "parquet" and codec not in NATIVE:
             scratch = scratch or tempfile.TemporaryDirectory(prefix="pipeline-input-", ignore_cleanup_errors=True)
-            read = Path(scratch.name) / f"{i}-{f.name}"
-            _transcode(f, codec, read)
+            utf8 = Path(scratch.name) / f"{i}-{f.name}"
+            _transcode(read, codec, utf8, name=f)
+            read = utf8
         file_sep = sep or ("\t" if f.suffix.lower() == ".tsv" else ",")
         this: pl.Schema | None = None
         try:
@@ -207,7 +218,8 @@ def open_table(
             this = _scan(read, fmt, file_sep).collect_schema()
             has_rows = _scan(read, fmt, file_sep).head(1).collect().height > 0
         except (pl.exceptions.PolarsError, OSError) as exc:
-            hint = _explain(exc, [f] if codec in NATIVE else [], this, file_sep if fmt == "csv" else None)
+            native = [f] if codec in NATIVE and isinstance(f, Path) else []
+            hint = _explain(exc, native, this, file_sep if fmt == "csv" else None)
             raise InputError(
                 f"Input file {f} could not be read as {fmt}: {_short(exc)}.{hint or f' Check that the file is a valid {fmt} file.'}"
             ) from None

@@ -1,0 +1,259 @@
+"""Object storage: `s3://bucket/key` inputs (globs too) and outputs, through pyarrow's S3 filesystem.
+
+Credentials and the endpoint come from the usual environment: AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN (or AWS_PROFILE and ~/.aws), AWS_REGION
+or AWS_DEFAULT_REGION, and AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) for an
+S3-compatible server; an http:// endpoint is spoken as plain HTTP with no other
+setting. Nothing here prints or keeps a secret: errors name the variables, never
+their values.
+
+Inputs are copied to a local temporary folder before the run, a chunk at a
+time (memory stays flat; the disk needs the inputs' size), so every later step
+(checks, row counts, batches) reads them as local files. Outputs are written
+locally as always, then uploaded on commit to a temporary key beside the final
+one and moved into place by a server-side copy: a reader never sees a partial
+object, and a run that fails leaves nothing under the final key (pyarrow keeps
+an empty folder marker, `folder/`, where it deletes the temporary key). The checkpoint
+needs appends, which object storage does not do: it stays on a local folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+
+from pipeline.errors import ConfigError, InputError, UserError
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
+
+SCHEME = "s3://"
+COPY_CHUNK = 8 << 20  # bytes per read when copying an object: memory stays flat at any size
+CREDENTIAL_HINT = (
+    "Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary credentials), "
+    "or AWS_PROFILE for a profile in ~/.aws"
+)
+
+
+def is_remote(path: str | Path | Url) -> bool:
+    return isinstance(path, Url) or str(path).startswith(SCHEME)
+
+
+@dataclass(frozen=True, order=True)
+class Url:
+    """An object's address, with the few Path attributes the input and output code reads."""
+
+    bucket: str
+    key: str
+
+    @classmethod
+    def parse(cls, text: str) -> Url:
+        rest = text.removeprefix(SCHEME)
+        bucket, _, key = rest.partition("/")
+        if not bucket or not key or key.endswith("/"):
+            raise InputError(f"{text} is not an object's address: give s3://bucket/path/file.parquet (or a glob under it).")
+        return cls(bucket, key)
+
+    def __str__(self) -> str:
+        return f"{SCHEME}{self.bucket}/{self.key}"
+
+    @property
+    def name(self) -> str:
+        return PurePosixPath(self.key).name
+
+    @property
+    def suffix(self) -> str:
+        return PurePosixPath(self.key).suffix
+
+    @property
+    def stem(self) -> str:
+        return PurePosixPath(self.key).stem
+
+    @property
+    def fs_path(self) -> str:
+        """As pyarrow's filesystem names it: bucket/key."""
+        return f"{self.bucket}/{self.key}"
+
+    def with_name(self, name: str) -> Url:
+        return Url(self.bucket, str(PurePosixPath(self.key).with_name(name)))
+
+    def resolve(self) -> Url:  # compared with other inputs and outputs as Paths are
+        return self
+
+
+def filesystem() -> pafs.S3FileSystem:
+    """pyarrow's S3 filesystem configured from the environment; ConfigError when there are no credentials.
+
+    Without credentials in the environment or a profile, the AWS SDK would ask the cloud's instance
+    metadata service at a link-local address; we refuse instead, so a laptop gets a clear message and
+    never sends traffic there. (On a cloud machine with a role, export its credentials, or set
+    AWS_EC2_METADATA_DISABLED=false to let the SDK ask for them.)"""
+    import pyarrow.fs as pafs
+
+    env = os.environ
+    key, secret = env.get("AWS_ACCESS_KEY_ID", "").strip(), env.get("AWS_SECRET_ACCESS_KEY", "").strip()
+    profile = env.get("AWS_PROFILE") or env.get("AWS_DEFAULT_PROFILE")
+    shared = Path(env.get("AWS_SHARED_CREDENTIALS_FILE", Path.home() / ".aws" / "credentials"))
+    other = any(env.get(v) for v in ("AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                                     "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"))  # fmt: skip
+    instance_role = env.get("AWS_EC2_METADATA_DISABLED", "").lower() == "false"
+    if not (key and secret) and not profile and not shared.exists() and not other and not instance_role:
+        raise ConfigError(f"No credentials for object storage. {CREDENTIAL_HINT}, then run again.")
+    options: dict[str, object] = {
+        "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+        "connect_timeout": 10,
+        "request_timeout": 60,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=4),
+    }
+    if key and secret:
+        options.update(access_key=key, secret_key=secret, session_token=env.get("AWS_SESSION_TOKEN") or None)
+    endpoint = (env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or "").strip()
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        if not host:
+            scheme, host = "https", endpoint
+        options.update(endpoint_override=host.rstrip("/"), scheme=scheme)
+        options["force_virtual_addressing"] = False  # an S3-compatible server: bucket in the path
+    if not instance_role:
+        os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # never ask the metadata address for a region
+    return pafs.S3FileSystem(**options)
+
+
+def explain(exc: BaseException, url: Url | str, doing: str) -> UserError:
+    """A storage failure as one paragraph that names the URL and the fix (never a credential)."""
+    text = str(exc)
+    low = text.lower()
+    if "nosuchbucket" in low or "bucket does not exist" in low or "the specified bucket does not exist" in low:
+        bucket = url.bucket if isinstance(url, Url) else str(url)
+        return InputError(f"Cannot {doing} {url}: the bucket {bucket!r} does not exist. Check the bucket's name and region.")
+    if any(
+        w in low
+        for w in (
+            "accessdenied",
+            "access denied",
+            "access_denied",
+            "invalidaccesskeyid",
+            "signaturedoesnotmatch",
+            "forbidden",
+            "403",
+        )
+    ):
+        return ConfigError(
+            f"Cannot {doing} {url}: access denied. Check the credentials ({CREDENTIAL_HINT}) and that they may "
+            f"{'write' if doing == 'write' else 'read'} there."
+        )
+    if any(w in low for w in ("couldn't connect", "connection refused", "curlcode: 7", "resolve host", "timeout", "timed out")):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the AWS endpoint"
+        return ConfigError(f"Cannot {doing} {url}: {endpoint} could not be reached. Check AWS_ENDPOINT_URL and the network.")
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return InputError(f"Cannot {doing} {url}: {first}")
+
+
+def _bucket_problem(fs: pafs.S3FileSystem, url: Url, doing: str) -> UserError | None:
+    import pyarrow.fs as pafs
+
+    try:
+        info = fs.get_file_info(url.bucket)
+    except OSError as exc:
+        return explain(exc, url, doing)
+    if info.type == pafs.FileType.NotFound:
+        return InputError(f"Cannot {doing} {url}: the bucket {url.bucket!r} does not exist. Check the bucket's name and region.")
+    return None
+
+
+def resolve(pattern: str) -> list[Url]:
+    """The objects an input names: one, or every match of a glob (sorted), or InputError."""
+    import pyarrow.fs as pafs
+
+    fs = filesystem()
+    if not glob.has_magic(pattern):
+        url = Url.parse(pattern)
+        try:
+            info = fs.get_file_info(url.fs_path)
+        except OSError as exc:
+            raise explain(exc, url, "read") from None
+        if info.type == pafs.FileType.File:
+            return [url]
+        if (problem := _bucket_problem(fs, url, "read")) is not None:
+            raise problem
+        if info.type == pafs.FileType.Directory:
+            raise InputError(f"Input {url} is a folder, not a file. Give the objects, or a glob such as '{url}/*.parquet'.")
+        raise InputError(f"Input {url} does not exist. Check the bucket and the key (object names are case-sensitive).")
+    rest = pattern.removeprefix(SCHEME)
+    bucket, _, key_glob = rest.partition("/")
+    fixed = key_glob[: min((key_glob.find(c) for c in "*?[" if c in key_glob), default=len(key_glob))]
+    base = Url(bucket, fixed.rsplit("/", 1)[0] if "/" in fixed else "")
+    try:
+        listed = fs.get_file_info(pafs.FileSelector(f"{bucket}/{base.key}".rstrip("/"), recursive=True, allow_not_found=True))
+    except OSError as exc:
+        raise explain(exc, pattern, "read") from None
+    matched = sorted(
+        Url(bucket, info.path.removeprefix(f"{bucket}/"))
+        for info in listed
+        if info.type == pafs.FileType.File and fnmatch.fnmatchcase(info.path.removeprefix(f"{bucket}/"), key_glob)
+    )
+    if not matched:
+        if (problem := _bucket_problem(fs, Url(bucket, key_glob), "read")) is not None:
+            raise problem
+        raise InputError(f"No input object matches {pattern!r}. Check the pattern (quote it so the shell does not expand it).")
+    return matched
+
+
+def download(url: Url, dest: Path) -> None:
+    """Copy an object to a local file, a chunk at a time."""
+    fs = filesystem()
+    try:
+        with fs.open_input_stream(url.fs_path) as src, dest.open("wb") as out:
+            while chunk := src.read(COPY_CHUNK):
+                out.write(chunk)
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError) or "disk" in str(exc).lower():
+            raise InputError(f"Cannot copy {url} to {dest.parent}: {exc}. Free some space there or set TMPDIR.") from None
+        raise explain(exc, url, "read") from None
+
+
+def check_writable(url: Url) -> None:
+    """Before anything is sent: the bucket exists and these credentials are accepted there. (A test
+    write would leave pyarrow's folder markers behind; a refused upload at the end keeps the output
+    locally and every answer in the checkpoint, so the run can be finished by running it again.)"""
+    fs = filesystem()
+    if (problem := _bucket_problem(fs, url, "write")) is not None:
+        raise problem
+
+
+def upload(local: Path, url: Url) -> None:
+    """Put a finished local file at `url` so that it appears whole or not at all: upload to a temporary
+    key beside it, then move it into place (a server-side copy, then the temporary key is deleted)."""
+    fs = filesystem()
+    temporary = url.with_name(f".{url.name}.{os.getpid()}.uploading")
+    try:
+        with local.open("rb") as src, fs.open_output_stream(temporary.fs_path) as out:
+            while chunk := src.read(COPY_CHUNK):
+                out.write(chunk)
+        fs.move(temporary.fs_path, url.fs_path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # else a lifecycle rule can sweep '.uploading' keys
+            fs.delete_file(temporary.fs_path)
+        raise OSError(f"{explain(exc, url, 'write')} The output is whole locally at {local}.") from None
+
+
+def local_home(url: Url) -> Path:
+    """The local folder for what an object output needs beside it (checkpoint, metrics, report):
+    ./s3/<bucket>/<key's folder>, under the folder the run starts in."""
+    return Path("s3", url.bucket, *PurePosixPath(url.key).parent.parts)
+
+
+def location(text: str) -> Path | Url:
+    """An input or output as the user gave it: a local path, or an object's address."""
+    return Url.parse(text) if is_remote(text) else Path(text)
+
+
+def local_copy(url: Url) -> Path:
+    """Where the local copy of an object output stays (beside its checkpoint): the report and
+    `pipeline show` read it there."""
+    return local_home(url) / url.name

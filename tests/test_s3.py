@@ -1,0 +1,224 @@
+"""Object storage against a real S3-compatible server (moto's server, its own process on 127.0.0.1):
+inputs and globs read from it, outputs written to it whole or not at all, resume, and the errors
+a user meets first (no bucket, no object, no credentials, access denied)."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from tests.conftest import chat_requests, run_cli, spawn, texts
+from tests.fakeserver import FakeLLMServer
+
+boto3 = pytest.importorskip("boto3", reason="moto[server] (a dev dependency) brings boto3")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_moto(extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    env = {**os.environ, **(extra_env or {})}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "moto's server did not start"
+            time.sleep(0.1)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    proc, url = _start_moto()
+    yield url
+    _stop(proc)
+
+
+@pytest.fixture
+def s3(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    """A client for setting up and checking, and the environment a user would set; a fresh bucket."""
+    for var, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": moto_url}.items():  # fmt: skip
+        monkeypatch.setenv(var, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    client = boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1")
+    client.create_bucket(Bucket="lake")
+    yield client
+    for obj in client.list_objects_v2(Bucket="lake").get("Contents", []):
+        client.delete_object(Bucket="lake", Key=obj["Key"])
+    client.delete_bucket(Bucket="lake")
+
+
+def put_table(client: object, key: str, df: pl.DataFrame) -> None:
+    buf = io.BytesIO()
+    fmt = key.rsplit(".", 1)[1]
+    if fmt == "parquet":
+        df.write_parquet(buf)
+    elif fmt == "csv":
+        df.write_csv(buf)
+    else:
+        df.write_ndjson(buf)
+    client.put_object(Bucket="lake", Key=key, Body=buf.getvalue())  # type: ignore[attr-defined]
+
+
+def get_parquet(client: object, key: str) -> pl.DataFrame:
+    body = client.get_object(Bucket="lake", Key=key)["Body"].read()  # type: ignore[attr-defined]
+    return pl.read_parquet(io.BytesIO(body))
+
+
+def keys(client: object) -> list[str]:
+    """The objects, without the empty folder markers pyarrow leaves when it deletes a key."""
+    listed = client.list_objects_v2(Bucket="lake").get("Contents", [])  # type: ignore[attr-defined]
+    return sorted(o["Key"] for o in listed if not o["Key"].endswith("/"))
+
+
+def args(server: FakeLLMServer, inp: str, out: str, *more: str) -> list[str]:
+    return ["run", "-i", inp, "-o", out, "-p", "Summarise: {text}", "--base-url", f"{server.url}/v1", "-m", "fake-model",
+            "--no-progress", "--no-report", *more]  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
+def test_read_from_and_write_to_object_storage(server: FakeLLMServer, s3: object, fmt: str) -> None:
+    df = pl.DataFrame(texts(12))
+    put_table(s3, f"reviews/in.{fmt}", df)
+    result = run_cli(*args(server, f"s3://lake/reviews/in.{fmt}", "s3://lake/results/out.parquet"))
+    assert result.exit_code == 0, result.output
+    assert "output: s3://lake/results/out.parquet" in result.output
+    out = get_parquet(s3, "results/out.parquet")
+    assert out["id"].to_list() == list(range(12)) and set(out["status"]) == {"ok"}
+    assert keys(s3) == sorted([f"reviews/in.{fmt}", "results/out.parquet"])  # no temporary object left
+    # The same job on local files gives the same table.
+    df.write_parquet("in.parquet")
+    server.reset()
+    assert run_cli(*args(server, "in.parquet", "out/local.parquet")).exit_code == 0
+    local = pl.read_parquet("out/local.parquet")
+    assert out.drop("latency_ms").equals(local.drop("latency_ms"))
+    # The checkpoint (appends) stayed local, named in the summary.
+    assert Path("s3/lake/results/out.checkpoint").is_dir() and "checkpoint: s3/lake/results/out.checkpoint" in result.output
+
+
+def test_a_glob_under_a_prefix_reads_every_match_in_order(server: FakeLLMServer, s3: object) -> None:
+    rows = texts(9)
+    put_table(s3, "parts/b.parquet", pl.DataFrame(rows[3:]))
+    put_table(s3, "parts/a.parquet", pl.DataFrame(rows[:3]))
+    put_table(s3, "parts/notes.csv", pl.DataFrame(rows[:1]))  # not matched by the glob
+    result = run_cli(*args(server, "s3://lake/parts/*.parquet", "out/r.jsonl"))
+    assert result.exit_code == 0, result.output
+    assert pl.read_ndjson("out/r.jsonl")["id"].to_list() == list(range(9))
+
+
+def test_a_failed_run_leaves_nothing_under_the_output_key(s3: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    put_table(s3, "in.csv", pl.DataFrame(texts(5)))
+    monkeypatch.setenv("MY_KEY", "sk-wrong-0123456789")
+    with FakeLLMServer(api_key="sk-right-0123456789") as server:
+        result = run_cli(*args(server, "s3://lake/in.csv", "s3://lake/out.parquet", "--api-key-env", "MY_KEY"))
+    assert result.exit_code == 1, result.output
+    assert keys(s3) == ["in.csv"]
+
+
+def test_a_killed_run_with_an_object_output_resumes(s3: object) -> None:
+    put_table(s3, "in.csv", pl.DataFrame(texts(300)))
+    env = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL",
+                                       "AWS_SHARED_CREDENTIALS_FILE")}  # fmt: skip
+    with FakeLLMServer(latency=0.05) as server:
+        job = args(server, "s3://lake/in.csv", "s3://lake/out/result.parquet", "--concurrency", "8", "--batch-size", "50")
+        proc = spawn(*job, env=env)
+        journal = Path("s3/lake/out/result.checkpoint")
+        deadline = time.monotonic() + 60
+        while sum(len(j.read_bytes().splitlines()) for j in journal.glob("journal-*.jsonl")) < 60:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+        assert keys(s3) == ["in.csv"]  # nothing under the output key
+        first = Counter(r.content for r in chat_requests(server))
+        server.reset()
+        again = run_cli(*job)
+        assert again.exit_code == 0, again.output
+        second = Counter(r.content for r in chat_requests(server))
+    assert len(set(first) & set(second)) <= 8
+    out = get_parquet(s3, "out/result.parquet")
+    assert out["id"].to_list() == list(range(300)) and set(out["status"]) == {"ok"}
+
+
+@pytest.mark.parametrize(
+    ("inp", "out", "says"),
+    [
+        ("s3://nobucket/in.csv", "out/r.parquet", "the bucket 'nobucket' does not exist"),
+        ("s3://lake/missing.csv", "out/r.parquet", "Input s3://lake/missing.csv does not exist"),
+        ("s3://lake/none/*.csv", "out/r.parquet", "No input object matches 's3://lake/none/*.csv'"),
+        ("s3://lake/in.csv", "s3://nobucket/out.parquet", "Cannot write s3://nobucket/out.parquet: the bucket 'nobucket'"),
+        ("s3://lake/in.csv", "s3://lake/out.txt", "no output format's extension"),
+        ("s3://lake", "out/r.parquet", "is not an object's address"),
+    ],
+)
+def test_bad_addresses_are_refused_before_anything_is_sent(
+    server: FakeLLMServer, s3: object, inp: str, out: str, says: str
+) -> None:
+    put_table(s3, "in.csv", pl.DataFrame(texts(2)))
+    result = run_cli(*args(server, inp, out))
+    assert result.exit_code == 2, result.output
+    assert says in result.output
+    assert chat_requests(server) == []
+
+
+def test_missing_credentials_are_refused_and_name_the_variables(
+    server: FakeLLMServer, s3: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    put_table(s3, "in.csv", pl.DataFrame(texts(2)))
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    result = run_cli(*args(server, "s3://lake/in.csv", "out/r.parquet"))
+    assert result.exit_code == 2
+    assert "No credentials for object storage" in result.output and "AWS_ACCESS_KEY_ID" in result.output
+    assert chat_requests(server) == []
+
+
+def test_access_denied_is_refused_without_showing_the_key(server: FakeLLMServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that checks credentials (moto with authentication on): an unknown key is refused."""
+    proc, url = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUNKNOWNKEY000000")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "a-secret-nobody-knows")
+        monkeypatch.setenv("AWS_REGION", "us-east-1")
+        result = run_cli(*args(server, "s3://lake/in.csv", "out/r.parquet"))
+    finally:
+        _stop(proc)
+    assert result.exit_code == 2, result.output
+    assert "access denied" in result.output and "s3://lake/in.csv" in result.output
+    assert "a-secret-nobody-knows" not in result.output
+    assert chat_requests(server) == []
