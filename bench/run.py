@@ -5,7 +5,7 @@ process, pinned to one core) and, in the same run, bench/baseline.py, the least 
 must do.  Clients are pinned to another core so their CPU is measured apart from the server's;
 wall is from spawn to exit, CPU from wait4() on the child, peak RSS from GNU time.
 
-    python bench/run.py [--quick] [--only overhead|ratelimit|memory|resume|faults|adapt]
+    python bench/run.py [--quick] [--only overhead|ratelimit|memory|resume|faults|spend|report|api|s3|adapt]
 
 Prints a table, then a PASS/MISS line per target of issue 8 (rate control) computed from the
 figures, and writes every figure plus machine info to bench/results/latest.json.  The table
@@ -43,7 +43,7 @@ CORES = sorted(os.sched_getaffinity(0))
 TASKSET = shutil.which("taskset") if len(CORES) >= 2 else None
 CLIENT_CORE, SERVER_CORE = CORES[0], CORES[-1]
 GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
-SCENARIOS = ("overhead", "ratelimit", "memory", "resume", "faults", "spend", "report", "adapt")
+SCENARIOS = ("overhead", "ratelimit", "memory", "resume", "faults", "spend", "report", "api", "s3", "adapt")
 LIVE: set[subprocess.Popen[Any]] = set()  # children still running, so every exit path can end them
 Row = tuple[str, str, float | None, float | None, float | None]
 
@@ -601,6 +601,90 @@ class Bench:
         self.add(f"8 report, {rows:,}-row run", "wall s with the report / --no-report", with_r, without)
         self.figures["report"] = dict(rows=n, wall_s=r.wall, rss_mb=r.rss_mb, size=size, run_walls=walls)
 
+    def api(self) -> None:
+        """The Python API's complete() against `pipeline run` on the same 20,000 requests (issue 11: within
+        5%). Both from spawn to exit, alternated, best of each: the API builds its DataFrame in memory
+        where the CLI writes Parquet, and neither draws a report."""
+        n, conc = self.n(20_000), 256
+        inp = self.table(n)
+        script = (
+            "import sys, polars as pl, pipeline\n"
+            "out = pipeline.complete(pl.read_parquet(sys.argv[1]), prompt=sys.argv[2], base_url=sys.argv[3], "
+            "model='fake-model', concurrency=int(sys.argv[4]), progress=False)\n"
+            "assert out.height == int(sys.argv[5]) and (out['status'] == 'ok').all()\n"
+        )
+        walls: dict[str, list[float]] = {"api": [], "cli": []}
+        with closing(Server(latency=0.02)) as srv:
+            for _ in range(1 if self.quick else 3):
+                for who in ("cli", "api"):
+                    srv.reset()
+                    if who == "cli":
+                        r = self.ours(inp, srv.url, conc, "--no-report")
+                    else:
+                        cmd = [sys.executable, "-c", script, str(inp), PROMPT, srv.url + "/v1", str(conc), str(n)]
+                        r = run_child(cmd, timeout=self.timeout)
+                        if r.rc != 0:
+                            raise BenchError(f"complete() exited {r.rc}: {r.stderr.strip()[-800:]}")
+                    if srv.stats()["requests"] != n:
+                        raise BenchError(f"{who}: the server saw {srv.stats()['requests']} requests, expected {n}")
+                    walls[who].append(r.wall)
+        api, cli = min(walls["api"]), min(walls["cli"])
+        self.add(f"9 Python API, {n:,} req c{conc} 20ms", "requests/s spawn to exit, complete() / pipeline run", n / api, n / cli)
+        self.figures["api"] = dict(requests=n, walls=walls, target="ratio >= 0.95")
+
+    def s3(self) -> None:
+        """Reading 1M rows from a local S3-compatible server (moto, its own process) against the same
+        file on disk, through the source module as a run reads it (issue 11: memory flat, time within 2x)."""
+        try:
+            import boto3  # moto's server and this client come with the dev tools
+        except ImportError:
+            raise BenchError("moto[server] is not installed (pip install -e '.[dev]')") from None
+        n = self.n(1_000_000)
+        inp = self.table(n)
+        port = _free_port()
+        moto = subprocess.Popen(pinned(SERVER_CORE, [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        LIVE.add(moto)
+        url = f"http://127.0.0.1:{port}"
+        env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": url}
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    urllib.request.urlopen(url, timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise BenchError("moto's server did not start") from None
+                    time.sleep(0.2)
+            client = boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="bench",
+                                  aws_secret_access_key="bench")  # fmt: skip
+            client.create_bucket(Bucket="bench")
+            client.upload_file(str(inp), "bench", "in.parquet")
+            script = (
+                "import sys\nfrom pipeline import source\n"
+                "t = source.open_table((sys.argv[1],))\nrows = source.count_rows(t)\n"
+                "seen = sum(b.height for b in source.batches(t, 5000))\nassert rows == seen == int(sys.argv[2]), (rows, seen)\n"
+            )
+            runs: dict[str, list[Run]] = {"s3": [], "disk": []}
+            for _ in range(1 if self.quick else 2):
+                for who, where in (("disk", str(inp)), ("s3", "s3://bench/in.parquet")):
+                    r = run_child([sys.executable, "-c", script, where, str(n)], timeout=self.timeout, env=env)
+                    if r.rc != 0:
+                        raise BenchError(f"reading from {who} exited {r.rc}: {r.stderr.strip()[-800:]}")
+                    runs[who].append(r)
+        finally:
+            with suppress(ProcessLookupError):
+                os.killpg(moto.pid, signal.SIGKILL)
+            moto.wait()
+            LIVE.discard(moto)
+        s3, disk = min(runs["s3"], key=lambda r: r.wall), min(runs["disk"], key=lambda r: r.wall)
+        scn = f"10 object storage, read {n:,} rows of Parquet"
+        self.add(scn, "wall s, s3:// (local moto server) / disk", s3.wall, disk.wall)
+        self.add(scn, "peak RSS MB, s3:// / disk", s3.rss_mb, disk.rss_mb)
+        self.figures["s3"] = dict(rows=n, s3_wall=s3.wall, disk_wall=disk.wall, s3_rss=s3.rss_mb, disk_rss=disk.rss_mb,
+                                  bytes=inp.stat().st_size, target="time ratio <= 2, memory flat")  # fmt: skip
+
     # ---- issue 8: the client learns the server's limits --------------------------------------------
 
     def target(
@@ -899,6 +983,14 @@ def machine() -> dict[str, Any]:
     return dict(nproc=os.cpu_count(), usable_cores=CORES, cpu=cpus[0] if cpus else "?", python=platform.python_version(),
                 platform=platform.platform(), date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 polars=pl.__version__, git_head=git, pinned=bool(TASKSET), load_avg_start=os.getloadavg())  # fmt: skip
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _interrupt(signum: int, frame: object) -> None:
