@@ -22,7 +22,7 @@ import io
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import polars as pl
@@ -43,7 +43,32 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
     "request_key": pl.String(),
     "tokens_estimated": pl.Boolean(),
 }
-RESULT_COLUMNS = tuple(RESULT_SCHEMA)
+
+
+class Result(NamedTuple):
+    """One row's result, in the order of the output's result columns and of the checkpoint's."""
+
+    completion: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    finish_reason: str | None
+    model: str | None
+    status: str  # "ok" or "error"
+    error: str | None
+    attempts: int
+    latency_ms: float | None
+    request_key: str | None  # None: no request could be made for the row
+    tokens_estimated: bool | None
+
+    @classmethod
+    def failed(cls, message: str, attempts: int, key: str | None) -> Result:
+        """A row with no answer: status error, the reason, nulls where no answer came."""
+        return cls(None, None, None, None, None, None, "error", message, attempts, None, key, False)
+
+
+RESULT_COLUMNS = Result._fields
+assert tuple(RESULT_SCHEMA) == RESULT_COLUMNS, "the record and the schema name the same columns in the same order"
 SYNC_EVERY = 1.0  # seconds between fsyncs: a kill loses nothing; a power cut at most this much
 
 

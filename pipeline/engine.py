@@ -16,14 +16,13 @@ import asyncio
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import orjson
 import polars as pl
 
 from pipeline import errors
 from pipeline.cache import AnswerCache
-from pipeline.checkpoint import RESULT_COLUMNS, Checkpoint, lookup
+from pipeline.checkpoint import Checkpoint, Result, lookup
 from pipeline.control import Ticket
 from pipeline.governor import Governor
 from pipeline.prompts import EST_TOKENS, EXTRA, KEY, PROMPT, SKIP_REASON, Renderer, estimate_tokens
@@ -36,8 +35,6 @@ from pipeline.stats import RunStats
 from pipeline.structured import Structured, check_reply, correction
 from pipeline.transport import Transport
 
-Result = tuple[Any, ...]  # in checkpoint.RESULT_COLUMNS order
-STATUS, REQUEST_KEY = RESULT_COLUMNS.index("status"), RESULT_COLUMNS.index("request_key")
 ANSWER_MEMORY = 10_000  # recent answers kept for duplicates: ~10 MB, whatever the table size (50,000 cost 38 MB in make bench)
 
 
@@ -87,13 +84,13 @@ def prepare(frame: pl.DataFrame, renderer: Renderer, done: pl.DataFrame, cache: 
     cached: dict[int, Result] = {}
     if done.height:
         hit, rows = lookup(done, keys)
-        cached = dict(zip(hit.arg_true().to_list(), rows.rows(), strict=True))
+        cached = dict(zip(hit.arg_true().to_list(), map(Result._make, rows.rows()), strict=True))
     key_list, skip = keys.to_list(), rendered.get_column(SKIP_REASON).to_list()
     from_cache: frozenset[int] = frozenset()
     if cache is not None:
         wanted = {row: k for row, k in enumerate(key_list) if k is not None and skip[row] is None and row not in cached}
         stored = cache.get_many(list(wanted.values())) if wanted else {}
-        answered = {row: stored[k] for row, k in wanted.items() if k in stored}
+        answered = {row: Result._make(stored[k]) for row, k in wanted.items() if k in stored}
         cached.update(answered)
         from_cache = frozenset(answered)
     return Prepared(
@@ -108,8 +105,7 @@ def prepare(frame: pl.DataFrame, renderer: Renderer, done: pl.DataFrame, cache: 
     )
 
 
-def error_result(message: str, attempts: int, key: str | None) -> Result:
-    return (None, None, None, None, None, None, "error", message, attempts, None, key, False)
+error_result = Result.failed
 
 
 class Engine:
@@ -364,19 +360,19 @@ class Engine:
         self._stats.prompt_tokens += pt
         self._stats.completion_tokens += ct
         self._stats.estimated_rows += estimated
-        return (
-            c.text,
-            pt,
-            ct,
-            pt + ct,
-            c.finish_reason,
-            c.model,
-            "ok",
-            None,
-            work.attempts,
-            round(latency, 2),
-            work.key,
-            estimated,
+        return Result(
+            completion=c.text,
+            prompt_tokens=pt,
+            completion_tokens=ct,
+            total_tokens=pt + ct,
+            finish_reason=c.finish_reason,
+            model=c.model,
+            status="ok",
+            error=None,
+            attempts=work.attempts,
+            latency_ms=round(latency, 2),
+            request_key=work.key,
+            tokens_estimated=estimated,
         )
 
     def _failed(self, work: Work, err: errors.RequestError, ticket: Ticket) -> None:
@@ -405,7 +401,7 @@ class Engine:
         message = f"{err.message} (after {work.attempts} attempt{'s' if work.attempts > 1 else ''})"
         result = error_result(message, work.attempts, work.key)
         if isinstance(err, errors.InvalidOutput):
-            result = (err.raw, *result[1:])  # keep what the model said, for a look
+            result = result._replace(completion=err.raw)  # keep what the model said, for a look
         self._finish(work, result)
 
     def _nothing_works(self, work: Work, err: errors.RequestError) -> errors.FatalError:
@@ -423,7 +419,7 @@ class Engine:
         del self._inflight[work.key]
         self._stats.rows_sent += 1
         self._checkpoint.append(result)
-        if result[STATUS] == "ok":
+        if result.status == "ok":
             if self._cache is not None:
                 self._cache.put(work.key, result)
             self._answered[work.key] = result
@@ -435,10 +431,10 @@ class Engine:
     def _finish_row(self, batch: Batch, row: int, result: Result) -> None:
         stats = self._stats
         stats.rows_done += 1
-        if result[STATUS] == "ok":
+        if result.status == "ok":
             stats.ok += 1
         else:
             stats.errors += 1
-            if result[REQUEST_KEY] is None:
+            if result.request_key is None:
                 stats.error_kinds["not_sent"] += 1
         batch.settle(row, result)
