@@ -254,7 +254,9 @@ def report(output: str, metrics: str | None, checkpoint_dir: str | None, report_
     checkpoint) and from the metrics file the run wrote beside it.
     """
     from pipeline import report as run_report  # altair and vl-convert only when drawing
+    from pipeline.storage import local_view
 
+    output = local_view(output)  # an s3:// output: its local copy, beside its checkpoint
     target = report_file or str(run_report.default_report_path(output))
     try:
         run_report.write_report(target, run_report.build_report(output, metrics=metrics, checkpoint_dir=checkpoint_dir))

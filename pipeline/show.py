@@ -46,6 +46,9 @@ def show(
     checkpoint_dir: str | None = None,
 ) -> str:
     """The text `pipeline show` prints; raises InputError (exit 2) for a path it cannot show."""
+    from pipeline.storage import local_view
+
+    path = local_view(path)  # an s3:// output: its local copy, from the folder the run started in
     view = _view(path, checkpoint_dir)
     status = view.prefix + "status"
     shown = [_column(c, view) for c in columns] if columns else view.default

@@ -257,3 +257,9 @@ def local_copy(url: Url) -> Path:
     """Where the local copy of an object output stays (beside its checkpoint): the report and
     `pipeline show` read it there."""
     return local_home(url) / url.name
+
+
+def local_view(path: str) -> str:
+    """What `pipeline show` and `pipeline report` read for an output: an object output's local copy
+    (beside its checkpoint, where the run was started), a local path as it is."""
+    return str(local_copy(Url.parse(path))) if is_remote(path) else path

@@ -222,3 +222,13 @@ def test_access_denied_is_refused_without_showing_the_key(server: FakeLLMServer,
     assert "access denied" in result.output and "s3://lake/in.csv" in result.output
     assert "a-secret-nobody-knows" not in result.output
     assert chat_requests(server) == []
+
+
+def test_show_and_report_read_an_object_outputs_local_copy(server: FakeLLMServer, s3: object) -> None:
+    put_table(s3, "in.csv", pl.DataFrame(texts(3)))
+    assert run_cli(*args(server, "s3://lake/in.csv", "s3://lake/out/r.parquet")).exit_code == 0
+    shown = run_cli("show", "s3://lake/out/r.parquet")
+    assert shown.exit_code == 0 and "ok" in shown.output and "3" in shown.output
+    drawn = run_cli("report", "s3://lake/out/r.parquet")
+    assert drawn.exit_code == 0, drawn.output
+    assert Path("s3/lake/out/r.report.html").exists()
