@@ -161,6 +161,10 @@ def _sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
         future = pool.submit(asyncio.run, main())
         try:
+            # In short waits: a signal may reach any thread, and a thread blocked in one long wait only
+            # runs Python's handler (the KeyboardInterrupt) once that wait ends, after the whole run.
+            while not concurrent.futures.wait([future], timeout=0.2).done:
+                pass
             return future.result()
         except KeyboardInterrupt:  # the notebook's stop button: cancel the run, let it save, then stop
             for loop, task in loop_and_task:

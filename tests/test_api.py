@@ -221,3 +221,44 @@ def test_pyarrow_record_batch_conversion_keeps_columns() -> None:
     batch = pa.RecordBatch.from_pydict({"text": ["x"], "n": [1]})
     frame = _as_frame(batch)
     assert isinstance(frame, pl.DataFrame) and frame.columns == ["text", "n"]
+
+
+NOTEBOOK_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, sys, polars as pl, pipeline
+    df = pl.DataFrame({"text": [f"row {i}" for i in range(400)]})
+
+    async def cell():  # as Jupyter runs a cell: inside a running loop, Ctrl-C a KeyboardInterrupt in this thread
+        try:
+            pipeline.complete(df, prompt="{text}", base_url=sys.argv[1], model="m", progress=False,
+                              checkpoint_dir="answers", concurrency=4)
+        except pipeline.Interrupted as exc:
+            print("INTERRUPTED", exc.result.outcome, exc.result.ok, flush=True)
+            return 130
+        return 0
+
+    loop = asyncio.new_event_loop()  # run_until_complete installs no SIGINT handler, as a kernel's loop
+    sys.exit(loop.run_until_complete(cell()))
+    """
+)
+
+
+def test_ctrl_c_inside_a_running_loop_saves_answers_and_raises_interrupted() -> None:
+    """The sync form inside a running loop runs on a worker thread's loop; the interrupt reaches the
+    calling thread, which cancels the run there, waits for it to save, and raises Interrupted."""
+    with FakeLLMServer(latency=0.05) as server:
+        Path("cell.py").write_text(NOTEBOOK_SCRIPT)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        proc = subprocess.Popen([sys.executable, "cell.py", f"{server.url}/v1"], stdout=subprocess.PIPE, text=True, env=env)
+        deadline = time.monotonic() + 60
+        while len(chat_requests(server)) < 40:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    word, outcome, ok = out.split()
+    assert (word, outcome) == ("INTERRUPTED", "interrupted") and 30 <= int(ok) < 400
+    from pipeline.checkpoint import read_done
+
+    assert read_done(Path("answers")).height >= int(ok)  # every answer counted is in the checkpoint
