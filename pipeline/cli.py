@@ -32,7 +32,8 @@ empty); 1 error rate above --max-error-rate, the spend ceiling reached (the
 output is written, unsent rows marked), or stopped early (bad key, no quota,
 server unreachable or 404 before any answer, the same refusal on every
 request, a wait longer than --max-wait); 2 bad usage, config or input (nothing
-sent); 130 interrupted by Ctrl-C or SIGTERM (the checkpoint is saved; run
+sent); 3 batch mode: batches still running (run the same command again to
+collect them); 130 interrupted by Ctrl-C or SIGTERM (the checkpoint is saved; run
 again to resume). Each run but exit 2 writes <output>.metrics.json and
 <output>.report.html beside the output.
 """
@@ -265,6 +266,45 @@ def report(output: str, metrics: str | None, checkpoint_dir: str | None, report_
     except OSError as exc:
         raise UsageFailure(f"Cannot write the report {target}: {exc.strerror}. Choose another path with -o.") from None
     click.echo(f"Report written to {target}")
+
+
+@cli.group(
+    epilog="\b\nExamples:\n  pipeline run nightly.yaml --mode batch      # submit; exit 3 while batches run\n"
+    "  pipeline batch status nightly.yaml --mode batch\n  pipeline batch cancel nightly.yaml --mode batch"
+)
+def batch() -> None:
+    """A batch-mode job's batches: their state, or cancelling them. Takes the job's CONFIG and flags."""
+
+
+def _batch_command(action: str, config: str | None, flags: dict[str, Any]) -> None:
+    import asyncio
+
+    from pipeline.job import batch_command
+
+    try:
+        code = asyncio.run(batch_command(_config(config, flags), action, lambda m: click.echo(m, err=True)))
+    except errors.UserError as exc:
+        raise UsageFailure(str(exc)) from None
+    except errors.RequestError as exc:
+        click.echo(f"pipeline: the batch API answered {exc.message}", err=True)
+        code = 1
+    sys.exit(code)
+
+
+@batch.command(name="status")
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@run_options
+def batch_status(config: str | None, **flags: Any) -> None:
+    """Each batch of the job: its state and counts as the provider reports them now. Changes nothing."""
+    _batch_command("status", config, flags)
+
+
+@batch.command(name="cancel")
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@run_options
+def batch_cancel(config: str | None, **flags: Any) -> None:
+    """Cancel the job's open batches, wait until they are cancelled, and keep what they had finished."""
+    _batch_command("cancel", config, flags)
 
 
 @cli.group(

@@ -56,6 +56,9 @@ PROVIDER_DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 OPENAI_DEFAULT_BASE = PROVIDER_DEFAULTS["openai"]["base_url"]
+# Providers whose batch API `--mode batch` speaks (OpenAI's files + batches, and servers that copy them).
+BATCH_PROVIDERS = ("openai",)
+BATCH_DISCOUNT = 0.5  # what batch mode costs against online, on input and output tokens alike
 
 
 def opt(default: Any = None, help: str = "", **cli: Any) -> Any:
@@ -189,6 +192,19 @@ class RunConfig(BaseModel):
     batch_size: int = Field(default=5000, ge=1, description="Rows read and written per batch. Default: 5000.")
     progress: bool = opt(True, "No progress bar (nor, without a terminal, the status line each minute).", flag="--no-progress")
     fresh: bool = opt(False, "Ignore the checkpoint: send every row again.")
+    # Batch mode: the provider's batch API, half the price, answers within 24 hours.
+    mode: Literal["online", "batch"] = opt(
+        "online",
+        "online sends each row now; batch submits them to the provider's batch API (half the price, within 24 h): "
+        "exit 3 while batches run, and the same command collects them. Default: online.",
+    )
+    wait: bool = opt(False, "Batch mode: wait here until every batch has finished, instead of exiting 3.")
+    batch_max_requests: int = Field(
+        default=50_000, ge=1, le=50_000, description="Batch mode: most requests per batch (OpenAI's limit: 50,000)."
+    )
+    fallback: Literal["none", "online"] = opt(
+        "none", "Batch mode: send lines that failed in a batch (expired, 5xx) online instead of in a new batch."
+    )
     # Answers shared across outputs, jobs and calls; off unless asked for (sampling users may want fresh ones).
     cache_dir: str | None = opt(
         None,
@@ -254,6 +270,15 @@ class RunConfig(BaseModel):
                 "'prompt_column' (a column that already holds the prompt) or 'messages_column' "
                 "(a column holding each row's conversation as a list of {role, content})"
                 + (f"; got {', '.join(given)}" if given else "")
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _batch_needs_a_batch_api(self) -> RunConfig:
+        if self.mode == "batch" and self.provider not in BATCH_PROVIDERS:
+            raise ValueError(
+                f"--mode batch needs a provider with a batch API ({', '.join(BATCH_PROVIDERS)}); the {self.provider} "
+                "provider has none. Run without --mode batch (online), or export the requests for a batch runner"
             )
         return self
 

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -27,7 +27,7 @@ import polars as pl
 
 from pipeline import errors, metrics, source, spend, storage
 from pipeline.cache import AnswerCache, scope_for
-from pipeline.checkpoint import Checkpoint
+from pipeline.checkpoint import RESULT_SCHEMA, Checkpoint, Result
 from pipeline.config import RunConfig
 from pipeline.engine import Engine, prepare
 from pipeline.governor import Governor
@@ -43,6 +43,7 @@ from pipeline.stats import RunStats
 from pipeline.transport import AiohttpTransport, Transport
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130  # and 2, bad usage: UserError, mapped by the CLI
+EXIT_BATCH_PENDING = 3  # batch mode: batches still running; the same command again collects them
 
 
 @dataclass(frozen=True)
@@ -350,6 +351,10 @@ class Job:
                 )
             checkpoint.start_journal()
             base_url = cfg.setting("base_url")
+            if cfg.mode == "batch":
+                stopped, done = await self._batch(checkpoint, done, stack)
+                if stopped is not None:  # batches still running (exit 3), or a fatal answer
+                    return stopped
             cache = None
             if cfg.cache_dir is not None:
                 scope = scope_for(cfg.provider, base_url)
@@ -420,6 +425,75 @@ class Job:
             return metrics.Ending(EXIT_FAILED, "spend_ceiling", message)
         return self._verdict()
 
+    async def _batch(
+        self, checkpoint: Checkpoint, done: pl.DataFrame, stack: contextlib.AsyncExitStack
+    ) -> tuple[metrics.Ending | None, pl.DataFrame]:
+        """Batch mode's step: fold finished batches, submit what is left. Returns an ending while batches
+        are open (exit 3) or after a fatal answer; else None and the answers for the output, refusals
+        included as error rows, so the engine below writes the output without sending anything more
+        (but, with --fallback online, the lines that failed in a batch)."""
+        from pipeline.batch import BatchStep, Ledger, OpenAIBatches
+
+        cfg, renderer, table = self.cfg, self.plan.renderer, self.plan.table
+        base_url = str(cfg.setting("base_url"))
+        provider = make_provider(cfg.provider, base_url, renderer.spec, self.api_key, self.headers, self.secrets)
+        transport = AiohttpTransport(concurrency=4, timeout=float(cfg.setting("timeout")))
+        stack.push_async_callback(transport.close)
+        ledger = Ledger(self.checkpoint_path)
+        step = BatchStep(
+            OpenAIBatches(transport, base_url, provider.headers, self.secrets),
+            provider,
+            ledger,
+            checkpoint,
+            max_lines=cfg.batch_max_requests,
+            max_attempts=cfg.max_attempts,
+            resubmit=cfg.fallback == "none",
+            system=cfg.system,
+            say=self.say,
+        )
+
+        def pending(exclude: set[str], failed: dict[str, str]) -> Iterator[tuple[str, str, str | None]]:
+            for frame in source.batches(table, cfg.batch_size, cfg.limit):
+                p = prepare(frame, renderer, done)
+                for row, key in enumerate(p.keys):
+                    if key is None or p.skip[row] is not None or row in p.cached or key in exclude or key in failed:
+                        continue
+                    prompt = p.prompts[row]
+                    assert prompt is not None
+                    yield key, prompt, p.extra[row]
+
+        try:
+            outcome = await step.run(pending, cfg.wait)
+        except errors.RequestError as exc:  # the batch endpoints refused (a bad key, a server without them)
+            message = (
+                f"pipeline: stopped: the batch API at {base_url} answered {exc.message}.\n  Nothing submitted in this "
+                f"run is lost: the ledger in {ledger.folder} records it; run the same command again once this is fixed."
+            )
+            self.say(message)
+            return metrics.Ending(EXIT_FAILED, "stopped", message), done
+        self.stats.requests_sent += outcome.submitted_rows
+        if outcome.fatal is not None:
+            message = (
+                f"pipeline: stopped: {outcome.fatal.message.rstrip('.')}.\n  The answers folded are kept in "
+                f"{self.checkpoint_path}; fix the cause and run the same command again."
+            )
+            self.say(message)
+            return metrics.Ending(EXIT_FAILED, "stopped", message), done
+        if outcome.open_batches:
+            message = (
+                f"pipeline: {plural(outcome.open_batches, 'batch', 'batches')} in progress "
+                f"({plural(outcome.open_rows, 'request')}); nothing is lost. Run the same command again to collect "
+                f"{'it' if outcome.open_batches == 1 else 'them'} (a nightly job: the next night), or add --wait to "
+                "wait here: exit 3."
+            )
+            self.say(message)
+            return metrics.Ending(EXIT_BATCH_PENDING, "batch_pending", message), done
+        failed = {**ledger.failed(), **outcome.failed}
+        attempts = ledger.submissions(ledger.entries())
+        refused = [Result.failed(why, attempts[key], key) for key, why in failed.items()]
+        extra = pl.DataFrame([*outcome.folded, *refused], schema=RESULT_SCHEMA, orient="row")
+        return None, pl.concat([done, extra]).unique("request_key", keep="first", maintain_order=True).sort("request_key")
+
     def _stopped(self, cause: BaseException, appended: int, started: float) -> metrics.Ending:
         """A fatal answer stopped the run: what was kept and how to go on."""
         kept = f"{appended} answers from this run are kept in {self.checkpoint_path}"
@@ -488,3 +562,55 @@ def _result(data: dict[str, Any], cfg: RunConfig, checkpoint: Path, metrics_file
         report_file=str(report) if report else None,
         metrics=data,
     )
+
+
+async def batch_command(cfg: RunConfig, action: str, say: Callable[[str], None]) -> int:
+    """`pipeline batch status|cancel CONFIG`: what the job's batches are doing, or cancel them."""
+    from pipeline.batch import BatchStep, Ledger, OpenAIBatches
+
+    if cfg.mode != "batch":
+        raise errors.ConfigError(f"pipeline batch {action} is for batch jobs: give the config with mode: batch, or --mode batch.")
+    plan = preflight(cfg)
+    api_key = cfg.api_key()
+    headers, secrets = cfg.request_headers()
+    ledger = Ledger(cfg.checkpoint_path)
+    if not ledger.path.exists():
+        say(f"pipeline: no batches yet for this job ({ledger.path} does not exist).")
+        return EXIT_OK
+    base_url = str(cfg.setting("base_url"))
+    provider = make_provider(cfg.provider, base_url, plan.renderer.spec, api_key, headers, secrets)
+    transport = AiohttpTransport(concurrency=4, timeout=float(cfg.setting("timeout")))
+    all_secrets = (*secrets, *([api_key] if api_key else []))
+    try:
+        api = OpenAIBatches(transport, base_url, provider.headers, all_secrets)
+        if action == "status":
+            step = BatchStep(api, provider, ledger, Checkpoint(cfg.checkpoint_path), max_lines=1, max_attempts=1,
+                             system=cfg.system, say=say)  # fmt: skip
+            rows_open = 0
+            for entry, live in await step.status():
+                state = (live or {}).get("status") or entry.status or "not created"
+                counts = (live or {}).get("request_counts") or entry.counts
+                done = (
+                    f"{counts.get('completed', 0):,} done, {counts.get('failed', 0):,} failed of {entry.n:,}"
+                    if counts
+                    else f"{entry.n:,} requests"
+                )
+                folded = "collected" if entry.folded else "lost" if entry.lost else "open"
+                say(f"  {entry.batch_id or entry.local}: {state} ({done}); {folded}")
+                rows_open += entry.n if entry.open else 0
+            say(f"pipeline: {rows_open:,} requests in open batches; run the job to collect finished ones.")
+            return EXIT_OK
+        with contextlib.closing(Checkpoint(cfg.checkpoint_path)) as checkpoint:
+            checkpoint.open()
+            checkpoint.load()
+            checkpoint.start_journal()
+            step = BatchStep(api, provider, ledger, checkpoint, max_lines=1, max_attempts=cfg.max_attempts,
+                             system=cfg.system, say=say)  # fmt: skip
+            outcome = await step.cancel()
+        say(
+            f"pipeline: cancelled; {len(outcome.folded):,} answers they had finished are kept in {cfg.checkpoint_path}. "
+            "The other rows are pending: the next run submits them again."
+        )
+        return EXIT_OK
+    finally:
+        await transport.close()

@@ -35,7 +35,7 @@ SCHEMA_FILE = Path(__file__).with_name("metrics.schema.json")
 MASK = "***"
 
 # "crashed" is a bug's way out (a traceback, exit 1): the file is still written for the job that waits on it.
-Outcome = Literal["completed", "error_rate", "stopped", "spend_ceiling", "interrupted", "empty_input", "crashed"]
+Outcome = Literal["completed", "error_rate", "stopped", "spend_ceiling", "interrupted", "empty_input", "crashed", "batch_pending"]
 
 
 @dataclass(frozen=True)

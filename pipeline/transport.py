@@ -37,8 +37,28 @@ class AiohttpTransport:
         )
 
     async def post(self, url: str, headers: Mapping[str, str], body: bytes) -> tuple[int, Mapping[str, str], bytes]:
+        return await self.request("POST", url, headers, body)
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        body: bytes | None = None,
+        *,
+        upload: tuple[str, bytes] | None = None,
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        """Any method; `upload` is (file name, bytes) sent as the multipart form a files endpoint
+        takes (`purpose=batch`), with its own Content-Type."""
+        data: bytes | aiohttp.FormData | None = body
+        if upload is not None:
+            form = aiohttp.FormData()
+            form.add_field("purpose", "batch")
+            form.add_field("file", upload[1], filename=upload[0], content_type="application/jsonl")
+            data = form
+            headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
         try:
-            async with self._session.post(url, data=body, headers=headers) as resp:
+            async with self._session.request(method, url, data=data, headers=headers) as resp:
                 return resp.status, resp.headers, await resp.read()
         except TimeoutError:
             raise errors.RequestTimeout(f"no answer within {self._timeout:g} s", kind="timeout") from None

@@ -1,0 +1,312 @@
+"""A fake OpenAI batch service on 127.0.0.1: files (`purpose=batch`) and batches, with a clock.
+
+Endpoints: ``POST /v1/files`` (multipart), ``GET /v1/files/{id}``, ``GET /v1/files/{id}/content``,
+``POST /v1/batches``, ``GET /v1/batches/{id}``, ``GET /v1/batches`` (newest first, ``limit`` and
+``after``, metadata echoed), ``POST /v1/batches/{id}/cancel``. Every call needs
+``Authorization: Bearer <api_key>``.
+
+Time is the fake clock, not the wall: a batch is ``validating`` at creation, ``in_progress`` once
+retrieved, and ``completed`` when the clock passes ``created_at + duration`` (60 s unless set);
+``POST /_fake/advance?s=N`` moves the clock, so 24 hours take milliseconds. Answers are built as
+the online fake server builds them: ``echo: <last user message>``, usage counted in words.
+
+Fault switches (``POST /_fake/faults`` with a JSON object, or the constructor's ``faults``):
+``expire_after`` (the batch expires after that many lines; the rest are ``batch_expired``),
+``line_status`` ({substring of the user message: HTTP status}: that line is an error line),
+``fail_validation`` (the batch ends ``failed`` with errors.data naming line 1), ``output_late``
+(the first completed poll shows no output_file_id), ``retrieve_faults`` (a list of statuses
+answered to the next retrieves, e.g. [429, 500]), ``create_sleep`` (seconds the create sleeps
+after registering the batch and before answering: a client killed then has a batch it never
+heard of), ``shuffle`` (output lines out of input order), ``duration`` (virtual seconds a batch
+takes). ``GET /_fake/stats`` counts batches created, lines seen per custom_id, polls, cancels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import threading
+import time
+from collections import Counter
+from types import TracebackType
+from typing import Any, Self
+
+import orjson
+from aiohttp import web
+
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+
+
+def _answer(body: dict[str, Any]) -> dict[str, Any]:
+    users = [m for m in body.get("messages", []) if m.get("role") == "user"]
+    content = users[-1]["content"] if users else ""
+    text = f"echo: {content}"
+    prompt = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
+    out = len(text.split())
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "model": body.get("model"),
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out},
+    }
+
+
+class FakeBatchServer:
+    def __init__(self, *, api_key: str = "sk-batch-test-0123456789", faults: dict[str, Any] | None = None) -> None:
+        self.api_key = api_key
+        self.faults: dict[str, Any] = dict(faults or {})
+        self.clock = 1_800_000_000.0  # virtual seconds, epoch-like
+        self.files: dict[str, dict[str, Any]] = {}
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.stats: Counter[str] = Counter()
+        self.lines_seen: Counter[str] = Counter()  # custom_id -> lines received in created batches
+        self.received_keys: list[str] = []  # Authorization headers seen, to check no key is misplaced
+        self._ids = 0
+        self._lock = threading.Lock()
+        self.url = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+
+    # ---- life -------------------------------------------------------------------------
+    def start(self) -> Self:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self._loop = loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=loop.run_forever, name="fakebatch", daemon=True)
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._setup(sock), loop).result()
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            if self._runner is not None:
+                asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(15)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.clock += seconds
+
+    async def _setup(self, sock: socket.socket) -> None:
+        app = web.Application(client_max_size=300 * 1024 * 1024, middlewares=[self._auth])
+        r = app.router
+        r.add_post("/v1/files", self._upload)
+        r.add_get("/v1/files/{id}", self._file)
+        r.add_get("/v1/files/{id}/content", self._content)
+        r.add_post("/v1/batches", self._create)
+        r.add_get("/v1/batches", self._list)
+        r.add_get("/v1/batches/{id}", self._retrieve)
+        r.add_post("/v1/batches/{id}/cancel", self._cancel)
+        r.add_post("/_fake/advance", self._advance)
+        r.add_post("/_fake/faults", self._set_faults)
+        r.add_get("/_fake/stats", self._stats)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
+        await self._runner.setup()
+        await web.SockSite(self._runner, sock).start()
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path.startswith("/_fake/"):
+            return await handler(request)
+        auth = request.headers.get("Authorization", "")
+        self.received_keys.append(auth)
+        if auth != f"Bearer {self.api_key}":
+            return _json({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
+                                    "code": "invalid_api_key"}}, 401)  # fmt: skip
+        return await handler(request)
+
+    def _id(self, prefix: str) -> str:
+        self._ids += 1
+        return f"{prefix}_{self._ids:06d}"
+
+    # ---- files --------------------------------------------------------------------------
+    async def _upload(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        purpose, upload = form.get("purpose"), form.get("file")
+        if purpose != "batch" or not isinstance(upload, web.FileField):
+            return _json({"error": {"message": "purpose must be batch and a file given", "type": "invalid_request_error"}}, 400)
+        data = upload.file.read()
+        fid = self._id("file")
+        self.files[fid] = {"id": fid, "object": "file", "bytes": len(data), "purpose": "batch", "data": data,
+                           "filename": upload.filename, "created_at": int(self.clock)}  # fmt: skip
+        self.stats["uploads"] += 1
+        return _json({k: v for k, v in self.files[fid].items() if k != "data"})
+
+    async def _file(self, request: web.Request) -> web.Response:
+        f = self.files.get(request.match_info["id"])
+        if f is None:
+            return _json({"error": {"message": "No such File object", "type": "invalid_request_error"}}, 404)
+        return _json({k: v for k, v in f.items() if k != "data"})
+
+    async def _content(self, request: web.Request) -> web.Response:
+        f = self.files.get(request.match_info["id"])
+        if f is None:
+            return _json({"error": {"message": "No such File object", "type": "invalid_request_error"}}, 404)
+        self.stats["downloads"] += 1
+        return web.Response(body=f["data"], content_type="application/jsonl")
+
+    # ---- batches ------------------------------------------------------------------------
+    async def _create(self, request: web.Request) -> web.Response:
+        req = orjson.loads(await request.read())
+        f = self.files.get(req.get("input_file_id", ""))
+        if f is None or req.get("endpoint") != "/v1/chat/completions" or req.get("completion_window") != "24h":
+            return _json({"error": {"message": "bad batch request", "type": "invalid_request_error"}}, 400)
+        lines = [orjson.loads(x) for x in f["data"].splitlines() if x.strip()]
+        bid = self._id("batch")
+        batch = {
+            "id": bid, "object": "batch", "endpoint": req["endpoint"], "input_file_id": f["id"], "completion_window": "24h",
+            "status": "validating", "output_file_id": None, "error_file_id": None, "created_at": int(self.clock),
+            "expires_at": int(self.clock) + 86400, "metadata": req.get("metadata") or {}, "errors": None,
+            "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
+            "_lines": lines, "_done_at": self.clock + float(self.faults.get("duration", 60)), "_late": bool(self.faults.get("output_late")),
+        }  # fmt: skip
+        self.batches[bid] = batch
+        self.stats["batches_created"] += 1
+        for line in lines:
+            self.lines_seen[line["custom_id"]] += 1
+        if sleep := self.faults.get("create_sleep"):
+            await asyncio.sleep(float(sleep))  # registered, not yet answered: a client killed now never heard of it
+        return _json(_public(batch))
+
+    async def _retrieve(self, request: web.Request) -> web.Response:
+        if queued := self.faults.get("retrieve_faults"):
+            status = queued.pop(0)
+            self.stats["retrieve_faults"] += 1
+            return _json({"error": {"message": f"fake {status}", "type": "server_error"}}, int(status))
+        batch = self.batches.get(request.match_info["id"])
+        if batch is None:
+            return _json({"error": {"message": "No such Batch", "type": "invalid_request_error"}}, 404)
+        self.stats["polls"] += 1
+        self._step(batch)
+        return _json(_public(batch))
+
+    async def _list(self, request: web.Request) -> web.Response:
+        limit = int(request.query.get("limit", 20))
+        after = request.query.get("after")
+        ordered = sorted(self.batches.values(), key=lambda b: b["id"], reverse=True)
+        if after:
+            ordered = [b for b in ordered if b["id"] < after]
+        page = ordered[:limit]
+        self.stats["lists"] += 1
+        return _json({"object": "list", "data": [_public(b) for b in page], "has_more": len(ordered) > limit,
+                      "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None})  # fmt: skip
+
+    async def _cancel(self, request: web.Request) -> web.Response:
+        batch = self.batches.get(request.match_info["id"])
+        if batch is None:
+            return _json({"error": {"message": "No such Batch", "type": "invalid_request_error"}}, 404)
+        self.stats["cancels"] += 1
+        if batch["status"] not in TERMINAL:
+            batch["status"] = "cancelling"
+        return _json(_public(batch))
+
+    def _step(self, batch: dict[str, Any]) -> None:
+        """Move a batch along on the fake clock, as a poll would find it."""
+        status = batch["status"]
+        if status == "validating":
+            if self.faults.get("fail_validation"):
+                batch["status"] = "failed"
+                batch["errors"] = {"object": "list", "data": [{"code": "invalid_request", "line": 1,
+                                                               "message": "fake: line 1 is invalid", "param": "body"}]}  # fmt: skip
+                return
+            batch["status"] = status = "in_progress"  # and on, if its time has come
+        if status == "cancelling":
+            self._finish(batch, "cancelled", done=len(batch["_lines"]) // 2, why="batch_cancelled")
+            return
+        if status == "in_progress":
+            expire = self.faults.get("expire_after")
+            if expire is not None and self.clock >= batch["expires_at"]:
+                self._finish(batch, "expired", done=int(expire), why="batch_expired")
+            elif expire is None and self.clock >= batch["_done_at"]:
+                self._finish(batch, "completed", done=len(batch["_lines"]), why="")
+            return
+        if status == "completed" and batch["_late"] and batch["output_file_id"] is None:
+            batch["output_file_id"] = batch.pop("_held_output")
+
+    def _finish(self, batch: dict[str, Any], status: str, *, done: int, why: str) -> None:
+        ok_lines, err_lines = [], []
+        codes: dict[str, int] = self.faults.get("line_status", {})
+        lines = list(batch["_lines"])
+        for i, line in enumerate(lines):
+            cid, body = line["custom_id"], line["body"]
+            rid = f"batch_req_{self._id('r')}"
+            if i >= done:
+                err_lines.append(
+                    {"id": rid, "custom_id": cid, "response": None, "error": {"code": why, "message": f"fake {why}"}}
+                )
+                continue
+            content = next((m["content"] for m in reversed(body.get("messages", [])) if m.get("role") == "user"), "")
+            code = next((c for s, c in codes.items() if s in str(content)), 200)
+            if code == 200:
+                ok_lines.append({"id": rid, "custom_id": cid, "response": {"status_code": 200, "request_id": rid,
+                                                                           "body": _answer(body)}, "error": None})  # fmt: skip
+            else:
+                err = {
+                    "error": {"message": f"fake status {code}", "type": "invalid_request_error" if code < 500 else "server_error"}
+                }
+                err_lines.append({"id": rid, "custom_id": cid, "response": {"status_code": code, "request_id": rid, "body": err},
+                                  "error": None})  # fmt: skip
+        if self.faults.get("shuffle"):
+            random.Random(7).shuffle(ok_lines)
+        batch["status"] = status
+        batch["request_counts"] = {"total": len(lines), "completed": len(ok_lines), "failed": len(err_lines)}
+        if ok_lines:
+            out = self._store(ok_lines)
+            if batch["_late"]:
+                batch["_held_output"] = out  # shown on the next poll
+            else:
+                batch["output_file_id"] = out
+        if err_lines:
+            batch["error_file_id"] = self._store(err_lines)
+
+    def _store(self, lines: list[dict[str, Any]]) -> str:
+        fid = self._id("file")
+        data = b"".join(orjson.dumps(x) + b"\n" for x in lines)
+        self.files[fid] = {"id": fid, "object": "file", "bytes": len(data), "purpose": "batch_output", "data": data,
+                           "created_at": int(self.clock)}  # fmt: skip
+        return fid
+
+    # ---- test controls ------------------------------------------------------------------
+    async def _advance(self, request: web.Request) -> web.Response:
+        self.advance(float(request.query.get("s", "0")))
+        return _json({"clock": self.clock})
+
+    async def _set_faults(self, request: web.Request) -> web.Response:
+        self.faults.update(orjson.loads(await request.read()))
+        return _json(self.faults)
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        return _json({**self.stats, "lines_seen": dict(self.lines_seen)})
+
+
+def _public(batch: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in batch.items() if not k.startswith("_")}
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def main() -> None:  # python tests/fakebatch.py: prints READY <url>, serves until killed
+    server = FakeBatchServer().start()
+    print(f"READY {server.url}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

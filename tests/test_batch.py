@@ -1,0 +1,213 @@
+"""Batch mode against a fake OpenAI batch service with a clock (tests/fakebatch.py): two invocations,
+--wait, kills during and right after create, expiry, errored lines, a failed validation, a late output
+file, polls answered 429/500, splitting, refusal for providers without batches, and the key in no file."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from tests.conftest import run_cli, spawn, texts, write_table
+from tests.fakebatch import FakeBatchServer
+
+KEY = "sk-batch-test-0123456789"
+
+
+@pytest.fixture
+def batches(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeBatchServer]:
+    monkeypatch.setenv("BATCH_KEY", KEY)
+    with FakeBatchServer(api_key=KEY) as srv:
+        yield srv
+
+
+def job(srv: FakeBatchServer, *more: str, out: str = "out/r.parquet") -> list[str]:
+    return ["run", "-i", "in.csv", "-o", out, "-p", "Summarise: {text}", "--base-url", f"{srv.url}/v1", "-m", "gpt-test",
+            "--api-key-env", "BATCH_KEY", "--mode", "batch", "--no-progress", "--no-report", *more]  # fmt: skip
+
+
+def ledger_events(out: str = "out/r") -> list[dict[str, object]]:
+    path = Path(f"{out}.checkpoint/batches/ledger.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_submit_then_collect_with_the_same_command(batches: FakeBatchServer) -> None:
+    write_table("in.csv", texts(10))
+    first = run_cli(*job(batches))
+    assert first.exit_code == 3, first.output
+    assert "1 batch in progress (10 requests); nothing is lost. Run the same command again" in first.output
+    assert not Path("out/r.parquet").exists()
+    assert json.loads(Path("out/r.metrics.json").read_text())["run"]["outcome"] == "batch_pending"
+    again = run_cli(*job(batches))  # the batch has not finished on the server's clock: still 3, nothing resent
+    assert again.exit_code == 3 and batches.stats["batches_created"] == 1
+    batches.advance(120)
+    done = run_cli(*job(batches))
+    assert done.exit_code == 0, done.output
+    out = pl.read_parquet("out/r.parquet")
+    assert out["id"].to_list() == list(range(10)) and set(out["status"]) == {"ok"}
+    assert out["completion"].to_list() == [f"echo: Summarise: {r['text']}" for r in texts(10)]
+    assert out["attempts"].to_list() == [1] * 10 and out["latency_ms"].null_count() == 10
+    assert batches.stats["batches_created"] == 1 and set(batches.lines_seen.values()) == {1}
+    # Once collected, the same command sends nothing and writes the same output.
+    assert run_cli(*job(batches)).exit_code == 0 and batches.stats["batches_created"] == 1
+
+
+def test_wait_polls_until_done(batches: FakeBatchServer) -> None:
+    batches.faults["duration"] = 0  # finished at the first poll
+    write_table("in.csv", texts(6))
+    result = run_cli(*job(batches, "--wait"))
+    assert result.exit_code == 0, result.output
+    assert set(pl.read_parquet("out/r.parquet")["status"]) == {"ok"}
+
+
+def test_splitting_by_lines(batches: FakeBatchServer) -> None:
+    write_table("in.csv", texts(10))
+    assert run_cli(*job(batches, "--batch-max-requests", "4")).exit_code == 3
+    assert batches.stats["batches_created"] == 3
+    assert sorted(b["request_counts"]["total"] for b in batches.batches.values()) == [2, 4, 4]
+
+
+def test_expiry_resends_only_the_unfinished_lines(batches: FakeBatchServer) -> None:
+    batches.faults["expire_after"] = 4
+    write_table("in.csv", texts(10))
+    assert run_cli(*job(batches)).exit_code == 3
+    batches.advance(25 * 3600)
+    second = run_cli(*job(batches))
+    assert second.exit_code == 3, second.output
+    assert "expired: 4 answered, 0 refused, 6 to send again" in second.output
+    assert batches.stats["batches_created"] == 2
+    del batches.faults["expire_after"]
+    batches.advance(120)
+    third = run_cli(*job(batches))
+    assert third.exit_code == 0, third.output
+    out = pl.read_parquet("out/r.parquet")
+    assert set(out["status"]) == {"ok"}
+    assert sorted(batches.lines_seen.values()) == [1] * 4 + [2] * 6  # answered lines never sent again
+    assert sorted(out["attempts"].to_list()) == [1] * 4 + [2] * 6
+
+
+def test_errored_lines_permanent_recorded_transient_resent(batches: FakeBatchServer) -> None:
+    batches.faults["line_status"] = {"number 3 ": 400, "number 5 ": 500}
+    write_table("in.csv", texts(8))
+    assert run_cli(*job(batches)).exit_code == 3
+    batches.advance(120)
+    second = run_cli(*job(batches))
+    assert second.exit_code == 3 and "6 answered, 1 refused, 1 to send again" in second.output
+    batches.faults["line_status"] = {"number 3 ": 400}
+    batches.advance(120)
+    third = run_cli(*job(batches))
+    assert third.exit_code == 1, third.output  # one row refused: above --max-error-rate 0
+    out = pl.read_parquet("out/r.parquet")
+    assert out.filter(pl.col("id") == 3)["error"][0].startswith("HTTP 400: fake status 400")
+    assert out.filter(pl.col("status") == "ok").height == 7
+    counts = batches.lines_seen
+    assert counts[out.filter(pl.col("id") == 3)["request_key"][0]] == 1  # a permanent refusal is not resent
+    assert counts[out.filter(pl.col("id") == 5)["request_key"][0]] == 2
+
+
+def test_failed_validation_refuses_the_named_line_and_resubmits_the_rest(batches: FakeBatchServer) -> None:
+    batches.faults["fail_validation"] = True
+    write_table("in.csv", texts(5))
+    assert run_cli(*job(batches)).exit_code == 3
+    second = run_cli(*job(batches))
+    assert second.exit_code == 3 and "failed: 0 answered, 1 refused, 4 to send again" in second.output
+    batches.faults["fail_validation"] = False
+    batches.advance(120)
+    run_cli(*job(batches))  # polls the new batch: validating -> completed
+    final = run_cli(*job(batches, "--max-error-rate", "0.5"))
+    assert final.exit_code == 0, final.output
+    out = pl.read_parquet("out/r.parquet")
+    assert out.filter(pl.col("status") == "error")["error"][0].startswith("refused by the batch's validation")
+
+
+def test_late_output_file_and_polls_answered_429_and_500(batches: FakeBatchServer) -> None:
+    batches.faults.update(output_late=True)
+    write_table("in.csv", texts(4))
+    assert run_cli(*job(batches)).exit_code == 3
+    batches.advance(120)
+    batches.faults["retrieve_faults"] = [429, 500]
+    second = run_cli(*job(batches))
+    assert second.exit_code == 3  # completed, but its output file not announced yet: not folded
+    assert batches.stats["retrieve_faults"] == 2
+    third = run_cli(*job(batches))
+    assert third.exit_code == 0, third.output
+    assert set(pl.read_parquet("out/r.parquet")["status"]) == {"ok"}
+
+
+@pytest.mark.parametrize("when", ["during", "after"])
+def test_killed_around_create_never_pays_twice(batches: FakeBatchServer, when: str) -> None:
+    """SIGKILL while the create call is in flight (the batch exists, the run never heard of it), or
+    right after it was recorded: the next run adopts that batch and creates no second one."""
+    if when == "during":
+        batches.faults["create_sleep"] = 10
+    write_table("in.csv", texts(10))
+    proc = spawn(*job(batches), env={"BATCH_KEY": KEY})
+    deadline = time.monotonic() + 30
+    while not (batches.stats["batches_created"] if when == "during" else any(e["event"] == "created" for e in ledger_events())):
+        assert time.monotonic() < deadline and proc.poll() in (None, 3)
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    batches.faults["create_sleep"] = 0
+    again = run_cli(*job(batches))
+    assert again.exit_code == 3, again.output
+    if when == "during":
+        assert "adopted batch" in again.output
+    batches.advance(120)
+    assert run_cli(*job(batches)).exit_code == 0
+    assert batches.stats["batches_created"] == 1 and set(batches.lines_seen.values()) == {1}
+    assert set(pl.read_parquet("out/r.parquet")["status"]) == {"ok"}
+
+
+@pytest.mark.parametrize("provider", ["modelslab", "local"])
+def test_providers_without_a_batch_api_are_refused(batches: FakeBatchServer, provider: str) -> None:
+    write_table("in.csv", texts(2))
+    result = run_cli(*job(batches, "--provider", provider))
+    assert result.exit_code == 2
+    assert "--mode batch needs a provider with a batch API" in result.output and provider in result.output
+    assert batches.stats["uploads"] == 0
+
+
+def test_the_key_is_in_no_file_and_goes_only_in_the_header(batches: FakeBatchServer) -> None:
+    write_table("in.csv", texts(3))
+    run_cli(*job(batches))
+    batches.advance(120)
+    assert run_cli(*job(batches)).exit_code == 0
+    for path in Path.cwd().rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path
+    assert set(batches.received_keys) == {f"Bearer {KEY}"}
+
+
+def test_status_and_cancel(batches: FakeBatchServer) -> None:
+    write_table("in.csv", texts(10))
+    assert run_cli(*job(batches)).exit_code == 3
+    status_args = job(batches)[1:]  # the job's flags, without "run"
+    shown = run_cli("batch", "status", *status_args)
+    assert shown.exit_code == 0, shown.output
+    assert ": in_progress (0 done, 0 failed of 10); open" in shown.output
+    assert "10 requests in open batches" in shown.output
+    cancelled = run_cli("batch", "cancel", *status_args)
+    assert cancelled.exit_code == 0, cancelled.output
+    assert "cancelled: 5 answered, 0 refused, 5 to send again" in cancelled.output  # the fake finishes half
+    assert batches.stats["cancels"] == 1
+    # The next run keeps the 5 answers and submits only the other 5.
+    assert run_cli(*job(batches)).exit_code == 3
+    assert batches.stats["batches_created"] == 2 and sorted(batches.lines_seen.values()) == [1] * 5 + [2] * 5
+    batches.advance(120)
+    assert run_cli(*job(batches)).exit_code == 0
+    assert set(pl.read_parquet("out/r.parquet")["status"]) == {"ok"}
+
+
+def test_batch_commands_need_a_batch_job(batches: FakeBatchServer) -> None:
+    write_table("in.csv", texts(2))
+    args = [a for a in job(batches)[1:] if a not in ("--mode", "batch")]
+    result = run_cli("batch", "status", *args)
+    assert result.exit_code == 2 and "for batch jobs" in result.output
+    none_yet = run_cli("batch", "status", *job(batches)[1:])
+    assert none_yet.exit_code == 0 and "no batches yet" in none_yet.output
