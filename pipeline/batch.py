@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 
@@ -161,7 +161,9 @@ class OpenAIBatches:
     def __init__(self, transport: Any, base_url: str, headers: Mapping[str, str], secrets: tuple[str, ...]) -> None:
         self._transport, self._base, self._headers, self._secrets = transport, base_url, dict(headers), secrets
 
-    async def _call(self, method: str, path: str, body: Any = None, *, upload: tuple[str, bytes] | None = None) -> Any:
+    async def _call(
+        self, method: str, path: str, body: Any = None, *, upload: tuple[str, bytes] | None = None, raw: bool = False
+    ) -> Any:
         url = endpoint(self._base, path)
         data = orjson.dumps(body) if body is not None else None
         for attempt in range(1, CALL_ATTEMPTS + 1):
@@ -176,7 +178,7 @@ class OpenAIBatches:
                 if len(secret) >= 8:
                     reply = reply.replace(secret.encode(), b"***")
             if 200 <= status < 300:
-                return reply if path.endswith("/content") else decode(reply)
+                return reply if raw else decode(reply)
             err = _error_of(status, headers, reply)
             if not isinstance(err, errors.TransientError) or attempt == CALL_ATTEMPTS:
                 raise err
@@ -197,7 +199,7 @@ class OpenAIBatches:
         return dict(await self._call("POST", f"/batches/{batch_id}/cancel"))
 
     async def content(self, file_id: str) -> bytes:
-        return bytes(await self._call("GET", f"/files/{file_id}/content"))
+        return bytes(await self._call("GET", f"/files/{file_id}/content", raw=True))
 
     async def find(self, local: str, since: float) -> dict[str, Any] | None:
         """The batch whose metadata names `local`, created after `since` (newest first, page by page)."""
@@ -211,6 +213,96 @@ class OpenAIBatches:
             if not page.get("has_more") or not data or min(int(b.get("created_at") or 0) for b in data) < since - 600:
                 return None
             after = data[-1]["id"]
+
+
+class AnthropicBatches(OpenAIBatches):
+    """Anthropic's Message Batches, behind the same calls: the requests go inline with the create (no file
+    upload), results come as one stream, and a batch carries no metadata, so a batch a killed run created
+    is found by its size and time. Their shapes are translated here into OpenAI's, so the rest is shared."""
+
+    STATES: ClassVar[dict[str, str]] = {"in_progress": "in_progress", "canceling": "cancelling", "ended": "completed"}
+    ERROR_STATUS: ClassVar[dict[str, int]] = {"invalid_request_error": 400, "authentication_error": 401, "permission_error": 403,
+                    "not_found_error": 404, "request_too_large": 413, "rate_limit_error": 429, "api_error": 500,
+                    "overloaded_error": 529}  # fmt: skip
+
+    def __init__(
+        self, transport: Any, base_url: str, headers: Mapping[str, str], secrets: tuple[str, ...], read: Callable[[str], bytes]
+    ) -> None:
+        super().__init__(transport, base_url, headers, secrets)
+        self._read = read  # the request file of a local batch, by its name
+        self._sizes: dict[str, int] = {}
+
+    async def upload(self, name: str, data: bytes) -> str:
+        return "inline:" + name.removesuffix(".jsonl")  # nothing to upload: create sends the requests
+
+    async def create(self, file_id: str, metadata: dict[str, str]) -> dict[str, Any]:
+        lines = [orjson.loads(raw) for raw in self._read(file_id.removeprefix("inline:")).splitlines() if raw.strip()]
+        requests = [{"custom_id": x["custom_id"], "params": x["body"]} for x in lines]
+        return self._shape(await self._call("POST", "/v1/messages/batches", {"requests": requests}))
+
+    async def retrieve(self, batch_id: str) -> dict[str, Any]:
+        return self._shape(await self._call("GET", f"/v1/messages/batches/{batch_id}"))
+
+    async def cancel(self, batch_id: str) -> dict[str, Any]:
+        return self._shape(await self._call("POST", f"/v1/messages/batches/{batch_id}/cancel"))
+
+    async def content(self, file_id: str) -> bytes:
+        """The results stream, as OpenAI batch-output lines."""
+        raw = bytes(await self._call("GET", f"/v1/messages/batches/{file_id.removeprefix('results:')}/results", raw=True))
+        out = []
+        for line in raw.splitlines():
+            if not line.strip():
+                continue
+            item = orjson.loads(line)
+            result = item.get("result") or {}
+            kind = result.get("type")
+            if kind == "succeeded":
+                response: dict[str, Any] | None = {"status_code": 200, "body": result.get("message")}
+                error = None
+            elif kind == "errored":
+                err = (result.get("error") or {}).get("error") or result.get("error") or {}
+                status = self.ERROR_STATUS.get(str(err.get("type")), 400)
+                response, error = {"status_code": status, "body": {"type": "error", "error": err}}, None
+            else:  # canceled, expired: not answered, worth sending again
+                response, error = None, {"code": f"batch_{kind}", "message": f"request {kind}"}
+            out.append(orjson.dumps({"custom_id": item.get("custom_id"), "response": response, "error": error}))
+        return b"\n".join(out)
+
+    async def find(self, local: str, since: float) -> dict[str, Any] | None:
+        """No metadata to match: the one batch created since `since` with as many requests as `local`'s file.
+        None when there is none (it was never created: safe to create); an error when several match."""
+        n = sum(1 for raw in self._read(local).splitlines() if raw.strip())
+        page = await self._call("GET", "/v1/messages/batches?limit=100")
+        matches = []
+        for batch in page.get("data") or []:
+            created = _epoch(batch.get("created_at"))
+            if created is not None and created >= since - 60 and sum((batch.get("request_counts") or {}).values()) == n:
+                matches.append(batch)
+        if len(matches) > 1:
+            ids = ", ".join(str(b.get("id")) for b in matches)
+            raise errors.ConfigError(
+                f"A run was stopped while creating a batch, and {len(matches)} batches could be it ({ids}). "
+                "Cancel the extra ones in the console, then run again."
+            )
+        return self._shape(matches[0]) if matches else None
+
+    def _shape(self, batch: Any) -> dict[str, Any]:
+        state = self.STATES.get(str(batch.get("processing_status")), str(batch.get("processing_status")))
+        counts = dict(batch.get("request_counts") or {})
+        if state == "completed" and counts.get("canceled") and not counts.get("processing"):
+            state = "cancelled" if batch.get("cancel_initiated_at") else state
+        ended = state in TERMINAL
+        return {"id": batch.get("id"), "status": state, "request_counts": counts, "errors": None,
+                "output_file_id": f"results:{batch.get('id')}" if ended else None, "error_file_id": None}  # fmt: skip
+
+
+def _epoch(value: Any) -> float | None:
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def _error_of(status: int, headers: Mapping[str, str], reply: bytes) -> errors.RequestError:
@@ -465,3 +557,12 @@ class BatchStep:
         self.outcome.submitted_batches += 1
         self.outcome.submitted_rows += entry.n
         self.say(f"pipeline: submitted batch {entry.batch_id} ({entry.n:,} requests)")
+
+
+def batch_api(
+    provider_name: str, transport: Any, base_url: str, headers: Mapping[str, str], secrets: tuple[str, ...], ledger: Ledger
+) -> OpenAIBatches:
+    """The batch endpoints of the job's provider."""
+    if provider_name == "anthropic":
+        return AnthropicBatches(transport, base_url, headers, secrets, lambda local: ledger.requests_file(local).read_bytes())
+    return OpenAIBatches(transport, base_url, headers, secrets)

@@ -56,8 +56,9 @@ PROVIDER_DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 OPENAI_DEFAULT_BASE = PROVIDER_DEFAULTS["openai"]["base_url"]
-# Providers whose batch API `--mode batch` speaks (OpenAI's files + batches, and servers that copy them).
-BATCH_PROVIDERS = ("openai",)
+# Providers whose batch API `--mode batch` speaks: OpenAI's files + batches (and servers that copy them),
+# Anthropic's Message Batches.
+BATCH_PROVIDERS = ("openai", "anthropic")
 BATCH_DISCOUNT = 0.5  # what batch mode costs against online, on input and output tokens alike
 
 

@@ -432,7 +432,7 @@ class Job:
         are open (exit 3) or after a fatal answer; else None and the answers for the output, refusals
         included as error rows, so the engine below writes the output without sending anything more
         (but, with --fallback online, the lines that failed in a batch)."""
-        from pipeline.batch import BatchStep, Ledger, OpenAIBatches
+        from pipeline.batch import BatchStep, Ledger, batch_api
 
         cfg, renderer, table = self.cfg, self.plan.renderer, self.plan.table
         base_url = str(cfg.setting("base_url"))
@@ -441,7 +441,7 @@ class Job:
         stack.push_async_callback(transport.close)
         ledger = Ledger(self.checkpoint_path)
         step = BatchStep(
-            OpenAIBatches(transport, base_url, provider.headers, self.secrets),
+            batch_api(cfg.provider, transport, base_url, provider.headers, self.secrets, ledger),
             provider,
             ledger,
             checkpoint,
@@ -566,7 +566,7 @@ def _result(data: dict[str, Any], cfg: RunConfig, checkpoint: Path, metrics_file
 
 async def batch_command(cfg: RunConfig, action: str, say: Callable[[str], None]) -> int:
     """`pipeline batch status|cancel CONFIG`: what the job's batches are doing, or cancel them."""
-    from pipeline.batch import BatchStep, Ledger, OpenAIBatches
+    from pipeline.batch import BatchStep, Ledger, batch_api
 
     if cfg.mode != "batch":
         raise errors.ConfigError(f"pipeline batch {action} is for batch jobs: give the config with mode: batch, or --mode batch.")
@@ -582,7 +582,7 @@ async def batch_command(cfg: RunConfig, action: str, say: Callable[[str], None])
     transport = AiohttpTransport(concurrency=4, timeout=float(cfg.setting("timeout")))
     all_secrets = (*secrets, *([api_key] if api_key else []))
     try:
-        api = OpenAIBatches(transport, base_url, provider.headers, all_secrets)
+        api = batch_api(cfg.provider, transport, base_url, provider.headers, all_secrets, ledger)
         if action == "status":
             step = BatchStep(api, provider, ledger, Checkpoint(cfg.checkpoint_path), max_lines=1, max_attempts=1,
                              system=cfg.system, say=say)  # fmt: skip

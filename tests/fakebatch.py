@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import socket
 import threading
 import time
@@ -36,6 +37,7 @@ import orjson
 from aiohttp import web
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
+_ANTHROPIC_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 
 
 def _answer(body: dict[str, Any]) -> dict[str, Any]:
@@ -108,6 +110,11 @@ class FakeBatchServer:
         r.add_get("/v1/batches", self._list)
         r.add_get("/v1/batches/{id}", self._retrieve)
         r.add_post("/v1/batches/{id}/cancel", self._cancel)
+        r.add_post("/v1/messages/batches", self._a_create)
+        r.add_get("/v1/messages/batches", self._a_list)
+        r.add_get("/v1/messages/batches/{id}", self._a_retrieve)
+        r.add_get("/v1/messages/batches/{id}/results", self._a_results)
+        r.add_post("/v1/messages/batches/{id}/cancel", self._a_cancel)
         r.add_post("/_fake/advance", self._advance)
         r.add_post("/_fake/faults", self._set_faults)
         r.add_get("/_fake/stats", self._stats)
@@ -119,9 +126,15 @@ class FakeBatchServer:
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if request.path.startswith("/_fake/"):
             return await handler(request)
-        auth = request.headers.get("Authorization", "")
-        self.received_keys.append(auth)
-        if auth != f"Bearer {self.api_key}":
+        if request.path.startswith("/v1/messages"):
+            auth = request.headers.get("x-api-key", "")
+            self.received_keys.append(f"x-api-key {auth}")
+            ok = auth == self.api_key and bool(request.headers.get("anthropic-version"))
+        else:
+            auth = request.headers.get("Authorization", "")
+            self.received_keys.append(auth)
+            ok = auth == f"Bearer {self.api_key}"
+        if not ok:
             return _json({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
                                     "code": "invalid_api_key"}}, 401)  # fmt: skip
         return await handler(request)
@@ -277,6 +290,87 @@ class FakeBatchServer:
                            "created_at": int(self.clock)}  # fmt: skip
         return fid
 
+    # ---- Anthropic Message Batches: the same batches, in Anthropic's shapes -------------------
+    async def _a_create(self, request: web.Request) -> web.Response:
+        req = orjson.loads(await request.read())
+        requests = req.get("requests") or []
+        ids = [r.get("custom_id") for r in requests]
+        if not requests or len(set(ids)) != len(ids) or not all(isinstance(i, str) and _ANTHROPIC_ID.fullmatch(i) for i in ids):
+            return _json({"type": "error", "error": {"type": "invalid_request_error", "message": "bad custom_id"}}, 400)
+        lines = [{"custom_id": r["custom_id"], "body": r["params"]} for r in requests]
+        bid = "msgbatch_" + self._id("a")
+        self.batches[bid] = {"id": bid, "kind": "anthropic", "status": "in_progress", "created_at": int(self.clock),
+                             "expires_at": int(self.clock) + 86400, "request_counts": {}, "output_file_id": None,
+                             "error_file_id": None, "_lines": lines,
+                             "_done_at": self.clock + float(self.faults.get("duration", 60)), "_late": False}  # fmt: skip
+        self.stats["batches_created"] += 1
+        for line in lines:
+            self.lines_seen[line["custom_id"]] += 1
+        if sleep := self.faults.get("create_sleep"):
+            await asyncio.sleep(float(sleep))
+        return _json(self._anthropic(self.batches[bid]))
+
+    async def _a_retrieve(self, request: web.Request) -> web.Response:
+        batch = self.batches.get(request.match_info["id"])
+        if batch is None:
+            return _json({"type": "error", "error": {"type": "not_found_error", "message": "no such batch"}}, 404)
+        self.stats["polls"] += 1
+        self._step(batch)
+        return _json(self._anthropic(batch))
+
+    async def _a_list(self, request: web.Request) -> web.Response:
+        ordered = sorted((b for b in self.batches.values() if b.get("kind") == "anthropic"), key=lambda b: b["id"], reverse=True)
+        self.stats["lists"] += 1
+        return _json({"data": [self._anthropic(b) for b in ordered[: int(request.query.get("limit", 20))]], "has_more": False})
+
+    async def _a_cancel(self, request: web.Request) -> web.Response:
+        batch = self.batches.get(request.match_info["id"])
+        if batch is None:
+            return _json({"type": "error", "error": {"type": "not_found_error", "message": "no such batch"}}, 404)
+        self.stats["cancels"] += 1
+        if batch["status"] not in TERMINAL:
+            batch["status"], batch["_cancel_at"] = "cancelling", self.clock
+        return _json(self._anthropic(batch))
+
+    async def _a_results(self, request: web.Request) -> web.Response:
+        batch = self.batches.get(request.match_info["id"])
+        if batch is None or batch["status"] not in TERMINAL:
+            return _json({"type": "error", "error": {"type": "invalid_request_error", "message": "not ended"}}, 400)
+        out = []
+        for fid in (batch.get("output_file_id"), batch.get("error_file_id")):
+            if fid:
+                out += [orjson.loads(x) for x in self.files[fid]["data"].splitlines()]
+        lines = []
+        for line in out:
+            resp, err = line.get("response"), line.get("error")
+            if resp and resp["status_code"] == 200:
+                result = {"type": "succeeded", "message": _anthropic_message(resp["body"])}
+            elif resp:
+                etype = "api_error" if resp["status_code"] >= 500 else "invalid_request_error"
+                result = {
+                    "type": "errored",
+                    "error": {"type": "error", "error": {"type": etype, "message": resp["body"]["error"]["message"]}},
+                }
+            else:
+                result = {"type": "expired" if "expired" in str(err) else "canceled"}
+            lines.append(orjson.dumps({"custom_id": line["custom_id"], "result": result}))
+        return web.Response(body=b"\n".join(lines), content_type="application/binary")
+
+    def _anthropic(self, batch: dict[str, Any]) -> dict[str, Any]:
+        state = {"cancelling": "canceling"}.get(batch["status"], "ended" if batch["status"] in TERMINAL else "in_progress")
+        total = len(batch["_lines"])
+        counts = batch.get("request_counts") or {}
+        done = counts.get("completed", 0)
+        failed = counts.get("failed", 0)
+        ended = state == "ended"
+        iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(batch["created_at"]))
+        return {"id": batch["id"], "type": "message_batch", "processing_status": state, "created_at": iso,
+                "request_counts": {"processing": 0 if ended else total, "succeeded": done if ended else 0,
+                                   "errored": failed if ended and batch["status"] == "completed" else 0,
+                                   "canceled": failed if ended and batch["status"] == "cancelled" else 0,
+                                   "expired": failed if ended and batch["status"] == "expired" else 0},
+                "cancel_initiated_at": iso if batch.get("_cancel_at") is not None else None}  # fmt: skip
+
     # ---- test controls ------------------------------------------------------------------
     async def _advance(self, request: web.Request) -> web.Response:
         self.advance(float(request.query.get("s", "0")))
@@ -288,6 +382,14 @@ class FakeBatchServer:
 
     async def _stats(self, request: web.Request) -> web.Response:
         return _json({**self.stats, "lines_seen": dict(self.lines_seen)})
+
+
+def _anthropic_message(chat: dict[str, Any]) -> dict[str, Any]:
+    """The chat.completion the fake built, as an Anthropic message."""
+    usage = chat.get("usage") or {}
+    return {"id": "msg_fake", "type": "message", "role": "assistant", "model": chat.get("model"),
+            "content": [{"type": "text", "text": chat["choices"][0]["message"]["content"]}], "stop_reason": "end_turn",
+            "usage": {"input_tokens": usage.get("prompt_tokens", 0), "output_tokens": usage.get("completion_tokens", 0)}}  # fmt: skip
 
 
 def _public(batch: dict[str, Any]) -> dict[str, Any]:

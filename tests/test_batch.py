@@ -26,9 +26,11 @@ def batches(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeBatchServer]:
         yield srv
 
 
-def job(srv: FakeBatchServer, *more: str, out: str = "out/r.parquet") -> list[str]:
-    return ["run", "-i", "in.csv", "-o", out, "-p", "Summarise: {text}", "--base-url", f"{srv.url}/v1", "-m", "gpt-test",
-            "--api-key-env", "BATCH_KEY", "--mode", "batch", "--no-progress", "--no-report", *more]  # fmt: skip
+def job(srv: FakeBatchServer, *more: str, out: str = "out/r.parquet", provider: str = "openai") -> list[str]:
+    base = f"{srv.url}/v1" if provider == "openai" else srv.url  # Anthropic's base is the part before /v1
+    return ["run", "-i", "in.csv", "-o", out, "-p", "Summarise: {text}", "--base-url", base, "-m", "gpt-test",
+            "--api-key-env", "BATCH_KEY", "--mode", "batch", "--no-progress", "--no-report", "--provider", provider,
+            *more]  # fmt: skip
 
 
 def ledger_events(out: str = "out/r") -> list[dict[str, object]]:
@@ -167,7 +169,7 @@ def test_killed_around_create_never_pays_twice(batches: FakeBatchServer, when: s
 @pytest.mark.parametrize("provider", ["modelslab", "local"])
 def test_providers_without_a_batch_api_are_refused(batches: FakeBatchServer, provider: str) -> None:
     write_table("in.csv", texts(2))
-    result = run_cli(*job(batches, "--provider", provider))
+    result = run_cli(*job(batches, provider=provider))
     assert result.exit_code == 2
     assert "--mode batch needs a provider with a batch API" in result.output and provider in result.output
     assert batches.stats["uploads"] == 0
@@ -211,3 +213,63 @@ def test_batch_commands_need_a_batch_job(batches: FakeBatchServer) -> None:
     assert result.exit_code == 2 and "for batch jobs" in result.output
     none_yet = run_cli("batch", "status", *job(batches)[1:])
     assert none_yet.exit_code == 0 and "no batches yet" in none_yet.output
+
+
+# ---- Anthropic Message Batches: the same flow, inline requests, results stream, no metadata ----------
+
+
+def test_anthropic_submit_then_collect(batches: FakeBatchServer) -> None:
+    write_table("in.csv", texts(6))
+    first = run_cli(*job(batches, provider="anthropic"))
+    assert first.exit_code == 3, first.output
+    batches.advance(120)
+    done = run_cli(*job(batches, provider="anthropic"))
+    assert done.exit_code == 0, done.output
+    out = pl.read_parquet("out/r.parquet")
+    assert set(out["status"]) == {"ok"} and out["completion"].to_list() == [f"echo: Summarise: {r['text']}" for r in texts(6)]
+    assert out["prompt_tokens"].min() > 0 and batches.stats["uploads"] == 0  # inline requests, usage from the messages
+    assert set(batches.received_keys) == {f"x-api-key {KEY}"}
+
+
+def test_anthropic_errored_expired_and_cancelled_lines(batches: FakeBatchServer) -> None:
+    batches.faults.update(line_status={"number 1 ": 400, "number 2 ": 500}, expire_after=4)
+    write_table("in.csv", texts(6))
+    assert run_cli(*job(batches, provider="anthropic")).exit_code == 3
+    batches.advance(25 * 3600)
+    second = run_cli(*job(batches, provider="anthropic"))
+    # Lines 0-3 ran: 0 and 3 answered, 1 refused (400), 2 errored (500: again); 4 and 5 expired (again).
+    assert second.exit_code == 3 and "2 answered, 1 refused, 3 to send again" in second.output, second.output
+    batches.faults.update(line_status={}, expire_after=None)
+    del batches.faults["expire_after"]
+    batches.advance(120)
+    third = run_cli(*job(batches, "--max-error-rate", "0.5", provider="anthropic"))
+    assert third.exit_code == 0, third.output
+    out = pl.read_parquet("out/r.parquet")
+    assert out.filter(pl.col("status") == "error")["id"].to_list() == [1]
+
+
+def test_anthropic_kill_during_create_adopts_by_size_and_time(batches: FakeBatchServer) -> None:
+    batches.faults["create_sleep"] = 10
+    write_table("in.csv", texts(7))
+    proc = spawn(*job(batches, provider="anthropic"), env={"BATCH_KEY": KEY})
+    deadline = time.monotonic() + 30
+    while not batches.stats["batches_created"]:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    batches.faults["create_sleep"] = 0
+    again = run_cli(*job(batches, provider="anthropic"))
+    assert again.exit_code == 3 and "adopted batch" in again.output, again.output
+    batches.advance(120)
+    assert run_cli(*job(batches, provider="anthropic")).exit_code == 0
+    assert batches.stats["batches_created"] == 1 and set(batches.lines_seen.values()) == {1}
+
+
+def test_anthropic_cancel_keeps_what_finished(batches: FakeBatchServer) -> None:
+    write_table("in.csv", texts(8))
+    assert run_cli(*job(batches, provider="anthropic")).exit_code == 3
+    cancelled = run_cli("batch", "cancel", *job(batches, provider="anthropic")[1:])
+    assert cancelled.exit_code == 0 and "4 answered, 0 refused, 4 to send again" in cancelled.output, cancelled.output
+    assert run_cli(*job(batches, provider="anthropic")).exit_code == 3
+    assert sorted(batches.lines_seen.values()) == [1] * 4 + [2] * 4
