@@ -276,6 +276,11 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _batch_needs_a_batch_api(self) -> RunConfig:
+        if self.mode == "batch" and (self.max_cost is not None or self.max_tokens_total is not None):
+            raise ValueError(
+                "--max-cost and --max-tokens-total bound online runs; batch mode does not apply them yet. Price the job "
+                "with `pipeline estimate --mode batch`, or run online with the ceiling"
+            )
         if self.mode == "batch" and self.provider not in BATCH_PROVIDERS:
             raise ValueError(
                 f"--mode batch needs a provider with a batch API ({', '.join(BATCH_PROVIDERS)}); the {self.provider} "

@@ -28,7 +28,7 @@ import polars as pl
 
 from pipeline import errors, source, spend
 from pipeline.checkpoint import RESULT_COLUMNS, RESULT_SCHEMA, read_done
-from pipeline.config import RunConfig
+from pipeline.config import BATCH_DISCOUNT, RunConfig
 from pipeline.engine import Prepared, prepare
 from pipeline.plan import NOWHERE, preflight
 from pipeline.prompts import Renderer
@@ -304,9 +304,9 @@ def figures(cfg: RunConfig, scan: Scan, tokens: tuple[int, str], latency: tuple[
     else:
         typical_out, out_method = out, "every request at max_tokens: no answers yet to go by"
     cost_in = cost_out = cost_typical = cost_most = None
-    if cfg.price_in is not None and cfg.price_out is not None:
-        cost_in = tokens[0] / 1e6 * cfg.price_in
-        cost_out = None if out is None else out / 1e6 * cfg.price_out
+    if (paid := spend.prices(cfg)) is not None:  # batch mode at the batch discount
+        cost_in = tokens[0] / 1e6 * paid[0]
+        cost_out = None if out is None else out / 1e6 * paid[1]
         cost_typical = spend.cost(cfg, tokens[0], typical_out or 0) if typical_out is not None else None
         cost_most = None if out is None else spend.cost(cfg, most_in, out)
     concurrency = int(cfg.setting("concurrency"))
@@ -379,8 +379,7 @@ def estimate(cfg: RunConfig, samples: int = 3, *, count_limit: int = 200) -> Est
     return replace(result, samples=bodies)
 
 
-def _money(x: float) -> str:
-    return f"${x:,.2f}" if x >= 1 else f"${x:.4f}"
+_money = spend.money
 
 
 def _duration(seconds: float) -> str:
@@ -428,7 +427,8 @@ def report(cfg: RunConfig, est: Estimate) -> str:
     else:
         typical = "typical" if est.tokens_out_typical != est.tokens_out else "typical prompt, output at max_tokens"
         about = f"about {_money(est.cost_typical or 0.0)} ({typical}), " if est.cost_typical != est.cost_most else ""
-        lines.append(f"  cost: {about}at most {_money(est.cost_most)} (bound: {bound})")
+        batch = f"; batch mode: {BATCH_DISCOUNT:.0%} of the online price" if cfg.mode == "batch" else ""
+        lines.append(f"  cost: {about}at most {_money(est.cost_most)} (bound: {bound}){batch}")
     out = est.tokens_out
     fit = spend.fit_line(
         cfg, (est.tokens_in, est.tokens_out_typical or 0), None if out is None else (est.most_in, out),
@@ -438,6 +438,8 @@ def report(cfg: RunConfig, est: Estimate) -> str:
         lines.append(fit + "; nothing was sent")
     if est.requests == 0:
         lines.append("  time: none, nothing to send")
+    elif cfg.mode == "batch":
+        lines.append("  time: within 24 hours (the provider's batch window; most batches finish sooner)")
     else:
         speed = f"{est.rate:,.1f} requests/s" if est.rate >= 0.95 else f"{est.rate * 60:,.1f} requests/min"
         lines.append(f"  time: about {_duration(est.seconds)} at {speed} ({est.pace})")

@@ -112,12 +112,14 @@ def _config(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _cost(cfg: RunConfig, stats: RunStats, earlier_tokens: tuple[int, int] | None) -> dict[str, Any] | None:
-    if cfg.price_in is None or cfg.price_out is None:
+    from pipeline.spend import prices  # here: spend imports this module's neighbours
+
+    paid = prices(cfg)
+    if paid is None:
         return None
 
     def price(prompt: int, completion: int) -> float:
-        assert cfg.price_in is not None and cfg.price_out is not None
-        return (prompt * cfg.price_in + completion * cfg.price_out) / 1e6
+        return (prompt * paid[0] + completion * paid[1]) / 1e6
 
     if stats.spent_cost is not None:  # the spend module's figures, once it has noted the run
         this_run, earlier = stats.spent_cost, stats.earlier_cost or 0.0
@@ -131,6 +133,7 @@ def _cost(cfg: RunConfig, stats: RunStats, earlier_tokens: tuple[int, int] | Non
     return {
         "price_in": cfg.price_in,
         "price_out": cfg.price_out,
+        "batch_discount": cfg.mode == "batch",  # the prices above, halved: what batch mode pays
         "this_run": round(this_run, 6),
         "all_runs": round(all_runs, 6),
         "max_cost": cfg.max_cost,

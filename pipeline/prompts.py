@@ -233,9 +233,9 @@ class Renderer:
         if self.messages_column is not None:
             col = pl.col(self.messages_column)
             if schema[self.messages_column] == pl.String:
-                return _without_nulls(col)
+                return col  # null members are dropped in render()
             encoded = col.list.eval(pl.element().struct.json_encode()).list.join(",")
-            return pl.when(col.list.len() > 0).then(_without_nulls(pl.concat_str([pl.lit("["), encoded, pl.lit("]")])))
+            return pl.when(col.list.len() > 0).then(pl.concat_str([pl.lit("["), encoded, pl.lit("]")]))
         if self.template is None:
             assert self.prompt_column is not None
             return pl.col(self.prompt_column).cast(pl.String)
@@ -296,9 +296,11 @@ class Renderer:
 
     def render(self, df: pl.DataFrame) -> pl.DataFrame:
         """Return `df` plus payload, per-row parameters, skip reason, request key and token estimate."""
-        out = df.with_columns(self._payload_expr(df.schema).alias(PROMPT)).with_columns(
-            self._skip_expr(df.schema).alias(SKIP_REASON)
-        )
+        out = df.with_columns(self._payload_expr(df.schema).alias(PROMPT))
+        if self.messages_column is not None:
+            # Before the key: a conversation is keyed as it is sent.
+            out = out.with_columns(_without_nulls(out.get_column(PROMPT)))
+        out = out.with_columns(self._skip_expr(df.schema).alias(SKIP_REASON))
         if self.messages_column is not None and df.schema[self.messages_column] == pl.String:
             # Conversations given as JSON text: a cell that is not one is not sent (checked here, not at send time).
             bad = [_conversation_problem(t) for t in out.get_column(PROMPT).to_list()]
@@ -328,17 +330,53 @@ class Renderer:
         )
 
 
-def _without_nulls(json_text: pl.Expr) -> pl.Expr:
-    """JSON text with every null-valued member removed, at any depth, vectorised (no per-row parse).
+# A JSON string, escapes included; a member whose value is null.
+_STRING = r'"[^"\\]*(?:\\.[^"\\]*)*"'
+_NULL_MEMBER = _STRING + r"\s*:\s*null\b"
+# A string whose text begins like a null member's tail (["x,", ": null"]): the only way the patterns
+# of _without_nulls can start inside a string and cut it. Rows that have one are done exactly.
+_LOOKS_LIKE_A_TAIL = r'[,:\[{]\s*"\s*:\s*null\b'
+
+
+def _without_nulls(texts: pl.Series) -> pl.Series:
+    """Conversations as JSON text with every null-valued member removed, at any depth.
 
     polars writes "name": null for every field a message lacks that another message of the column
-    has, and APIs refuse a null where a field is optional. The patterns match JSON structure only:
-    inside a string every quote is escaped, so a comma or brace followed (after spaces) by a bare
-    quote cannot occur there."""
-    member = r'"[^"\\]*"\s*:\s*null\b'
-    text = json_text.str.replace_all(r",\s*" + member, "")  # a later member: with the comma before it
-    text = text.str.replace_all(r"\{\s*" + member + r"\s*,\s*", "{")  # the first, with the comma after it
-    return text.str.replace_all(r"\{\s*" + member + r"\s*\}", "{}")  # the only one
+    has, and APIs refuse a null where a field is optional. Vectorised: three regex passes (a later
+    member with the comma before it, a first one with the comma after it, an only one). They match
+    JSON structure as long as no string's text begins with ': null' (a string that ends with a comma
+    or a brace would otherwise look like the start of a member); the rare rows that have one are
+    parsed and written again instead. Nulls that are list items, not members, stay."""
+    name = texts.name
+    stripped = (
+        texts.to_frame()
+        .select(
+            pl.col(name)
+            .str.replace_all(r",\s*" + _NULL_MEMBER, "")
+            .str.replace_all(r"\{\s*" + _NULL_MEMBER + r"\s*,\s*", "{")
+            .str.replace_all(r"\{\s*" + _NULL_MEMBER + r"\s*\}", "{}")
+        )
+        .to_series()
+    )
+    risky = texts.str.contains(_LOOKS_LIKE_A_TAIL).fill_null(False).arg_true()
+    if len(risky):
+        stripped = stripped.scatter(risky, [_exactly_without_nulls(t) for t in texts.gather(risky).to_list()])
+    return stripped
+
+
+def _exactly_without_nulls(text: str) -> str:
+    try:
+        return orjson.dumps(_drop_nulls(orjson.loads(text))).decode()
+    except orjson.JSONDecodeError:
+        return text  # not sent: render() says why
+
+
+def _drop_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
 
 
 def _conversation_problem(text: str | None) -> str | None:

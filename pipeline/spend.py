@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
 
+from pipeline.config import BATCH_DISCOUNT
+
 if TYPE_CHECKING:
     import polars as pl
 
@@ -132,8 +134,8 @@ def refusal(cfg: RunConfig) -> str | None:
 
 def ceilings(cfg: RunConfig) -> tuple[Ceiling, ...]:
     found = []
-    if cfg.max_cost is not None and cfg.price_in is not None and cfg.price_out is not None:
-        found.append(Ceiling(cfg.max_cost, cfg.price_in / 1e6, cfg.price_out / 1e6, "--max-cost"))
+    if cfg.max_cost is not None and (paid := prices(cfg)) is not None:
+        found.append(Ceiling(cfg.max_cost, paid[0] / 1e6, paid[1] / 1e6, "--max-cost"))
     if cfg.max_tokens_total is not None:
         found.append(Ceiling(float(cfg.max_tokens_total), 1.0, 1.0, "--max-tokens-total"))
     return tuple(found)
@@ -148,10 +150,19 @@ def budget_for(cfg: RunConfig) -> Budget | None:
     return Budget(found, max_out=out)
 
 
-def cost(cfg: RunConfig, tokens_in: int, tokens_out: int) -> float | None:
+def prices(cfg: RunConfig) -> tuple[float, float] | None:
+    """Price per million tokens in and out as this run pays them: batch mode at the batch discount."""
     if cfg.price_in is None or cfg.price_out is None:
         return None
-    return tokens_in * cfg.price_in / 1e6 + tokens_out * cfg.price_out / 1e6
+    factor = BATCH_DISCOUNT if cfg.mode == "batch" else 1.0
+    return cfg.price_in * factor, cfg.price_out * factor
+
+
+def cost(cfg: RunConfig, tokens_in: int, tokens_out: int) -> float | None:
+    paid = prices(cfg)
+    if paid is None:
+        return None
+    return tokens_in * paid[0] / 1e6 + tokens_out * paid[1] / 1e6
 
 
 def answered_tokens(done: pl.DataFrame) -> tuple[int, int]:

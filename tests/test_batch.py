@@ -273,3 +273,22 @@ def test_anthropic_cancel_keeps_what_finished(batches: FakeBatchServer) -> None:
     assert cancelled.exit_code == 0 and "4 answered, 0 refused, 4 to send again" in cancelled.output, cancelled.output
     assert run_cli(*job(batches, provider="anthropic")).exit_code == 3
     assert sorted(batches.lines_seen.values()) == [1] * 4 + [2] * 4
+
+
+def test_estimate_prices_batch_mode_at_half_and_a_ceiling_is_refused(batches: FakeBatchServer) -> None:
+    write_table("in.csv", texts(4))
+    online = [a for a in job(batches) if a not in ("--mode", "batch", "--no-progress", "--no-report")][1:]
+    prices = ["--price-in", "2", "--price-out", "4"]
+
+    def at_most(output: str) -> float:
+        line = next(x for x in output.splitlines() if x.startswith("  cost:"))
+        return float(line.split("at most $")[1].split()[0])
+
+    full = run_cli("estimate", *online, *prices)
+    half = run_cli("estimate", *online, "--mode", "batch", *prices)
+    assert full.exit_code == 0 and half.exit_code == 0, half.output
+    assert at_most(half.output) == pytest.approx(at_most(full.output) / 2, rel=0.02)
+    assert "batch mode: 50% of the online price" in half.output and "within 24 hours" in half.output
+    refused = run_cli(*job(batches, *prices, "--max-cost", "1"))
+    assert refused.exit_code == 2 and "batch mode does not apply them yet" in refused.output
+    assert batches.stats["uploads"] == 0

@@ -4,6 +4,7 @@ processes writing at once, pruning."""
 from __future__ import annotations
 
 import multiprocessing
+import sqlite3
 import time
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import polars as pl
 import pytest
 
 import pipeline
+import pipeline.cache
+import pipeline.engine
 from pipeline.cache import AnswerCache, scope_for
 from tests.conftest import base_args, chat_requests, run_cli, spawn, texts, write_table
 from tests.fakeserver import FakeLLMServer
@@ -31,7 +34,9 @@ def test_a_second_output_with_the_same_cache_sends_nothing(server: FakeLLMServer
     assert chat_requests(server) == []
     assert "20 from the answer cache, not sent again" in second.output
     a, b = pl.read_parquet("out/a.parquet"), pl.read_parquet("out/b.parquet")
-    assert a.equals(b)  # the stored answers, as they were first written
+    # The stored answers; no request was made for them by this output: no attempt, no latency of its own.
+    assert a.drop("attempts", "latency_ms").equals(b.drop("attempts", "latency_ms"))
+    assert set(a["attempts"]) == {1} and set(b["attempts"]) == {0} and b["latency_ms"].null_count() == 20
     # The second output's checkpoint holds them: its resume does not depend on the cache.
     for f in Path("answers").iterdir():
         f.unlink()
@@ -91,7 +96,40 @@ def test_the_api_shares_the_cache_between_calls(server: FakeLLMServer) -> None:
     first = pipeline.complete(df, **kw)
     server.reset()
     second = pipeline.complete(df, **kw)
-    assert chat_requests(server) == [] and first.equals(second)
+    assert chat_requests(server) == []
+    assert first.drop("attempts", "latency_ms").equals(second.drop("attempts", "latency_ms"))
+    assert second["attempts"].to_list() == [0] * 6
+
+
+def _count_flushes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    written: list[int] = []
+    flush = AnswerCache.flush
+
+    def counting(self: AnswerCache) -> int:
+        n = flush(self)
+        if n:
+            written.append(n)
+        return n
+
+    monkeypatch.setattr(AnswerCache, "flush", counting)
+    return written
+
+
+def test_answers_are_not_written_one_transaction_a_row_or_a_batch(server: FakeLLMServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    written = _count_flushes(monkeypatch)
+    monkeypatch.setattr(pipeline.engine, "CACHE_FLUSH_EVERY", 3600.0)  # no timed flush: only the one at the end
+    write_table("in.csv", texts(40))
+    assert run_cli(*job(server, "out/a.parquet", "--batch-size", "1")).exit_code == 0
+    assert written == [40]
+
+
+def test_answers_are_written_while_the_run_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    written = _count_flushes(monkeypatch)
+    monkeypatch.setattr(pipeline.engine, "CACHE_FLUSH_EVERY", 0.05)
+    with FakeLLMServer(latency=0.02) as server:  # 40 answers one at a time: at least 0.8 s
+        write_table("in.csv", texts(40))
+        assert run_cli(*job(server, "out/a.parquet", "--concurrency", "1", "--no-adapt")).exit_code == 0
+    assert len(written) >= 2 and sum(written) == 40
 
 
 # ---- the store itself ------------------------------------------------------------------------
@@ -156,6 +194,31 @@ def test_cache_commands(server: FakeLLMServer) -> None:
 def test_scope_names_provider_and_server() -> None:
     assert scope_for("openai", "http://h:1/v1/") == "openai http://h:1/v1"
     assert scope_for("local", None) == "local embedded"
+
+
+def test_a_flush_behind_another_jobs_write_lock_keeps_its_answers_for_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline.cache, "BUSY_MS", 100)
+    with AnswerCache("answers", "s") as store:
+        other = sqlite3.connect("answers/answers.sqlite", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another job in the middle of its own write
+        started = time.monotonic()
+        store.put("k", ["answer"])  # never waits on the database
+        assert time.monotonic() - started < 0.05
+        assert store.get_many(["k"]) == {}  # reading is not blocked by the writer either
+        assert store.flush() == 0 and store.pending == 1  # gave up after the busy timeout, kept for the next flush
+        other.execute("COMMIT")
+        other.close()
+        assert store.flush() == 1 and store.get_many(["k"]) == {"k": ("answer",)}
+
+
+def test_the_cap_at_close_reads_no_answer_when_the_file_is_under_it() -> None:
+    with AnswerCache("answers", "s", max_mb=1) as store:
+        for i in range(50):
+            store.put(f"k{i}", ["x" * 100])
+        store.flush()
+        statements: list[str] = []
+        store.db.set_trace_callback(statements.append)
+    assert not [q for q in statements if "SUM(" in q or "DELETE" in q]
 
 
 @pytest.mark.parametrize("bad", ["/proc/answers"])

@@ -4,13 +4,17 @@ does, so these runs fail unless no null field is sent."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import pipeline
+from pipeline import prompts
 from pipeline.config import RunConfig
 from pipeline.engine import prepare
 from pipeline.plan import renderer_for
@@ -79,6 +83,42 @@ def test_a_null_field_in_json_text_cells_is_dropped_and_strings_are_untouched() 
         [{"role": "user", "content": [{"type": "text", "text": "t"}]}],
     ]
     assert p.skip == [None, None, None]
+
+
+def test_text_that_looks_like_a_null_member_is_not_cut() -> None:
+    """A string ending in a comma or a brace, then one beginning with ': null', looks like a member to
+    the vectorised patterns; such rows are rewritten exactly instead."""
+    conversations = [
+        [{"role": "user", "content": ["x,", ": null"], "name": None}],
+        [{"role": "user", "content": ["a{", ": null", "b"]}],
+        [{"role": "user", "content": "a{", "k": None, ": null,": 1}],
+        [{"role": "user", "content": "ok", 'na"me': None}],  # a key with an escape
+    ]
+    cells = [orjson.dumps(c).decode() for c in conversations]
+    p = prepare(pl.DataFrame({"c": cells}), renderer_for(RunConfig(messages_column="c", model="m")), pl.DataFrame())
+    assert [orjson.loads(x) for x in p.prompts] == [_without_nulls(c) for c in conversations]
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    return [_without_nulls(v) for v in value] if isinstance(value, list) else value
+
+
+_text = st.lists(st.sampled_from([*',{}[]: "\\nul', "null", ": null", ", ", "é", "\t"]), max_size=6).map("".join)
+_value = st.recursive(
+    st.none() | st.booleans() | st.integers(-9, 9) | _text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_text, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.dictionaries(_text, _value, max_size=4), min_size=1, max_size=3), st.booleans())
+def test_every_null_member_and_nothing_else_is_dropped(messages: list[dict[str, Any]], spaced: bool) -> None:
+    text = json.dumps(messages, ensure_ascii=False) if spaced else orjson.dumps(messages).decode()
+    got = prompts._without_nulls(pl.Series("p", [text])).item()
+    assert orjson.loads(got) == _without_nulls(messages)
 
 
 def test_the_fake_server_refuses_a_null_field_as_openai_does(server: FakeLLMServer) -> None:
