@@ -27,7 +27,7 @@ import polars as pl
 
 from pipeline import errors, metrics, source, spend, storage
 from pipeline.cache import AnswerCache, scope_for
-from pipeline.checkpoint import RESULT_SCHEMA, Checkpoint, Result
+from pipeline.checkpoint import RESULT_SCHEMA, Checkpoint, Result, read_done
 from pipeline.config import RunConfig
 from pipeline.engine import Engine, prepare
 from pipeline.governor import Governor
@@ -598,7 +598,21 @@ async def batch_command(cfg: RunConfig, action: str, say: Callable[[str], None])
                 folded = "collected" if entry.folded else "lost" if entry.lost else "open"
                 say(f"  {entry.batch_id or entry.local}: {state} ({done}); {folded}")
                 rows_open += entry.n if entry.open else 0
-            say(f"pipeline: {rows_open:,} requests in open batches; run the job to collect finished ones.")
+            entries = ledger.entries()
+            in_open = {k for e in entries.values() if e.open for k in ledger.keys_of(e.local)}
+            refused = ledger.failed()
+            answered = read_done(cfg.checkpoint_path)
+            waiting: set[str] = set()
+            for frame in source.batches(plan.table, cfg.batch_size, cfg.limit):
+                p = prepare(frame, plan.renderer, answered)
+                waiting.update(
+                    k for row, k in enumerate(p.keys)
+                    if k is not None and p.skip[row] is None and row not in p.cached and k not in in_open and k not in refused
+                )  # fmt: skip
+            say(
+                f"pipeline: {rows_open:,} requests in open batches, {len(waiting):,} waiting to be submitted, "
+                f"{len(refused):,} refused, {answered.height:,} answered; run the job to collect finished batches."
+            )
             return EXIT_OK
         with contextlib.closing(Checkpoint(cfg.checkpoint_path)) as checkpoint:
             checkpoint.open()

@@ -193,7 +193,7 @@ def test_status_and_cancel(batches: FakeBatchServer) -> None:
     shown = run_cli("batch", "status", *status_args)
     assert shown.exit_code == 0, shown.output
     assert ": in_progress (0 done, 0 failed of 10); open" in shown.output
-    assert "10 requests in open batches" in shown.output
+    assert "10 requests in open batches, 0 waiting to be submitted, 0 refused, 0 answered" in shown.output
     cancelled = run_cli("batch", "cancel", *status_args)
     assert cancelled.exit_code == 0, cancelled.output
     assert "cancelled: 5 answered, 0 refused, 5 to send again" in cancelled.output  # the fake finishes half
