@@ -206,6 +206,11 @@ class RunConfig(BaseModel):
     fallback: Literal["none", "online"] = opt(
         "none", "Batch mode: send lines that failed in a batch (expired, 5xx) online instead of in a new batch."
     )
+    output_format: Literal["auto", "openai-batch"] = opt(
+        "auto",
+        "auto follows the output's extension; openai-batch writes OpenAI batch-output lines (the default for a "
+        ".jsonl output when the input is a file of OpenAI batch requests).",
+    )
     # Answers shared across outputs, jobs and calls; off unless asked for (sampling users may want fresh ones).
     cache_dir: str | None = opt(
         None,
@@ -265,7 +270,7 @@ class RunConfig(BaseModel):
     @model_validator(mode="after")
     def _prompt_source(self) -> RunConfig:
         given = [k for k in ("prompt", "prompt_column", "messages_column") if getattr(self, k) is not None]
-        if len(given) != 1:
+        if len(given) > 1 or (not given and not self.input_is_requests()):
             raise ValueError(
                 "give exactly one of 'prompt' (a template such as 'Summarise: {text}'), "
                 "'prompt_column' (a column that already holds the prompt) or 'messages_column' "
@@ -295,6 +300,10 @@ class RunConfig(BaseModel):
         if (why := refusal(self)) is not None:
             raise ValueError(why)
         return self
+
+    def input_is_requests(self) -> bool:
+        """The input is a file of OpenAI batch requests: its bodies are the requests, no prompt is given."""
+        return bool(self.input) and is_batch_requests(self.input)
 
     def setting(self, name: str) -> Any:
         """A setting, falling back to the provider's default where the user gave none."""
@@ -411,6 +420,24 @@ CREDENTIAL_HEADERS = ("authorization", "proxy-authorization", "api-key", "x-api-
 # The input formats (source.FORMATS), here so a misplaced table is caught without importing polars.
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq", ".jsonl", ".ndjson")
 FIELDS = tuple(f.alias or name for name, f in RunConfig.model_fields.items())
+
+
+def is_batch_requests(patterns: tuple[str, ...]) -> bool:
+    """Whether the input is a local JSONL whose first line is an OpenAI batch request."""
+    if len(patterns) != 1 or not patterns[0].lower().endswith((".jsonl", ".ndjson")):
+        return False
+    path = Path(patterns[0])
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        for raw in f:
+            if raw.strip():
+                try:
+                    first = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    return False
+                return isinstance(first, dict) and "custom_id" in first and isinstance(first.get("body"), dict)
+    return False
 
 
 def load_yaml(path: str) -> dict[str, Any]:

@@ -313,11 +313,19 @@ class Job:
     @contextlib.contextmanager
     def _open_sink(self) -> Any:
         """The sink, aborted on every way out but a commit (abort is a no-op after one)."""
+        output = self.plan.output
         if self._sink is not None:
             sink = self._sink
+        elif self.plan.renderer.spec.verbatim and (
+            self.cfg.output_format == "openai-batch" or str(output).lower().endswith((".jsonl", ".ndjson"))
+        ):
+            from pipeline.interchange import BatchOutputSink  # answers to batch requests, as batch-output lines
+
+            assert output is not None
+            sink = BatchOutputSink(output, self.cfg.result_prefix)
         else:
-            assert self.plan.output is not None  # preflight refuses a run with neither
-            sink = open_sink(self.plan.output, self.cfg.result_prefix)
+            assert output is not None  # preflight refuses a run with neither
+            sink = open_sink(output, self.cfg.result_prefix)
         try:
             yield sink
         finally:

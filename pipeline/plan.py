@@ -80,6 +80,13 @@ def preflight(cfg: RunConfig, *, writes: bool = True, table: source.Table | None
     if table is None and not cfg.input:
         raise errors.ConfigError("'input' is required: set it in the config or pass --input.")
     structured = structured_for(cfg)
+    if table is None and cfg.input_is_requests():
+        return _requests_plan(cfg, structured)
+    if cfg.output_format == "openai-batch":
+        raise errors.ConfigError(
+            "--output-format openai-batch writes answers to OpenAI batch requests: give an --input of such requests "
+            "(JSONL lines with custom_id, method, url and body)."
+        )
     renderer = renderer_for(cfg, structured)
     if table is None:
         table = source.open_table(cfg.input, encoding=cfg.encoding, separator=cfg.separator, headerless=renderer.needed_columns())
@@ -89,3 +96,31 @@ def preflight(cfg: RunConfig, *, writes: bool = True, table: source.Table | None
     # With no file to write, only the column checks apply: they are the ones an output to stdout gets.
     check_output(output or Path(STDOUT), table.files, list(table.schema.names()), extracted, cfg.result_prefix)
     return Plan(structured=structured, renderer=renderer, table=table, output=output)
+
+
+def _requests_plan(cfg: RunConfig, structured: Structured | None) -> Plan:
+    """An input of OpenAI batch requests: each line's body is the request, sent as it is."""
+    from pipeline import interchange
+
+    if cfg.provider not in ("openai", "local"):
+        raise errors.ConfigError(
+            f"{cfg.input[0]} holds OpenAI batch requests (chat completions bodies), which the {cfg.provider} provider "
+            "does not speak. Use --provider openai (any OpenAI-compatible server) for this file."
+        )
+    if structured is not None:
+        raise errors.ConfigError(
+            f"{cfg.input[0]} holds whole requests, so --schema cannot be added to them: put response_format in the bodies."
+        )
+    table = interchange.open_requests(cfg.input[0])
+    spec = RequestSpec(
+        model=cfg.setting("model") or "(each request's own)",
+        system=None,
+        max_tokens=None,
+        temperature=None,
+        top_p=None,
+        verbatim=True,
+    )
+    renderer = Renderer(spec=spec, template=None, prompt_column=interchange.BODY, id_column=None)
+    output = storage.location(cfg.output) if cfg.output is not None else None
+    check_output(output or Path(STDOUT), table.files, list(table.schema.names()), [], cfg.result_prefix)
+    return Plan(structured=None, renderer=renderer, table=table, output=output)

@@ -148,9 +148,12 @@ class RequestSpec:
     conversation: bool = False  # each row's payload is a JSON list of messages, not one prompt
     schema: dict[str, Any] | None = None  # JSON Schema the reply must follow
     json_mode: str = "json_schema"
+    verbatim: bool = False  # each row's payload is a whole request body (an OpenAI batch-request line's), sent as it is
 
     def fingerprint(self) -> bytes:
         """Canonical bytes of the shared part; any change re-keys every row."""
+        if self.verbatim:  # the body is the whole request: nothing else of the run's goes out with it
+            return b'{"verbatim":true}'
         shared: dict[str, Any] = {
             "model": self.model,
             "system": self.system,

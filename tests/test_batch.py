@@ -292,3 +292,73 @@ def test_estimate_prices_batch_mode_at_half_and_a_ceiling_is_refused(batches: Fa
     refused = run_cli(*job(batches, *prices, "--max-cost", "1"))
     assert refused.exit_code == 2 and "batch mode does not apply them yet" in refused.output
     assert batches.stats["uploads"] == 0
+
+
+# ---- the OpenAI batch file format as an interchange format --------------------------------------
+
+
+def write_requests(n: int, path: str = "requests.jsonl") -> list[dict[str, object]]:
+    lines = [
+        {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "vllm-model", "messages": [{"role": "user", "content": f"question {i}"}], "max_tokens": 20 + i}}
+        for i in range(n)
+    ]  # fmt: skip
+    Path(path).write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return lines
+
+
+def test_batch_request_file_runs_online_as_it_is_and_writes_batch_output_lines() -> None:
+    from tests.conftest import chat_requests
+    from tests.fakeserver import FakeLLMServer
+
+    lines = write_requests(5)
+    with FakeLLMServer() as server:
+        result = run_cli("run", "-i", "requests.jsonl", "-o", "out/answers.jsonl", "--base-url", f"{server.url}/v1",
+                         "--no-progress", "--no-report")  # fmt: skip
+        assert result.exit_code == 0, result.output
+        sent = sorted((r.body for r in chat_requests(server)), key=lambda b: b["max_tokens"])
+        # The same file to Parquet: a table with custom_id, method, url and body beside the results.
+        table = run_cli("run", "-i", "requests.jsonl", "-o", "out/answers.parquet", "--base-url", f"{server.url}/v1",
+                        "--no-progress", "--no-report")  # fmt: skip
+        assert table.exit_code == 0, table.output
+    assert sent == [x["body"] for x in lines]  # each body sent verbatim: its own model and max_tokens
+    frame = pl.read_parquet("out/answers.parquet")
+    assert frame.columns[:5] == ["custom_id", "method", "url", "body", "completion"] and set(frame["status"]) == {"ok"}
+    out = [json.loads(x) for x in Path("out/answers.jsonl").read_text().splitlines()]
+    assert [x["custom_id"] for x in out] == [f"req-{i}" for i in range(5)]  # input order
+    first = out[0]
+    assert first["error"] is None and first["response"]["status_code"] == 200
+    assert first["response"]["body"]["choices"][0]["message"]["content"] == "echo: question 0"
+    assert first["response"]["body"]["model"] == "vllm-model" and first["response"]["body"]["usage"]["prompt_tokens"] > 0
+
+
+def test_batch_request_file_in_batch_mode(batches: FakeBatchServer) -> None:
+    write_requests(4)
+    args = ["run", "-i", "requests.jsonl", "-o", "out/r.jsonl", "--base-url", f"{batches.url}/v1", "--api-key-env", "BATCH_KEY",
+            "--mode", "batch", "--no-progress", "--no-report"]  # fmt: skip
+    assert run_cli(*args).exit_code == 3
+    batch = next(iter(batches.batches.values()))
+    assert [line["body"]["max_tokens"] for line in batch["_lines"]] == [20, 21, 22, 23]  # the bodies as given
+    batches.advance(120)
+    done = run_cli(*args)
+    assert done.exit_code == 0, done.output
+    out = [json.loads(x) for x in Path("out/r.jsonl").read_text().splitlines()]
+    assert [x["custom_id"] for x in out] == [f"req-{i}" for i in range(4)]
+    assert all(x["response"]["status_code"] == 200 for x in out)
+
+
+def test_bad_batch_request_files_are_refused_before_anything_is_sent() -> None:
+    write_requests(2)
+    with open("requests.jsonl", "a") as f:
+        f.write(json.dumps({"custom_id": "req-0", "body": {"messages": []}}) + "\n")
+    result = run_cli("run", "-i", "requests.jsonl", "-o", "out/a.jsonl", "--base-url", "http://127.0.0.1:9/v1")
+    assert result.exit_code == 2 and "line 3 repeats custom_id 'req-0'" in result.output
+    write_requests(2)
+    wrong = run_cli(
+        "run", "-i", "requests.jsonl", "-o", "out/a.jsonl", "--provider", "anthropic", "--base-url", "http://127.0.0.1:9"
+    )
+    assert wrong.exit_code == 2 and "does not speak" in wrong.output
+    write_table("in.csv", texts(2))
+    plain = run_cli("run", "-i", "in.csv", "-o", "out/a.jsonl", "-p", "{text}", "-m", "m", "--output-format", "openai-batch",
+                    "--base-url", "http://127.0.0.1:9/v1")  # fmt: skip
+    assert plain.exit_code == 2 and "give an --input of such requests" in plain.output

@@ -124,6 +124,8 @@ class OpenAIChat(SchemaForms):
         self._params = generation_params(self._spec)
 
     def body(self, payload: str, extra: str | None = None, followup: list[dict[str, str]] | None = None) -> bytes:
+        if self._spec.verbatim:  # a batch-request line's body: sent as the file gives it
+            return payload.encode()
         messages = chat_messages(self._spec, payload, followup)
         return orjson.dumps({"model": self._spec.model, "messages": messages, **self._params, **row_params(extra)})
 
