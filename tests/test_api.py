@@ -178,20 +178,27 @@ SCRIPT = textwrap.dedent(
 )
 
 
+def interrupt_script(script: str, server: FakeLLMServer) -> str:
+    """Run `script` against `server` in its own process, SIGINT it once 40 requests have gone out, and
+    check it said it was interrupted; returns how many rows it had answered (as text)."""
+    Path("job.py").write_text(script)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "job.py", f"{server.url}/v1"], stdout=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    while len(chat_requests(server)) < 40:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    word, outcome, ok = out.split()
+    assert (word, outcome) == ("INTERRUPTED", "interrupted") and 30 <= int(ok) < 400
+    return ok
+
+
 def test_ctrl_c_in_a_call_saves_answers_and_raises_interrupted() -> None:
     with FakeLLMServer(latency=0.05) as server:
-        Path("job.py").write_text(SCRIPT)
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        proc = subprocess.Popen([sys.executable, "job.py", f"{server.url}/v1"], stdout=subprocess.PIPE, text=True, env=env)
-        deadline = time.monotonic() + 60
-        while len(chat_requests(server)) < 40:
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-        assert proc.returncode == 130, out
-        word, outcome, ok = out.split()
-        assert (word, outcome) == ("INTERRUPTED", "interrupted") and 30 <= int(ok) < 400
+        ok = interrupt_script(SCRIPT, server)
         first = {r.content for r in chat_requests(server)}
         server.reset()
         df = pl.DataFrame({"text": [f"row {i}" for i in range(400)]})
@@ -247,18 +254,7 @@ def test_ctrl_c_inside_a_running_loop_saves_answers_and_raises_interrupted() -> 
     """The sync form inside a running loop runs on a worker thread's loop; the interrupt reaches the
     calling thread, which cancels the run there, waits for it to save, and raises Interrupted."""
     with FakeLLMServer(latency=0.05) as server:
-        Path("cell.py").write_text(NOTEBOOK_SCRIPT)
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        proc = subprocess.Popen([sys.executable, "cell.py", f"{server.url}/v1"], stdout=subprocess.PIPE, text=True, env=env)
-        deadline = time.monotonic() + 60
-        while len(chat_requests(server)) < 40:
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, out
-    word, outcome, ok = out.split()
-    assert (word, outcome) == ("INTERRUPTED", "interrupted") and 30 <= int(ok) < 400
+        ok = interrupt_script(NOTEBOOK_SCRIPT, server)
     from pipeline.checkpoint import read_done
 
     assert read_done(Path("answers")).height >= int(ok)  # every answer counted is in the checkpoint
