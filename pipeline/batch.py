@@ -515,10 +515,9 @@ class BatchStep:
     async def _submit(
         self, rows: Iterator[tuple[str, str, str | None]], attempts: Counter[str], entries: dict[str, Entry]
     ) -> None:
-        """Write the rows still to answer into request files within the limits, and submit each."""
-        out: Any = None
-        entry: Entry | None = None
-        size = 0
+        """Write the rows still to answer into request files within the limits, one model per file (OpenAI
+        refuses a file that mixes models, as an input of batch requests may), and submit each."""
+        files: dict[str, tuple[Any, Entry, int]] = {}  # model -> (open file, entry, bytes written)
         seen: set[str] = set()
         for key, payload, extra in rows:
             if key in seen:
@@ -529,20 +528,22 @@ class BatchStep:
             if attempts[key] >= self.max_attempts:
                 self.outcome.failed[key] = f"not answered after {attempts[key]} batch submissions"
                 continue
-            line = orjson.dumps({"custom_id": key, "method": "POST", "url": ENDPOINT,
-                                 "body": orjson.loads(self.provider.body(payload, extra))}) + b"\n"  # fmt: skip
-            if entry is not None and (entry.n >= self.max_lines or size + len(line) > MAX_BYTES * 0.95):
-                await self._seal(out, entry, entries)
-                entry = None
-            if entry is None:
+            body = orjson.loads(self.provider.body(payload, extra))
+            line = orjson.dumps({"custom_id": key, "method": "POST", "url": ENDPOINT, "body": body}) + b"\n"
+            model = str(body.get("model"))
+            current = files.get(model)
+            if current is not None and (current[1].n >= self.max_lines or current[2] + len(line) > MAX_BYTES * 0.95):
+                await self._seal(current[0], current[1], entries)
+                current = None
+            if current is None:
                 entry = Entry(local=f"b{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
                 self.ledger.folder.mkdir(parents=True, exist_ok=True)
-                out = self.ledger.requests_file(entry.local).open("wb")
-                size = 0
+                current = (self.ledger.requests_file(entry.local).open("wb"), entry, 0)
+            out, entry, size = current
             out.write(line)
             entry.n += 1
-            size += len(line)
-        if entry is not None:
+            files[model] = (out, entry, size + len(line))
+        for out, entry, _ in files.values():
             await self._seal(out, entry, entries)
 
     async def _seal(self, out: Any, entry: Entry, entries: dict[str, Entry]) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
 import orjson
@@ -139,6 +139,8 @@ class Engine:
         self._concurrency = concurrency
         self._checkpoint = checkpoint
         self._cache = cache
+        # Attempts a row has had elsewhere (batch submissions, in batch mode's online fallback): `attempts` counts them.
+        self.attempts_before: Mapping[str, int] = {}
         self._sink = sink
         self._stats = stats
         self._system = system_prompt or ""
@@ -239,7 +241,8 @@ class Engine:
                 else:
                     prompt = p.prompts[row]
                     assert prompt is not None
-                    work = Work(key=key, prompt=prompt, extra=p.extra[row], tokens=p.tokens[row], waiters=[(batch, row)])
+                    work = Work(key=key, prompt=prompt, extra=p.extra[row], tokens=p.tokens[row], waiters=[(batch, row)],
+                                attempts=self.attempts_before.get(key, 0))  # fmt: skip
                     self._inflight[key] = work
                     self._queue.put_nowait(work)
 

@@ -216,6 +216,7 @@ class Job:
         self.files = files
         self.earlier_tokens: tuple[int, int] | None = None  # (prompt, completion) the checkpoint held, for the cost
         self.result: RunResult | None = None
+        self._attempts_before: dict[str, int] = {}
 
     # ---- the way through --------------------------------------------------------------------------
 
@@ -389,6 +390,7 @@ class Job:
                 notice=progress.notice,
                 cache=cache,
             )
+            engine.attempts_before = self._attempts_before
             progress.start()
             sampling = asyncio.get_running_loop().create_task(metrics.sampler(stats, self.clock))  # 1 Hz
             try:
@@ -500,6 +502,7 @@ class Job:
         attempts = ledger.submissions(ledger.entries())
         refused = [Result.failed(why, attempts[key], key) for key, why in failed.items()]
         extra = pl.DataFrame([*outcome.folded, *refused], schema=RESULT_SCHEMA, orient="row")
+        self._attempts_before = attempts  # the online fallback's rows had these batch submissions
         return None, pl.concat([done, extra]).unique("request_key", keep="first", maintain_order=True).sort("request_key")
 
     def _stopped(self, cause: BaseException, appended: int, started: float) -> metrics.Ending:

@@ -110,6 +110,7 @@ class FakeBatchServer:
         r.add_get("/v1/batches", self._list)
         r.add_get("/v1/batches/{id}", self._retrieve)
         r.add_post("/v1/batches/{id}/cancel", self._cancel)
+        r.add_post("/v1/chat/completions", self._chat)  # online, on the same base URL, as OpenAI serves both
         r.add_post("/v1/messages/batches", self._a_create)
         r.add_get("/v1/messages/batches", self._a_list)
         r.add_get("/v1/messages/batches/{id}", self._a_retrieve)
@@ -289,6 +290,11 @@ class FakeBatchServer:
         self.files[fid] = {"id": fid, "object": "file", "bytes": len(data), "purpose": "batch_output", "data": data,
                            "created_at": int(self.clock)}  # fmt: skip
         return fid
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        self.stats["online"] += 1
+        return _json(_answer(body))
 
     # ---- Anthropic Message Batches: the same batches, in Anthropic's shapes -------------------
     async def _a_create(self, request: web.Request) -> web.Response:

@@ -362,3 +362,41 @@ def test_bad_batch_request_files_are_refused_before_anything_is_sent() -> None:
     plain = run_cli("run", "-i", "in.csv", "-o", "out/a.jsonl", "-p", "{text}", "-m", "m", "--output-format", "openai-batch",
                     "--base-url", "http://127.0.0.1:9/v1")  # fmt: skip
     assert plain.exit_code == 2 and "give an --input of such requests" in plain.output
+
+
+def test_one_model_per_batch_file(batches: FakeBatchServer) -> None:
+    lines = write_requests(6)
+    for i, line in enumerate(lines):
+        line["body"]["model"] = "model-a" if i % 2 else "model-b"  # type: ignore[index]
+    Path("requests.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    args = ["run", "-i", "requests.jsonl", "-o", "out/r.jsonl", "--base-url", f"{batches.url}/v1", "--api-key-env", "BATCH_KEY",
+            "--mode", "batch", "--no-progress", "--no-report"]  # fmt: skip
+    assert run_cli(*args).exit_code == 3
+    models = sorted(
+        {line["body"]["model"] for line in b["_lines"]} == {m} for b in batches.batches.values() for m in ("model-a", "model-b")
+    )
+    assert batches.stats["batches_created"] == 2 and models.count(True) == 2
+
+
+def test_fallback_online_sends_failed_lines_online(batches: FakeBatchServer) -> None:
+    """--fallback online: the lines a batch left unanswered go online (the fake, as OpenAI, serves chat
+    completions on the same base URL) instead of into a second batch."""
+    batches.faults["expire_after"] = 2
+    write_table("in.csv", texts(5))
+    args = job(batches, "--fallback", "online")
+    assert run_cli(*args).exit_code == 3
+    batches.advance(25 * 3600)
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    assert batches.stats["batches_created"] == 1 and batches.stats["online"] == 3
+    out = pl.read_parquet("out/r.parquet")
+    assert set(out["status"]) == {"ok"} and sorted(out["attempts"].to_list()) == [1, 1, 2, 2, 2]
+
+
+def test_a_bad_key_stops_with_exit_1_and_submits_nothing(batches: FakeBatchServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATCH_KEY", "sk-wrong-key-0000000000")
+    write_table("in.csv", texts(3))
+    result = run_cli(*job(batches))
+    assert result.exit_code == 1, result.output
+    assert "Incorrect API key" in result.output and "sk-wrong" not in result.output
+    assert batches.stats["batches_created"] == 0
