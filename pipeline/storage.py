@@ -10,10 +10,15 @@ their values.
 Inputs are copied to a local temporary folder before the run, a chunk at a
 time (memory stays flat; the disk needs the inputs' size), so every later step
 (checks, row counts, batches) reads them as local files. Outputs are written
-locally as always, then uploaded on commit to a temporary key beside the final
-one and moved into place by a server-side copy: a reader never sees a partial
-object, and a run that fails leaves nothing under the final key (pyarrow keeps
-an empty folder marker, `folder/`, where it deletes the temporary key). The checkpoint
+locally as always and uploaded only on commit, once whole: nothing is uploaded
+while the run may still fail. Up to S3's copy limit (5 GiB) the upload goes to a
+temporary key beside the final one and is moved into place by a server-side
+copy, so a reader never sees a partial object and a run that fails, even during
+the upload, leaves nothing under the final key (pyarrow keeps an empty folder
+marker, `folder/`, where it deletes the temporary key). A larger output cannot be
+copied in one request (pyarrow's move is a single CopyObject), so it is uploaded
+straight to its key as one multipart upload, which S3 shows only once it is
+completed; Ctrl-C and SIGTERM wait until it is (see `upload`). The checkpoint
 needs appends, which object storage does not do: it stays on a local folder.
 """
 
@@ -23,9 +28,12 @@ import contextlib
 import fnmatch
 import glob
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pipeline.errors import ConfigError, InputError, UserError
 
@@ -34,6 +42,10 @@ if TYPE_CHECKING:
 
 SCHEME = "s3://"
 COPY_CHUNK = 8 << 20  # bytes per read when copying an object: memory stays flat at any size
+# pyarrow uploads parts in the background and queues every part it is given: without a wait the
+# whole output sits in memory when the network is slower than the disk (1 GB: 1.1 GB of RSS).
+UPLOAD_WINDOW = 64 << 20  # bytes handed over before waiting for the parts in flight
+COPY_LIMIT = 5 << 30  # S3's largest CopyObject; above it an output is uploaded in place (see `upload`)
 CREDENTIAL_HINT = (
     "Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary credentials), "
     "or AWS_PROFILE for a profile in ~/.aws"
@@ -105,7 +117,8 @@ def filesystem() -> pafs.S3FileSystem:
     if not (key and secret) and not profile and not shared.exists() and not other and not instance_role:
         raise ConfigError(f"No credentials for object storage. {CREDENTIAL_HINT}, then run again.")
     options: dict[str, object] = {
-        "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+        # Unset: the SDK reads the profile's region in ~/.aws/config, else takes us-east-1.
+        "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
         "connect_timeout": 10,
         "request_timeout": 60,
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=4),
@@ -119,9 +132,23 @@ def filesystem() -> pafs.S3FileSystem:
             scheme, host = "https", endpoint
         options.update(endpoint_override=host.rstrip("/"), scheme=scheme)
         options["force_virtual_addressing"] = False  # an S3-compatible server: bucket in the path
-    if not instance_role:
-        os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # never ask the metadata address for a region
-    return pafs.S3FileSystem(**options)
+    with _metadata_address_off(not instance_role):
+        return pafs.S3FileSystem(**options)
+
+
+@contextlib.contextmanager
+def _metadata_address_off(off: bool) -> Iterator[None]:
+    """While the filesystem is made (the SDK decides then whether to ask the metadata address, for a
+    region or credentials), AWS_EC2_METADATA_DISABLED=true unless the user set it; then the environment
+    is as it was, so a program that imports us (the Python API) keeps its own AWS behaviour."""
+    if not off or "AWS_EC2_METADATA_DISABLED" in os.environ:
+        yield
+        return
+    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+    try:
+        yield
+    finally:
+        os.environ.pop("AWS_EC2_METADATA_DISABLED", None)
 
 
 def explain(exc: BaseException, url: Url | str, doing: str) -> UserError:
@@ -146,6 +173,12 @@ def explain(exc: BaseException, url: Url | str, doing: str) -> UserError:
         return ConfigError(
             f"Cannot {doing} {url}: access denied. Check the credentials ({CREDENTIAL_HINT}) and that they may "
             f"{'write' if doing == 'write' else 'read'} there."
+        )
+    if "http status 301" in low or "permanentredirect" in low or "authorizationheadermalformed" in low:
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1 (none set)"
+        return ConfigError(
+            f"Cannot {doing} {url}: the bucket is in another region than {region}. Set AWS_REGION to the "
+            "bucket's region, then run again."
         )
     if any(w in low for w in ("couldn't connect", "connection refused", "curlcode: 7", "resolve host", "timeout", "timed out")):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the AWS endpoint"
@@ -187,21 +220,50 @@ def resolve(pattern: str) -> list[Url]:
     rest = pattern.removeprefix(SCHEME)
     bucket, _, key_glob = rest.partition("/")
     fixed = key_glob[: min((key_glob.find(c) for c in "*?[" if c in key_glob), default=len(key_glob))]
-    base = Url(bucket, fixed.rsplit("/", 1)[0] if "/" in fixed else "")
+    base = fixed.rsplit("/", 1)[0] if "/" in fixed else ""
+    below = key_glob[len(base) :].lstrip("/")  # the part with wildcards: list deeper only if it has folders
+    selector = pafs.FileSelector(f"{bucket}/{base}".rstrip("/"), recursive="/" in below, allow_not_found=True)
     try:
-        listed = fs.get_file_info(pafs.FileSelector(f"{bucket}/{base.key}".rstrip("/"), recursive=True, allow_not_found=True))
+        listed = fs.get_file_info(selector)
     except OSError as exc:
         raise explain(exc, pattern, "read") from None
     matched = sorted(
         Url(bucket, info.path.removeprefix(f"{bucket}/"))
         for info in listed
-        if info.type == pafs.FileType.File and fnmatch.fnmatchcase(info.path.removeprefix(f"{bucket}/"), key_glob)
+        if info.type == pafs.FileType.File and glob_matches(info.path.removeprefix(f"{bucket}/"), key_glob)
     )
     if not matched:
         if (problem := _bucket_problem(fs, Url(bucket, key_glob), "read")) is not None:
             raise problem
         raise InputError(f"No input object matches {pattern!r}. Check the pattern (quote it so the shell does not expand it).")
     return matched
+
+
+def glob_matches(key: str, pattern: str) -> bool:
+    """Whether an object's key matches a glob as a local path matches it with `glob.glob(recursive=True)`:
+    `*`, `?` and `[...]` stay within one folder, `**` spans any number of folders, and a wildcard does not
+    match a name that starts with a dot (so `reviews/*.parquet` does not read `reviews/2026/x.parquet`,
+    nor a `.hidden` key)."""
+    return _match_parts(key.split("/"), pattern.split("/"))
+
+
+def _match_parts(names: list[str], parts: list[str]) -> bool:
+    if not parts:
+        return not names
+    head, rest = parts[0], parts[1:]
+    if head == "**":
+        for skip in range(len(names) + 1):
+            if _match_parts(names[skip:], rest):
+                return True
+            if skip < len(names) and names[skip].startswith("."):
+                return False
+        return False
+    if not names:
+        return False
+    name = names[0]
+    if name.startswith(".") and not head.startswith(".") and glob.has_magic(head):
+        return False
+    return fnmatch.fnmatchcase(name, head) and _match_parts(names[1:], rest)
 
 
 def download(url: Url, dest: Path) -> None:
@@ -227,19 +289,90 @@ def check_writable(url: Url) -> None:
 
 
 def upload(local: Path, url: Url) -> None:
-    """Put a finished local file at `url` so that it appears whole or not at all: upload to a temporary
-    key beside it, then move it into place (a server-side copy, then the temporary key is deleted)."""
+    """Put a finished local file at `url` so that it appears whole or not at all.
+
+    Up to COPY_LIMIT: upload to a temporary key beside it, then move it into place (a server-side copy,
+    then the temporary key is deleted); a failure or Ctrl-C part-way leaves nothing under `url`.
+    Larger: S3 copies at most 5 GiB in one request and pyarrow's move is one CopyObject, so the file is
+    uploaded straight to `url` as one multipart upload, which S3 shows only once it is completed. pyarrow
+    completes it whenever its stream is closed, on an exception too, and offers no abort, so nothing may
+    raise while the stream is open: Ctrl-C and SIGTERM are held until the upload ends, and a local read
+    error is kept until the stream is closed (then the object it completed is deleted at once). A failed
+    part upload is safe: pyarrow does not complete an upload with a failed part."""
     fs = filesystem()
+    try:
+        with local.open("rb") as src:
+            if local.stat().st_size <= COPY_LIMIT:
+                _upload_then_move(fs, src, url)
+                return
+            with _interrupts_held():
+                with fs.open_output_stream(url.fs_path) as out:
+                    unread = _send(src, out)
+                if unread is not None:
+                    with contextlib.suppress(OSError):
+                        fs.delete_file(url.fs_path)
+                    raise unread
+    except OSError as exc:
+        if exc.filename == str(local):
+            raise OSError(f"Cannot upload {local} to {url}: reading it failed: {exc.strerror or exc}.") from None
+        raise OSError(f"{explain(exc, url, 'write')} The output is whole locally at {local}.") from None
+
+
+def _upload_then_move(fs: pafs.S3FileSystem, src: BinaryIO, url: Url) -> None:
     temporary = url.with_name(f".{url.name}.{os.getpid()}.uploading")
     try:
-        with local.open("rb") as src, fs.open_output_stream(temporary.fs_path) as out:
-            while chunk := src.read(COPY_CHUNK):
-                out.write(chunk)
+        with fs.open_output_stream(temporary.fs_path) as out:
+            unread = _send(src, out)
+        if unread is not None:
+            raise unread
         fs.move(temporary.fs_path, url.fs_path)
-    except OSError as exc:
+    except BaseException:  # Ctrl-C too: pyarrow completes a partial upload, under the temporary key
         with contextlib.suppress(OSError):  # else a lifecycle rule can sweep '.uploading' keys
             fs.delete_file(temporary.fs_path)
-        raise OSError(f"{explain(exc, url, 'write')} The output is whole locally at {local}.") from None
+        raise
+
+
+def _send(src: BinaryIO, out: Any) -> OSError | None:
+    """Copy a local file into an object's output stream, waiting for the parts in flight every
+    UPLOAD_WINDOW bytes so that memory stays flat. A local read error is returned, not raised: the
+    caller decides what becomes of the upload once the stream is closed."""
+    handed = 0
+    while True:
+        try:
+            chunk = src.read(COPY_CHUNK)
+        except OSError as exc:
+            exc.filename = exc.filename or src.name
+            return exc
+        if not chunk:
+            return None
+        out.write(chunk)
+        handed += len(chunk)
+        if handed >= UPLOAD_WINDOW:
+            out.flush()  # waits for the background part uploads; raises if one failed
+            handed = 0
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block ends, then take their course. Only the main thread runs
+    Python's signal handlers, so elsewhere (the Python API's worker) nothing needs holding."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler is not None:  # None: set outside Python, which raises nothing here
+            held[sig] = handler
+            signal.signal(sig, lambda number, _frame: caught.append(number))
+    try:
+        yield
+    finally:
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+        for number in dict.fromkeys(caught):
+            signal.raise_signal(number)
 
 
 def local_home(url: Url) -> Path:
