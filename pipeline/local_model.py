@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from types import TracebackType
 
@@ -94,6 +95,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+SLICE = 0.2  # seconds per wait, so a signal is handled within about this long
+
+
 class LocalServer:
     """`with LocalServer() as server: ... server.base_url ...`"""
 
@@ -145,7 +149,7 @@ class LocalServer:
     def start(self) -> LocalServer:
         self._spawn()
         try:
-            self._ready.wait(self._timeout)
+            self._wait_ready()
         except BaseException:
             # Ctrl-C or SIGTERM while the model loads: `with LocalServer()` never entered, so its
             # __exit__ will not stop the server. Stop it here and wait for it, rather than leave it
@@ -159,7 +163,7 @@ class LocalServer:
         cancellation (Ctrl-C in `pipeline run`, a caller's cancel) stops the server at once."""
         self._spawn()
         try:
-            await asyncio.to_thread(self._ready.wait, self._timeout)
+            await asyncio.to_thread(self._wait_ready)
         except BaseException:
             self.stop()  # ends its output, which releases the waiting thread
             raise
@@ -227,8 +231,21 @@ class LocalServer:
             proc.wait()
 
     def wait(self) -> int:
+        """Until the server exits. In short waits: a signal may be delivered to the thread that reads the
+        server's output, and a thread blocked in one long wait would not run Python's handler (Ctrl-C,
+        SIGTERM) until the server had exited by itself."""
         assert self._proc is not None
-        return self._proc.wait()
+        while True:
+            try:
+                return self._proc.wait(timeout=SLICE)
+            except subprocess.TimeoutExpired:
+                continue
+
+    def _wait_ready(self) -> None:
+        """Until the model is loaded (or its server gave up), at most the timeout; in short waits, as `wait`."""
+        deadline = time.monotonic() + self._timeout
+        while not self._ready.wait(SLICE) and time.monotonic() < deadline:
+            pass
 
     def __enter__(self) -> LocalServer:
         return self.start()
