@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,6 +18,14 @@ from pipeline.cli import cli
 from tests.fakeserver import FakeLLMServer
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ctrl_c_reaches_children() -> None:
+    """Tests send SIGINT to the processes they start. A shell starts a background job (`make test &`,
+    a CI runner's `cmd &`) with SIGINT ignored, and children inherit an ignored signal: with a Python
+    handler here instead, each child starts with the default and turns Ctrl-C into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
