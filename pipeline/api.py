@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import sys
 import tempfile
@@ -68,6 +69,11 @@ async def acomplete(table: Any, **settings: Any) -> pl.DataFrame:
     config = settings.pop("config", None)
     frame = _as_frame(table)
     cfg = _settings(config, settings, api=True)
+    if cfg.mode == "batch" and not cfg.checkpoint_dir and not cfg.wait:
+        raise errors.ConfigError(
+            "complete(mode='batch') returns before its batches finish: give checkpoint_dir= so a later call collects "
+            "them (without it the record of the batches would be gone, and a second call would pay again), or wait=True."
+        )
     sink = MemorySink(cfg.result_prefix)
     with tempfile.TemporaryDirectory(prefix="pipeline-answers-") as scratch:
         checkpoint = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else Path(scratch) / "answers.checkpoint"
@@ -167,8 +173,11 @@ def _sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
                 pass
             return future.result()
         except KeyboardInterrupt:  # the notebook's stop button: cancel the run, let it save, then stop
+            if future.done():
+                return future.result()
             for loop, task in loop_and_task:
-                loop.call_soon_threadsafe(task.cancel)
+                with contextlib.suppress(RuntimeError):  # its loop closed just now: the run has ended
+                    loop.call_soon_threadsafe(task.cancel)
             try:
                 return future.result()
             except errors.Interrupted:

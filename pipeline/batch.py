@@ -80,8 +80,11 @@ class Ledger:
     def append(self, event: str, **fields: Any) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         line = orjson.dumps({"event": event, "ts": time.time(), **fields}) + b"\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line  # a line torn by a kill: end it, so this event stands on a line of its own
             os.write(fd, line)
             os.fsync(fd)
         finally:
@@ -201,7 +204,7 @@ class OpenAIBatches:
     async def content(self, file_id: str) -> bytes:
         return bytes(await self._call("GET", f"/files/{file_id}/content", raw=True))
 
-    async def find(self, local: str, since: float) -> dict[str, Any] | None:
+    async def find(self, local: str, since: float, known: set[str] | None = None) -> dict[str, Any] | None:
         """The batch whose metadata names `local`, created after `since` (newest first, page by page)."""
         after: str | None = None
         while True:
@@ -268,13 +271,16 @@ class AnthropicBatches(OpenAIBatches):
             out.append(orjson.dumps({"custom_id": item.get("custom_id"), "response": response, "error": error}))
         return b"\n".join(out)
 
-    async def find(self, local: str, since: float) -> dict[str, Any] | None:
-        """No metadata to match: the one batch created since `since` with as many requests as `local`'s file.
+    async def find(self, local: str, since: float, known: set[str] | None = None) -> dict[str, Any] | None:
+        """No metadata to match: the one batch created since `since` with as many requests as `local`'s file,
+        among those the ledger does not already hold (`known`): another file of the same size is not it.
         None when there is none (it was never created: safe to create); an error when several match."""
         n = sum(1 for raw in self._read(local).splitlines() if raw.strip())
         page = await self._call("GET", "/v1/messages/batches?limit=100")
         matches = []
         for batch in page.get("data") or []:
+            if batch.get("id") in (known or set()):
+                continue
             created = _epoch(batch.get("created_at"))
             if created is not None and created >= since - 60 and sum((batch.get("request_counts") or {}).values()) == n:
                 matches.append(batch)
@@ -292,6 +298,8 @@ class AnthropicBatches(OpenAIBatches):
         if state == "completed" and counts.get("canceled") and not counts.get("processing"):
             state = "cancelled" if batch.get("cancel_initiated_at") else state
         ended = state in TERMINAL
+        counts["completed"] = counts.get("succeeded", 0)  # OpenAI's names, for the status line
+        counts["failed"] = sum(counts.get(k, 0) for k in ("errored", "canceled", "expired"))
         return {"id": batch.get("id"), "status": state, "request_counts": counts, "errors": None,
                 "output_file_id": f"results:{batch.get('id')}" if ended else None, "error_file_id": None}  # fmt: skip
 
@@ -392,7 +400,17 @@ class BatchStep:
         """Cancel every open batch, wait until the provider says cancelled, and fold what they finished;
         their other rows are pending again (sent by the next `run`)."""
         entries = self.ledger.entries()
-        await self._recover(entries)
+        for entry in entries.values():
+            if entry.open and entry.batch_id is None:  # never created as far as we know: adopt, never create now
+                known = {e.batch_id for e in entries.values() if e.batch_id}
+                found = await self.api.find(entry.local, entry.ts, known)
+                if found is None:
+                    self.ledger.append("lost", local=entry.local, why="cancelled before it was created")
+                    entry.lost = True
+                else:
+                    self.ledger.append("created", local=entry.local, batch_id=found["id"], status=found.get("status"))
+                    entry.batch_id = found["id"]
+        await self._poll_all(entries)  # those already finished are folded, not cancelled
         for entry in entries.values():
             if entry.open and entry.batch_id is not None:
                 await self.api.cancel(entry.batch_id)
@@ -410,13 +428,23 @@ class BatchStep:
         for entry in entries.values():
             if entry.batch_id is not None or not entry.open:
                 continue
-            found = await self.api.find(entry.local, entry.ts)
+            known = {e.batch_id for e in entries.values() if e.batch_id}
+            found = await self.api.find(entry.local, entry.ts, known)
             if found is not None:
                 self.ledger.append("created", local=entry.local, batch_id=found["id"], status=found.get("status"), adopted=True)
                 entry.batch_id, entry.status = found["id"], found.get("status")
                 self.say(f"pipeline: adopted batch {found['id']}, created by a run that stopped before recording it")
                 continue
-            await self._create(entry)
+            try:
+                await self._create(entry)
+            except errors.PermanentError as exc:  # refused for good (not a bad key): its rows are pending again
+                if isinstance(exc, errors.FatalError):
+                    raise
+                self.ledger.append("lost", local=entry.local, why=exc.message)
+                entry.lost = True
+                self.say(
+                    f"pipeline: a batch file prepared by an earlier run was refused ({exc.message}); its rows are sent again"
+                )
 
     async def _create(self, entry: Entry) -> None:
         if entry.file_id is None:
@@ -437,7 +465,7 @@ class BatchStep:
         try:
             batch = await self.api.retrieve(entry.batch_id)
         except errors.PermanentError as exc:
-            if "404" in str(exc):  # deleted, or another project's: its rows are pending again
+            if exc.kind == "http_404":  # deleted, or another project's: its rows are pending again
                 self.ledger.append("lost", local=entry.local, batch_id=entry.batch_id, why=str(exc))
                 entry.lost = True
                 return
@@ -487,6 +515,7 @@ class BatchStep:
                     failed[keys[line_no - 1]] = f"refused by the batch's validation: {problem.get('message')}"
         retry += sum(1 for k in keys if k not in seen and k not in failed)
         self.outcome.failed.update(failed)
+        self.checkpoint.sync()  # the answers are durable before the ledger says they are kept
         self.ledger.append("folded", local=entry.local, batch_id=entry.batch_id, status=batch.get("status"), ok=ok,
                            retry=retry, failed=failed)  # fmt: skip
         entry.folded = True

@@ -132,6 +132,12 @@ class Checkpoint:
             os.fsync(self._fd)
             self._last_sync = now
 
+    def sync(self) -> None:
+        """Make every answer appended so far durable now (before another file records them as kept)."""
+        if self._fd is not None:
+            os.fsync(self._fd)
+            self._last_sync = time.monotonic()
+
     def close(self, *, discard_unused: bool = False) -> None:
         """Flush and release. With `discard_unused`, a folder that never held an answer (a run stopped
         before anything came back) is removed, so it does not look like a run to resume."""

@@ -44,6 +44,7 @@ from pipeline.transport import AiohttpTransport, Transport
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130  # and 2, bad usage: UserError, mapped by the CLI
 EXIT_BATCH_PENDING = 3  # batch mode: batches still running; the same command again collects them
+BATCH_CALL_TIMEOUT = 3600.0  # seconds for one call of a batch API: uploads and results files run to 200 MB
 
 
 @dataclass(frozen=True)
@@ -364,6 +365,8 @@ class Job:
                 stopped, done = await self._batch(checkpoint, done, stack)
                 if stopped is not None:  # batches still running (exit 3), or a fatal answer
                     return stopped
+            else:
+                self._refuse_open_batches()
             cache = None
             if cfg.cache_dir is not None:
                 scope = scope_for(cfg.provider, base_url)
@@ -435,6 +438,21 @@ class Job:
             return metrics.Ending(EXIT_FAILED, "spend_ceiling", message)
         return self._verdict()
 
+    def _refuse_open_batches(self) -> None:
+        """An online run on an output whose batches are still open would send their rows again, and pay twice."""
+        from pipeline.batch import Ledger
+
+        ledger = Ledger(self.checkpoint_path)
+        if not ledger.path.exists():
+            return
+        waiting = sum(e.n for e in ledger.entries().values() if e.open)
+        if waiting:
+            raise errors.ConfigError(
+                f"{plural(waiting, 'request')} of this output sit in open batches ({ledger.path}). Run with --mode batch "
+                "to collect them, or `pipeline batch cancel ... --mode batch` first: an online run now would send those "
+                "rows again and pay twice."
+            )
+
     async def _batch(
         self, checkpoint: Checkpoint, done: pl.DataFrame, stack: contextlib.AsyncExitStack
     ) -> tuple[metrics.Ending | None, pl.DataFrame]:
@@ -447,7 +465,8 @@ class Job:
         cfg, renderer, table = self.cfg, self.plan.renderer, self.plan.table
         base_url = str(cfg.setting("base_url"))
         provider = make_provider(cfg.provider, base_url, renderer.spec, self.api_key, self.headers, self.secrets)
-        transport = AiohttpTransport(concurrency=4, timeout=float(cfg.setting("timeout")))
+        # An upload or a results file of up to 200 MB: not the per-request timeout of an online answer.
+        transport = AiohttpTransport(concurrency=4, timeout=BATCH_CALL_TIMEOUT)
         stack.push_async_callback(transport.close)
         ledger = Ledger(self.checkpoint_path)
         step = BatchStep(
@@ -590,7 +609,7 @@ async def batch_command(cfg: RunConfig, action: str, say: Callable[[str], None])
         return EXIT_OK
     base_url = str(cfg.setting("base_url"))
     provider = make_provider(cfg.provider, base_url, plan.renderer.spec, api_key, headers, secrets)
-    transport = AiohttpTransport(concurrency=4, timeout=float(cfg.setting("timeout")))
+    transport = AiohttpTransport(concurrency=4, timeout=BATCH_CALL_TIMEOUT)
     all_secrets = (*secrets, *([api_key] if api_key else []))
     try:
         api = batch_api(cfg.provider, transport, base_url, provider.headers, all_secrets, ledger)

@@ -176,6 +176,8 @@ class FakeBatchServer:
         f = self.files.get(req.get("input_file_id", ""))
         if f is None or req.get("endpoint") != "/v1/chat/completions" or req.get("completion_window") != "24h":
             return _json({"error": {"message": "bad batch request", "type": "invalid_request_error"}}, 400)
+        if status := self.faults.get("create_status"):
+            return _json({"error": {"message": f"fake create refused ({status})", "type": "invalid_request_error"}}, int(status))
         lines = [orjson.loads(x) for x in f["data"].splitlines() if x.strip()]
         bid = self._id("batch")
         batch = {

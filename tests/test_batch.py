@@ -400,3 +400,76 @@ def test_a_bad_key_stops_with_exit_1_and_submits_nothing(batches: FakeBatchServe
     assert result.exit_code == 1, result.output
     assert "Incorrect API key" in result.output and "sk-wrong" not in result.output
     assert batches.stats["batches_created"] == 0
+
+
+# ---- from review: paying twice and wedged jobs --------------------------------------------------
+
+
+def test_an_online_run_refuses_an_output_with_open_batches(batches: FakeBatchServer) -> None:
+    write_table("in.csv", texts(5))
+    assert run_cli(*job(batches)).exit_code == 3
+    online = [a for a in job(batches) if a not in ("--mode", "batch")]
+    result = run_cli(*online)
+    assert result.exit_code == 2 and "5 requests of this output sit in open batches" in result.output
+    assert batches.stats["online"] == 0
+
+
+def test_complete_in_batch_mode_needs_a_checkpoint_dir(batches: FakeBatchServer) -> None:
+    import pipeline
+
+    with pytest.raises(pipeline.ConfigError, match="checkpoint_dir"):
+        pipeline.complete(pl.DataFrame(texts(2)), prompt="{text}", model="m", base_url=f"{batches.url}/v1", mode="batch")
+    assert batches.stats["uploads"] == 0
+
+
+def test_anthropic_adoption_skips_a_batch_the_ledger_already_holds(batches: FakeBatchServer) -> None:
+    """Two files of the same size: the batch of a create whose reply was lost is the one not yet in the
+    ledger, never the other file's."""
+    write_table("in.csv", texts(8))
+    args = job(batches, "--batch-max-requests", "4", provider="anthropic")
+    assert run_cli(*args).exit_code == 3 and batches.stats["batches_created"] == 2
+    ledger = Path("out/r.checkpoint/batches/ledger.jsonl")
+    lines = ledger.read_text().splitlines()
+    last_created = max(i for i, x in enumerate(lines) if json.loads(x)["event"] == "created")
+    ledger.write_text("".join(x + "\n" for i, x in enumerate(lines) if i != last_created))  # as if killed before it
+    again = run_cli(*args)
+    assert again.exit_code == 3 and "adopted batch" in again.output, again.output
+    created = [json.loads(x)["batch_id"] for x in ledger.read_text().splitlines() if json.loads(x)["event"] == "created"]
+    assert len(created) == len(set(created)) == 2
+    batches.advance(120)
+    assert run_cli(*args).exit_code == 0
+    assert batches.stats["batches_created"] == 2 and set(batches.lines_seen.values()) == {1}
+
+
+def test_a_create_refused_for_good_does_not_wedge_later_runs(batches: FakeBatchServer) -> None:
+    batches.faults["create_status"] = 400
+    write_table("in.csv", texts(3))
+    assert run_cli(*job(batches)).exit_code == 1
+    second = run_cli(*job(batches))  # the prepared file is refused again: given up, its rows pending again
+    assert second.exit_code == 1 and "its rows are sent again" in second.output
+    del batches.faults["create_status"]
+    assert run_cli(*job(batches)).exit_code == 3
+    batches.advance(120)
+    assert run_cli(*job(batches)).exit_code == 0
+    assert batches.stats["batches_created"] == 1
+
+
+def test_a_torn_ledger_line_does_not_swallow_the_next_event(tmp_path: Path) -> None:
+    from pipeline.batch import Ledger
+
+    ledger = Ledger(tmp_path)
+    ledger.append("prepared", local="a", n=3)
+    with ledger.path.open("ab") as f:
+        f.write(b'{"event":"created","loc')  # a kill in mid-write
+    ledger.append("created", local="a", batch_id="batch_1")
+    assert ledger.entries()["a"].batch_id == "batch_1"
+
+
+def test_cancel_folds_a_batch_that_already_finished_instead_of_cancelling_it(batches: FakeBatchServer) -> None:
+    write_table("in.csv", texts(4))
+    assert run_cli(*job(batches)).exit_code == 3
+    batches.advance(120)
+    cancelled = run_cli("batch", "cancel", *job(batches)[1:])
+    assert cancelled.exit_code == 0 and "completed: 4 answered" in cancelled.output
+    assert batches.stats["cancels"] == 0
+    assert run_cli(*job(batches)).exit_code == 0
