@@ -355,10 +355,12 @@ class BatchStep:
         system: str | None,
         say: Callable[[str], None],
         sleep: Callable[[float], Any] = asyncio.sleep,
+        cache: Any = None,
     ) -> None:
         self.api, self.provider, self.ledger, self.checkpoint = api, provider, ledger, checkpoint
         self.max_lines, self.max_attempts, self.system, self.say, self.sleep = max_lines, max_attempts, system or "", say, sleep
         self.resubmit = resubmit  # False (--fallback online): a line that failed in a batch is sent online instead
+        self.cache = cache  # the answer cache (--cache): folded answers are kept there too
         self.outcome = Outcome()
 
     async def run(
@@ -500,6 +502,8 @@ class BatchStep:
             if result is not None:
                 self.checkpoint.append(result)
                 self.outcome.folded.append(result)
+                if self.cache is not None:
+                    self.cache.put(key, result)
                 ok += 1
             elif isinstance(why, errors.FatalError):
                 self.outcome.fatal = self.outcome.fatal or why
@@ -516,6 +520,8 @@ class BatchStep:
         retry += sum(1 for k in keys if k not in seen and k not in failed)
         self.outcome.failed.update(failed)
         self.checkpoint.sync()  # the answers are durable before the ledger says they are kept
+        if self.cache is not None:
+            self.cache.flush()
         self.ledger.append("folded", local=entry.local, batch_id=entry.batch_id, status=batch.get("status"), ok=ok,
                            retry=retry, failed=failed)  # fmt: skip
         entry.folded = True

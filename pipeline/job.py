@@ -361,16 +361,16 @@ class Job:
                 )
             checkpoint.start_journal()
             base_url = cfg.setting("base_url")
-            if cfg.mode == "batch":
-                stopped, done = await self._batch(checkpoint, done, stack)
-                if stopped is not None:  # batches still running (exit 3), or a fatal answer
-                    return stopped
-            else:
-                self._refuse_open_batches()
             cache = None
             if cfg.cache_dir is not None:
                 scope = scope_for(cfg.provider, base_url)
                 cache = stack.enter_context(AnswerCache(cfg.cache_dir, scope, max_mb=cfg.cache_max_mb).open())
+            if cfg.mode == "batch":
+                stopped, done = await self._batch(checkpoint, done, stack, cache)
+                if stopped is not None:  # batches still running (exit 3), or a fatal answer
+                    return stopped
+            else:
+                self._refuse_open_batches()
             if base_url is None and (done.height or cache) and not _anything_to_send(table, cfg, renderer, done, cache):
                 self.say("pipeline: every row is already answered; the embedded model is not needed this time")
                 base_url = NOWHERE
@@ -454,7 +454,7 @@ class Job:
             )
 
     async def _batch(
-        self, checkpoint: Checkpoint, done: pl.DataFrame, stack: contextlib.AsyncExitStack
+        self, checkpoint: Checkpoint, done: pl.DataFrame, stack: contextlib.AsyncExitStack, cache: AnswerCache | None
     ) -> tuple[metrics.Ending | None, pl.DataFrame]:
         """Batch mode's step: fold finished batches, submit what is left. Returns an ending while batches
         are open (exit 3) or after a fatal answer; else None and the answers for the output, refusals
@@ -479,11 +479,12 @@ class Job:
             resubmit=cfg.fallback == "none",
             system=cfg.system,
             say=self.say,
+            cache=cache,
         )
 
         def pending(exclude: set[str], failed: dict[str, str]) -> Iterator[tuple[str, str, str | None]]:
             for frame in source.batches(table, cfg.batch_size, cfg.limit):
-                p = prepare(frame, renderer, done)
+                p = prepare(frame, renderer, done, cache)  # an answer the cache holds is not paid for again
                 for row, key in enumerate(p.keys):
                     if key is None or p.skip[row] is not None or row in p.cached or key in exclude or key in failed:
                         continue

@@ -473,3 +473,16 @@ def test_cancel_folds_a_batch_that_already_finished_instead_of_cancelling_it(bat
     assert cancelled.exit_code == 0 and "completed: 4 answered" in cancelled.output
     assert batches.stats["cancels"] == 0
     assert run_cli(*job(batches)).exit_code == 0
+
+
+def test_batch_mode_shares_the_answer_cache(batches: FakeBatchServer) -> None:
+    """Answers a batch brought are kept in --cache; another output's batch job then submits nothing."""
+    write_table("in.csv", texts(4))
+    assert run_cli(*job(batches, "--cache", "answers")).exit_code == 3
+    batches.advance(120)
+    assert run_cli(*job(batches, "--cache", "answers")).exit_code == 0
+    other = run_cli(*job(batches, "--cache", "answers", out="out/other.parquet"))
+    assert other.exit_code == 0, other.output
+    assert batches.stats["batches_created"] == 1 and set(batches.lines_seen.values()) == {1}
+    assert set(pl.read_parquet("out/other.parquet")["status"]) == {"ok"}
+    assert "4 from the answer cache" in other.output
