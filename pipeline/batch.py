@@ -233,7 +233,6 @@ class AnthropicBatches(OpenAIBatches):
     ) -> None:
         super().__init__(transport, base_url, headers, secrets)
         self._read = read  # the request file of a local batch, by its name
-        self._sizes: dict[str, int] = {}
 
     async def upload(self, name: str, data: bytes) -> str:
         return "inline:" + name.removesuffix(".jsonl")  # nothing to upload: create sends the requests
@@ -336,7 +335,6 @@ class Outcome:
     submitted_batches: int = 0
     submitted_rows: int = 0
     fatal: errors.FatalError | None = None
-    lines: list[str] = field(default_factory=list)  # what to tell the user
 
 
 class BatchStep:

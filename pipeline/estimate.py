@@ -379,9 +379,6 @@ def estimate(cfg: RunConfig, samples: int = 3, *, count_limit: int = 200) -> Est
     return replace(result, samples=bodies)
 
 
-_money = spend.money
-
-
 def _duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
@@ -421,14 +418,14 @@ def report(cfg: RunConfig, est: Estimate) -> str:
         lines.append("  cost: set price_in and price_out (per million tokens) in the config to see a cost")
     elif est.cost_most is None:
         if est.cost_typical is not None:
-            lines.append(f"  cost: about {_money(est.cost_typical)} (typical); no upper bound: no max_tokens set")
+            lines.append(f"  cost: about {spend.money(est.cost_typical)} (typical); no upper bound: no max_tokens set")
         else:
-            lines.append(f"  cost: about {_money(est.cost_in)} in, plus the output, which has no bound: no max_tokens set")
+            lines.append(f"  cost: about {spend.money(est.cost_in)} in, plus the output, which has no bound: no max_tokens set")
     else:
         typical = "typical" if est.tokens_out_typical != est.tokens_out else "typical prompt, output at max_tokens"
-        about = f"about {_money(est.cost_typical or 0.0)} ({typical}), " if est.cost_typical != est.cost_most else ""
+        about = f"about {spend.money(est.cost_typical or 0.0)} ({typical}), " if est.cost_typical != est.cost_most else ""
         batch = f"; batch mode: {BATCH_DISCOUNT:.0%} of the online price" if cfg.mode == "batch" else ""
-        lines.append(f"  cost: {about}at most {_money(est.cost_most)} (bound: {bound}){batch}")
+        lines.append(f"  cost: {about}at most {spend.money(est.cost_most)} (bound: {bound}){batch}")
     out = est.tokens_out
     fit = spend.fit_line(
         cfg, (est.tokens_in, est.tokens_out_typical or 0), None if out is None else (est.most_in, out),

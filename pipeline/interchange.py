@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 import orjson
 import polars as pl
 
-from pipeline import source
+from pipeline import source, storage
 from pipeline.errors import InputError
 from pipeline.sink import JsonLinesSink
 
@@ -78,7 +78,7 @@ def _problem(line: Any) -> str | None:
 class BatchOutputSink(JsonLinesSink):
     """OpenAI batch-output lines, in input order, one per input line."""
 
-    def __init__(self, path: Path | Any, result_prefix: str = "") -> None:
+    def __init__(self, path: Path | storage.Url, result_prefix: str = "") -> None:
         super().__init__(path, result_prefix)
         self._prefix = result_prefix  # the result columns arrive under their output names
 

@@ -24,7 +24,7 @@ import pytest
 
 from pipeline.checkpoint import RESULT_SCHEMA
 from pipeline.report import build_report, report_after_run, write_report
-from tests.conftest import run_cli
+from tests.conftest import run_cli, write_table
 
 SECRET = "sk-test-NEVER-SHOWN-123"
 
@@ -129,14 +129,7 @@ def metrics_dict(rows: int = 100, *, seconds: int = 30) -> dict[str, Any]:
 
 
 def write_run(folder: Path, rows: pl.DataFrame, metrics: dict[str, Any] | None, name: str = "result.parquet") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    out = folder / name
-    if out.suffix == ".csv":
-        rows.write_csv(out)
-    elif out.suffix == ".jsonl":
-        rows.write_ndjson(out)
-    else:
-        rows.write_parquet(out)
+    out = write_table(folder / name, rows)
     if metrics is not None:
         (folder / (out.stem + ".metrics.json")).write_bytes(orjson.dumps(metrics))
     return out
