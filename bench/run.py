@@ -641,7 +641,9 @@ class Bench:
             raise BenchError("moto[server] is not installed (pip install -e '.[dev]')") from None
         n = self.n(1_000_000)
         inp = self.table(n)
-        port = _free_port()
+        from pipeline.local_model import free_port
+
+        port = free_port()
         moto = subprocess.Popen(pinned(SERVER_CORE, [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
         LIVE.add(moto)
@@ -983,14 +985,6 @@ def machine() -> dict[str, Any]:
     return dict(nproc=os.cpu_count(), usable_cores=CORES, cpu=cpus[0] if cpus else "?", python=platform.python_version(),
                 platform=platform.platform(), date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 polars=pl.__version__, git_head=git, pinned=bool(TASKSET), load_avg_start=os.getloadavg())  # fmt: skip
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _interrupt(signum: int, frame: object) -> None:

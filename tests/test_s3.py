@@ -21,20 +21,15 @@ import pytest
 
 from pipeline import storage
 from pipeline.errors import ConfigError
+from pipeline.local_model import free_port
 from tests.conftest import chat_requests, run_cli, spawn, texts
 from tests.fakeserver import FakeLLMServer
 
 boto3 = pytest.importorskip("boto3", reason="moto[server] (a dev dependency) brings boto3")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _start_moto(extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, **(extra_env or {})}
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
