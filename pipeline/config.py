@@ -289,7 +289,7 @@ class RunConfig(BaseModel):
         if self.mode == "batch" and self.provider not in BATCH_PROVIDERS:
             raise ValueError(
                 f"--mode batch needs a provider with a batch API ({', '.join(BATCH_PROVIDERS)}); the {self.provider} "
-                "provider has none. Run without --mode batch (online), or export the requests for a batch runner"
+                "provider has none. Run without --mode batch (online)"
             )
         return self
 
