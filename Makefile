@@ -12,11 +12,11 @@ help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml
-	@echo "setup: creating $(VENV) and installing pipeline with its dev tools"
+	@echo "setup: creating $(VENV) and installing pipeline with its dev tools and the Ray extra"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@# pip's chatter goes to a log, shown only if the install fails
 	@$(PY) -m pip install --upgrade pip > $(VENV)/setup.log 2>&1 || { cat $(VENV)/setup.log; exit 1; }
-	@$(PY) -m pip install -e '.[dev]' >> $(VENV)/setup.log 2>&1 || { cat $(VENV)/setup.log; exit 1; }
+	@$(PY) -m pip install -e '.[dev,ray]' >> $(VENV)/setup.log 2>&1 || { cat $(VENV)/setup.log; exit 1; }
 	@touch $@
 
 setup: $(VENV)/.installed ## create .venv and install the project (idempotent)

@@ -118,9 +118,14 @@ class Checkpoint:
                 j.unlink()
         return everything.filter(pl.col("status") == "ok").sort("request_key")
 
-    def start_journal(self) -> None:
-        name = f"journal-{time.time_ns():020d}-{os.getpid()}.jsonl"
+    def start_journal(self, tag: str = "", *, hold: bool = False) -> str:
+        """Open this process's journal; returns its name. `tag` marks the run (Ray actors share one
+        folder); `hold` keeps an flock on it while the process lives, so others can tell it died."""
+        name = f"journal-{time.time_ns():020d}-{os.getpid()}{'-' + tag if tag else ''}.jsonl"
         self._fd = os.open(self.folder / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        if hold:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return name
 
     def append(self, result: tuple[Any, ...]) -> None:
         """Record one result; called as soon as it is known."""

@@ -211,6 +211,20 @@ class RunConfig(BaseModel):
         "auto follows the output's extension; openai-batch writes OpenAI batch-output lines (the default for a "
         ".jsonl output when the input is a file of OpenAI batch requests).",
     )
+    # Where the engine runs: this process, or a pool of Ray actors sharing one rate budget (pipeline[ray]).
+    engine: Literal["local", "ray"] = opt(
+        "local",
+        "local runs the engine in this process; ray runs one engine per Ray actor with one shared rate budget "
+        "(needs pip install 'pipeline[ray]'). Default: local.",
+    )
+    ray_address: str | None = opt(
+        None,
+        "With --engine ray: the cluster to join (auto, ray://host:10001); default: a Ray started here for this run.",
+        metavar="ADDRESS",
+    )
+    workers: int | None = Field(
+        default=None, ge=1, le=1024, description="With --engine ray: engine actors (default: the cluster's CPUs, at most 8)."
+    )
     # Answers shared across outputs, jobs and calls; off unless asked for (sampling users may want fresh ones).
     cache_dir: str | None = opt(
         None,
@@ -290,6 +304,30 @@ class RunConfig(BaseModel):
             raise ValueError(
                 f"--mode batch needs a provider with a batch API ({', '.join(BATCH_PROVIDERS)}); the {self.provider} "
                 "provider has none. Run without --mode batch (online)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _ray_takes_what_it_shares(self) -> RunConfig:
+        if self.engine != "ray":
+            if self.ray_address is not None or self.workers is not None:
+                raise ValueError("--ray-address and --workers are for --engine ray; add --engine ray, or drop them")
+            return self
+        unsupported = [
+            name
+            for name, given in (
+                ("--mode batch", self.mode == "batch"),
+                ("--max-cost", self.max_cost is not None),
+                ("--max-tokens-total", self.max_tokens_total is not None),
+                ("--cache", self.cache_dir is not None),
+            )
+            if given
+        ]
+        if unsupported:
+            raise ValueError(
+                f"{', '.join(unsupported)} {'is' if len(unsupported) == 1 else 'are'} not shared across Ray actors yet, so "
+                "--engine ray refuses rather than apply it once per actor. Run with the local engine (drop --engine ray), "
+                "or without " + " and ".join(unsupported)
             )
         return self
 

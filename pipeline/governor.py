@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from pipeline import errors
 from pipeline.control import HEADROOM, Breaker, ConcurrencyController, RateController, RepeatGuard, Ticket, outage_kind
@@ -22,6 +23,9 @@ from pipeline.providers.ratelimit import Budget, Dialect, RateHeaders, parse_rat
 from pipeline.spend import Budget as SpendBudget
 from pipeline.spend import Verdict, describe_ceiling
 from pipeline.stats import RunStats
+
+if TYPE_CHECKING:
+    from pipeline.lease import SharedPace
 
 HOLD_ALL_FROM = 2.0  # a 429 asking for at least this long holds every request; shorter waits hold only the row
 NOTICE_WAIT = 5.0  # holds shorter than this pass without a word
@@ -60,8 +64,10 @@ class Governor:
         max_tokens: int = 0,
         notice: Callable[[str], None] = lambda message: None,
         spend: SpendBudget | None = None,
+        shared: SharedPace | None = None,
     ) -> None:
         self._stats = stats
+        self._shared = shared
         self.spend = spend
         self._settled = asyncio.Event()  # a reservation was settled or released: waiters for the budget look again
         if spend is not None:
@@ -109,6 +115,8 @@ class Governor:
                     await self._requests.acquire()
                 if self._tokens:
                     await self._take_tokens(tokens)
+                if self._shared is not None and not await self._shared.take(tokens):
+                    self._block(errors.FatalError(f"stopped on another worker: {self._shared.stopped}", kind="stopped"))
             except BaseException:
                 gate.release()
                 raise
@@ -284,7 +292,10 @@ class Governor:
         else:
             self._stats.limited_rate += 1
         first = self._requests is None  # nothing paced us yet: this is a storm, not a nudge
-        if self._adapt and self.rate.rate_limited(now, ticket, wait):
+        if self._shared is not None:  # the pace is the cluster's: the coordinator decreases it for every engine
+            first = not self._shared.limited
+            self._shared.rate_limited(wait)
+        elif self._adapt and self.rate.rate_limited(now, ticket, wait):
             self._apply_pace()
         if wait is not None and (not self._adapt or wait >= HOLD_ALL_FROM):
             # The account is over its limit, not this row: everyone waits, as asked.
@@ -335,6 +346,10 @@ class Governor:
     def _apply_pace(self, *, started: bool = True) -> None:
         """Set the pacers to the pace in force. A pacer that appears mid-run (a limit just
         learned) starts full: what was sent before it existed already counts at the server."""
+        if self._shared is not None:  # learned limits are the account's: they go to the cluster's budget
+            tpm = [c for c in (self._user_tpm, self._token_ceiling.get("tokens")) if c]
+            self._shared.announce(self.rate.header, min(tpm) if tpm else None)
+            return
         pace = self.rate.pace()
         if pace.per_second is None:
             self._requests = None

@@ -377,6 +377,14 @@ class Job:
             if base_url is None:
                 self.say("pipeline: starting the embedded model server (SmolLM2-135M-Instruct on 127.0.0.1)")
                 base_url = (await stack.enter_async_context(LocalServer())).base_url
+            if cfg.engine == "ray":
+                from pipeline import ray as on_ray  # Ray is an optional extra, imported only here
+
+                progress = Progress(stats, enabled=cfg.progress, stream=self.stream, notebook=self.notebook)
+                stopped_by = await on_ray.send(self, sink=sink, done=done, base_url=base_url, progress=progress)
+                if stopped_by is not None:
+                    return self._stopped(errors.FatalError(stopped_by, kind="stopped"), stats.rows_sent, started)
+                return self._commit(sink, done, started)
             provider = make_provider(cfg.provider, base_url, renderer.spec, self.api_key, self.headers, self.secrets)
             transport = AiohttpTransport(concurrency=int(cfg.setting("concurrency")), timeout=float(cfg.setting("timeout")))
             stack.push_async_callback(transport.close)
@@ -419,15 +427,20 @@ class Job:
             finally:
                 sampling.cancel()
                 progress.close()
-            try:
-                sink.commit()
-            except OSError as exc:  # a full disk, an upload refused: every answer is in the checkpoint
-                message = (
-                    f"pipeline: stopped: the output could not be written: {exc}\n  Every answer is kept in "
-                    f"{self.checkpoint_path}; fix the cause and run the same command again: nothing is sent again."
-                )
-                self.say(message)
-                return metrics.Ending(EXIT_FAILED, "stopped", message)
+            return self._commit(sink, done, started)
+
+    def _commit(self, sink: Sink, done: pl.DataFrame, started: float) -> metrics.Ending:
+        """Every row has its result: make the output whole, say what the run did, and judge it."""
+        cfg, stats = self.cfg, self.stats
+        try:
+            sink.commit()
+        except OSError as exc:  # a full disk, an upload refused: every answer is in the checkpoint
+            message = (
+                f"pipeline: stopped: the output could not be written: {exc}\n  Every answer is kept in "
+                f"{self.checkpoint_path}; fix the cause and run the same command again: nothing is sent again."
+            )
+            self.say(message)
+            return metrics.Ending(EXIT_FAILED, "stopped", message)
         wall = time.monotonic() - started
         spend.note_run(stats, cfg, done)
         output = describe(self.plan.output) if self.plan.output is not None else None

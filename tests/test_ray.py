@@ -1,0 +1,219 @@
+"""The Ray engine on a real Ray: a two-node cluster on this machine (ray.cluster_utils.Cluster),
+the real actors, the fake server on 127.0.0.1. Kill cases use real processes and SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+from tests.conftest import ROOT, chat_requests, run_cli, spawn, texts, write_table
+from tests.fakeserver import FakeLLMServer
+from tests.test_resume import journal_lines, wait_for_answers
+
+ray = pytest.importorskip("ray", reason="the Ray engine's tests need the extra: pip install 'pipeline[ray]'")
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    """Two nodes of two CPUs each, one machine; this test process is the driver of the in-process runs."""
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    c.add_node(num_cpus=2)
+    ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+def args(server: FakeLLMServer, *extra: str, out: str = "out/result.parquet") -> list[str]:
+    return [
+        "run", "-i", "in.csv", "-o", out, "-p", "Summarise: {text}", "--base-url", f"{server.url}/v1",
+        "--model", "fake-model", "--no-progress", "--batch-size", "100", *extra,
+    ]  # fmt: skip
+
+
+RAY = ("--engine", "ray", "--workers", "4")
+
+
+def same_output(a: pl.DataFrame, b: pl.DataFrame) -> None:
+    assert a.columns == b.columns
+    assert a.schema == b.schema
+    latency = [c for c in a.columns if c.endswith("latency_ms")]
+    assert a.drop(latency).equals(b.drop(latency)), "the Ray engine's output differs from the local engine's"
+
+
+def test_ray_output_equals_the_local_engines(cluster: Any, server: FakeLLMServer) -> None:
+    rows = [*texts(500), {"id": 500, "text": None}, {"id": 501, "text": "review number 3 says the product is fine"}]
+    write_table("in.parquet", pl.DataFrame(rows, schema={"id": pl.Int32, "text": pl.String}))
+    base = [a.replace("in.csv", "in.parquet") for a in args(server)]
+    local = run_cli(*base, "-o", "out/local.parquet", "--max-error-rate", "0.01")
+    assert local.exit_code == 0, local.output
+    server.reset()
+    on_ray = run_cli(*base, "-o", "out/ray.parquet", "--max-error-rate", "0.01", *RAY)
+    assert on_ray.exit_code == 0, on_ray.output
+    assert "engine ray: 4 actors" in on_ray.output
+    same_output(pl.read_parquet("out/ray.parquet"), pl.read_parquet("out/local.parquet"))
+    sent = Counter(r.content for r in chat_requests(server))
+    # The null row is not sent. The duplicate of row 3 is in another block, maybe on another actor: it may be sent
+    # again (the local engine shares it); no other row is.
+    assert len(sent) == 500 and sum(sent.values()) <= 501
+    assert "pipeline: 502 rows in" in on_ray.output and "501 ok, 1 error" in on_ray.output, on_ray.output
+    assert "INFO" not in on_ray.output  # Ray's own log lines stay out of the run's
+
+
+def test_structured_output_and_result_prefix_match_the_local_engine(cluster: Any, server: FakeLLMServer) -> None:
+    write_table("in.csv", [{"text": f"item {i}", "completion": "mine"} for i in range(120)])
+    schema = '{"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]}'
+    extra = ("--schema", schema, "--result-prefix", "llm_")
+    assert run_cli(*args(server, *extra, out="out/local.parquet")).exit_code == 0
+    result = run_cli(*args(server, *extra, *RAY, out="out/ray.parquet"))
+    assert result.exit_code == 0, result.output
+    same_output(pl.read_parquet("out/ray.parquet"), pl.read_parquet("out/local.parquet"))
+    assert {"llm_status", "label"} <= set(pl.read_parquet("out/ray.parquet").columns)
+
+
+def test_one_rate_budget_for_the_whole_cluster(cluster: Any) -> None:
+    """--rpm holds for all actors together, against a server that counts per wall-clock second."""
+    with FakeLLMServer(rpm=3000, rate_window="second", rate_headers="none") as server:  # 50 a second
+        write_table("in.csv", texts(600))
+        result = run_cli(*args(server, *RAY, "--rpm", "3000", "--no-adapt", "--concurrency", "32"))
+        assert result.exit_code == 0, result.output
+        assert server.stats().get("429", 0) == 0, server.stats()
+        per_second = [b["ok"] for b in server.timeline()["buckets"]]
+    assert max(per_second) <= 50
+    busy = per_second[1:-1]  # whole seconds only
+    assert sum(busy) / len(busy) >= 40, per_second  # a static split or a lost lease would show as a shortfall
+
+
+def test_a_limit_learned_from_headers_is_shared(cluster: Any) -> None:
+    """No --rpm: the server's headers name its limit; the actors together keep under it after learning it."""
+    with FakeLLMServer(rpm=3000, rate_window="second") as server:
+        write_table("in.csv", texts(500))
+        result = run_cli(*args(server, *RAY, "--concurrency", "16"))
+        assert result.exit_code == 0, result.output
+        timeline = server.timeline()["buckets"]
+    out = pl.read_parquet("out/result.parquet")
+    assert set(out["status"]) == {"ok"}
+    limited = [b["429"] for b in timeline]
+    # Before the first answers nothing is known; after the first two seconds nothing more is refused.
+    assert sum(limited[2:]) == 0, timeline
+
+
+def test_a_local_run_resumes_on_ray_and_the_other_way_round(cluster: Any, server: FakeLLMServer) -> None:
+    write_table("in.csv", texts(400))
+    assert run_cli(*args(server, "--limit", "150")).exit_code == 0
+    server.reset()
+    result = run_cli(*args(server, *RAY))
+    assert result.exit_code == 0, result.output
+    assert "150 ok from the checkpoint" in result.output
+    assert len(chat_requests(server)) == 250
+    write_table("in.csv", texts(450))  # 50 rows more, now on the local engine
+    server.reset()
+    again = run_cli(*args(server))
+    assert again.exit_code == 0, again.output
+    assert len(chat_requests(server)) == 50
+    assert pl.read_parquet("out/result.parquet")["id"].to_list() == list(range(450))
+
+
+def test_a_fatal_answer_stops_every_actor(cluster: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    with FakeLLMServer(api_key="right-key") as server:
+        write_table("in.csv", texts(400))
+        monkeypatch.setenv("OPENAI_API_KEY", "wrong-key")
+        result = run_cli(*args(server, *RAY))
+        assert result.exit_code == 1, result.output
+        assert "stopped" in result.output and "401" in result.output
+        assert "wrong-key" not in result.output
+        assert len(chat_requests(server)) < 400  # every actor stopped; not each row refused in turn
+    assert not Path("out/result.parquet").exists()
+
+
+def test_ray_dataset_in_and_out(cluster: Any, server: FakeLLMServer) -> None:
+    import pipeline.ray
+
+    ds = ray.data.from_items([{"id": i, "text": f"review {i}"} for i in range(300)], override_num_blocks=6)
+    out = pipeline.ray.complete(ds, prompt="Summarise: {text}", base_url=f"{server.url}/v1", model="fake-model", workers=2)
+    rows = pl.concat([pl.DataFrame(pl.from_arrow(ray.get(ref))) for ref in out.to_arrow_refs()])
+    assert rows["id"].to_list() == list(range(300))
+    assert rows.columns[:3] == ["id", "text", "completion"] and set(rows["status"]) == {"ok"}
+    assert rows["completion"][7] == "echo: Summarise: review 7"
+
+
+def test_without_ray_installed_engine_ray_says_how_to_install(tmp_path: Path, server: FakeLLMServer) -> None:
+    blocker = tmp_path / "noray"
+    (blocker / "ray").mkdir(parents=True)
+    (blocker / "ray" / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    write_table("in.csv", texts(5))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", *args(server, "--engine", "ray")],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{ROOT}"},
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "pip install 'pipeline[ray]'" in proc.stderr
+    assert chat_requests(server) == []
+
+
+def test_settings_ray_cannot_share_are_refused(server: FakeLLMServer) -> None:
+    write_table("in.csv", texts(5))
+    result = run_cli(*args(server, "--engine", "ray", "--max-cost", "1", "--price-in", "1", "--price-out", "1"))
+    assert result.exit_code == 2 and "not shared across Ray actors" in result.output
+    result = run_cli(*args(server, "--workers", "3"))
+    assert result.exit_code == 2 and "--engine ray" in result.output
+    assert chat_requests(server) == []
+
+
+def _ray_job(server: FakeLLMServer, address: str, rows: int) -> subprocess.Popen[str]:
+    write_table("in.csv", texts(rows))
+    return spawn(*args(server, *RAY, "--ray-address", address, "--concurrency", "16"))
+
+
+def test_killing_the_driver_resends_only_what_was_in_flight(cluster: Any) -> None:
+    rows = 1500
+    with FakeLLMServer(latency=0.05) as server:
+        proc = _ray_job(server, cluster.address, rows)
+        wait_for_answers(Path("out/result.checkpoint"), 300, proc, limit=120)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+        time.sleep(2)  # Ray ends the dead driver's actors; anything they still had in flight may land meanwhile
+        answered = {line for line in journal_lines(Path("out/result.checkpoint"))}
+        first = Counter(r.content for r in chat_requests(server))
+        server.reset()
+        result = run_cli(*args(server, *RAY, "--concurrency", "16"))
+        assert result.exit_code == 0, result.output
+        second = Counter(r.content for r in chat_requests(server))
+    out = pl.read_parquet("out/result.parquet")
+    assert out["id"].to_list() == list(range(rows)) and set(out["status"]) == {"ok"}
+    assert 300 <= len(answered) < rows
+    resent = set(first) & set(second)
+    assert len(resent) <= 16, f"{len(resent)} rows sent twice; at most the 16 in flight may be"
+    assert max(second.values()) == 1
+
+
+def test_killing_one_actor_resends_only_what_it_had_in_flight(cluster: Any) -> None:
+    rows = 1500
+    with FakeLLMServer(latency=0.05) as server:
+        proc = _ray_job(server, cluster.address, rows)
+        folder = Path("out/result.checkpoint")
+        wait_for_answers(folder, 200, proc, limit=120)
+        victim = next(j for j in sorted(folder.glob("journal-*.jsonl")) if j.stat().st_size)
+        os.kill(int(victim.name.split("-")[2]), signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=180)
+        assert proc.returncode == 0, stderr
+        sent = Counter(r.content for r in chat_requests(server))
+    out = pl.read_parquet("out/result.parquet")
+    assert out["id"].to_list() == list(range(rows)) and set(out["status"]) == {"ok"}
+    twice = [k for k, n in sent.items() if n > 1]
+    assert len(twice) <= 4, f"{len(twice)} rows sent twice; at most the 4 that actor had in flight may be"
