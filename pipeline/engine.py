@@ -131,6 +131,7 @@ class Engine:
         structured: Structured | None = None,
         window_rows: int | None = None,
         cache: AnswerCache | None = None,
+        answered: OrderedDict[str, Result] | None = None,
     ) -> None:
         self._provider = provider
         self._transport = transport
@@ -152,7 +153,8 @@ class Engine:
         self._order: asyncio.Queue[Batch | None] = asyncio.Queue()
         self._inflight: dict[str, Work] = {}
         # Answers of this run, newest last, bounded: a duplicate of a recent row is not sent again.
-        self._answered: OrderedDict[str, Result] = OrderedDict()
+        # (Given: the Ray engine's engines of one actor share it across blocks.)
+        self._answered: OrderedDict[str, Result] = OrderedDict() if answered is None else answered
         self._outstanding = 0
         self._room = asyncio.Condition()
         self._any_success = False

@@ -166,6 +166,15 @@ class Governor:
         for dim, pacer in list(self._tokens.items()):
             await pacer.take(cost[dim])
 
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted whose answer has not been read yet."""
+        return self._on_wire
+
+    def block(self, err: errors.FatalError) -> None:
+        """Refuse every further request with `err` (a stop decided elsewhere: another Ray actor's fatal answer)."""
+        self._block(err)
+
     def release(self) -> None:
         """The answer (or failure) of an admitted request has been read."""
         self._on_wire -= 1

@@ -11,8 +11,9 @@ that finish early, so the budget is central and handed out as it is used:
   the cluster's sends one even pace, as the local engine's pacer does, so a
   server counting per second sees at most the pace plus one request.
 - `LeaseClient` lives in each engine: it keeps the slots leased and waits for
-  each request's slot; a slot not used within GRACE of its time is dropped
-  (a lost slot wastes budget, a late one would bunch up with the next).
+  each request's slot, on its own clock from the moment the lease arrives; a
+  slot not used within GRACE of its time is dropped (a lost slot wastes
+  budget, a late one would bunch up with the next).
 
 With no limit known (no --rpm/--tpm, no header, no 429 yet) nothing is leased and
 each engine sends as fast as its concurrency allows. The first 429 reported
@@ -44,7 +45,10 @@ MIN_WAIT = 1e-4  # seconds: a wait of float dust would find the same dust again,
 
 @dataclass
 class Lease:
-    """What a lease call gets: send times, tokens, and whether leasing is needed at all."""
+    """What a lease call gets: send times, tokens, and whether leasing is needed at all.
+
+    `slots` are seconds after the grant, not clock readings: each engine adds them to its own
+    clock when the lease arrives, so nodes whose clocks disagree still keep one pace."""
 
     slots: list[float]
     tokens: float = 0.0
@@ -110,7 +114,7 @@ class SlotBudget:
             return None, max(MIN_WAIT, self.hold_until - now)
         rate, tpm = self.rate(), self.tpm()
         if rate is None and tpm is None:
-            return Lease([now] * want, tokens=tokens_each * want, limited=False), 0.0
+            return Lease([0.0] * want, tokens=tokens_each * want, limited=False), 0.0
         start = max(now, self.next_slot)
         if start > now + HORIZON:
             return None, max(MIN_WAIT, start - now - HORIZON)
@@ -118,7 +122,9 @@ class SlotBudget:
         tokens = 0.0
         if tpm is not None:
             per_second = tpm / 60
-            self._tokens = min(per_second, self._tokens + (now - self._tokens_at) * per_second)  # a second's worth banked
+            # A second's worth banked, or one request's when a request is larger (it then waits for a full bank).
+            bank = max(per_second, tokens_each)
+            self._tokens = min(bank, self._tokens + (now - self._tokens_at) * per_second)
             self._tokens_at = now
             n = min(n, int(self._tokens // max(tokens_each, 1.0)))
             if n == 0:
@@ -129,12 +135,7 @@ class SlotBudget:
         slots = [start + i * step for i in range(n)]
         self.next_slot = start + n * step
         self._granted.extend(slots)
-        return Lease(slots, tokens=tokens), 0.0
-
-    def refund(self, tokens: float) -> None:
-        """Tokens reserved but not billed (an estimate above the usage) go back to the budget."""
-        if self.tpm() is not None:
-            self._tokens = min(self.tpm() / 60, self._tokens + tokens)  # type: ignore[operator]
+        return Lease([t - now for t in slots], tokens=tokens), 0.0
 
     # ---- what the engines learn -----------------------------------------------------------
 
@@ -221,7 +222,7 @@ class LeaseClient:
                 return False
             if not self.limited:
                 return True
-            now = time.time()
+            now = time.monotonic()
             slots = self._slots
             while slots and slots[0] < now - GRACE:
                 slots.popleft()  # too late to use without bunching with the next ones
@@ -235,6 +236,8 @@ class LeaseClient:
                 if self._slots and self._tokens >= tokens:
                     continue  # another request's lease covered this one
                 lease = await self._call(self._want, float(tokens))
+                arrived = time.monotonic()  # slot times are offsets from the grant: on this engine's own clock from now
+                lease.slots = [arrived + offset for offset in lease.slots]
                 self.leases += 1
                 self.stopped, self.limited = lease.stopped, lease.limited
                 if lease.tokens < tokens * len(lease.slots):  # no token budget: only slots count

@@ -11,8 +11,9 @@ The dataset goes through two stages:
    memory per task is the block's, not the checkpoint's). Answered rows leave
    this stage complete, so no actor sends them.
 2. `_Sender` (an actor pool): one engine per actor, the local engine's code,
-   with one aiohttp session, one governor and one checkpoint journal reused
-   across blocks; several blocks at once per actor. Every answer is appended to
+   with one aiohttp session, one governor, one memory of recent answers and one
+   checkpoint journal reused across blocks (Ray runs one block at a time per
+   actor). Every answer is appended to
    the actor's journal in the shared checkpoint folder as it comes, so a killed
    driver or actor loses only what was in flight. A row that fails is a row with
    status error, never an exception (one would abort the whole dataset).
@@ -31,13 +32,13 @@ import asyncio
 import contextlib
 import fcntl
 import logging
-import math
 import os
-import re
+import signal
 import tempfile
+import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,6 +70,7 @@ RESULT = "__result."  # result columns inside the dataset, apart from any input 
 PREPARED = (PROMPT, EXTRA, SKIP_REASON, KEY, EST_TOKENS)
 MAX_WORKERS_DEFAULT = 8
 REPORT_EVERY = 0.5  # seconds between an actor's counters sent to the coordinator
+STOP_WAIT = 15.0  # seconds an interrupted run waits for the actors to hand back their blocks
 JOURNAL_PREFIX = "journal-"
 STOPPED = "not sent: the run stopped: "  # the error of rows a stop left unsent (the driver ends the run on seeing it)
 ELSEWHERE = "stopped on another worker: "
@@ -173,11 +175,12 @@ class _Coordinator:
         self.lock = asyncio.Lock()
         self.workers: dict[str, dict[str, Any]] = {}
         self.leases = 0
+        self.quiet = asyncio.Event()  # stopped, and no actor has a request in flight
 
     async def lease(self, want: int, tokens_each: float) -> Lease:
         async with self.lock:  # first come, first served
             while True:
-                lease, wait = self.budget.grant(time.time(), want, tokens_each)
+                lease, wait = self.budget.grant(time.monotonic(), want, tokens_each)
                 if lease is not None:
                     self.leases += 1
                     return lease
@@ -187,7 +190,7 @@ class _Coordinator:
         self.budget.announced(requests_per_s, tokens_per_min)
 
     async def rate_limited(self, retry_after: float | None) -> None:
-        self.budget.rate_limited(time.time(), retry_after)
+        self.budget.rate_limited(time.monotonic(), retry_after)
 
     async def stop(self, reason: str) -> None:
         if self.budget.stopped is None:
@@ -195,13 +198,23 @@ class _Coordinator:
 
     async def report(self, worker: str, counters: dict[str, Any]) -> tuple[bool, str | None]:
         """An actor's counters; answers whether leases are needed and whether the run was stopped."""
-        now = time.time()
+        now = time.monotonic()
         before = self.workers.get(worker, {}).get("requests_sent", 0)
         self.workers[worker] = counters
         if not self.budget.limited():
             self.budget.measured(now, counters["requests_sent"] - before)
         self.budget.tick(now)
+        if self.budget.stopped is not None and not any(c["in_flight"] for c in self.workers.values()):
+            self.quiet.set()
         return self.budget.limited(), self.budget.stopped
+
+    async def drained(self, seconds: float) -> bool:
+        """After a stop: wait until every actor has its requests in flight back (answered, journaled)."""
+        try:
+            await asyncio.wait_for(self.quiet.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
 
     async def totals(self) -> dict[str, Any]:
         total: dict[str, Any] = {name: 0 for name in SUMMED}
@@ -226,8 +239,9 @@ class _Coordinator:
         return total
 
 
-def _counters(stats: RunStats) -> dict[str, Any]:
+def _counters(stats: RunStats, in_flight: int) -> dict[str, Any]:
     c: dict[str, Any] = {name: getattr(stats, name) for name in SUMMED}
+    c["in_flight"] = in_flight
     c["error_kinds"] = dict(stats.error_kinds)
     c["latency"] = dict(stats._latency)
     return c
@@ -296,11 +310,19 @@ class _Sender:
         self._recovered: dict[str, Result] = {}
         self._seen_journals: set[str] = set()
         self._stopped: str | None = None  # a fatal answer (here or elsewhere) stopped the run
+        self._answered: OrderedDict[str, Result] = OrderedDict()  # recent answers, shared by this actor's blocks
 
     async def _start(self) -> None:
         spec, cfg = self.spec, self.spec.cfg
-        api_key = cfg.api_key()  # from this worker's environment: the key never travels through Ray
-        headers, secrets = cfg.request_headers()
+        # From this worker's environment: the key never travels through Ray (its runtime_env would write it
+        # to a log file). A Ray started here has the driver's environment; a cluster's nodes need it set.
+        try:
+            api_key = cfg.api_key()
+            headers, secrets = cfg.request_headers()
+        except errors.ConfigError as exc:
+            raise errors.FatalError(
+                f"on the Ray node {os.uname().nodename}: {exc} Set it on every node of the cluster", kind="config"
+            ) from None
         secrets = (*secrets, *([api_key] if api_key else []))
         self.stats = RunStats()
         self.provider = make_provider(cfg.provider, spec.base_url, spec.renderer.spec, api_key, headers, secrets)
@@ -323,10 +345,10 @@ class _Sender:
         self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
 
     async def _report(self) -> None:
-        limited, stopped = await self.coordinator.report.remote(self.worker, _counters(self.stats))
+        limited, stopped = await self.coordinator.report.remote(self.worker, _counters(self.stats, self.governor.in_flight))
         self.pace.heard(limited, stopped)
         if stopped is not None:
-            self.governor._block(errors.FatalError(ELSEWHERE + stopped, kind="stopped"))
+            self.governor.block(errors.FatalError(ELSEWHERE + stopped, kind="stopped"))
 
     async def _report_forever(self) -> None:
         while True:
@@ -358,19 +380,20 @@ class _Sender:
                 self._recovered[result.request_key] = result
 
     async def __call__(self, block: pa.Table) -> pa.Table:
-        if self._started is None:
-            self._started = asyncio.get_running_loop().create_future()
-            try:
-                await self._start()
-            except BaseException as exc:
-                self._started.set_exception(exc)
-                raise
-            self._started.set_result(None)
-        await self._started
         frame = pl.from_arrow(block)
         assert isinstance(frame, pl.DataFrame)
         inputs = frame.select([c for c in frame.columns if c not in PREPARED and not c.startswith(RESULT)])
         given = frame.select([RESULT + c for c in RESULT_COLUMNS]).rename({RESULT + c: c for c in RESULT_COLUMNS})
+        if self._started is None:
+            self._started = asyncio.get_running_loop().create_future()
+            try:
+                await self._start()
+                self._started.set_result(None)
+            except errors.FatalError as exc:  # this node cannot send (no key here): the run stops, with the reason
+                self._stopped = str(exc)
+                self._started.set_result(None)
+                await self.coordinator.stop.remote(self._stopped)
+        await self._started
         prepared = await asyncio.to_thread(self._prepared, frame, inputs, given)
         if self._stopped is not None:  # this actor's governor admits nothing more: the block goes back unsent
             return self._unsent(inputs, prepared, self._stopped)
@@ -386,6 +409,7 @@ class _Sender:
             stats=self.stats,
             system_prompt=self.spec.cfg.system,
             structured=self.spec.structured,
+            answered=self._answered,
         )
         try:
             await engine.run(iter([inputs]), lambda _: prepared)
@@ -445,6 +469,11 @@ def _connect(ray: Any, cfg: RunConfig) -> bool:
     """Join the cluster named, or start a local Ray for this run; True when this run started it."""
     if ray.is_initialized():
         return False
+    # Ray's core logs at level "error" what is only a caveat for our actors (their constructor arguments are
+    # kept in the object store); real failures still raise. A user's own setting wins.
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    # A call into Ray after this run has shut it down must fail, not quietly start another Ray.
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     # Ray's own chatter (auth notices, the executor's progress log) would bury the run's lines.
     quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
     if cfg.ray_address:
@@ -460,15 +489,18 @@ def _connect(ray: Any, cfg: RunConfig) -> bool:
     return True
 
 
-def _workers(ray: Any, cfg: RunConfig) -> tuple[int, float]:
-    """How many engine actors, and the CPU each asks for (they mostly wait on the network)."""
+def _split_work(ray: Any, cfg: RunConfig) -> tuple[int, float, int]:
+    """How many engine actors, the CPU each asks for (they mostly wait on the network), and how many
+    requests each may have in flight: --concurrency split, never more in all than it allows, so
+    there are no more actors than it (ModelsLab's 5 queued requests, the embedded model's one)."""
     cpus = float(ray.cluster_resources().get("CPU", 1))
-    workers = cfg.workers or max(1, min(MAX_WORKERS_DEFAULT, int(cpus)))
-    return workers, min(1.0, max(0.05, cpus / (workers * 2)))
+    total = int(cfg.setting("concurrency"))
+    workers = min(total, cfg.workers or max(1, min(MAX_WORKERS_DEFAULT, int(cpus))))
+    return workers, min(1.0, max(0.05, cpus / (workers * 2))), total // workers
 
 
 def _stages(ray: Any, ds: Any, spec: Spec, answered: Any, coordinator: Any, workers: int, actor_cpus: float) -> Any:
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # the executor's progress log would bury the run's lines
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # the executor's progress log would bury the run's lines
     # The output is in input order. A dataset keeps the context it was made with, so it is set on the dataset's.
     for ctx in (ray.data.DataContext.get_current(), ds.context):
         ctx.execution_options.preserve_order = True
@@ -478,22 +510,12 @@ def _stages(ray: Any, ds: Any, spec: Spec, answered: Any, coordinator: Any, work
     )
     return prepared.map_batches(
         _Sender,
-        # The key and header variables the config names, as the driver has them: set in each actor's
-        # environment by Ray (held in the cluster's memory), read there by the actor, never put in a file.
-        runtime_env={"env_vars": _secret_vars(spec.cfg)},
         fn_constructor_kwargs={"spec": spec, "coordinator": coordinator},
         compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=4),
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=actor_cpus,
     )
-
-
-def _secret_vars(cfg: RunConfig) -> dict[str, str]:
-    names = {m for value in cfg.headers.values() for m in re.findall(r"(?<!\$)\$\{?([A-Za-z_][A-Za-z0-9_]*)", value)}
-    if (key := cfg.key_env()) is not None:
-        names.add(key)
-    return {name: os.environ[name] for name in sorted(names) if name in os.environ}
 
 
 def _split(block: pa.Table) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -520,10 +542,16 @@ async def send(job: Job, *, sink: Sink, done: pl.DataFrame, base_url: str, progr
     cfg, stats, plan = job.cfg, job.stats, job.plan
     from pipeline import source
 
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     owned = await asyncio.to_thread(_connect, ray, cfg)
+    if threading.current_thread() is threading.main_thread():
+        # ray.init installs its own SIGTERM handler, which aborts the process: Ctrl-C and SIGTERM must
+        # still save and exit 130 as a local run does.
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
     try:
-        workers, actor_cpus = _workers(ray, cfg)
-        concurrency = math.ceil(int(cfg.setting("concurrency")) / workers)
+        workers, actor_cpus, concurrency = _split_work(ray, cfg)
         run_id = uuid.uuid4().hex[:12]
         spec = Spec(cfg, plan.renderer, plan.structured, base_url, str(job.checkpoint_path.resolve()), concurrency, run_id)
         job.say(
@@ -543,17 +571,30 @@ async def send(job: Job, *, sink: Sink, done: pl.DataFrame, base_url: str, progr
         halt = False
 
         def drain() -> None:
-            for block in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2):
-                if halt:
-                    return
-                inputs, results = _split(block)
-                unsent = results.filter(pl.col("error").str.starts_with(STOPPED)).get_column("error")
-                if len(unsent):
-                    stopped.append(str(unsent[0])[len(STOPPED) :])
-                    return
-                sink.write(inputs, results)
-                counted[0] += results.height
-                counted[1] += int((results.get_column("status") == "ok").sum())
+            blocks = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2))
+            try:
+                for block in blocks:
+                    if halt:
+                        return
+                    write(block)
+            finally:
+                close = getattr(blocks, "close", None)
+                if close is not None:
+                    close()  # ends Ray's executor for this dataset: its tasks and actors are let go
+
+        def write(block: pa.Table) -> None:
+            nonlocal halt
+            inputs, results = _split(block)
+            unsent = results.filter(pl.col("error").str.starts_with(STOPPED)).get_column("error")
+            if len(unsent):
+                stopped.append(str(unsent[0])[len(STOPPED) :])
+                halt = True
+                # Closing the dataset ends the actors: first let every request in flight come back and be saved.
+                ray.get(coordinator.drained.remote(STOP_WAIT))
+                return
+            sink.write(inputs, results)
+            counted[0] += results.height
+            counted[1] += int((results.get_column("status") == "ok").sum())
 
         async def follow() -> None:
             while True:
@@ -563,12 +604,17 @@ async def send(job: Job, *, sink: Sink, done: pl.DataFrame, base_url: str, progr
         progress.start()
         sampling = asyncio.get_running_loop().create_task(metrics.sampler(stats, job.clock))
         watching = asyncio.get_running_loop().create_task(follow())
+        draining = asyncio.ensure_future(asyncio.to_thread(drain))
         try:
-            await asyncio.to_thread(drain)
-        except BaseException:
+            await asyncio.shield(draining)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            # Ctrl-C or SIGTERM: the actors stop sending and hand back what they have (their answers are in
+            # the journals); the driver lets Ray's executor end before Ray itself does.
             halt = True
             with contextlib.suppress(Exception):
                 coordinator.stop.remote("interrupted")
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(draining), STOP_WAIT)
             raise
         finally:
             watching.cancel()
@@ -614,12 +660,15 @@ def complete(ds: Any, **settings: Any) -> Any:
         )
     cfg.api_key()  # an unset key variable is a ConfigError here, before anything is sent
     cfg.request_headers()
+    from pipeline.sink import STDOUT, check_output
+
+    extracted = structured.output_columns() if structured is not None else []
+    check_output(Path(STDOUT), [], list(ds.schema().names), extracted, cfg.result_prefix)  # clashes, before sending
     # Without checkpoint_dir the answers go to a new temporary folder (the dataset is lazy: it outlives this call).
     checkpoint = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else Path(tempfile.mkdtemp(prefix="pipeline-ray-"))
     checkpoint.mkdir(parents=True, exist_ok=True)
     done = read_done(checkpoint)
-    workers, actor_cpus = _workers(ray, cfg)
-    concurrency = math.ceil(int(cfg.setting("concurrency")) / workers)
+    workers, actor_cpus, concurrency = _split_work(ray, cfg)
     run_id = uuid.uuid4().hex[:12]
     spec = Spec(cfg, renderer, structured, str(base_url), str(checkpoint.resolve()), concurrency, run_id)
     coordinator = ray.remote(_Coordinator).options(num_cpus=0, max_concurrency=1000).remote(cfg.rpm, cfg.tpm, cfg.adapt)
@@ -629,4 +678,12 @@ def complete(ds: Any, **settings: Any) -> Any:
 
 
 def _rename_results(block: pa.Table, prefix: str) -> pa.Table:
-    return block.rename_columns([prefix + c[len(RESULT) :] if c.startswith(RESULT) else c for c in block.column_names])
+    """The result columns by their output names: `prefix` on those of every run, not on a schema's fields."""
+
+    def name(c: str) -> str:
+        if not c.startswith(RESULT):
+            return c
+        own = c[len(RESULT) :]
+        return prefix + own if own in RESULT_COLUMNS else own
+
+    return block.rename_columns([name(c) for c in block.column_names])
