@@ -571,14 +571,16 @@ async def send(job: Job, *, sink: Sink, done: pl.DataFrame, base_url: str, progr
         halt = False
 
         def drain() -> None:
-            blocks = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2))
+            batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2))
             try:
-                for block in blocks:
+                for block in batches:
                     if halt:
-                        return
+                        break
                     write(block)
+                if halt:  # closing the dataset ends the actors: first every request in flight comes back and is saved
+                    ray.get(coordinator.drained.remote(STOP_WAIT))
             finally:
-                close = getattr(blocks, "close", None)
+                close = getattr(batches, "close", None)
                 if close is not None:
                     close()  # ends Ray's executor for this dataset: its tasks and actors are let go
 
@@ -586,11 +588,9 @@ async def send(job: Job, *, sink: Sink, done: pl.DataFrame, base_url: str, progr
             nonlocal halt
             inputs, results = _split(block)
             unsent = results.filter(pl.col("error").str.starts_with(STOPPED)).get_column("error")
-            if len(unsent):
+            if len(unsent):  # a stop: drain() waits for the requests in flight, then ends
                 stopped.append(str(unsent[0])[len(STOPPED) :])
                 halt = True
-                # Closing the dataset ends the actors: first let every request in flight come back and be saved.
-                ray.get(coordinator.drained.remote(STOP_WAIT))
                 return
             sink.write(inputs, results)
             counted[0] += results.height
