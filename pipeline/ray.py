@@ -53,6 +53,7 @@ from pipeline.config import RunConfig
 from pipeline.engine import Engine, Prepared
 from pipeline.governor import Governor
 from pipeline.lease import Lease, LeaseClient, SlotBudget
+from pipeline.progress import plural
 from pipeline.prompts import EST_TOKENS, EXTRA, KEY, PROMPT, SKIP_REASON, Renderer
 from pipeline.providers import make_provider
 from pipeline.providers.ratelimit import dialect_for
@@ -555,7 +556,7 @@ async def send(job: Job, *, sink: Sink, done: pl.DataFrame, base_url: str, progr
         run_id = uuid.uuid4().hex[:12]
         spec = Spec(cfg, plan.renderer, plan.structured, base_url, str(job.checkpoint_path.resolve()), concurrency, run_id)
         job.say(
-            f"pipeline: engine ray: {workers} actors x {concurrency} in flight on {ray.cluster_resources().get('CPU', 0):g} "
+            f"pipeline: engine ray: {plural(workers, 'actor')} x {concurrency} in flight on {ray.cluster_resources().get('CPU', 0):g} "
             f"CPUs; the rate budget is shared through one coordinator ({'joined ' + cfg.ray_address if cfg.ray_address else 'a Ray started here'})"
         )
         coordinator = (
