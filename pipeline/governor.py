@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from pipeline import errors
 from pipeline.control import HEADROOM, Breaker, ConcurrencyController, RateController, RepeatGuard, Ticket, outage_kind
+from pipeline.lease import ELSEWHERE
 from pipeline.limits import Gate, Hold, Pacer, request_pacer, token_pacer
 from pipeline.providers.ratelimit import Budget, Dialect, RateHeaders, parse_rate_headers
 from pipeline.spend import Budget as SpendBudget
@@ -116,7 +117,7 @@ class Governor:
                 if self._tokens:
                     await self._take_tokens(tokens)
                 if self._shared is not None and not await self._shared.take(tokens):
-                    self._block(errors.FatalError(f"stopped on another worker: {self._shared.stopped}", kind="stopped"))
+                    self._block(errors.FatalError(ELSEWHERE + str(self._shared.stopped), kind="stopped"))
             except BaseException:
                 gate.release()
                 raise

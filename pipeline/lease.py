@@ -40,6 +40,7 @@ INCREASE_EVERY = 2.0  # seconds without a 429 between additive steps up
 INCREASE_STEP = 0.05  # of the pace, per step
 RATE_WINDOW = 2.0  # seconds over which the cluster's send rate is measured
 MIN_RATE = 1 / 60  # requests per second: the pace never goes to zero
+ELSEWHERE = "stopped on another worker: "  # how an engine's stop says the cause was another engine's answer
 MIN_WAIT = 1e-4  # seconds: a wait of float dust would find the same dust again, forever, on a clock that has not moved
 
 
@@ -74,7 +75,6 @@ class SlotBudget:
     _granted: deque[float] = field(default_factory=deque)  # slot times of the last RATE_WINDOW seconds
     _last_decrease: float = -math.inf
     _last_change: float = 0.0
-    limited_reports: int = 0
 
     # ---- what the pace is ------------------------------------------------------------
 
@@ -150,7 +150,6 @@ class SlotBudget:
 
     def rate_limited(self, now: float, retry_after: float | None) -> None:
         """A 429 about the rate seen by some engine: one decrease per second, below what was sent."""
-        self.limited_reports += 1
         if retry_after:
             self.hold_until = max(self.hold_until, now + min(retry_after, 60.0))
             self.next_slot = max(self.next_slot, self.hold_until)
@@ -213,7 +212,6 @@ class LeaseClient:
         self._lock = asyncio.Lock()
         self.limited = True  # until a lease says otherwise
         self.stopped: str | None = None
-        self.leases = 0
 
     async def take(self, tokens: int) -> bool:
         """Wait for this request's turn; False when the run was stopped elsewhere."""
@@ -238,7 +236,6 @@ class LeaseClient:
                 lease = await self._call(self._want, float(tokens))
                 arrived = time.monotonic()  # slot times are offsets from the grant: on this engine's own clock from now
                 lease.slots = [arrived + offset for offset in lease.slots]
-                self.leases += 1
                 self.stopped, self.limited = lease.stopped, lease.limited
                 if lease.tokens < tokens * len(lease.slots):  # no token budget: only slots count
                     lease.tokens = float(tokens * len(lease.slots))

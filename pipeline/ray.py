@@ -52,7 +52,7 @@ from pipeline.checkpoint import RESULT_COLUMNS, RESULT_SCHEMA, Checkpoint, Resul
 from pipeline.config import RunConfig
 from pipeline.engine import Engine, Prepared
 from pipeline.governor import Governor
-from pipeline.lease import Lease, LeaseClient, SlotBudget
+from pipeline.lease import ELSEWHERE, Lease, LeaseClient, SlotBudget
 from pipeline.progress import plural
 from pipeline.prompts import EST_TOKENS, EXTRA, KEY, PROMPT, SKIP_REASON, Renderer
 from pipeline.providers import make_provider
@@ -74,7 +74,6 @@ REPORT_EVERY = 0.5  # seconds between an actor's counters sent to the coordinato
 STOP_WAIT = 15.0  # seconds an interrupted run waits for the actors to hand back their blocks
 JOURNAL_PREFIX = "journal-"
 STOPPED = "not sent: the run stopped: "  # the error of rows a stop left unsent (the driver ends the run on seeing it)
-ELSEWHERE = "stopped on another worker: "
 # Counters summed over the actors for the driver's stats.
 SUMMED = (
     "rows_done", "ok", "errors", "from_checkpoint", "shared", "rows_sent", "requests_sent", "retries",
@@ -175,7 +174,6 @@ class _Coordinator:
         self.budget = SlotBudget(user_rpm=rpm, user_tpm=tpm, adapt=adapt)
         self.lock = asyncio.Lock()
         self.workers: dict[str, dict[str, Any]] = {}
-        self.leases = 0
         self.quiet = asyncio.Event()  # stopped, and no actor has a request in flight
 
     async def lease(self, want: int, tokens_each: float) -> Lease:
@@ -183,7 +181,6 @@ class _Coordinator:
             while True:
                 lease, wait = self.budget.grant(time.monotonic(), want, tokens_each)
                 if lease is not None:
-                    self.leases += 1
                     return lease
                 await asyncio.sleep(wait)
 
@@ -230,8 +227,6 @@ class _Coordinator:
         total.update(
             error_kinds=dict(kinds),
             latency=dict(latency),
-            workers=len(self.workers),
-            leases=self.leases,
             pace_rpm=None if rate is None else rate * 60,
             pace_source=self.budget.source(),
             pace_tpm=self.budget.tpm(),
@@ -449,7 +444,8 @@ class _Sender:
     def _prepared(self, frame: pl.DataFrame, inputs: pl.DataFrame, given: pl.DataFrame) -> Prepared:
         self._recover()
         keys = frame.get_column(KEY).to_list()
-        cached = {row: Result._make(r) for row, r in enumerate(given.rows()) if r[RESULT_COLUMNS.index("status")] is not None}
+        answered = given.get_column("status").is_not_null()  # rows the look-up stage completed: only those are read
+        cached = dict(zip(answered.arg_true().to_list(), map(Result._make, given.filter(answered).rows()), strict=True))
         if self._recovered:
             cached.update({row: self._recovered[k] for row, k in enumerate(keys) if k in self._recovered and row not in cached})
         return Prepared(
@@ -500,7 +496,28 @@ def _split_work(ray: Any, cfg: RunConfig) -> tuple[int, float, int]:
     return workers, min(1.0, max(0.05, cpus / (workers * 2))), total // workers
 
 
-def _stages(ray: Any, ds: Any, spec: Spec, answered: Any, coordinator: Any, workers: int, actor_cpus: float) -> Any:
+@dataclass(frozen=True)
+class Stages:
+    """A dataset through both stages, the run's coordinator, and how the work was split."""
+
+    dataset: Any
+    coordinator: Any
+    workers: int
+    concurrency: int  # per actor
+
+
+def _stages(ray: Any, ds: Any, cfg: RunConfig, renderer: Renderer, structured: Structured | None, base_url: str,
+            checkpoint: Path, done: pl.DataFrame) -> Stages:  # fmt: skip
+    """`ds` rendered, looked up in `done` and sent by a pool of actors, with a coordinator of its own."""
+    workers, actor_cpus, concurrency = _split_work(ray, cfg)
+    run_id = uuid.uuid4().hex[:12]
+    spec = Spec(cfg, renderer, structured, base_url, str(checkpoint.resolve()), concurrency, run_id)
+    coordinator = (
+        ray.remote(_Coordinator)
+        .options(name=f"pipeline-{run_id}", num_cpus=0, max_concurrency=1000)
+        .remote(cfg.rpm, cfg.tpm, cfg.adapt)
+    )
+    answered = ray.put(Answered(done))
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # the executor's progress log would bury the run's lines
     # The output is in input order. A dataset keeps the context it was made with, so it is set on the dataset's.
     for ctx in (ray.data.DataContext.get_current(), ds.context):
@@ -509,7 +526,7 @@ def _stages(ray: Any, ds: Any, spec: Spec, answered: Any, coordinator: Any, work
     prepared = ds.map_batches(
         _prepare, fn_kwargs={"spec": spec, "answered": answered}, batch_size=None, batch_format="pyarrow", num_cpus=0.5
     )
-    return prepared.map_batches(
+    sent = prepared.map_batches(
         _Sender,
         fn_constructor_kwargs={"spec": spec, "coordinator": coordinator},
         compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=4),
@@ -517,6 +534,7 @@ def _stages(ray: Any, ds: Any, spec: Spec, answered: Any, coordinator: Any, work
         batch_format="pyarrow",
         num_cpus=actor_cpus,
     )
+    return Stages(sent, coordinator, workers, concurrency)
 
 
 def _split(block: pa.Table) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -552,21 +570,16 @@ async def send(job: Job, *, sink: Sink, done: pl.DataFrame, base_url: str, progr
             if handler is not None:
                 signal.signal(sig, handler)
     try:
-        workers, actor_cpus, concurrency = _split_work(ray, cfg)
-        run_id = uuid.uuid4().hex[:12]
-        spec = Spec(cfg, plan.renderer, plan.structured, base_url, str(job.checkpoint_path.resolve()), concurrency, run_id)
-        job.say(
-            f"pipeline: engine ray: {plural(workers, 'actor')} x {concurrency} in flight on {ray.cluster_resources().get('CPU', 0):g} "
-            f"CPUs; the rate budget is shared through one coordinator ({'joined ' + cfg.ray_address if cfg.ray_address else 'a Ray started here'})"
-        )
-        coordinator = (
-            ray.remote(_Coordinator)
-            .options(name=f"pipeline-{run_id}", num_cpus=0, max_concurrency=1000)
-            .remote(cfg.rpm, cfg.tpm, cfg.adapt)
-        )
-        answered = ray.put(Answered(done))
         blocks = [ray.put(f.to_arrow()) for f in source.batches(plan.table, cfg.batch_size, cfg.limit)]
-        ds = _stages(ray, ray.data.from_arrow_refs(blocks), spec, answered, coordinator, workers, actor_cpus)
+        stages = _stages(
+            ray, ray.data.from_arrow_refs(blocks), cfg, plan.renderer, plan.structured, base_url, job.checkpoint_path, done
+        )
+        ds, coordinator = stages.dataset, stages.coordinator
+        job.say(
+            f"pipeline: engine ray: {plural(stages.workers, 'actor')} x {stages.concurrency} in flight on "
+            f"{ray.cluster_resources().get('CPU', 0):g} CPUs; the rate budget is shared through one coordinator "
+            f"({'joined ' + cfg.ray_address if cfg.ray_address else 'a Ray started here'})"
+        )
         stopped: list[str] = []
         counted = [0, 0]  # rows written, rows ok: exact, where the actors' counters may count a retried block twice
         halt = False
@@ -668,12 +681,7 @@ def complete(ds: Any, **settings: Any) -> Any:
     # Without checkpoint_dir the answers go to a new temporary folder (the dataset is lazy: it outlives this call).
     checkpoint = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else Path(tempfile.mkdtemp(prefix="pipeline-ray-"))
     checkpoint.mkdir(parents=True, exist_ok=True)
-    done = read_done(checkpoint)
-    workers, actor_cpus, concurrency = _split_work(ray, cfg)
-    run_id = uuid.uuid4().hex[:12]
-    spec = Spec(cfg, renderer, structured, str(base_url), str(checkpoint.resolve()), concurrency, run_id)
-    coordinator = ray.remote(_Coordinator).options(num_cpus=0, max_concurrency=1000).remote(cfg.rpm, cfg.tpm, cfg.adapt)
-    out = _stages(ray, ds, spec, ray.put(Answered(done)), coordinator, workers, actor_cpus)
+    out = _stages(ray, ds, cfg, renderer, structured, str(base_url), checkpoint, read_done(checkpoint)).dataset
     prefix = cfg.result_prefix
     return out.map_batches(_rename_results, fn_kwargs={"prefix": prefix}, batch_size=None, batch_format="pyarrow", num_cpus=0.1)
 
