@@ -634,7 +634,7 @@ class Bench:
             raise BenchError("moto[server] is not installed (pip install -e '.[dev]')") from None
         n = self.n(1_000_000)
         inp = self.table(n)
-        from pipeline.local_model import free_port
+        from pipeline.providers.local_model import free_port
 
         port = free_port()
         moto = subprocess.Popen(pinned(SERVER_CORE, [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]),

@@ -40,7 +40,7 @@ CLIENT_CORE, SERVER_CORE = min(os.sched_getaffinity(0)), max(os.sched_getaffinit
 
 READ = """
 import sys
-from pipeline import source
+from pipeline.tables import source
 table = source.open_table((sys.argv[1],))
 rows = source.count_rows(table)
 seen = sum(batch.height for batch in source.batches(table, 5000))
@@ -49,7 +49,7 @@ assert rows == seen == int(sys.argv[2]), (rows, seen)
 UPLOAD = """
 import sys
 from pathlib import Path
-from pipeline import storage
+from pipeline.tables import storage
 storage.upload(Path(sys.argv[1]), storage.Url.parse(sys.argv[2]))
 """
 

@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import polars as pl
 
-from pipeline import errors, source
+from pipeline import errors
 from pipeline.config import RunConfig, build_config, load_yaml
 from pipeline.job import EXIT_INTERRUPTED, Job, RunResult, prepare_job
-from pipeline.sink import Sink
+from pipeline.tables import source
+from pipeline.tables.sink import Sink
 
 if TYPE_CHECKING:
     import pyarrow as pa

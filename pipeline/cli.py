@@ -154,7 +154,7 @@ def estimate(config: str | None, samples: int, **flags: Any) -> None:
     sent; prompt tokens are counted by the provider's count endpoint where it
     has one (Anthropic, ModelsLab), else estimated, and the report says which.
     """
-    from pipeline.estimate import estimate_job
+    from pipeline.observe.estimate import estimate_job
 
     try:
         cfg = _config(config, flags)
@@ -193,7 +193,7 @@ def serve_local(host: str, port: int, threads: int | None, ctx_size: int, model_
     Runs in the foreground until Ctrl-C or SIGTERM (`kill PID` for one started
     in the background); the llama.cpp process stops with it.
     """
-    from pipeline.local_model import LocalServer, check_gguf
+    from pipeline.providers.local_model import LocalServer, check_gguf
 
     try:
         model = check_gguf(model_file) if model_file is not None else None
@@ -226,7 +226,7 @@ def show(path: str, rows: int, errors_only: bool, columns: str | None, full: boo
     Before its run has finished (running, or stopped), the answers so far are
     shown from its checkpoint. PATH may also be a checkpoint folder.
     """
-    from pipeline.show import show as show_output  # polars only when showing
+    from pipeline.observe.show import show as show_output  # polars only when showing
 
     chosen = [c.strip() for c in columns.split(",") if c.strip()] if columns else []
     try:
@@ -254,8 +254,8 @@ def report(output: str, metrics: str | None, checkpoint_dir: str | None, report_
     Charts come from the output (or, before the run has finished, its
     checkpoint) and from the metrics file the run wrote beside it.
     """
-    from pipeline import report as run_report  # altair and vl-convert only when drawing
-    from pipeline.storage import local_view
+    from pipeline.observe import report as run_report  # altair and vl-convert only when drawing
+    from pipeline.tables.storage import local_view
 
     output = local_view(output)  # an s3:// output: its local copy, beside its checkpoint
     target = report_file or str(run_report.default_report_path(output))
@@ -321,7 +321,7 @@ def cache_info(folder: str) -> None:
     """How many answers the cache in FOLDER holds, their size and age."""
     import datetime
 
-    from pipeline.cache import FILE, AnswerCache
+    from pipeline.tables.cache import FILE, AnswerCache
 
     if not (Path(folder) / FILE).exists():
         raise UsageFailure(f"{folder} holds no answer cache ({FILE}). Give the folder a run used with --cache.")
@@ -346,7 +346,7 @@ def cache_info(folder: str) -> None:
 @click.option("--max-mb", type=click.FloatRange(min=0), default=None, help="Then drop the least recently used down to this size.")
 def cache_prune(folder: str, older_than: str | None, max_mb: float | None) -> None:
     """Drop answers from the cache in FOLDER and give their space back (safe while jobs use it)."""
-    from pipeline.cache import FILE, AnswerCache
+    from pipeline.tables.cache import FILE, AnswerCache
 
     if older_than is None and max_mb is None:
         raise UsageFailure("Say what to drop: --older-than 30d, --max-mb 500, or both.")

@@ -333,7 +333,7 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _ceiling_has_worst_case(self) -> RunConfig:
-        from pipeline.spend import refusal  # here: spend imports this module for its types
+        from pipeline.limits.spend import refusal  # here: spend imports this module for its types
 
         if (why := refusal(self)) is not None:
             raise ValueError(why)
@@ -364,7 +364,7 @@ class RunConfig(BaseModel):
             stem = re.sub(r"[*?\[\]]+", "_", Path(self.input[0]).stem).strip("_") or "input"
             return Path(f"{stem}.stdout.checkpoint")
         if self.output.startswith("s3://"):  # object storage has no appends: a local folder, named in the summary
-            from pipeline.storage import Url, local_home
+            from pipeline.tables.storage import Url, local_home
 
             url = Url.parse(self.output)
             return local_home(url) / (url.stem + ".checkpoint")

@@ -25,22 +25,25 @@ from typing import Any, TextIO
 
 import polars as pl
 
-from pipeline import errors, metrics, source, spend, storage
-from pipeline.cache import AnswerCache, scope_for
-from pipeline.checkpoint import RESULT_SCHEMA, Checkpoint, Result, read_done
+from pipeline import errors
 from pipeline.config import RunConfig
-from pipeline.engine import Engine, prepare
-from pipeline.governor import Governor
-from pipeline.local_model import LocalServer, check_installed
+from pipeline.engines.online import Engine, prepare
+from pipeline.limits import spend
+from pipeline.limits.governor import Governor
+from pipeline.limits.retry import RetryPolicy
+from pipeline.observe import metrics
+from pipeline.observe.progress import Progress, plural, summary
+from pipeline.observe.stats import RunStats
 from pipeline.plan import NOWHERE, Plan, preflight
-from pipeline.progress import Progress, plural, summary
-from pipeline.prompts import Renderer
 from pipeline.providers import Provider, make_provider
+from pipeline.providers.local_model import LocalServer, check_installed
 from pipeline.providers.ratelimit import dialect_for
-from pipeline.retry import RetryPolicy
-from pipeline.sink import Sink, describe, open_sink, result_frame
-from pipeline.stats import RunStats
-from pipeline.transport import AiohttpTransport, Transport
+from pipeline.providers.transport import AiohttpTransport, Transport
+from pipeline.requests.prompts import Renderer
+from pipeline.tables import source, storage
+from pipeline.tables.cache import AnswerCache, scope_for
+from pipeline.tables.checkpoint import RESULT_SCHEMA, Checkpoint, Result, read_done
+from pipeline.tables.sink import Sink, describe, open_sink, result_frame
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130  # and 2, bad usage: UserError, mapped by the CLI
 EXIT_BATCH_PENDING = 3  # batch mode: batches still running; the same command again collects them
@@ -288,7 +291,7 @@ class Job:
         path = self._report_path(ending)
         if path is None:
             return
-        from pipeline.report import report_after_run  # altair and vl-convert: only once the run is over
+        from pipeline.observe.report import report_after_run  # altair and vl-convert: only once the run is over
 
         metrics_file = metrics.default_path(self.cfg)
         failed = report_after_run(str(self._local_output()), str(metrics_file), str(self.checkpoint_path), str(path))
@@ -321,7 +324,7 @@ class Job:
         elif self.plan.renderer.spec.verbatim and (
             self.cfg.output_format == "openai-batch" or str(output).lower().endswith((".jsonl", ".ndjson"))
         ):
-            from pipeline.interchange import BatchOutputSink  # answers to batch requests, as batch-output lines
+            from pipeline.tables.interchange import BatchOutputSink  # answers to batch requests, as batch-output lines
 
             assert output is not None
             sink = BatchOutputSink(output, self.cfg.result_prefix)
@@ -378,7 +381,7 @@ class Job:
                 self.say("pipeline: starting the embedded model server (SmolLM2-135M-Instruct on 127.0.0.1)")
                 base_url = (await stack.enter_async_context(LocalServer())).base_url
             if cfg.engine == "ray":
-                from pipeline import ray as on_ray  # Ray is an optional extra, imported only here
+                from pipeline.engines import ray as on_ray  # Ray is an optional extra, imported only here
 
                 progress = Progress(stats, enabled=cfg.progress, stream=self.stream, notebook=self.notebook)
                 stopped_by = await on_ray.send(self, sink=sink, done=done, base_url=base_url, progress=progress)
@@ -453,7 +456,7 @@ class Job:
 
     def _refuse_open_batches(self) -> None:
         """An online run on an output whose batches are still open would send their rows again, and pay twice."""
-        from pipeline.batch import Ledger
+        from pipeline.engines.batch import Ledger
 
         ledger = Ledger(self.checkpoint_path)
         if not ledger.path.exists():
@@ -473,7 +476,7 @@ class Job:
         are open (exit 3) or after a fatal answer; else None and the answers for the output, refusals
         included as error rows, so the engine below writes the output without sending anything more
         (but, with --fallback online, the lines that failed in a batch)."""
-        from pipeline.batch import BatchStep, Ledger, batch_api
+        from pipeline.engines.batch import BatchStep, Ledger, batch_api
 
         cfg, renderer, table = self.cfg, self.plan.renderer, self.plan.table
         base_url = str(cfg.setting("base_url"))
@@ -610,7 +613,7 @@ def _result(data: dict[str, Any], cfg: RunConfig, checkpoint: Path, metrics_file
 
 async def batch_command(cfg: RunConfig, action: str, say: Callable[[str], None]) -> int:
     """`pipeline batch status|cancel CONFIG`: what the job's batches are doing, or cancel them."""
-    from pipeline.batch import BatchStep, Ledger, batch_api
+    from pipeline.engines.batch import BatchStep, Ledger, batch_api
 
     if cfg.mode != "batch":
         raise errors.ConfigError(f"pipeline batch {action} is for batch jobs: give the config with mode: batch, or --mode batch.")

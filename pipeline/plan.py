@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import errors, source, storage
+from pipeline import errors
 from pipeline.config import RunConfig
-from pipeline.prompts import Renderer, RequestSpec, parse_template
-from pipeline.sink import STDOUT, check_output
-from pipeline.structured import Structured, load_schema
+from pipeline.requests.prompts import Renderer, RequestSpec, parse_template
+from pipeline.requests.structured import Structured, load_schema
+from pipeline.tables import source, storage
+from pipeline.tables.sink import STDOUT, check_output
 
 NOWHERE = "http://127.0.0.1:9/v1"  # stands in for a server that no request will reach
 
@@ -100,7 +101,7 @@ def preflight(cfg: RunConfig, *, writes: bool = True, table: source.Table | None
 
 def _requests_plan(cfg: RunConfig, structured: Structured | None) -> Plan:
     """An input of OpenAI batch requests: each line's body is the request, sent as it is."""
-    from pipeline import interchange
+    from pipeline.tables import interchange
 
     if cfg.provider not in ("openai", "local"):
         raise errors.ConfigError(

@@ -28,15 +28,16 @@ import orjson
 import polars as pl
 from multidict import CIMultiDict
 
-from pipeline import errors, source
-from pipeline.checkpoint import Checkpoint
+from pipeline import errors
 from pipeline.config import build_config
-from pipeline.engine import prepare
+from pipeline.engines.online import prepare
 from pipeline.job import build_engine
+from pipeline.observe.stats import RunStats
 from pipeline.plan import preflight
 from pipeline.providers import make_provider
-from pipeline.sink import ParquetSink
-from pipeline.stats import RunStats
+from pipeline.tables import source
+from pipeline.tables.checkpoint import Checkpoint
+from pipeline.tables.sink import ParquetSink
 
 
 @dataclass

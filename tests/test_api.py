@@ -18,7 +18,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 import pipeline
-from pipeline.checkpoint import RESULT_COLUMNS
+from pipeline.tables.checkpoint import RESULT_COLUMNS
 from tests.conftest import ROOT, chat_requests, run_cli, write_table
 from tests.fakeserver import FakeLLMServer
 
@@ -255,6 +255,6 @@ def test_ctrl_c_inside_a_running_loop_saves_answers_and_raises_interrupted() -> 
     calling thread, which cancels the run there, waits for it to save, and raises Interrupted."""
     with FakeLLMServer(latency=0.05) as server:
         ok = interrupt_script(NOTEBOOK_SCRIPT, server)
-    from pipeline.checkpoint import read_done
+    from pipeline.tables.checkpoint import read_done
 
     assert read_done(Path("answers")).height >= int(ok)  # every answer counted is in the checkpoint

@@ -455,7 +455,7 @@ def test_a_create_refused_for_good_does_not_wedge_later_runs(batches: FakeBatchS
 
 
 def test_a_torn_ledger_line_does_not_swallow_the_next_event(tmp_path: Path) -> None:
-    from pipeline.batch import Ledger
+    from pipeline.engines.batch import Ledger
 
     ledger = Ledger(tmp_path)
     ledger.append("prepared", local="a", n=3)

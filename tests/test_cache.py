@@ -12,9 +12,9 @@ import polars as pl
 import pytest
 
 import pipeline
-import pipeline.cache
-import pipeline.engine
-from pipeline.cache import AnswerCache, scope_for
+import pipeline.engines.online
+import pipeline.tables.cache
+from pipeline.tables.cache import AnswerCache, scope_for
 from tests.conftest import base_args, chat_requests, run_cli, spawn, texts, write_table
 from tests.fakeserver import FakeLLMServer
 
@@ -117,7 +117,7 @@ def _count_flushes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 def test_answers_are_not_written_one_transaction_a_row_or_a_batch(server: FakeLLMServer, monkeypatch: pytest.MonkeyPatch) -> None:
     written = _count_flushes(monkeypatch)
-    monkeypatch.setattr(pipeline.engine, "CACHE_FLUSH_EVERY", 3600.0)  # no timed flush: only the one at the end
+    monkeypatch.setattr(pipeline.engines.online, "CACHE_FLUSH_EVERY", 3600.0)  # no timed flush: only the one at the end
     write_table("in.csv", texts(40))
     assert run_cli(*job(server, "out/a.parquet", "--batch-size", "1")).exit_code == 0
     assert written == [40]
@@ -125,7 +125,7 @@ def test_answers_are_not_written_one_transaction_a_row_or_a_batch(server: FakeLL
 
 def test_answers_are_written_while_the_run_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
     written = _count_flushes(monkeypatch)
-    monkeypatch.setattr(pipeline.engine, "CACHE_FLUSH_EVERY", 0.05)
+    monkeypatch.setattr(pipeline.engines.online, "CACHE_FLUSH_EVERY", 0.05)
     with FakeLLMServer(latency=0.02) as server:  # 40 answers one at a time: at least 0.8 s
         write_table("in.csv", texts(40))
         assert run_cli(*job(server, "out/a.parquet", "--concurrency", "1", "--no-adapt")).exit_code == 0
@@ -197,7 +197,7 @@ def test_scope_names_provider_and_server() -> None:
 
 
 def test_a_flush_behind_another_jobs_write_lock_keeps_its_answers_for_later(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pipeline.cache, "BUSY_MS", 100)
+    monkeypatch.setattr(pipeline.tables.cache, "BUSY_MS", 100)
     with AnswerCache("answers", "s") as store:
         other = sqlite3.connect("answers/answers.sqlite", isolation_level=None)
         other.execute("BEGIN IMMEDIATE")  # another job in the middle of its own write

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.control import (
+from pipeline.limits.learn import (
     BREAKER_TRIP,
     PROBE_FIRST,
     PROBE_MAX,

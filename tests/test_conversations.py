@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pipeline
-from pipeline import prompts
 from pipeline.config import RunConfig
-from pipeline.engine import prepare
+from pipeline.engines.online import prepare
 from pipeline.plan import renderer_for
+from pipeline.requests import prompts
 from tests.conftest import chat_requests, run_cli
 from tests.fakeserver import FakeLLMServer, _null_field
 

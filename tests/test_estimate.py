@@ -12,7 +12,7 @@ import pytest
 
 from pipeline import errors
 from pipeline.config import RunConfig, build_config
-from pipeline.estimate import Estimate, Scan, estimate, estimate_job, figures
+from pipeline.observe.estimate import Estimate, Scan, estimate, estimate_job, figures
 from tests.conftest import ROOT, chat_requests, run_cli, texts, write_table
 from tests.fakeserver import FakeLLMServer
 

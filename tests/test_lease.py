@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.control import HEADROOM
-from pipeline.lease import GRACE, HORIZON, Lease, LeaseClient, SlotBudget
+from pipeline.limits.learn import HEADROOM
+from pipeline.limits.lease import GRACE, HORIZON, Lease, LeaseClient, SlotBudget
 
 
 def drain(budget: SlotBudget, seconds: float, want: int, actors: int = 4, tokens: float = 1.0) -> list[float]:

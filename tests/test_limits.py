@@ -9,7 +9,7 @@ from typing import Any
 import looptime
 import pytest
 
-from pipeline.limits import Gate, Hold, request_pacer, token_pacer
+from pipeline.limits.buckets import Gate, Hold, request_pacer, token_pacer
 
 
 def virtual(main: Coroutine[Any, Any, Any]) -> Any:

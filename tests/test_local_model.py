@@ -16,7 +16,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from pipeline.local_model import MODEL_ALIAS, free_port
+from pipeline.providers.local_model import MODEL_ALIAS, free_port
 from tests.conftest import ROOT, run_cli, spawn, write_table
 
 pytestmark = pytest.mark.local_model

@@ -13,8 +13,8 @@ from typing import Any
 import jsonschema
 import pytest
 
-from pipeline.metrics import SCHEMA_FILE
-from pipeline.stats import TIMELINE_MAX, RunStats
+from pipeline.observe.metrics import SCHEMA_FILE
+from pipeline.observe.stats import TIMELINE_MAX, RunStats
 from tests.conftest import base_args, run_cli, spawn, texts, write_table
 from tests.fakeserver import FakeLLMServer
 

@@ -12,7 +12,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from pipeline.checkpoint import RESULT_COLUMNS
+from pipeline.tables.checkpoint import RESULT_COLUMNS
 from tests.conftest import base_args, chat_requests, run_cli, spawn, texts, write_table
 from tests.fakeserver import FakeLLMServer
 

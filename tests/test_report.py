@@ -22,8 +22,8 @@ import orjson
 import polars as pl
 import pytest
 
-from pipeline.checkpoint import RESULT_SCHEMA
-from pipeline.report import build_report, report_after_run, write_report
+from pipeline.observe.report import build_report, report_after_run, write_report
+from pipeline.tables.checkpoint import RESULT_SCHEMA
 from tests.conftest import run_cli, write_table
 
 SECRET = "sk-test-NEVER-SHOWN-123"

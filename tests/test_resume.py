@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from pipeline.spend import money
+from pipeline.limits.spend import money
 from tests.conftest import chat_requests, run_cli, spawn, texts, write_table
 from tests.fakeserver import FakeLLMServer
 

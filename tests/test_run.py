@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from pipeline.checkpoint import RESULT_COLUMNS
+from pipeline.tables.checkpoint import RESULT_COLUMNS
 from tests.conftest import base_args, chat_requests, run_cli, texts, write_table
 from tests.fakeserver import FakeLLMServer
 

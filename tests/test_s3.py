@@ -19,9 +19,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from pipeline import storage
 from pipeline.errors import ConfigError
-from pipeline.local_model import free_port
+from pipeline.providers.local_model import free_port
+from pipeline.tables import storage
 from tests.conftest import chat_requests, run_cli, spawn, texts
 from tests.fakeserver import FakeLLMServer
 

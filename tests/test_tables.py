@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from pipeline.checkpoint import RESULT_COLUMNS
+from pipeline.tables.checkpoint import RESULT_COLUMNS
 from tests.conftest import base_args, chat_requests, run_cli, spawn, texts, write_table
 from tests.fakeserver import FakeLLMServer
 from tests.test_bad_input import assert_refused

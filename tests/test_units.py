@@ -11,10 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline import errors
-from pipeline.checkpoint import RESULT_COLUMNS, Checkpoint
 from pipeline.config import build_config
-from pipeline.prompts import KEY, PROMPT, Renderer, RequestSpec, parse_template
-from pipeline.retry import RetryPolicy
+from pipeline.limits.retry import RetryPolicy
+from pipeline.requests.prompts import KEY, PROMPT, Renderer, RequestSpec, parse_template
+from pipeline.tables.checkpoint import RESULT_COLUMNS, Checkpoint
 
 SPEC = RequestSpec(model="m", system=None, max_tokens=10, temperature=None, top_p=None)
 
@@ -117,7 +117,7 @@ def test_a_second_run_on_the_same_checkpoint_is_refused(tmp_path: Path) -> None:
 
 
 def test_structured_replies_are_checked_and_canonical() -> None:
-    from pipeline.structured import Structured, check_reply, load_schema
+    from pipeline.requests.structured import Structured, check_reply, load_schema
 
     schema = load_schema(
         {"type": "object", "properties": {"n": {"type": "integer"}, "tags": {"type": "array", "items": {"type": "string"}}}}
@@ -137,8 +137,8 @@ def test_without_a_terminal_progress_is_a_status_line_now_and_then() -> None:
     import asyncio
     import io
 
-    from pipeline.progress import Progress
-    from pipeline.stats import RunStats
+    from pipeline.observe.progress import Progress
+    from pipeline.observe.stats import RunStats
 
     stats = RunStats(total_rows=200, rows_done=50, errors=2, retries=3, pace_rpm=5922, pace_source="header")
     stats.pace_detail, stats.concurrency, stats.concurrency_ceiling, stats.limited_rate = "x-ratelimit-limit-requests", 12, 256, 3
@@ -162,8 +162,8 @@ def test_without_a_terminal_progress_is_a_status_line_now_and_then() -> None:
 def test_after_a_resume_the_pace_and_time_left_count_only_rows_sent_this_run() -> None:
     import re
 
-    from pipeline.progress import Progress, duration
-    from pipeline.stats import RunStats
+    from pipeline.observe.progress import Progress, duration
+    from pipeline.observe.stats import RunStats
 
     # 600 of 1,000 rows done 100 s in, but 500 of them came from the checkpoint: 1 row/s is real, 6 is not.
     stats = RunStats(total_rows=1000, rows_done=600, from_checkpoint=500)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from pipeline import errors
-from pipeline.prompts import RequestSpec
 from pipeline.providers.anthropic import AnthropicMessages
 from pipeline.providers.base import Completion, Provider, SchemaFormatRefused, clip
 from pipeline.providers.modelslab import ModelsLabChat
 from pipeline.providers.openai import OpenAIChat
+from pipeline.requests.prompts import RequestSpec
 
 __all__ = ["Completion", "Provider", "SchemaFormatRefused", "make_provider", "read_reply"]
 

@@ -23,7 +23,7 @@ from pipeline.providers.base import (
 )
 from pipeline.providers.modelslab import classify_message
 from pipeline.providers.openai import row_params
-from pipeline.structured import TOOL_NAME
+from pipeline.requests.structured import TOOL_NAME
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 1024  # the API requires max_tokens; used when the user sets none

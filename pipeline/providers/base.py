@@ -21,7 +21,7 @@ import orjson
 
 from pipeline import errors
 from pipeline.config import CREDENTIAL_HEADERS
-from pipeline.prompts import RequestSpec
+from pipeline.requests.prompts import RequestSpec
 
 
 @dataclass(frozen=True, slots=True)

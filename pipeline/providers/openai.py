@@ -9,7 +9,6 @@ from typing import Any
 import orjson
 
 from pipeline import errors
-from pipeline.prompts import RequestSpec
 from pipeline.providers.base import (
     Completion,
     SchemaFormatRefused,
@@ -22,7 +21,8 @@ from pipeline.providers.base import (
     retry_after,
     usage_of,
 )
-from pipeline.structured import schema_instruction
+from pipeline.requests.prompts import RequestSpec
+from pipeline.requests.structured import schema_instruction
 
 
 def chat_messages(spec: RequestSpec, payload: str, followup: list[dict[str, str]] | None = None) -> list[dict[str, Any]]:

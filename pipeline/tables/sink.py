@@ -20,9 +20,9 @@ from typing import BinaryIO
 import polars as pl
 import pyarrow.parquet as pq
 
-from pipeline import storage
-from pipeline.checkpoint import RESULT_COLUMNS, RESULT_SCHEMA
 from pipeline.errors import FatalError, InputError
+from pipeline.tables import storage
+from pipeline.tables.checkpoint import RESULT_COLUMNS, RESULT_SCHEMA
 
 STDOUT = "-"
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}

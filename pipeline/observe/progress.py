@@ -17,8 +17,8 @@ from typing import Never, TextIO
 from tqdm import tqdm
 from tqdm.auto import tqdm as tqdm_auto
 
-from pipeline.spend import summary_line as spend_line
-from pipeline.stats import RunStats
+from pipeline.limits.spend import summary_line as spend_line
+from pipeline.observe.stats import RunStats
 
 REFRESH = 0.5
 LOG_EVERY = 60.0  # seconds between status lines when there is no terminal

@@ -33,10 +33,10 @@ from typing import Any, ClassVar
 import orjson
 
 from pipeline import errors
-from pipeline.checkpoint import Checkpoint, Result
-from pipeline.prompts import estimate_tokens
 from pipeline.providers import Provider, read_reply
 from pipeline.providers.base import clip, decode, endpoint, http_error, retry_after
+from pipeline.requests.prompts import estimate_tokens
+from pipeline.tables.checkpoint import Checkpoint, Result
 
 BATCHES, LEDGER = "batches", "ledger.jsonl"
 ENDPOINT = "/v1/chat/completions"

@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pipeline.control import HEADROOM
+from pipeline.limits.learn import HEADROOM
 
 HORIZON = 0.05  # seconds of budget a lease may reach ahead: bounds what one actor holds
 GRACE = 0.02  # seconds a slot stays usable after its time

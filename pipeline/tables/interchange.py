@@ -23,9 +23,9 @@ from typing import Any, BinaryIO
 import orjson
 import polars as pl
 
-from pipeline import source, storage
 from pipeline.errors import InputError
-from pipeline.sink import JsonLinesSink
+from pipeline.tables import source, storage
+from pipeline.tables.sink import JsonLinesSink
 
 BODY = "body"  # the column that holds each line's body, as canonical JSON text
 CHAT_URL = "/v1/chat/completions"

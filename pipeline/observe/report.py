@@ -3,7 +3,7 @@
 It is drawn from two things beside the output, and never from the engine:
 
 - the output itself (or, before the run has finished, its checkpoint's answers),
-  read lazily through `pipeline.show`'s view and reduced in polars to a few
+  read lazily through `pipeline.observe.show`'s view and reduced in polars to a few
   small tables: status counts, latency and completion-token histograms and
   quantiles, errors grouped by message with a few example rows. Only the
   columns needed are read, so a 1M-row output costs a scan, not a loop;
@@ -33,7 +33,7 @@ import orjson
 import polars as pl
 
 from pipeline.errors import InputError
-from pipeline.show import View, _view  # the prefix detection and the lazy, any-format read of `pipeline show`
+from pipeline.observe.show import View, _view  # the prefix detection and the lazy, any-format read of `pipeline show`
 
 METRICS_SCHEMA = "pipeline.metrics/1"
 MAX_POINTS = 600  # timeline points per chart: a long run is bucketed so the page stays small

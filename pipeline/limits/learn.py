@@ -178,7 +178,7 @@ class ConcurrencyController:
 
 # ---- rate ----------------------------------------------------------------------------------
 
-HEADROOM = 0.987  # of a known limit: see limits.py for why this pace has no 429s under a per-second window
+HEADROOM = 0.987  # of a known limit: see buckets.py for why this pace has no 429s under a per-second window
 CUBIC_C = 0.4  # growth constant of CUBIC (requests/s per s^3), as in the AWS SDKs' adaptive mode
 BETA_BLIND = 0.7  # decrease without headers: we do not know the limit, so step well below
 BETA_KNOWN = 0.9  # decrease under an announced limit: someone else shares the key, give way a little

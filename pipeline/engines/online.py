@@ -21,19 +21,19 @@ import orjson
 import polars as pl
 
 from pipeline import errors
-from pipeline.cache import AnswerCache
-from pipeline.checkpoint import Checkpoint, Result, lookup
-from pipeline.control import Ticket
-from pipeline.governor import Governor
-from pipeline.prompts import EST_TOKENS, EXTRA, KEY, PROMPT, SKIP_REASON, Renderer, estimate_tokens
+from pipeline.limits.governor import Governor
+from pipeline.limits.learn import Ticket
+from pipeline.limits.retry import RetryPolicy
+from pipeline.limits.spend import NOT_SENT as NOT_SENT_CEILING
+from pipeline.observe.stats import RunStats
 from pipeline.providers import Completion, Provider, SchemaFormatRefused, read_reply
 from pipeline.providers.base import clip
-from pipeline.retry import RetryPolicy
-from pipeline.sink import Sink, result_frame
-from pipeline.spend import NOT_SENT as NOT_SENT_CEILING
-from pipeline.stats import RunStats
-from pipeline.structured import Structured, check_reply, correction
-from pipeline.transport import Transport
+from pipeline.providers.transport import Transport
+from pipeline.requests.prompts import EST_TOKENS, EXTRA, KEY, PROMPT, SKIP_REASON, Renderer, estimate_tokens
+from pipeline.requests.structured import Structured, check_reply, correction
+from pipeline.tables.cache import AnswerCache
+from pipeline.tables.checkpoint import Checkpoint, Result, lookup
+from pipeline.tables.sink import Sink, result_frame
 
 ANSWER_MEMORY = 10_000  # recent answers kept for duplicates: ~10 MB, whatever the table size (50,000 cost 38 MB in make bench)
 CACHE_FLUSH_EVERY = 1.0  # seconds between writes of new answers to the answer cache

@@ -16,9 +16,9 @@ from typing import Any
 import orjson
 import polars as pl
 
-from pipeline.checkpoint import RESULT_COLUMNS, read_results
 from pipeline.errors import InputError
-from pipeline.sink import FORMATS, is_stdout
+from pipeline.tables.checkpoint import RESULT_COLUMNS, read_results
+from pipeline.tables.sink import FORMATS, is_stdout
 
 ROW = "__row"  # the position in the output, kept through filters to number the rows shown
 
@@ -46,7 +46,7 @@ def show(
     checkpoint_dir: str | None = None,
 ) -> str:
     """The text `pipeline show` prints; raises InputError (exit 2) for a path it cannot show."""
-    from pipeline.storage import local_view
+    from pipeline.tables.storage import local_view
 
     path = local_view(path)  # an s3:// output: its local copy, from the folder the run started in
     view = _view(path, checkpoint_dir)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline import storage
 from pipeline.errors import ConfigError, InputError
+from pipeline.tables import storage
 
 FORMATS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 NATIVE = ("utf-8", "utf-8-sig")  # codec names polars reads itself (it skips a byte-order mark)

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import orjson
 
 from pipeline.config import RunConfig
-from pipeline.stats import RunStats
+from pipeline.observe.stats import RunStats
 
 SCHEMA = "pipeline.metrics/1"
 SCHEMA_FILE = Path(__file__).with_name("metrics.schema.json")
@@ -112,7 +112,7 @@ def _config(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _cost(cfg: RunConfig, stats: RunStats, earlier_tokens: tuple[int, int] | None) -> dict[str, Any] | None:
-    from pipeline.spend import prices  # here: spend imports this module's neighbours
+    from pipeline.limits.spend import prices  # here: spend imports this module's neighbours
 
     paid = prices(cfg)
     if paid is None:

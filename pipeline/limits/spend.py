@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import polars as pl
 
     from pipeline.config import RunConfig
-    from pipeline.stats import RunStats
+    from pipeline.observe.stats import RunStats
 
 NOT_SENT = "not sent: spend ceiling reached"
 ANTHROPIC_DEFAULT_MAX_TOKENS = 1024  # as providers.anthropic.DEFAULT_MAX_TOKENS (not imported: that package is heavy)

@@ -1,7 +1,7 @@
 """The governor: what may be sent, and when. The engine asks it before each request
 (`admit`) and tells it what came back (`answered`, `succeeded`, `failed`).
 
-It joins the pure controllers (control.py) to the pacing primitives (limits.py):
+It joins the pure controllers (learn.py) to the pacing primitives (buckets.py):
 headers set the pace, 429s and latency move it and the gate, outages close the
 hold. It also decides what the engine cannot: that a wait is too long to sit out,
 that the server is down for good, or that every row gets the same refusal.
@@ -17,16 +17,16 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from pipeline import errors
-from pipeline.control import HEADROOM, Breaker, ConcurrencyController, RateController, RepeatGuard, Ticket, outage_kind
-from pipeline.lease import ELSEWHERE
-from pipeline.limits import Gate, Hold, Pacer, request_pacer, token_pacer
+from pipeline.limits.buckets import Gate, Hold, Pacer, request_pacer, token_pacer
+from pipeline.limits.learn import HEADROOM, Breaker, ConcurrencyController, RateController, RepeatGuard, Ticket, outage_kind
+from pipeline.limits.lease import ELSEWHERE
+from pipeline.limits.spend import Budget as SpendBudget
+from pipeline.limits.spend import Verdict, describe_ceiling
+from pipeline.observe.stats import RunStats
 from pipeline.providers.ratelimit import Budget, Dialect, RateHeaders, parse_rate_headers
-from pipeline.spend import Budget as SpendBudget
-from pipeline.spend import Verdict, describe_ceiling
-from pipeline.stats import RunStats
 
 if TYPE_CHECKING:
-    from pipeline.lease import SharedPace
+    from pipeline.limits.lease import SharedPace
 
 HOLD_ALL_FROM = 2.0  # a 429 asking for at least this long holds every request; shorter waits hold only the row
 NOTICE_WAIT = 5.0  # holds shorter than this pass without a word

@@ -26,17 +26,19 @@ from typing import TextIO
 import orjson
 import polars as pl
 
-from pipeline import errors, source, spend
-from pipeline.checkpoint import RESULT_COLUMNS, RESULT_SCHEMA, read_done
+from pipeline import errors
 from pipeline.config import BATCH_DISCOUNT, RunConfig
-from pipeline.engine import Prepared, prepare
+from pipeline.engines.online import Prepared, prepare
+from pipeline.limits import spend
 from pipeline.plan import NOWHERE, preflight
-from pipeline.prompts import Renderer
 from pipeline.providers import MIN_SECRET, Provider, make_provider
 from pipeline.providers.anthropic import AnthropicMessages
 from pipeline.providers.base import decode, endpoint, http_error
 from pipeline.providers.openai import chat_messages
-from pipeline.transport import AiohttpTransport
+from pipeline.providers.transport import AiohttpTransport
+from pipeline.requests.prompts import Renderer
+from pipeline.tables import source
+from pipeline.tables.checkpoint import RESULT_COLUMNS, RESULT_SCHEMA, read_done
 
 COUNTING_PROVIDERS = ("anthropic", "modelslab")  # both serve /v1/messages/count_tokens
 COUNT_CONCURRENCY, COUNT_TIMEOUT = 4, 30.0
