@@ -25,14 +25,14 @@ import contextlib
 import logging
 import sys
 import tempfile
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import polars as pl
 
 from pipeline import errors
-from pipeline.config import RunConfig, build_config, load_yaml
+from pipeline.config import ConfigLike, settings_config
 from pipeline.job import EXIT_INTERRUPTED, Job, RunResult, prepare_job
 from pipeline.tables import source
 from pipeline.tables.sink import Sink
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 T = TypeVar("T")
-ConfigLike = RunConfig | Mapping[str, Any] | str | Path | None
 
 
 def complete(table: Any, **settings: Any) -> pl.DataFrame:
@@ -69,7 +68,7 @@ async def acomplete(table: Any, **settings: Any) -> pl.DataFrame:
     """`complete` on the caller's event loop."""
     config = settings.pop("config", None)
     frame = _as_frame(table)
-    cfg = _settings(config, settings, api=True)
+    cfg = settings_config(config, settings, api=True)
     if cfg.mode == "batch" and not cfg.checkpoint_dir and not cfg.wait:
         raise errors.ConfigError(
             "complete(mode='batch') returns before its batches finish: give checkpoint_dir= so a later call collects "
@@ -109,7 +108,7 @@ def run(config: ConfigLike = None, **settings: Any) -> RunResult:
 
 async def arun(config: ConfigLike = None, **settings: Any) -> RunResult:
     """`run` on the caller's event loop."""
-    cfg = _settings(config, settings, api=False)
+    cfg = settings_config(config, settings, api=False)
     job = await asyncio.to_thread(prepare_job, cfg, notebook=_in_notebook(), say=None if cfg.progress else _log)
     return await _execute(job)
 
@@ -193,32 +192,6 @@ async def _marked(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
     if task is not None:
         task._pipeline_sync = True  # type: ignore[attr-defined]
     return await make()
-
-
-def _settings(config: ConfigLike, settings: Mapping[str, Any], *, api: bool) -> RunConfig:
-    """The config (a YAML path, a mapping or a RunConfig) with the keyword settings laid over it."""
-    if isinstance(config, RunConfig):
-        base: dict[str, Any] = config.model_dump(by_alias=True, exclude_unset=True)
-    elif isinstance(config, str | Path):
-        base = load_yaml(str(config))
-    elif config is None:
-        base = {}
-    elif isinstance(config, Mapping):
-        base = dict(config)
-    else:
-        raise errors.ConfigError(f"config must be a YAML file's path, a mapping or a RunConfig, not {type(config).__name__}.")
-    if api:
-        for name in ("input", "output"):
-            if name in settings or name in base:
-                raise errors.ConfigError(
-                    f"complete() takes its table as the first argument and returns the result: '{name}' is not used. "
-                    "For files in and files out, call pipeline.run()."
-                )
-        base.setdefault("make_report", False)
-        # The rows carry their status: a table with failed rows is still the answer, not an error.
-        base.setdefault("max_error_rate", 1.0)
-    source_name = f"config {config}" if isinstance(config, str | Path) else "settings"
-    return build_config(base, dict(settings), source=source_name)
 
 
 def _as_frame(table: Any) -> pl.DataFrame | pl.LazyFrame:

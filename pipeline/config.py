@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -333,9 +334,7 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _ceiling_has_worst_case(self) -> RunConfig:
-        from pipeline.limits.spend import refusal  # here: spend imports this module for its types
-
-        if (why := refusal(self)) is not None:
+        if (why := ceiling_refusal(self)) is not None:
             raise ValueError(why)
         return self
 
@@ -529,3 +528,71 @@ def _explain(exc: ValidationError, source: str) -> str:
     if unknown:  # once, however many keys were unknown
         lines.append(f"Valid settings: {', '.join(FIELDS)}.")
     return f"Invalid {source}: " + " ".join(lines)
+
+
+ConfigLike = RunConfig | Mapping[str, Any] | str | Path | None
+
+
+def settings_config(config: ConfigLike, settings: Mapping[str, Any], *, api: bool) -> RunConfig:
+    """The config (a YAML path, a mapping or a RunConfig) with the keyword settings laid over it."""
+    if isinstance(config, RunConfig):
+        base: dict[str, Any] = config.model_dump(by_alias=True, exclude_unset=True)
+    elif isinstance(config, str | Path):
+        base = load_yaml(str(config))
+    elif config is None:
+        base = {}
+    elif isinstance(config, Mapping):
+        base = dict(config)
+    else:
+        raise ConfigError(f"config must be a YAML file's path, a mapping or a RunConfig, not {type(config).__name__}.")
+    if api:
+        for name in ("input", "output"):
+            if name in settings or name in base:
+                raise ConfigError(
+                    f"complete() takes its table as the first argument and returns the result: '{name}' is not used. "
+                    "For files in and files out, call pipeline.run()."
+                )
+        base.setdefault("make_report", False)
+        # The rows carry their status: a table with failed rows is still the answer, not an error.
+        base.setdefault("max_error_rate", 1.0)
+    source_name = f"config {config}" if isinstance(config, str | Path) else "settings"
+    return build_config(base, dict(settings), source=source_name)
+
+
+ANTHROPIC_DEFAULT_MAX_TOKENS = 1024  # as providers.anthropic.DEFAULT_MAX_TOKENS (not imported: that package is heavy)
+
+
+def worst_out(cfg: RunConfig) -> int | None:
+    """The most completion tokens one request may be billed, or None when nothing bounds it."""
+    params = cfg.params
+    given = [v for v in (cfg.max_tokens, params.get("max_tokens"), params.get("max_completion_tokens")) if isinstance(v, int)]
+    if not given and cfg.provider == "anthropic":
+        given = [ANTHROPIC_DEFAULT_MAX_TOKENS]
+    if not given:
+        return None
+    n = params.get("n")
+    return max(given) * (n if isinstance(n, int) and n > 1 else 1)  # n choices are each billed
+
+
+def ceiling_refusal(cfg: RunConfig) -> str | None:
+    """Why a ceiling cannot be kept with these settings (exit 2 before anything is sent), or None."""
+    flag = "--max-cost" if cfg.max_cost is not None else "--max-tokens-total" if cfg.max_tokens_total is not None else None
+    if flag is None:
+        return None
+    if cfg.max_cost is not None and (cfg.price_in is None or cfg.price_out is None):
+        return (
+            "--max-cost (max_cost) needs the prices to turn tokens into money: set price_in and price_out (per "
+            "million tokens) in the config or pass --price-in and --price-out; for a server with no price, "
+            "cap the tokens with --max-tokens-total instead"
+        )
+    if {"max_tokens", "max_completion_tokens"} & cfg.param_columns.keys():
+        return (
+            f"{flag} needs the same worst case for every request, and max_tokens is taken per row from a column "
+            "(param_columns); set one max_tokens instead"
+        )
+    if worst_out(cfg) is None:
+        return (
+            f"{flag} needs a worst case for each request, and without max_tokens an answer has no bound: "
+            "set max_tokens (--max-tokens N)"
+        )
+    return None

@@ -1,8 +1,55 @@
 """`pipeline.ray.complete(ds, **settings)`: a Ray Dataset in, the same rows with results out.
 
-The public face of the Ray engine (`pipeline.engines.ray`); Ray itself is imported only when called.
+The public face of the Ray engine (`pipeline.engines.ray`); Ray itself is imported
+only when called, and is the optional `ray` extra.
 """
 
-from pipeline.engines.ray import complete
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pipeline import errors
+from pipeline.config import settings_config
+from pipeline.engines.ray import build_stages, connect, import_ray, rename_results
+from pipeline.plan import renderer_for, structured_for
+from pipeline.tables.checkpoint import read_done
+from pipeline.tables.sink import STDOUT, check_output
 
 __all__ = ["complete"]
+
+
+def complete(ds: Any, **settings: Any) -> Any:
+    """The result columns added to a Ray Dataset's rows, by the same engine in a pool of actors.
+
+    `ds`: a `ray.data.Dataset`. `settings`: those of `pipeline.complete()` (prompt, provider,
+    base_url, model, rpm, ...), plus `workers=` (actors) and `checkpoint_dir=` (a folder every
+    node can reach: answered rows are not sent again when called again with it). Returns a
+    Dataset, lazy as Ray's are: the requests are sent when it is consumed (written, iterated,
+    materialized). Rows keep their order; a failed row has status error and the reason in
+    `error`, as in `pipeline run`'s output.
+    """
+    ray = import_ray()
+    config = settings.pop("config", None)
+    cfg = settings_config(config, {**settings, "engine": "ray"}, api=True)
+    if not ray.is_initialized():
+        connect(ray, cfg)
+    structured = structured_for(cfg)
+    renderer = renderer_for(cfg, structured)
+    base_url = cfg.setting("base_url")
+    if base_url is None:
+        raise errors.ConfigError(
+            "pipeline.ray.complete() needs a server every actor can reach: give base_url= (the embedded model runs "
+            "only beside a local run)."
+        )
+    cfg.api_key()  # an unset key variable is a ConfigError here, before anything is sent
+    cfg.request_headers()
+    extracted = structured.output_columns() if structured is not None else []
+    check_output(Path(STDOUT), [], list(ds.schema().names), extracted, cfg.result_prefix)  # clashes, before sending
+    # Without checkpoint_dir the answers go to a new temporary folder (the dataset is lazy: it outlives this call).
+    checkpoint = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else Path(tempfile.mkdtemp(prefix="pipeline-ray-"))
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    out = build_stages(ray, ds, cfg, renderer, structured, str(base_url), checkpoint, read_done(checkpoint)).dataset
+    prefix = cfg.result_prefix
+    return out.map_batches(rename_results, fn_kwargs={"prefix": prefix}, batch_size=None, batch_format="pyarrow", num_cpus=0.1)

@@ -34,7 +34,6 @@ import fcntl
 import logging
 import os
 import signal
-import tempfile
 import threading
 import time
 import uuid
@@ -61,7 +60,7 @@ from pipeline.providers.ratelimit import dialect_for
 from pipeline.providers.transport import AiohttpTransport
 from pipeline.requests.prompts import EST_TOKENS, EXTRA, KEY, PROMPT, SKIP_REASON, Renderer
 from pipeline.requests.structured import Structured
-from pipeline.tables.checkpoint import RESULT_COLUMNS, RESULT_SCHEMA, Checkpoint, Result, read_done, read_journal
+from pipeline.tables.checkpoint import RESULT_COLUMNS, RESULT_SCHEMA, Checkpoint, Result, read_journal
 from pipeline.tables.sink import Sink, result_frame
 
 if TYPE_CHECKING:
@@ -463,7 +462,7 @@ class _Sender:
 # ---- the driver -----------------------------------------------------------------------------------
 
 
-def _connect(ray: Any, cfg: RunConfig) -> bool:
+def connect(ray: Any, cfg: RunConfig) -> bool:
     """Join the cluster named, or start a local Ray for this run; True when this run started it."""
     if ray.is_initialized():
         return False
@@ -507,7 +506,7 @@ class Stages:
     concurrency: int  # per actor
 
 
-def _stages(ray: Any, ds: Any, cfg: RunConfig, renderer: Renderer, structured: Structured | None, base_url: str,
+def build_stages(ray: Any, ds: Any, cfg: RunConfig, renderer: Renderer, structured: Structured | None, base_url: str,
             checkpoint: Path, done: pl.DataFrame) -> Stages:  # fmt: skip
     """`ds` rendered, looked up in `done` and sent by a pool of actors, with a coordinator of its own."""
     workers, actor_cpus, concurrency = _split_work(ray, cfg)
@@ -563,7 +562,7 @@ async def send(job: Job, *, sink: Sink, done: pl.DataFrame, base_url: str, progr
     from pipeline.tables import source
 
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    owned = await asyncio.to_thread(_connect, ray, cfg)
+    owned = await asyncio.to_thread(connect, ray, cfg)
     if threading.current_thread() is threading.main_thread():
         # ray.init installs its own SIGTERM handler, which aborts the process: Ctrl-C and SIGTERM must
         # still save and exit 130 as a local run does.
@@ -572,7 +571,7 @@ async def send(job: Job, *, sink: Sink, done: pl.DataFrame, base_url: str, progr
                 signal.signal(sig, handler)
     try:
         blocks = [ray.put(f.to_arrow()) for f in source.batches(plan.table, cfg.batch_size, cfg.limit)]
-        stages = _stages(
+        stages = build_stages(
             ray, ray.data.from_arrow_refs(blocks), cfg, plan.renderer, plan.structured, base_url, job.checkpoint_path, done
         )
         ds, coordinator = stages.dataset, stages.coordinator
@@ -647,47 +646,7 @@ async def send(job: Job, *, sink: Sink, done: pl.DataFrame, base_url: str, progr
             await asyncio.to_thread(ray.shutdown)
 
 
-def complete(ds: Any, **settings: Any) -> Any:
-    """The result columns added to a Ray Dataset's rows, by the same engine in a pool of actors.
-
-    `ds`: a `ray.data.Dataset`. `settings`: those of `pipeline.complete()` (prompt, provider,
-    base_url, model, rpm, ...), plus `workers=` (actors) and `checkpoint_dir=` (a folder every
-    node can reach: answered rows are not sent again when called again with it). Returns a
-    Dataset, lazy as Ray's are: the requests are sent when it is consumed (written, iterated,
-    materialized). Rows keep their order; a failed row has status error and the reason in
-    `error`, as in `pipeline run`'s output.
-    """
-    ray = import_ray()
-    from pipeline.api import _settings
-    from pipeline.plan import renderer_for, structured_for
-
-    config = settings.pop("config", None)
-    cfg = _settings(config, {**settings, "engine": "ray"}, api=True)
-    if not ray.is_initialized():
-        _connect(ray, cfg)
-    structured = structured_for(cfg)
-    renderer = renderer_for(cfg, structured)
-    base_url = cfg.setting("base_url")
-    if base_url is None:
-        raise errors.ConfigError(
-            "pipeline.ray.complete() needs a server every actor can reach: give base_url= (the embedded model runs "
-            "only beside a local run)."
-        )
-    cfg.api_key()  # an unset key variable is a ConfigError here, before anything is sent
-    cfg.request_headers()
-    from pipeline.tables.sink import STDOUT, check_output
-
-    extracted = structured.output_columns() if structured is not None else []
-    check_output(Path(STDOUT), [], list(ds.schema().names), extracted, cfg.result_prefix)  # clashes, before sending
-    # Without checkpoint_dir the answers go to a new temporary folder (the dataset is lazy: it outlives this call).
-    checkpoint = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else Path(tempfile.mkdtemp(prefix="pipeline-ray-"))
-    checkpoint.mkdir(parents=True, exist_ok=True)
-    out = _stages(ray, ds, cfg, renderer, structured, str(base_url), checkpoint, read_done(checkpoint)).dataset
-    prefix = cfg.result_prefix
-    return out.map_batches(_rename_results, fn_kwargs={"prefix": prefix}, batch_size=None, batch_format="pyarrow", num_cpus=0.1)
-
-
-def _rename_results(block: pa.Table, prefix: str) -> pa.Table:
+def rename_results(block: pa.Table, prefix: str) -> pa.Table:
     """The result columns by their output names: `prefix` on those of every run, not on a schema's fields."""
 
     def name(c: str) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from pipeline.config import BATCH_DISCOUNT
+from pipeline.config import BATCH_DISCOUNT, worst_out
 
 if TYPE_CHECKING:
     import polars as pl
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from pipeline.observe.stats import RunStats
 
 NOT_SENT = "not sent: spend ceiling reached"
-ANTHROPIC_DEFAULT_MAX_TOKENS = 1024  # as providers.anthropic.DEFAULT_MAX_TOKENS (not imported: that package is heavy)
 BOUND_LABEL = "1 token a byte of the request, a bound for byte-level tokenizers"
 
 
@@ -94,42 +93,6 @@ class Budget:
         self.spent_out += tokens_out
         if tokens_in > held[0] or tokens_out > held[1]:
             self.overrun = True
-
-
-def worst_out(cfg: RunConfig) -> int | None:
-    """The most completion tokens one request may be billed, or None when nothing bounds it."""
-    params = cfg.params
-    given = [v for v in (cfg.max_tokens, params.get("max_tokens"), params.get("max_completion_tokens")) if isinstance(v, int)]
-    if not given and cfg.provider == "anthropic":
-        given = [ANTHROPIC_DEFAULT_MAX_TOKENS]
-    if not given:
-        return None
-    n = params.get("n")
-    return max(given) * (n if isinstance(n, int) and n > 1 else 1)  # n choices are each billed
-
-
-def refusal(cfg: RunConfig) -> str | None:
-    """Why a ceiling cannot be kept with these settings (exit 2 before anything is sent), or None."""
-    flag = "--max-cost" if cfg.max_cost is not None else "--max-tokens-total" if cfg.max_tokens_total is not None else None
-    if flag is None:
-        return None
-    if cfg.max_cost is not None and (cfg.price_in is None or cfg.price_out is None):
-        return (
-            "--max-cost (max_cost) needs the prices to turn tokens into money: set price_in and price_out (per "
-            "million tokens) in the config or pass --price-in and --price-out; for a server with no price, "
-            "cap the tokens with --max-tokens-total instead"
-        )
-    if {"max_tokens", "max_completion_tokens"} & cfg.param_columns.keys():
-        return (
-            f"{flag} needs the same worst case for every request, and max_tokens is taken per row from a column "
-            "(param_columns); set one max_tokens instead"
-        )
-    if worst_out(cfg) is None:
-        return (
-            f"{flag} needs a worst case for each request, and without max_tokens an answer has no bound: "
-            "set max_tokens (--max-tokens N)"
-        )
-    return None
 
 
 def ceilings(cfg: RunConfig) -> tuple[Ceiling, ...]:

@@ -27,7 +27,7 @@ import orjson
 import polars as pl
 
 from pipeline import errors
-from pipeline.config import BATCH_DISCOUNT, RunConfig
+from pipeline.config import BATCH_DISCOUNT, RunConfig, worst_out
 from pipeline.engines.online import Prepared, prepare
 from pipeline.limits import spend
 from pipeline.plan import NOWHERE, preflight
@@ -289,9 +289,9 @@ def count_tokens(cfg: RunConfig, renderer: Renderer, scan: Scan, api_key: str | 
 def figures(cfg: RunConfig, scan: Scan, tokens: tuple[int, str], latency: tuple[float, str], *, base_bytes: int = 0) -> Estimate:
     """The pure arithmetic: typical and worst-case tokens, cost and wall time from the counts.
     `base_bytes`: the request body around an empty prompt, as the run's spend ceiling counts it."""
-    per_out = spend.worst_out(cfg)
+    per_out = worst_out(cfg)
     if {"max_tokens", "max_completion_tokens"} & cfg.param_columns.keys():
-        per_out = None  # taken per row from a column: no one worst case (and no ceiling either, see spend.refusal)
+        per_out = None  # taken per row from a column: no one worst case (and no ceiling either, see config.ceiling_refusal)
     out = None if per_out is None else scan.requests * per_out
     exact = tokens[1] == EXACT or scan.requests == 0
     # The bound the run reserves by: every request's body around an empty prompt plus its prompt, a token a byte.
