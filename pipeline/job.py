@@ -380,8 +380,8 @@ class Job:
             if base_url is None:
                 self.say("pipeline: starting the embedded model server (SmolLM2-135M-Instruct on 127.0.0.1)")
                 base_url = (await stack.enter_async_context(LocalServer())).base_url
-            if cfg.engine == "ray":
-                from pipeline.engines import ray as on_ray  # Ray is an optional extra, imported only here
+            if cfg.engine == "ray" and cfg.mode != "batch":  # batch mode: the provider runs the requests, no actors
+                from pipeline.engines import ray_pool as on_ray  # Ray is an optional extra, imported only here
 
                 progress = Progress(stats, enabled=cfg.progress, stream=self.stream, notebook=self.notebook)
                 stopped_by = await on_ray.send(self, sink=sink, done=done, base_url=base_url, progress=progress)
