@@ -369,6 +369,8 @@ class Job:
                 scope = scope_for(cfg.provider, base_url)
                 cache = stack.enter_context(AnswerCache(cfg.cache_dir, scope, max_mb=cfg.cache_max_mb).open())
             if cfg.mode == "batch":
+                if cfg.engine == "ray":
+                    self.say("pipeline: batch mode: the provider's batch API runs the requests; no Ray actors are started")
                 stopped, done = await self._batch(checkpoint, done, stack, cache)
                 if stopped is not None:  # batches still running (exit 3), or a fatal answer
                     return stopped

@@ -67,14 +67,15 @@ def complete(ds: Any, **settings: Any) -> Any:
     # Without checkpoint_dir the answers go to a new temporary folder (the dataset is lazy: it outlives this call).
     checkpoint = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else Path(tempfile.mkdtemp(prefix="pipeline-ray-"))
     checkpoint.mkdir(parents=True, exist_ok=True)
-    # The dataset's own blocks may be few and large (one per file): cut them so every actor gets several.
+    # The dataset's blocks are the actors' units of work, as they come: repartitioning here would add a
+    # stage that can wait forever for a CPU on a small cluster (the actors hold the rest), so it is the
+    # caller's to do (see docs/guides/ray.md).
     work = plan_work(ray, cfg, None)
     shared = start_shared(ray, cfg, renderer, structured, str(base_url), checkpoint, work)
-    blocks = ds.repartition(target_num_rows_per_block=work.block_rows)
-    out = build_stages(ray, blocks, shared, work, read_done(checkpoint)).map_batches(
+    out = build_stages(ray, ds, shared, work, read_done(checkpoint)).map_batches(
         rename_results, fn_kwargs={"prefix": cfg.result_prefix}, batch_size=None, batch_format="pyarrow", num_cpus=0.1
     )
     say = say_to_stderr if cfg.progress else logging.getLogger("pipeline").info
     with contextlib.suppress(ImportError, AttributeError):  # a Ray without execution callbacks: no summary, same rows
-        out.context.execution_callback_classes.append(summary_callback(shared.coordinator, str(checkpoint), say))
+        out.context.custom_execution_callback_classes.append(summary_callback(shared.coordinator, str(checkpoint), say))
     return out

@@ -58,7 +58,6 @@ MAX_WORKERS_DEFAULT = 8
 BLOCKS_PER_ACTOR = 4  # at least this many blocks per actor: none takes the whole job while another idles
 OVERLAP = 2  # blocks an actor works on at once: the next one starts while the last drains
 MIN_BLOCK_ROWS = 50  # below this a block costs Ray more than its rows take to send
-COMPLETE_BLOCK_ROWS = 1000  # pipeline.ray.complete(): rows per block (the dataset's size is not known up front)
 FOLLOW_EVERY = 0.5  # seconds between the driver's reads of the actors' counters
 STOP_WAIT = 15.0  # seconds an interrupted run waits for the actors to hand back their blocks
 
@@ -159,14 +158,13 @@ def plan_work(ray: Any, cfg: RunConfig, rows: int | None) -> Work:
     """Actors: --workers, or the cluster's CPUs (at most 8), never more than --concurrency (ModelsLab's 5
     queued requests, the embedded model's one). Each asks for a share of a CPU: they mostly wait on the
     network. Blocks: --batch-size rows, smaller when that would leave an actor with fewer than
-    BLOCKS_PER_ACTOR (`rows` None: not known, blocks of at most COMPLETE_BLOCK_ROWS)."""
+    BLOCKS_PER_ACTOR (`rows` None: a dataset's own blocks are used as they come)."""
     cpus = float(ray.cluster_resources().get("CPU", 1))
     total = int(cfg.setting("concurrency"))
     workers = min(total, cfg.workers or max(1, min(MAX_WORKERS_DEFAULT, int(cpus))))
-    if rows is None:
-        block = min(cfg.batch_size, COMPLETE_BLOCK_ROWS)
-    else:
-        block = min(cfg.batch_size, max(MIN_BLOCK_ROWS, math.ceil(rows / (workers * BLOCKS_PER_ACTOR))))
+    block = cfg.batch_size
+    if rows is not None:
+        block = min(block, max(MIN_BLOCK_ROWS, math.ceil(rows / (workers * BLOCKS_PER_ACTOR))))
     return Work(workers, min(1.0, max(0.05, cpus / (workers * 2))), total, max(1, block))
 
 
@@ -254,26 +252,43 @@ def rename_results(block: pa.Table, prefix: str) -> pa.Table:
 
 
 def summary_callback(coordinator: Any, checkpoint: str, say: Callable[[str], None]) -> type:
-    """A Ray Data execution callback that says the run's summary when a dataset of
-    `pipeline.ray.complete` has been consumed (written, iterated, materialized)."""
+    """A Ray Data execution callback that says the run's summary each time a dataset of
+    `pipeline.ray.complete` has been consumed (written, iterated, materialized): what that pass did."""
     from ray.data._internal.execution.execution_callback import ExecutionCallback
 
-    started: list[float] = []
+    marks: list[tuple[float, dict[str, Any]]] = []
+
+    def totals() -> dict[str, Any]:
+        import ray
+
+        found: dict[str, Any] = ray.get(coordinator.totals.remote(), timeout=10)
+        return found
 
     class Summary(ExecutionCallback):
         def before_execution_starts(self, executor: Any) -> None:
-            started.append(time.monotonic())
+            with contextlib.suppress(Exception):  # a summary that cannot be had never fails the user's pipeline
+                marks.append((time.monotonic(), totals()))
 
         def after_execution_succeeds(self, executor: Any) -> None:
-            import ray
-
-            stats = RunStats()
-            with contextlib.suppress(Exception):  # a summary that cannot be read never fails the user's pipeline
-                apply_totals(stats, ray.get(coordinator.totals.remote(), timeout=10))
-                wall = time.monotonic() - (started[-1] if started else time.monotonic())
-                say(summary(stats, wall, None, checkpoint).replace("pipeline:", "pipeline.ray:", 1))
+            with contextlib.suppress(Exception):
+                started, before = marks.pop() if marks else (time.monotonic(), {})
+                stats = RunStats()
+                apply_totals(stats, since(before, totals()))
+                say(summary(stats, time.monotonic() - started, None, checkpoint).replace("pipeline:", "pipeline.ray:", 1))
 
     return Summary
+
+
+def since(before: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+    """The coordinator's totals for what happened between two readings (its counters only grow)."""
+    if not before:
+        return now
+    out = dict(now)
+    for name in SUMMED:
+        out[name] = now[name] - before[name]
+    for name in ("error_kinds", "latency"):
+        out[name] = dict(Counter(now[name]) - Counter(before[name]))
+    return out
 
 
 def say_to_stderr(message: str) -> None:

@@ -27,6 +27,7 @@ import contextlib
 import fcntl
 import os
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -257,10 +258,13 @@ class Sender:
         self._started: asyncio.Future[None] | None = None
         self._recovered: dict[str, Result] = {}
         self._seen_journals: set[str] = set()
+        self._dead: set[str] = set()  # journals of actors the driver knows died
+        self._recovering = threading.Lock()
         self._stopped: str | None = None  # a fatal answer (here or elsewhere) stopped the run
         self._answered: OrderedDict[str, Result] = OrderedDict()  # recent answers, shared by this actor's blocks
         self._engines: set[Engine] = set()
         self._reporting = asyncio.Lock()  # one report at a time: grants applied in the order they were given
+        self._first_block: float | None = None  # when this actor started sending
 
     async def _start(self) -> None:
         spec, cfg = self.spec, self.spec.cfg
@@ -279,7 +283,8 @@ class Sender:
         self.transport = AiohttpTransport(concurrency=spec.concurrency, timeout=float(cfg.setting("timeout")))
         # The driver holds the folder's lock; each actor appends to a journal of its own, locked while it lives (see _recover).
         self.checkpoint = Checkpoint(Path(spec.checkpoint))
-        self._seen_journals.add(self.checkpoint.start_journal(tag=spec.run_id, hold=True))
+        self.journal = self.checkpoint.start_journal(tag=spec.run_id, hold=True)
+        self._seen_journals.add(self.journal)
         ceiling = spend.budget_for(cfg)
         self.pace = ActorPace(self.coordinator, spend_shared=ceiling is not None)
         self.governor = Governor(
@@ -306,7 +311,9 @@ class Sender:
             wants = min(unsettled, GROWTH * gov.own_limit, self.spec.concurrency)
             named = gov.concurrency.named if gov.concurrency is not None else None
             flight = (gov.in_flight, gov.gate.limit, wants, named)
-            limited, epoch, stopped, grant = await self.coordinator.report.remote(self.worker, _counters(self.stats, gov), flight)
+            counters = _counters(self.stats, gov)
+            counters["first_block"] = self._first_block
+            limited, epoch, stopped, grant = await self.coordinator.report.remote(self.worker, counters, flight)
             gov.share(grant)
         self.pace.heard(limited, epoch, stopped)
         if stopped is not None:
@@ -321,20 +328,25 @@ class Sender:
     def _recover(self) -> None:
         """Answers journaled by this run's actors that died (their journal's lock is free): a block
         Ray retries after an actor was killed is not sent again for the rows that actor answered."""
+        with self._recovering:  # two blocks prepare at once: the second waits for what the first reads
+            self._read_dead_journals()
+
+    def _read_dead_journals(self) -> None:
         folder = Path(self.spec.checkpoint)
         for path in folder.glob(f"{JOURNAL_PREFIX}*-{self.spec.run_id}.jsonl"):
             if path.name in self._seen_journals:
                 continue
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # its actor is alive and answers its own rows
-            finally:
-                os.close(fd)
+            if path.name not in self._dead:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # its actor is alive and answers its own rows
+                finally:
+                    os.close(fd)
             self._seen_journals.add(path.name)
             for row in read_journal(path).filter(pl.col("status") == "ok").rows():
                 result = Result._make(row)
@@ -342,9 +354,9 @@ class Sender:
                 self._recovered[result.request_key] = result
 
     async def ready(self) -> str:
-        """Started (its session, journal and governor made); the actor's name."""
+        """Started (its session, journal and governor made); the name of its journal."""
         await self._ensure_started()
-        return self.worker
+        return getattr(self, "journal", "")
 
     async def _ensure_started(self) -> None:
         if self._started is None:
@@ -358,9 +370,12 @@ class Sender:
                 await self.coordinator.stop.remote(self._stopped)
         await self._started
 
-    async def run_block(self, block: pa.Table, part: int | None = None) -> pa.Table:
+    async def run_block(self, block: pa.Table, part: int | None = None, dead: Sequence[str] = ()) -> pa.Table:
         """`pipeline run`'s pool: one input block, rendered and looked up here, then sent. With `part`, the
-        block is written as that part of the folder output and only its counts come back."""
+        block is written as that part of the folder output and only its counts come back. `dead`: journals
+        of actors Ray says died, read before sending even if their lock is not free yet (a process being
+        killed lets its lock go a moment after Ray reports it dead)."""
+        self._dead.update(dead)
         prepared = await asyncio.to_thread(prepare, block, self.spec, self.answered)
         return await self._send(prepared, part)
 
@@ -393,6 +408,8 @@ class Sender:
             cache=self.cache,
         )
         self._engines.add(engine)
+        if to_send and self._first_block is None:
+            self._first_block = time.time()  # wall clock: the driver compares it with its own start
         try:
             if to_send:
                 with contextlib.suppress(Exception):

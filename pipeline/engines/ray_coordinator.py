@@ -140,6 +140,7 @@ class Coordinator:
             concurrency=min(self.flight.total, sum(c["concurrency"] for c in self.workers.values())),
             concurrency_ceiling=self.flight.total,
             actors_sending=sum(1 for c in self.workers.values() if c["requests_sent"]),
+            first_block=min((c["first_block"] for c in self.workers.values() if c.get("first_block")), default=None),
         )
         return total
 

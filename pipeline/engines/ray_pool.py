@@ -46,6 +46,7 @@ from pipeline.engines.ray import (
     start_shared,
 )
 from pipeline.engines.ray_actors import COUNTS, RESULT, STOPPED, Answered, Sender
+from pipeline.limits import spend
 from pipeline.observe import metrics
 from pipeline.observe.progress import plural
 from pipeline.tables import source
@@ -83,6 +84,7 @@ class Pool:
         self.blocks: dict[int, _Block] = {}  # handed out (or to hand out again), not yet written
         self.again: deque[_Block] = deque()  # blocks of actors that died, to hand to another
         self.replaced = 0
+        self.dead: list[str] = []  # journals of actors that died: the next ones read them whatever their lock says
         self.halted: str | None = None  # why no more blocks are handed out
 
     def _start_actor(self) -> _Actor:
@@ -100,7 +102,8 @@ class Pool:
 
     def _hand(self, block: _Block, actor: _Actor) -> None:
         parts = block.index if self.shared.spec.parts is not None else None
-        block.actor, block.result = actor, asyncio.wrap_future(actor.handle.run_block.remote(block.table, parts).future())
+        sent = actor.handle.run_block.remote(block.table, parts, self.dead)
+        block.actor, block.result = actor, asyncio.wrap_future(sent.future())
         actor.blocks.add(block.index)
         self.blocks[block.index] = block
 
@@ -162,6 +165,8 @@ class Pool:
         if actor.dead:
             return
         actor.dead = True
+        if actor.ready.done() and not actor.ready.exception():
+            self.dead.append(actor.ready.result())
         if self.replaced >= REPLACEMENTS_PER_ACTOR * self.work.workers:
             if not any(not a.dead for a in self.actors):
                 self.halted = f"the Ray actors kept dying ({self.replaced} replaced); see Ray's logs (run with --verbose)"
@@ -200,7 +205,7 @@ async def send(job: Job, *, sink: Sink, done: pl.DataFrame, base_url: str, progr
     or the reason the run was stopped."""
     ray = import_ray()
     cfg, stats = job.cfg, job.stats
-    began = time.monotonic()
+    began = time.time()  # wall clock: actors on other nodes say when they started sending by theirs
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     owned = await asyncio.to_thread(connect, ray, cfg)
     if threading.current_thread() is threading.main_thread():
@@ -209,13 +214,15 @@ async def send(job: Job, *, sink: Sink, done: pl.DataFrame, base_url: str, progr
         for sig, handler in handlers.items():
             if handler is not None:
                 signal.signal(sig, handler)
-    ray_up = time.monotonic() - began
+    ray_up = time.time() - began
     pool: Pool | None = None
     try:
         parts = sink.pending if isinstance(sink, PartsSink) else None
         work = plan_work(ray, cfg, stats.total_rows)
         shared = start_shared(ray, cfg, job.plan.renderer, job.plan.structured, base_url, job.checkpoint_path, work, parts)
         pool = Pool(ray, shared, work, ray.put(Answered(done)))
+        if (ceiling := spend.budget_for(cfg)) is not None:  # held by the coordinator; said by the summary here
+            stats.ceiling_what = spend.describe_ceiling(ceiling)
         blocks = -(-stats.total_rows // work.block_rows)
         job.say(
             f"pipeline: engine ray: {plural(work.workers, 'actor')} sharing {work.concurrency} in flight, "
@@ -223,7 +230,6 @@ async def send(job: Job, *, sink: Sink, done: pl.DataFrame, base_url: str, progr
             f"CPUs ({'joined ' + cfg.ray_address if cfg.ray_address else 'a Ray started here'})"
         )
         counted = [0, 0]  # rows written, rows ok: exact, where the actors' counters may count a retried block twice
-        first_request: list[float] = []
 
         def write(block: pa.Table) -> str | None:
             if COUNTS[0] in block.column_names:  # a part the actor wrote: only its counts come here
@@ -245,8 +251,6 @@ async def send(job: Job, *, sink: Sink, done: pl.DataFrame, base_url: str, progr
             while True:
                 await asyncio.sleep(FOLLOW_EVERY)
                 apply_totals(stats, await shared.coordinator.totals.remote())
-                if not first_request and stats.requests_sent:
-                    first_request.append(time.monotonic() - began)
 
         progress.start()
         loop = asyncio.get_running_loop()
@@ -278,10 +282,11 @@ async def send(job: Job, *, sink: Sink, done: pl.DataFrame, base_url: str, progr
         apply_totals(stats, totals)
         if stopped is None and not totals["stopped"]:
             stats.rows_done, stats.ok, stats.errors = counted[0], counted[1], counted[0] - counted[1]
-        if first_request:
+        if totals["first_block"] is not None:
             job.say(
-                f"pipeline: ray: the first request went out {first_request[0]:.1f} s after the start (Ray itself "
-                f"{ray_up:.1f} s{', joined' if not owned else ''}); {plural(totals['actors_sending'], 'actor')} sent requests"
+                f"pipeline: ray: the first request went out {totals['first_block'] - began:.1f} s after the start "
+                f"({f'starting Ray took {ray_up:.1f} s' if owned else 'Ray was running'}); "
+                f"{plural(totals['actors_sending'], 'actor')} sent requests"
                 + (f"; {plural(pool.replaced, 'actor')} replaced after dying" if pool.replaced else "")
             )
         return stopped or totals["stopped"]

@@ -84,11 +84,6 @@ def check_output(
         _check_folder(path, inputs)
         return
     if isinstance(path, storage.Url):
-        if str(path).endswith("/"):
-            raise InputError(
-                f"Output {path} is a folder in object storage: a folder of Parquet parts is written to a local (or "
-                "shared) folder only. Give a file such as s3://bucket/results.parquet, or a local folder."
-            )
         if any(str(path) == str(f) for f in inputs):
             raise InputError(f"Output {path} is also an input: the run would overwrite its own input. Choose another --output.")
         if path.suffix.lower() not in FORMATS:
@@ -245,23 +240,22 @@ class ParquetSink(_FileSink):
 
 
 PART = "part-{:05d}.parquet"  # parts sort by name in input order (a 6th digit after 99,999 parts still sorts after)
-PENDING = ".pending-"  # parts being written: a hidden folder, which readers of the folder skip
 
 
 class PartsSink(Sink):
     """A folder of Parquet parts: each batch a part, named in input order, readable as one table by
-    polars, pyarrow, DuckDB and Ray. Parts are written into a hidden folder inside it and moved into
-    place by `commit`, where they replace the folder's old parts (other files in it are left alone):
-    a reader never sees a part half written, nor parts of a run that did not finish."""
+    polars, pyarrow, DuckDB and Ray. Parts are written into a hidden folder beside it (not inside: polars
+    reads a folder's hidden subfolders too) and moved into place by `commit`, where they replace the
+    folder's old parts (other files in it are left alone): a reader never sees a part half written,
+    nor parts of a run that did not finish."""
 
     def __init__(self, folder: Path, result_prefix: str = "", tag: str | None = None) -> None:
         super().__init__(result_prefix)
         self.folder = folder
         # The checkpoint lock means no other run writes this output: pending parts left by a killed one can go.
-        if folder.is_dir():
-            for stale in folder.glob(PENDING + "*"):
-                shutil.rmtree(stale, ignore_errors=True)
-        self.pending = folder / f"{PENDING}{tag or os.getpid()}"
+        for stale in folder.parent.glob(f".{folder.name}.pending-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        self.pending = folder.parent / f".{folder.name}.pending-{tag or os.getpid()}"
         self.pending.mkdir(parents=True, exist_ok=True)
         self.written = 0
 
@@ -273,6 +267,7 @@ class PartsSink(Sink):
         """Move the new parts into place; old parts beyond the new ones go."""
         new = sorted(self.pending.glob("part-*.parquet"))
         names = {p.name for p in new}
+        self.folder.mkdir(parents=True, exist_ok=True)
         for old in self.folder.glob("part-*.parquet"):
             if old.name not in names:
                 old.unlink()

@@ -392,6 +392,11 @@ def is_folder(text: str) -> bool:
 def location(text: str) -> Path | Url:
     """An output as the user gave it: a local path (a `Folder` for a folder of parts), or an object's address."""
     if is_remote(text):
+        if text.endswith("/"):
+            raise InputError(
+                f"Output {text} is a folder in object storage: a folder of Parquet parts is written to a local (or "
+                "shared) folder only. Give a file such as s3://bucket/results.parquet, or a local folder."
+            )
         return Url.parse(text)
     return Folder(text) if is_folder(text) else Path(text)
 
