@@ -310,6 +310,10 @@ def test_a_folder_output_rerun_replaces_its_parts_and_leaves_other_files(server:
     # An existing folder is a folder output, with or without the slash.
     assert run_cli(*base_args(server, out="out/parts"), "--batch-size", "50").exit_code == 0
     assert len(list(Path("out/parts").glob("part-*.parquet"))) == 3
+    assert "120" in Path("out/parts.report.html").read_text()  # the report beside it, read from the parts
+    report = run_cli("report", "out/parts/", "--report", "out/again.html")
+    assert report.exit_code == 0, report.output
+    assert "no metrics file" not in Path("out/again.html").read_text()
     write_table("in.csv", texts(40))
     server.reset()
     assert run_cli(*base_args(server, out="out/parts"), "--batch-size", "50").exit_code == 0

@@ -165,6 +165,7 @@ def plan_work(ray: Any, cfg: RunConfig, rows: int | None) -> Work:
     block = cfg.batch_size
     if rows is not None:
         block = min(block, max(MIN_BLOCK_ROWS, math.ceil(rows / (workers * BLOCKS_PER_ACTOR))))
+        workers = max(1, min(workers, math.ceil(rows / block)))  # an actor with no block to take is not started
     return Work(workers, min(1.0, max(0.05, cpus / (workers * 2))), total, max(1, block))
 
 

@@ -41,7 +41,6 @@ class Coordinator:
         self._settled = asyncio.Event()  # a reservation was settled: waiters for the spend ceiling look again
         self.lock = asyncio.Lock()
         self.workers: dict[str, dict[str, Any]] = {}
-        self.quiet = asyncio.Event()  # stopped, and no actor has a request in flight
 
     # ---- the rate ----------------------------------------------------------------------------------
 
@@ -107,17 +106,7 @@ class Coordinator:
         if named:
             self.flight.named(named)
         grant = self.flight.report(now, worker, in_flight=in_flight, applied=applied, wants=wants)
-        if self.budget.stopped is not None and not any(c["in_flight"] for c in self.workers.values()):
-            self.quiet.set()
         return self.budget.limited(), self.budget.epoch, self.budget.stopped, grant
-
-    async def drained(self, seconds: float) -> bool:
-        """After a stop: wait until every actor has its requests in flight back (answered, journaled)."""
-        try:
-            await asyncio.wait_for(self.quiet.wait(), seconds)
-        except TimeoutError:
-            return False
-        return True
 
     async def totals(self) -> dict[str, Any]:
         total: dict[str, Any] = {name: 0 for name in SUMMED}

@@ -116,7 +116,9 @@ def report_after_run(output_path: str, metrics_path: str | None, checkpoint_dir:
 
 def _default_metrics(output: str) -> Path | None:
     p = Path(output)
-    return None if p.is_dir() or output == "-" else p.with_name(p.stem + ".metrics.json")
+    if output == "-" or (p.is_dir() and not any(p.glob("part-*.parquet"))):
+        return None
+    return p.with_name(p.stem + ".metrics.json")  # a folder of parts too: out/parts.metrics.json
 
 
 def _read_metrics(path: Path | None, *, explicit: bool) -> tuple[dict[str, Any] | None, str]:
