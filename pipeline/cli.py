@@ -49,7 +49,7 @@ class UsageFailure(click.ClickException):
 
 
 # How a setting's type looks on the command line; mappings are given as repeated PAIRS.
-_PAIR_SEPARATORS = {"headers": ":", "params": "=", "param_columns": "="}
+_PAIR_SEPARATORS = {"headers": ":", "params": "=", "param_columns": "=", "dtypes": "="}
 
 
 def _option(name: str, field: FieldInfo) -> Callable[..., Any]:
@@ -379,6 +379,7 @@ def _age(text: str) -> float:
 def _config(config: str | None, flags: dict[str, Any]) -> RunConfig:
     """The config file (if any) with the flags laid over it, validated."""
     flags["input"] = flags["input"] or None
+    flags["null_values"] = flags["null_values"] or None
     flags["schema"] = flags.pop("schema_")
     for name, sep in _PAIR_SEPARATORS.items():
         flags[name] = _pairs(name, sep, flags[name])
