@@ -330,7 +330,7 @@ class Job:
             sink = BatchOutputSink(output, self.cfg.result_prefix)
         else:
             assert output is not None  # preflight refuses a run with neither
-            sink = open_sink(output, self.cfg.result_prefix)
+            sink = open_sink(output, self.cfg.result_prefix, bom=self.cfg.csv_bom)
         try:
             yield sink
         finally:
