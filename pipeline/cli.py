@@ -146,8 +146,9 @@ def _run(cfg: RunConfig) -> int:
 )
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
 @click.option("--samples", type=int, default=2, show_default=True, help="How many rendered requests to show.")
+@click.option("--full", is_flag=True, help="Show the sample requests whole (each text is cut to 400 characters otherwise).")
 @run_options
-def estimate(config: str | None, samples: int, **flags: Any) -> None:
+def estimate(config: str | None, samples: int, full: bool, **flags: Any) -> None:
     """Price a job without running it: sample requests, tokens in, worst-case tokens out, cost, time.
 
     Takes the same CONFIG and flags as `pipeline run`. No generation request is
@@ -158,7 +159,7 @@ def estimate(config: str | None, samples: int, **flags: Any) -> None:
 
     try:
         cfg = _config(config, flags)
-        code = estimate_job(cfg, sys.stdout, samples)
+        code = estimate_job(cfg, sys.stdout, samples, full=full)
     except errors.UserError as exc:
         raise UsageFailure(str(exc)) from None
     sys.exit(code)

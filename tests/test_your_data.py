@@ -250,3 +250,19 @@ def test_a_csv_header_with_a_dot_is_a_column(server: FakeLLMServer) -> None:
 def test_unknown_placeholders_say_what_was_meant(server: FakeLLMServer, template: str, needles: list[str]) -> None:
     Path("in.jsonl").write_text('{"Body": "x", "user": {"plan": "pro"}}\n')
     assert_refused(run_with(server, template, inp="in.jsonl"), server, *needles)
+
+
+# The first hour's other frictions
+
+
+def test_estimate_cuts_long_sample_texts_and_full_shows_them(server: FakeLLMServer) -> None:
+    big = "word " * 400_000  # a 2 MB cell
+    write_table("in.parquet", pl.DataFrame({"id": [1, 2], "text": [big, "short text"]}))
+    args = ["estimate", "-i", "in.parquet", "-p", "Summarise: {text}", "--base-url", f"{server.url}/v1", "-m", "m"]
+    cut = run_cli(*args)
+    assert cut.exit_code == 0, cut.output
+    assert len(cut.output) < 5_000
+    assert "[1,999,611 more characters; --full shows all]" in cut.output and '"content": "Summarise: short text"' in cut.output
+    whole = run_cli(*args, "--full")
+    assert whole.exit_code == 0 and len(whole.output) > 2_000_000 and "more characters" not in whole.output
+    assert chat_requests(server) == []

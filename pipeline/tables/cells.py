@@ -113,7 +113,7 @@ class Cells:
 
 
 def _blank_row(columns: Sequence[str]) -> pl.Expr:
-    # Whitespace is tested only where the cheap test failed: nearly every cell of a real row is not null.
+    # A blank line parses as a row of nulls, a line of spaces as one cell of spaces; ",,," as nulls too.
     return pl.all_horizontal(pl.col(c).is_null() | pl.col(c).str.contains(r"^\s*$") for c in columns)
 
 
