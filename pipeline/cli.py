@@ -221,7 +221,21 @@ def serve_local(host: str, port: int, threads: int | None, ctx_size: int, model_
 @click.option("--columns", default=None, metavar="A,B", help="The columns to show, comma-separated.")
 @click.option("--full", is_flag=True, help="Every value whole, one per line, instead of a table of shortened text.")
 @click.option("--checkpoint-dir", default=None, help="The run's checkpoint folder, if not next to the output.")
-def show(path: str, rows: int, errors_only: bool, columns: str | None, full: bool, checkpoint_dir: str | None) -> None:
+@click.option(
+    "--result-prefix",
+    default=None,
+    metavar="PREFIX",
+    help="The run's --result-prefix (found from the columns by default); --columns error then means PREFIXerror.",
+)
+def show(
+    path: str,
+    rows: int,
+    errors_only: bool,
+    columns: str | None,
+    full: bool,
+    checkpoint_dir: str | None,
+    result_prefix: str | None,
+) -> None:
     """Print the first rows of an output file (Parquet, CSV or JSONL) and its status counts.
 
     Before its run has finished (running, or stopped), the answers so far are
@@ -231,7 +245,10 @@ def show(path: str, rows: int, errors_only: bool, columns: str | None, full: boo
 
     chosen = [c.strip() for c in columns.split(",") if c.strip()] if columns else []
     try:
-        text = show_output(path, rows=rows, errors_only=errors_only, columns=chosen, full=full, checkpoint_dir=checkpoint_dir)
+        text = show_output(
+            path, rows=rows, errors_only=errors_only, columns=chosen, full=full, checkpoint_dir=checkpoint_dir,
+            result_prefix=result_prefix,
+        )  # fmt: skip
     except errors.UserError as exc:
         raise UsageFailure(str(exc)) from None
     click.echo(text)

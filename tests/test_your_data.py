@@ -266,3 +266,23 @@ def test_estimate_cuts_long_sample_texts_and_full_shows_them(server: FakeLLMServ
     whole = run_cli(*args, "--full")
     assert whole.exit_code == 0 and len(whole.output) > 2_000_000 and "more characters" not in whole.output
     assert chat_requests(server) == []
+
+
+def test_show_means_the_result_columns_under_a_result_prefix(server: FakeLLMServer) -> None:
+    rows = [
+        {"Ticket ID": "00042", "text": "fine", "error": "E-17"},
+        {"Ticket ID": "00043", "text": "no [[fault:400]]", "error": ""},
+    ]
+    write_table("in.csv", rows)
+    result = run_with(server, "{text}", "--result-prefix", "llm_", "--max-error-rate", "1")
+    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+
+    for extra in ([], ["--result-prefix", "llm_"]):
+        shown = run_cli("show", "out/result.parquet", "--errors", "--columns", "Ticket ID,error", *extra)
+        assert shown.exit_code == 0, shown.output
+        header = [h.strip() for h in shown.output.splitlines()[1].strip("│").split("┆")]
+        assert header == ["Ticket ID", "llm_error"]
+        assert "00043" in shown.output and "HTTP 400" in shown.output and "00042" not in shown.output
+
+    wrong = run_cli("show", "out/result.parquet", "--result-prefix", "x_")
+    assert wrong.exit_code == 2 and "--result-prefix 'x_'" in wrong.output and "prefix 'llm_'" in wrong.output
