@@ -154,16 +154,18 @@ def prepare_job(
     stream: TextIO | None = None,
     files: bool = True,
     notebook: bool = False,
+    api_key: str | None = None,
 ) -> Job:
     """Check everything the user could have got wrong, before anything is sent; raises UserError.
 
     `table` and `sink` are the API's DataFrame in and out (else the config's input
     and output files); `checkpoint` overrides the config's folder; `files` says
     whether the metrics file and the report are written (the API's DataFrame out
-    writes them only when asked for by path)."""
+    writes them only when asked for by path); `api_key` is the API's key given in memory, else the
+    config's variable is read."""
     clock = metrics.Clock.now()
     plan = preflight(cfg, writes=sink is None, table=table)
-    api_key = cfg.api_key()
+    api_key = api_key or cfg.api_key()
     headers, secrets = cfg.request_headers()  # before anything starts: a variable unset is exit 2
     if cfg.provider == "local" and cfg.setting("base_url") is None:
         check_installed()
