@@ -115,9 +115,14 @@ def run(config: str | None, **flags: Any) -> None:
     sys.exit(code)
 
 
+INTERRUPT_GRACE_S = 5.0  # how long a first Ctrl-C waits for the requests in flight
+
+
 def _run(cfg: RunConfig) -> int:
     """One job on a fresh event loop; the exit code. SIGTERM is an interrupt like Ctrl-C for the whole run
-    (a scheduler's kill gets the same flush, message and exit 130)."""
+    (a scheduler's kill gets the same flush, message and exit 130), at once: a scheduler's own grace
+    before SIGKILL is unknown here. A first Ctrl-C waits a few seconds for the requests in flight, whose
+    answers are paid for, then stops; a second stops at once."""
     import asyncio  # with the run's heavy imports (polars, pyarrow, aiohttp): only when running
 
     from pipeline.job import prepare_job
@@ -127,7 +132,22 @@ def _run(cfg: RunConfig) -> int:
     async def main() -> int:
         task = asyncio.current_task()
         assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        winding: list[asyncio.Task[None]] = []
+
+        async def wind_down() -> None:
+            await job.wind_down(INTERRUPT_GRACE_S)
+            if not task.done():  # every row may have come back in the meantime
+                task.cancel()
+
+        def on_ctrl_c() -> None:
+            if winding:  # the second Ctrl-C: stop now
+                task.cancel()
+            else:
+                winding.append(loop.create_task(wind_down()))
+
+        loop.add_signal_handler(signal.SIGINT, on_ctrl_c)
         return (await job.execute()).exit_code
 
     try:

@@ -223,6 +223,7 @@ class Job:
         self.earlier_tokens: tuple[int, int] | None = None  # (prompt, completion) the checkpoint held, for the cost
         self.result: RunResult | None = None
         self._attempts_before: dict[str, int] = {}
+        self._engine: Engine | None = None  # while the local engine sends: what an interrupt winds down
 
     # ---- the way through --------------------------------------------------------------------------
 
@@ -248,6 +249,13 @@ class Job:
         self.result = self._finish(ending)
         self._report(ending)
         return self.result
+
+    async def wind_down(self, grace: float) -> None:
+        """The first Ctrl-C: send nothing more and wait up to `grace` seconds for the requests in flight,
+        so their answers are saved; the caller then cancels. Returns at once when the local engine is not
+        sending (not started yet, batch mode, the Ray engine)."""
+        if self._engine is not None:
+            await self._engine.wind_down(grace)
 
     def _finish(self, ending: metrics.Ending) -> RunResult:
         path, report = self._metrics_path(), self._report_path(ending)
@@ -407,6 +415,7 @@ class Job:
                 cache=cache,
             )
             engine.attempts_before = self._attempts_before
+            self._engine = engine
             progress.start()
             sampling = asyncio.get_running_loop().create_task(metrics.sampler(stats, self.clock))  # 1 Hz
             try:
