@@ -224,11 +224,11 @@ class RunConfig(BaseModel):
         "auto follows the output's extension; openai-batch writes OpenAI batch-output lines (the default for a "
         ".jsonl output when the input is a file of OpenAI batch requests).",
     )
-    # Where the engine runs: this process, or a pool of Ray actors sharing one rate budget (pipeline[ray]).
+    # Where the engine runs: this process, or a pool of Ray actors sharing one rate budget (the ray extra).
     engine: Literal["local", "ray"] = opt(
         "local",
         "local runs the engine in this process; ray runs one engine per Ray actor with one shared rate budget "
-        "(needs pip install 'pipeline[ray]'). Default: local.",
+        "(needs Ray: pip install -e '.[ray]' in the checkout, or make setup). Default: local.",
     )
     ray_address: str | None = opt(
         None,
