@@ -31,7 +31,7 @@ from pipeline.engines.online import Engine, prepare
 from pipeline.limits import spend
 from pipeline.limits.governor import Governor
 from pipeline.limits.retry import RetryPolicy
-from pipeline.observe import metrics
+from pipeline.observe import history, metrics
 from pipeline.observe.progress import Progress, plural, summary
 from pipeline.observe.stats import RunStats
 from pipeline.plan import NOWHERE, Plan, preflight
@@ -270,6 +270,7 @@ class Job:
         if path is not None:
             try:
                 metrics.write(path, metrics.dumps(data, self.secrets))
+                history.record(path, data)  # the line the report's trend across runs reads
             except OSError as exc:  # reported, never another exit code: the run's own outcome is what counts
                 self.say(f"pipeline: could not write the metrics file {path}: {exc.strerror or exc}")
         return _result(data, self.cfg, self.checkpoint_path, path, report)
