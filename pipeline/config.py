@@ -191,7 +191,7 @@ class RunConfig(BaseModel):
     dtypes: dict[str, str] = opt(
         dict,
         "Read COLUMN as TYPE: str, int, float, bool, date, datetime (date:%d/%m/%Y names a format). Without it a CSV "
-        "column is text unless every value reads back unchanged as a number. Repeatable.",
+        "column is text unless every value reads back unchanged as a number (or true/false). Repeatable.",
         flag="--dtype",
         metavar="COLUMN=TYPE",
     )

@@ -147,7 +147,10 @@ def test_dtype_types_a_column_on_purpose_from_flags_or_yaml(server: FakeLLMServe
     [
         ("Qty=int", ["--dtype names the column 'Qty'", "Did you mean 'qty'?"]),
         ("qty=integr", ["'integr' is not a type", "Did you mean 'integer'?", "str, int, float"]),
-        ("thousands=int", ["--dtype thousands=int", "row 1 of in.csv", "'1,000'", "does not read as int", "nor do 1 more"]),
+        (
+            "thousands=int",
+            ["--dtype thousands=int", "row 1 of in.csv", "'1,000'", "does not read as int", "nor does 1 more value"],
+        ),
         ("day=date:%d/%m/%Y", ["--dtype day=date:%d/%m/%Y", "'2024-01-05'", "does not read as date"]),
         ("qty=text:x", ["only date and datetime take a format"]),
     ],

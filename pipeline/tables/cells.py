@@ -204,7 +204,7 @@ def decide(lf: pl.LazyFrame, cells: Cells, where: str, *, infer: bool) -> tuple[
             raise InputError(
                 f"--dtype {c}={want.name}: row {found[f'at{i}'] + 1:,} of {where} (not counting the header) has {shown!r} in "
                 f"column {c!r}, which does not read as {want.name}"
-                + (f", nor do {others:,} more values" if others else "")
+                + (f", nor {'does 1 more value' if others == 1 else f'do {others:,} more values'}" if others else "")
                 + ". Fix the values, name the "
                 "texts that mean missing with --null-value, or leave the column out of --dtype (it is then read as written)."
             )
