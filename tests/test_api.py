@@ -139,6 +139,16 @@ def test_api_key_is_used_and_written_nowhere(server: FakeLLMServer, tmp_path: Pa
         pipeline.complete(reviews(1), **settings(server, api_key=""))
 
 
+def test_null_values_and_dtypes_apply_to_a_table_in_memory(server: FakeLLMServer) -> None:
+    df = pl.DataFrame({"day": ["2024-01-05", "2024-02-01", "2024-03-09"], "text": ["a b", "N/A", "c d"]})
+    out = pipeline.complete(df, **settings(server, null_values=["N/A"], dtypes={"day": "date"}, max_error_rate=1.0))
+    assert out.schema["day"] == pl.Date and out["text"].to_list() == ["a b", None, "c d"]
+    assert out["status"].to_list() == ["ok", "error", "ok"]
+    assert sorted(r.content for r in chat_requests(server)) == ["Summarise: a b", "Summarise: c d"]
+    with pytest.raises(pipeline.InputError, match="--dtype text=int: row 1 of the table passed in"):
+        pipeline.complete(df, **settings(server, dtypes={"text": "int"}))
+
+
 def test_pandas_frame_when_pandas_is_installed(server: FakeLLMServer) -> None:
     pd = pytest.importorskip("pandas", reason="pandas is not a dependency; the conversion is tested where it is installed")
     out = pipeline.complete(pd.DataFrame({"text": ["a b", "c d"]}), **settings(server))
