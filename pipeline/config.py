@@ -185,9 +185,11 @@ class RunConfig(BaseModel):
     separator: str | None = opt(None, "CSV field separator, e.g. ';' or tab. Default: ',' (tab for .tsv).")
     null_as_empty: bool = opt(False, "Render null cells as empty text instead of not sending the row.")
     null_values: tuple[str, ...] = opt(
-        (), "A cell text that means missing, e.g. N/A, - or NULL (the whole cell, exactly): such cells are null. Repeatable.",
-        flag="--null-value", metavar="TEXT",
-    )  # fmt: skip
+        (),
+        "A cell text that means missing, e.g. N/A, - or NULL (the whole cell, exactly): such cells are null. Repeatable.",
+        flag="--null-value",
+        metavar="TEXT",
+    )
     dtypes: dict[str, str] = opt(
         dict,
         "Read COLUMN as TYPE: str, int, float, bool, date, datetime (date:%d/%m/%Y names a format). Without it a CSV "
