@@ -19,6 +19,7 @@ import orjson
 
 SCHEMA = "pipeline.runs/1"
 KEEP = 500  # runs kept in the file; older lines are dropped when it grows past twice that
+OTHER_FILES = 100  # other metrics files read for the trend, the newest first
 METRICS_SUFFIX = ".metrics.json"
 
 
@@ -79,8 +80,9 @@ def runs(metrics_file: Path, current: dict[str, Any]) -> list[dict[str, Any]]:
                     found[str(line["started_at"])] = line
     output = (current.get("paths") or {}).get("output")
     with contextlib.suppress(OSError):
-        for other in metrics_file.parent.glob("*" + METRICS_SUFFIX):
-            if other == metrics_file or other.stat().st_size > 16 * 2**20:
+        others = [(p.stat().st_mtime, p) for p in metrics_file.parent.glob("*" + METRICS_SUFFIX) if p != metrics_file]
+        for _, other in sorted(others, reverse=True)[:OTHER_FILES]:  # the newest: a folder of years of nightly files stays quick
+            if other.stat().st_size > 16 * 2**20:
                 continue
             with contextlib.suppress(OSError, orjson.JSONDecodeError):
                 data = orjson.loads(other.read_bytes())
