@@ -121,7 +121,9 @@ def _typed(column: str, dtype: pl.DataType) -> pl.Expr:
     """A text column as the type every one of its values reads back unchanged from (strict: a file
     changed since it was checked fails loudly rather than turning values null)."""
     col = pl.col(column)
-    return (col == BOOL_TEXTS[0] if dtype == pl.Boolean() else col.cast(dtype)).alias(column)
+    if dtype == pl.Boolean():
+        return col.replace_strict({"true": True, "false": False}, return_dtype=pl.Boolean()).alias(column)
+    return col.cast(dtype).alias(column)
 
 
 def _nulled(column: str, values: tuple[str, ...]) -> pl.Expr:
