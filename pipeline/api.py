@@ -33,7 +33,8 @@ import polars as pl
 
 from pipeline import errors
 from pipeline.config import ConfigLike, settings_config
-from pipeline.job import EXIT_INTERRUPTED, Job, RunResult, prepare_job
+from pipeline.job import Job, prepare_job
+from pipeline.outcomes import EXCEPTIONS, EXIT_INTERRUPTED, RunResult
 from pipeline.tables import source
 from pipeline.tables.sink import Sink
 
@@ -88,9 +89,19 @@ async def acomplete(table: Any, **settings: Any) -> pl.DataFrame:
             say=None if cfg.progress else _log,
         )
         result = await _execute(job)
-    if result.outcome in ("stopped", "crashed") or sink.frame is None:
-        raise errors.RunStopped(result.reason or f"the run ended {result.outcome}", result)
-    return sink.frame
+    if result.outcome in ("completed", "empty_input", "error_rate", "spend_ceiling") and sink.frame is not None:
+        return sink.frame  # the rows carry their status: failed or unsent rows are rows, not an exception
+    raise _stopped(result, sink.frame)
+
+
+def _stopped(result: RunResult, frame: pl.DataFrame | None) -> errors.PipelineError:
+    """The exception of a run that did not finish its work: AuthError for a refused key, ServerUnavailable for a
+    server down past max_wait, ... (pipeline.outcomes), with the RunResult and the rows so far."""
+    message = result.reason or f"the run ended {result.outcome}"
+    cls = EXCEPTIONS.get(result.outcome, errors.RunStopped)
+    if issubclass(cls, errors.RunStopped):
+        return cls(message, result, frame)
+    return cls(message)
 
 
 def run(config: ConfigLike = None, **settings: Any) -> RunResult:

@@ -14,6 +14,7 @@ from pydantic.fields import FieldInfo
 
 from pipeline import errors
 from pipeline.config import RunConfig, build_config, load_yaml
+from pipeline.outcomes import EXIT_CODES, MEANINGS, of_fatal
 
 RUN_EXAMPLES = """
 \b
@@ -27,16 +28,15 @@ Examples:
   MODELSLAB_API_KEY=... pipeline run configs/modelslab-llama-3.2-1b.yaml
 
 \b
-Exit codes: 0 done (also an input with no rows: the output is written
-empty); 1 error rate above --max-error-rate, the spend ceiling reached (the
-output is written, unsent rows marked), or stopped early (bad key, no quota,
-server unreachable or 404 before any answer, the same refusal on every
-request, a wait longer than --max-wait); 2 bad usage, config or input (nothing
-sent); 3 batch mode: batches still running (run the same command again to
-collect them); 130 interrupted by Ctrl-C or SIGTERM (the checkpoint is saved; run
-again to resume). Each run but exit 2 writes <output>.metrics.json and
-<output>.report.html beside the output.
+Exit codes (a scheduler can tell the causes apart; the metrics file's "outcome" says the same):
+{exit_codes}
+Every run but a refused one writes <output>.metrics.json (and <output>.report.html) beside the
+output; a run refused with exit 2 writes the metrics file with outcome usage_error, so nothing
+stale is read.
 """
+
+
+RUN_EXAMPLES = RUN_EXAMPLES.replace("{exit_codes}", "\n".join(f"  {code:>3}  {text}" for code, text in MEANINGS.items()))
 
 
 class UsageFailure(click.ClickException):
@@ -281,13 +281,15 @@ def _batch_command(action: str, config: str | None, flags: dict[str, Any]) -> No
 
     from pipeline.job import batch_command
 
+    flags["mode"] = "batch"  # the subcommand is the mode, whatever the config says
     try:
         code = asyncio.run(batch_command(_config(config, flags), action, lambda m: click.echo(m, err=True)))
     except errors.UserError as exc:
         raise UsageFailure(str(exc)) from None
     except errors.RequestError as exc:
-        click.echo(f"pipeline: the batch API answered {exc.message}", err=True)
-        code = 1
+        outcome = of_fatal(exc) if isinstance(exc, errors.FatalError) else "requests_refused"
+        code = EXIT_CODES[outcome]
+        click.echo(f"pipeline: the batch API answered {exc.message}: exit {code} ({outcome})", err=True)
     sys.exit(code)
 
 

@@ -266,6 +266,21 @@ class RunConfig(BaseModel):
                 raise ValueError(f"the inline schema is not valid JSON ({exc}); give JSON text or a .json file") from None
         return value
 
+    @field_validator("api_key_env")
+    @classmethod
+    def _names_a_variable(cls, value: str | None) -> str | None:
+        # The value itself is never echoed: given by mistake, it is the key.
+        looks_like_key = (
+            value is not None and len(value) >= 32 and any(ch.isdigit() for ch in value) and any(ch.islower() for ch in value)
+        )  # a name of 32+ characters mixing lower case and digits: a key that happens to have no dash
+        if value is not None and (not _ENV_NAME.fullmatch(value) or looks_like_key):
+            raise ValueError(
+                "api_key_env takes the name of an environment variable (letters, digits and _, e.g. MY_API_KEY), and "
+                "the value given is not one; if it is the key itself, it is not shown here. Put the key in a variable "
+                "(export MY_API_KEY=...) and give its name: --api-key-env MY_API_KEY"
+            )
+        return value
+
     @field_validator("base_url")
     @classmethod
     def _url_has_scheme(cls, value: str | None) -> str | None:
@@ -429,6 +444,7 @@ class RunConfig(BaseModel):
 
 
 _ENV_REF = re.compile(r"\$(?:\{(\w+)\}|(\w+)|\$)")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 # Set by the pipeline or the HTTP client: another value would break every request.
 _OWN_HEADERS = {

@@ -103,7 +103,7 @@ def test_errored_lines_permanent_recorded_transient_resent(batches: FakeBatchSer
     batches.faults["line_status"] = {"number 3 ": 400}
     batches.advance(120)
     third = run_cli(*job(batches))
-    assert third.exit_code == 1, third.output  # one row refused: above --max-error-rate 0
+    assert third.exit_code == 4, third.output  # one row refused: above --max-error-rate 0
     out = pl.read_parquet("out/r.parquet")
     assert out.filter(pl.col("id") == 3)["error"][0].startswith("HTTP 400: fake status 400")
     assert out.filter(pl.col("status") == "ok").height == 7
@@ -206,13 +206,19 @@ def test_status_and_cancel(batches: FakeBatchServer) -> None:
     assert set(pl.read_parquet("out/r.parquet")["status"]) == {"ok"}
 
 
-def test_batch_commands_need_a_batch_job(batches: FakeBatchServer) -> None:
+def test_batch_commands_take_the_config_as_given_the_subcommand_is_the_mode(batches: FakeBatchServer) -> None:
+    """A job run with --mode batch on the command line: status and cancel on the same config, without the flag."""
     write_table("in.csv", texts(2))
     args = [a for a in job(batches)[1:] if a not in ("--mode", "batch")]
-    result = run_cli("batch", "status", *args)
-    assert result.exit_code == 2 and "for batch jobs" in result.output
-    none_yet = run_cli("batch", "status", *job(batches)[1:])
+    none_yet = run_cli("batch", "status", *args)
     assert none_yet.exit_code == 0 and "no batches yet" in none_yet.output
+    assert run_cli(*job(batches)).exit_code == 3  # submitted, with the flag
+    status = run_cli("batch", "status", *args)
+    assert status.exit_code == 0, status.output
+    assert "in_progress" in status.output and "2 requests in open batches" in status.output
+    cancel = run_cli("batch", "cancel", *args)
+    assert cancel.exit_code == 0 and "cancelled" in cancel.output
+    assert batches.stats["cancels"] == 1
 
 
 # ---- Anthropic Message Batches: the same flow, inline requests, results stream, no metadata ----------
@@ -393,11 +399,11 @@ def test_fallback_online_sends_failed_lines_online(batches: FakeBatchServer) -> 
     assert set(out["status"]) == {"ok"} and sorted(out["attempts"].to_list()) == [1, 1, 2, 2, 2]
 
 
-def test_a_bad_key_stops_with_exit_1_and_submits_nothing(batches: FakeBatchServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_bad_key_stops_with_exit_6_and_submits_nothing(batches: FakeBatchServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BATCH_KEY", "sk-wrong-key-0000000000")
     write_table("in.csv", texts(3))
     result = run_cli(*job(batches))
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 6, result.output  # auth_refused
     assert "Incorrect API key" in result.output and "sk-wrong" not in result.output
     assert batches.stats["batches_created"] == 0
 
@@ -444,9 +450,9 @@ def test_anthropic_adoption_skips_a_batch_the_ledger_already_holds(batches: Fake
 def test_a_create_refused_for_good_does_not_wedge_later_runs(batches: FakeBatchServer) -> None:
     batches.faults["create_status"] = 400
     write_table("in.csv", texts(3))
-    assert run_cli(*job(batches)).exit_code == 1
+    assert run_cli(*job(batches)).exit_code == 9  # requests_refused
     second = run_cli(*job(batches))  # the prepared file is refused again: given up, its rows pending again
-    assert second.exit_code == 1 and "its rows are sent again" in second.output
+    assert second.exit_code == 9 and "its rows are sent again" in second.output
     del batches.faults["create_status"]
     assert run_cli(*job(batches)).exit_code == 3
     batches.advance(120)

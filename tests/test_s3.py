@@ -168,7 +168,7 @@ def test_a_failed_run_leaves_nothing_under_the_output_key(s3: object, monkeypatc
     monkeypatch.setenv("MY_KEY", "sk-wrong-0123456789")
     with FakeLLMServer(api_key="sk-right-0123456789") as server:
         result = run_cli(*args(server, "s3://lake/in.csv", "s3://lake/out.parquet", "--api-key-env", "MY_KEY"))
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 6, result.output  # auth_refused
     assert keys(s3) == ["in.csv"]
 
 

@@ -23,28 +23,31 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 
 from pipeline.config import RunConfig
 from pipeline.observe.stats import RunStats
+from pipeline.outcomes import EXIT_CODES, NOT_SENT, Outcome
 
 SCHEMA = "pipeline.metrics/1"
 SCHEMA_FILE = Path(__file__).with_name("metrics.schema.json")
 MASK = "***"
 
-# "crashed" is a bug's way out (a traceback, exit 1): the file is still written for the job that waits on it.
-Outcome = Literal["completed", "error_rate", "stopped", "spend_ceiling", "interrupted", "empty_input", "crashed", "batch_pending"]
-
 
 @dataclass(frozen=True)
 class Ending:
-    """How a run ended: its exit code, a word for machines, and the message the user was shown."""
+    """How a run ended: a word for machines (its exit code follows from it, see pipeline.outcomes),
+    and the message the user was shown. "crashed" is a bug's way out (a traceback, exit 1): the file
+    is still written for the job that waits on it."""
 
-    exit_code: int
     outcome: Outcome
     reason: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.outcome]
 
 
 @dataclass
@@ -164,7 +167,7 @@ def build(
     wall = clock.elapsed()
     if not stats.timeline or stats.timeline[-1]["t"] < wall:
         stats.sample(wall)  # the last state, so the timeline ends where the run did
-    not_sent_kinds = stats.error_kinds.get("not_sent", 0) + stats.error_kinds.get("spend_ceiling", 0)
+    not_sent_kinds = sum(stats.error_kinds.get(k, 0) for k in ("not_sent", "spend_ceiling", *NOT_SENT))
     worked = stats.rows_done - stats.from_checkpoint - stats.from_cache  # rows answered without a request take no time
     return {
         "schema": SCHEMA,
@@ -188,6 +191,8 @@ def build(
             "shared": stats.shared,
             "done": stats.rows_done,
             "sent": stats.rows_sent,
+            # Of the rows in error, those that failed for a reason that may pass (5xx, timeouts, 429s): a re-run may answer them.
+            "retryable": stats.retryable_errors,
         },
         "requests": {
             "sent": stats.requests_sent,
