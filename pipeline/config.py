@@ -476,21 +476,30 @@ FIELDS = tuple(f.alias or name for name, f in RunConfig.model_fields.items())
 
 
 def is_batch_requests(patterns: tuple[str, ...]) -> bool:
-    """Whether the input is a local JSONL whose first line is an OpenAI batch request."""
+    """Whether the input is one JSONL (local or s3://) whose first line is an OpenAI batch request."""
     if len(patterns) != 1 or not patterns[0].lower().endswith((".jsonl", ".ndjson")):
         return False
+    if patterns[0].startswith("s3://"):
+        from pipeline.tables import storage  # pyarrow's S3: only for an object input
+
+        raw = storage.first_line(storage.Url.parse(patterns[0]))
+        return raw is not None and _is_request_line(raw)
     path = Path(patterns[0])
     if not path.is_file():
         return False
     with path.open("rb") as f:
         for raw in f:
             if raw.strip():
-                try:
-                    first = orjson.loads(raw)
-                except orjson.JSONDecodeError:
-                    return False
-                return isinstance(first, dict) and "custom_id" in first and isinstance(first.get("body"), dict)
+                return _is_request_line(raw)
     return False
+
+
+def _is_request_line(raw: bytes) -> bool:
+    try:
+        first = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(first, dict) and "custom_id" in first and isinstance(first.get("body"), dict)
 
 
 def load_yaml(path: str) -> dict[str, Any]:

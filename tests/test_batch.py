@@ -492,3 +492,62 @@ def test_batch_mode_shares_the_answer_cache(batches: FakeBatchServer) -> None:
     assert batches.stats["batches_created"] == 1 and set(batches.lines_seen.values()) == {1}
     assert set(pl.read_parquet("out/other.parquet")["status"]) == {"ok"}
     assert "4 from the answer cache" in other.output
+
+
+# ---- a flaky batch API is not a failure: exit 3 or 0, never a paging exit code ------------------------
+
+
+def test_a_flaky_batch_api_only_ever_exits_3_or_0(batches: FakeBatchServer) -> None:
+    """A fifth of the polls answered 429 or 500 and the results file 404 on its first download: every
+    invocation of a nightly cron exits 3 (run again) or 0 (done), and nothing is paid twice."""
+    batches.faults.update(retrieve_fault_rate=0.2, content_404_first=True, duration=30)
+    write_table("in.csv", texts(40))
+    codes = []
+    for _ in range(8):
+        result = run_cli(*job(batches, "--batch-max-requests", "10", "--max-wait", "60"))
+        codes.append(result.exit_code)
+        assert result.exit_code in (0, 3), result.output
+        if result.exit_code == 0:
+            break
+        batches.advance(40)
+    assert codes[-1] == 0, codes
+    assert batches.stats["retrieve_faults"] >= 1 and batches.stats["content_404"] >= 1
+    assert set(batches.lines_seen.values()) == {1}  # every line submitted once
+    out = pl.read_parquet("out/r.parquet")
+    assert out.height == 40 and set(out["status"]) == {"ok"}
+
+
+def test_a_batch_api_down_past_max_wait_with_batches_open_exits_3(batches: FakeBatchServer) -> None:
+    write_table("in.csv", texts(5))
+    assert run_cli(*job(batches)).exit_code == 3
+    batches.advance(120)
+    batches.faults["retrieve_faults"] = [503] * 1000  # the API is down; the batch is fine
+    down = run_cli(*job(batches, "--max-wait", "3"))
+    assert down.exit_code == 3, down.output
+    assert "did not answer well" in down.output and "nothing is lost" in down.output
+    assert json.loads(Path("out/r.metrics.json").read_text())["run"]["outcome"] == "batch_pending"
+    batches.faults["retrieve_faults"] = []
+    back = run_cli(*job(batches))
+    assert back.exit_code == 0, back.output
+    assert batches.stats["batches_created"] == 1
+
+
+def test_batch_spend_counts_in_the_run_that_collects_it(batches: FakeBatchServer) -> None:
+    write_table("in.csv", texts(6))
+    priced = ("--price-in", "2", "--price-out", "4")
+    submit = run_cli(*job(batches, *priced))
+    assert submit.exit_code == 3
+    batches.advance(120)
+    collect = run_cli(*job(batches, *priced))
+    assert collect.exit_code == 0, collect.output
+    m = json.loads(Path("out/r.metrics.json").read_text())
+    out = pl.read_parquet("out/r.parquet")
+    tokens_in, tokens_out = int(out["prompt_tokens"].sum()), int(out["completion_tokens"].sum())
+    assert (m["tokens"]["prompt"], m["tokens"]["completion"]) == (tokens_in, tokens_out)
+    assert f"tokens this run: {tokens_in:,} in, {tokens_out:,} out" in collect.output
+    expected = (tokens_in * 2 + tokens_out * 4) / 1e6 / 2  # the batch discount: half the price
+    assert m["cost"]["this_run"] == pytest.approx(expected, abs=1e-6)
+    assert m["cost"]["all_runs"] == pytest.approx(expected, abs=1e-6)  # not counted twice
+    again = run_cli(*job(batches, *priced))  # nothing new: this run spent nothing
+    assert json.loads(Path("out/r.metrics.json").read_text())["cost"]["this_run"] == 0
+    assert again.exit_code == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import signal
 import socket
@@ -375,3 +376,20 @@ def test_the_environment_is_left_as_it_was(s3: object, monkeypatch: pytest.Monke
     monkeypatch.delenv("AWS_EC2_METADATA_DISABLED", raising=False)
     storage.filesystem()
     assert "AWS_EC2_METADATA_DISABLED" not in os.environ
+
+
+def test_a_file_of_batch_requests_in_object_storage_is_recognised(server: FakeLLMServer, s3: object) -> None:
+    lines = [
+        {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "fake-model", "messages": [{"role": "user", "content": f"question {i}"}]}}
+        for i in range(3)
+    ]  # fmt: skip
+    body = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+    s3.put_object(Bucket="lake", Key="batch/requests.jsonl", Body=body)  # type: ignore[attr-defined]
+    result = run_cli("run", "-i", "s3://lake/batch/requests.jsonl", "-o", "out/answers.jsonl", "--base-url",
+                     f"{server.url}/v1", "--no-progress", "--no-report")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    answers = [json.loads(x) for x in Path("out/answers.jsonl").read_text().splitlines()]
+    assert [a["custom_id"] for a in answers] == ["req-0", "req-1", "req-2"]
+    assert [a["response"]["status_code"] for a in answers] == [200] * 3
+    assert sorted(r.body["messages"][0]["content"] for r in server.requests) == ["question 0", "question 1", "question 2"]

@@ -33,9 +33,13 @@ CHAT_URL = "/v1/chat/completions"
 
 def open_requests(path_text: str) -> source.Table:
     """The batch-request file as a table (custom_id, method, url, body text), every line checked now."""
-    path = Path(path_text)
     scratch = tempfile.TemporaryDirectory(prefix="pipeline-requests-", ignore_cleanup_errors=True)
     converted = Path(scratch.name) / "requests.jsonl"
+    if storage.is_remote(path_text):  # an object: read from a local copy, named as the user named it
+        path = Path(scratch.name) / "requests.source.jsonl"
+        storage.download(storage.Url.parse(path_text), path)
+    else:
+        path = Path(path_text)
     seen: set[str] = set()
     with path.open("rb") as src, converted.open("wb") as out:
         for number, raw in enumerate(src, 1):
@@ -45,20 +49,23 @@ def open_requests(path_text: str) -> source.Table:
                 line = orjson.loads(raw)
             except orjson.JSONDecodeError as exc:
                 raise InputError(
-                    f"Input file {path} line {number} is not JSON ({exc}). Each line must be one batch request."
+                    f"Input file {path_text} line {number} is not JSON ({exc}). Each line must be one batch request."
                 ) from None
             problem = _problem(line)
             if problem is None and line["custom_id"] in seen:
                 problem = f"repeats custom_id {line['custom_id']!r} (each must be unique, as OpenAI requires)"
             if problem is not None:
-                raise InputError(f"Input file {path} line {number} {problem}. Fix the line, or give the file as a plain table.")
+                raise InputError(
+                    f"Input file {path_text} line {number} {problem}. Fix the line, or give the file as a plain table."
+                )
             seen.add(line["custom_id"])
             body = orjson.dumps(line["body"], option=orjson.OPT_SORT_KEYS).decode()
             out.write(orjson.dumps({"custom_id": line["custom_id"], "method": line.get("method", "POST"),
                                     "url": line.get("url", CHAT_URL), BODY: body}) + b"\n")  # fmt: skip
     table = source.open_table((str(converted),))
     # Named as the user named it; the converted copy lives as long as the table does.
-    return dataclasses.replace(table, files=(path,), scratch=scratch)
+    named: Path | storage.Url = storage.Url.parse(path_text) if storage.is_remote(path_text) else path
+    return dataclasses.replace(table, files=(named,), scratch=scratch)
 
 
 def _problem(line: Any) -> str | None:

@@ -279,6 +279,17 @@ def download(url: Url, dest: Path) -> None:
         raise explain(exc, url, "read") from None
 
 
+def first_line(url: Url, most: int = 1 << 20) -> bytes | None:
+    """The first non-blank line of an object (read up to `most` bytes), or None when it cannot be read:
+    the caller only asks what kind of file it is, and the real read reports a problem properly."""
+    try:
+        with filesystem().open_input_stream(url.fs_path) as src:
+            head = src.read(most)
+    except OSError:
+        return None
+    return next((line for line in head.splitlines() if line.strip()), None)
+
+
 def check_writable(url: Url) -> None:
     """Before anything is sent: the bucket exists and these credentials are accepted there. (A test
     write would leave pyarrow's folder markers behind; a refused upload at the end keeps the output
