@@ -43,6 +43,7 @@ from pipeline.requests.prompts import Renderer
 from pipeline.tables import source, storage
 from pipeline.tables.cache import AnswerCache, scope_for
 from pipeline.tables.checkpoint import RESULT_SCHEMA, Checkpoint, Result, read_done
+from pipeline.tables.responses import ResponseLog
 from pipeline.tables.sink import Sink, describe, open_sink, result_frame
 
 BATCH_CALL_TIMEOUT = 3600.0  # seconds for one call of a batch API: uploads and results files run to 200 MB
@@ -201,7 +202,10 @@ class Job:
         self.earlier_tokens: tuple[int, int] | None = None  # (prompt, completion) the checkpoint held, for the cost
         self.result: RunResult | None = None
         self._attempts_before: dict[str, int] = {}
-        self.done_before = pl.DataFrame(schema=RESULT_SCHEMA)  # the checkpoint's answers when this run began
+        self.done_before = pl.DataFrame(schema=RESULT_SCHEMA)
+        self.responses: ResponseLog | None = (
+            None  # kept for an output of batch-output lines  # the checkpoint's answers when this run began
+        )
         self._counted_folded = 0
 
     # ---- the way through --------------------------------------------------------------------------
@@ -313,7 +317,8 @@ class Job:
             from pipeline.tables.interchange import BatchOutputSink  # answers to batch requests, as batch-output lines
 
             assert output is not None
-            sink = BatchOutputSink(output, self.cfg.result_prefix)
+            sink = BatchOutputSink(output, self.cfg.result_prefix, responses_in=self.checkpoint_path)
+            self.responses = ResponseLog(self.checkpoint_path, self.secrets)
         else:
             assert output is not None  # preflight refuses a run with neither
             sink = open_sink(output, self.cfg.result_prefix)
@@ -321,6 +326,8 @@ class Job:
             yield sink
         finally:
             sink.abort()
+            if self.responses is not None:
+                self.responses.close()
 
     @contextlib.contextmanager
     def _open_checkpoint(self) -> Any:
@@ -392,6 +399,7 @@ class Job:
                 cache=cache,
             )
             engine.attempts_before = self._attempts_before
+            engine.responses = self.responses
             engine.deliver_partial = bool(done.height) or self._sink is not None  # earlier answers, or the API's table
             progress.start()
             sampling = asyncio.get_running_loop().create_task(metrics.sampler(stats, self.clock))  # 1 Hz
@@ -496,6 +504,7 @@ class Job:
             system=cfg.system,
             say=self.say,
             cache=cache,
+            responses=self.responses,
         )
 
         def pending(exclude: set[str], failed: dict[str, str]) -> Iterator[tuple[str, str, str | None]]:

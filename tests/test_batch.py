@@ -353,6 +353,48 @@ def test_batch_request_file_in_batch_mode(batches: FakeBatchServer) -> None:
     assert all(x["response"]["status_code"] == 200 for x in out)
 
 
+def test_batch_output_lines_carry_the_providers_responses_as_received() -> None:
+    """Not rebuilt from our completion text: the server's own body (its id, created, every field), a
+    refusal's status and error body, and for a row that got no HTTP answer an error code of ours."""
+    from tests.fakeserver import FakeLLMServer
+
+    lines = write_requests(3)
+    lines[1]["body"]["messages"][0]["content"] = "too long [[fault:400]]"  # type: ignore[index]
+    lines[2]["body"]["messages"][0]["content"] = "never answers [[fault:hang]]"  # type: ignore[index]
+    Path("requests.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with FakeLLMServer() as server:
+        result = run_cli("run", "-i", "requests.jsonl", "-o", "out/answers.jsonl", "--base-url", f"{server.url}/v1",
+                         "--no-progress", "--no-report", "--timeout", "1", "--max-attempts", "1", "--max-error-rate", "1")  # fmt: skip
+        assert result.exit_code == 0, result.output
+    ok, refused, lost = (json.loads(x) for x in Path("out/answers.jsonl").read_text().splitlines())
+    body = ok["response"]["body"]
+    assert "created" in body and body["id"].startswith("chatcmpl-") and not body["id"].endswith(ok["id"][10:])
+    assert ok["error"] is None and body["choices"][0]["message"]["content"] == "echo: question 0"
+    assert refused["error"] is None and refused["response"]["status_code"] == 400
+    assert refused["response"]["body"]["error"]["type"] == "invalid_request_error"  # the error body as the server sent it
+    assert (
+        lost["response"] is None and lost["error"]["code"] == "no_response" and "no answer within 1 s" in lost["error"]["message"]
+    )
+
+
+def test_batch_mode_output_lines_are_the_batch_files_lines(batches: FakeBatchServer) -> None:
+    write_requests(3)
+    batches.faults["line_status"] = {"question 1": 400}
+    args = ["run", "-i", "requests.jsonl", "-o", "out/r.jsonl", "--base-url", f"{batches.url}/v1", "--api-key-env", "BATCH_KEY",
+            "--mode", "batch", "--no-progress", "--no-report", "--max-error-rate", "1"]  # fmt: skip
+    assert run_cli(*args).exit_code == 3
+    batches.advance(120)
+    done = run_cli(*args)
+    assert done.exit_code == 0, done.output
+    first, refused, third = (json.loads(x) for x in Path("out/r.jsonl").read_text().splitlines())
+    assert first["response"]["body"]["id"] == "chatcmpl-fake"  # the batch's own body, not one rebuilt by us
+    assert refused["response"]["status_code"] == 400 and refused["error"] is None
+    assert third["response"]["status_code"] == 200
+    assert not Path("out/r.checkpoint/responses").exists() or all(
+        b"sk-batch-test" not in f.read_bytes() for f in Path("out/r.checkpoint/responses").iterdir()
+    )
+
+
 def test_bad_batch_request_files_are_refused_before_anything_is_sent() -> None:
     write_requests(2)
     with open("requests.jsonl", "a") as f:

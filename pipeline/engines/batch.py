@@ -37,6 +37,7 @@ from pipeline.providers import Provider, read_reply
 from pipeline.providers.base import clip, decode, endpoint, http_error, retry_after
 from pipeline.requests.prompts import estimate_tokens
 from pipeline.tables.checkpoint import Checkpoint, Result
+from pipeline.tables.responses import ResponseLog
 
 BATCHES, LEDGER = "batches", "ledger.jsonl"
 ENDPOINT = "/v1/chat/completions"
@@ -376,11 +377,13 @@ class BatchStep:
         say: Callable[[str], None],
         sleep: Callable[[float], Any] = asyncio.sleep,
         cache: Any = None,
+        responses: ResponseLog | None = None,
     ) -> None:
         self.api, self.provider, self.ledger, self.checkpoint = api, provider, ledger, checkpoint
         self.max_lines, self.max_attempts, self.system, self.say, self.sleep = max_lines, max_attempts, system or "", say, sleep
         self.resubmit = resubmit  # False (--fallback online): a line that failed in a batch is sent online instead
         self.cache = cache  # the answer cache (--cache): folded answers are kept there too
+        self.responses = responses  # the lines' responses as received, for a batch-output output
         self.outcome = Outcome()
 
     async def run(
@@ -527,6 +530,8 @@ class BatchStep:
             if not isinstance(key, str) or key in seen:
                 continue
             seen.add(key)
+            if self.responses is not None:
+                self._keep_response(key, line)
             result, why = self._read_line(line, attempts[key])
             if result is not None:
                 self.checkpoint.append(result)
@@ -558,6 +563,15 @@ class BatchStep:
             f"pipeline: batch {entry.batch_id} {batch.get('status')}: {ok:,} answered, {len(failed):,} refused, "
             f"{retry:,} to send again"
         )
+
+    def _keep_response(self, key: str, line: dict[str, Any]) -> None:
+        assert self.responses is not None
+        response, line_id = line.get("response"), line.get("id") if isinstance(line.get("id"), str) else None
+        if isinstance(response, dict) and isinstance(response.get("status_code"), int):
+            body = orjson.dumps(response.get("body"))
+            self.responses.response(key, response["status_code"], response.get("request_id"), body, line_id)
+        elif isinstance(line.get("error"), dict):
+            self.responses.error(key, line["error"], line_id)
 
     def _read_line(self, line: dict[str, Any], attempts: int) -> tuple[Result | None, errors.RequestError | None]:
         response = line.get("response")

@@ -33,6 +33,7 @@ from pipeline.requests.prompts import EST_TOKENS, EXTRA, KEY, PROMPT, SKIP_REASO
 from pipeline.requests.structured import Structured, check_reply, correction
 from pipeline.tables.cache import AnswerCache
 from pipeline.tables.checkpoint import Checkpoint, Result, lookup
+from pipeline.tables.responses import ResponseLog
 from pipeline.tables.sink import Sink, result_frame
 
 ANSWER_MEMORY = 10_000  # recent answers kept for duplicates: ~10 MB, whatever the table size (50,000 cost 38 MB in make bench)
@@ -62,6 +63,7 @@ class Work:
     waiters: list[tuple[Batch, int]] = field(default_factory=list)
     attempts: int = 0
     followup: list[dict[str, str]] | None = None  # set after an invalid structured reply
+    reply: tuple[int, str | None, bytes] | None = None  # the last HTTP answer (status, request id, body), when kept
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,8 @@ class Engine:
         self._concurrency = concurrency
         self._checkpoint = checkpoint
         self._cache = cache
+        # Responses as received, kept for an output that hands them back (batch-output lines); None: not kept.
+        self.responses: ResponseLog | None = None
         # Attempts a row has had elsewhere (batch submissions, in batch mode's online fallback): `attempts` counts them.
         self.attempts_before: Mapping[str, int] = {}
         self._sink = sink
@@ -325,11 +329,14 @@ class Engine:
         form = self._provider.json_mode  # what this request asks in, whatever the others switch to meanwhile
         completion: Completion | None = None
         try:
+            work.reply = None
             try:
                 body = self._provider.body(work.prompt, work.extra, work.followup)
                 status, headers, reply = await self._transport.post(self._provider.url, self._provider.headers, body)
             finally:
                 governor.release()
+            if self.responses is not None:
+                work.reply = (status, headers.get("x-request-id"), reply)
             governor.answered(headers)
             completion = read_reply(self._provider, status, headers, reply)
             if held is not None:  # billed, whatever the checks below make of the answer
@@ -478,6 +485,8 @@ class Engine:
         return errors.FatalError(f"{hint}; nothing was answered yet", kind=err.kind)
 
     def _finish(self, work: Work, result: Result) -> None:
+        if self.responses is not None and work.reply is not None:
+            self.responses.response(work.key, *work.reply)
         del self._inflight[work.key]
         self._stats.rows_sent += 1
         self._checkpoint.append(result)
