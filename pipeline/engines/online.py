@@ -216,6 +216,7 @@ class Engine:
         are paid for and must be saved), then end the run with `err`."""
         if self._fatal is None:
             self._fatal = err
+            self._stats.error_kinds[err.kind] += 1  # the answer that stopped the run, in the errors by kind
             self.governor.stop()
             self._stopping.set()
 
