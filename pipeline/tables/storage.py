@@ -19,7 +19,8 @@ marker, `folder/`, where it deletes the temporary key). A larger output cannot b
 copied in one request (pyarrow's move is a single CopyObject), so it is uploaded
 straight to its key as one multipart upload, which S3 shows only once it is
 completed; Ctrl-C and SIGTERM wait until it is (see `upload`). The checkpoint
-needs appends, which object storage does not do: it stays on a local folder.
+needs appends, which object storage does not do: `remote_state` keeps its
+journal locally and ships it to the bucket in immutable segments.
 """
 
 from __future__ import annotations
@@ -376,9 +377,21 @@ def _interrupts_held() -> Iterator[None]:
 
 
 def local_home(url: Url) -> Path:
-    """The local folder for what an object output needs beside it (checkpoint, metrics, report):
-    ./s3/<bucket>/<key's folder>, under the folder the run starts in."""
-    return Path("s3", url.bucket, *PurePosixPath(url.key).parent.parts)
+    """The local folder for what an object output needs beside it (the checkpoint's working copy, the
+    output's local copy, the metrics file and the report before they are uploaded):
+    <state folder>/s3/<bucket>/<key's folder>, the same from whatever folder a run starts in."""
+    from pipeline.tables.statedir import objects_dir
+
+    return objects_dir().joinpath(url.bucket, *PurePosixPath(url.key).parent.parts)
+
+
+def prefix(text: str) -> Url:
+    """A folder in object storage (`s3://bucket/path/`, trailing slash optional), as the Url of its key prefix."""
+    rest = text.removeprefix(SCHEME).rstrip("/")
+    bucket, _, key = rest.partition("/")
+    if not bucket or not key:
+        raise InputError(f"{text} is not a folder in object storage: give s3://bucket/folder/ (a bucket's root is not used).")
+    return Url(bucket, key)
 
 
 def location(text: str) -> Path | Url:
