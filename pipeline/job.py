@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import polars as pl
 
@@ -40,7 +40,7 @@ from pipeline.providers.local_model import LocalServer, check_installed
 from pipeline.providers.ratelimit import dialect_for
 from pipeline.providers.transport import AiohttpTransport, Transport
 from pipeline.requests.prompts import Renderer
-from pipeline.tables import source, storage
+from pipeline.tables import remote_state, source, storage
 from pipeline.tables.cache import AnswerCache, scope_for
 from pipeline.tables.checkpoint import RESULT_SCHEMA, Checkpoint, Result, read_done
 from pipeline.tables.sink import Sink, describe, open_sink, result_frame
@@ -187,6 +187,7 @@ def prepare_job(
         headers=headers,
         sink=sink,
         checkpoint=checkpoint or cfg.checkpoint_path,
+        remote=cfg.checkpoint_remote if checkpoint is None else None,
         files=files,
         notebook=notebook,
     )
@@ -211,11 +212,14 @@ class Job:
         checkpoint: Path,
         files: bool,
         notebook: bool,
+        remote: storage.Url | None = None,
     ) -> None:
         self.cfg, self.plan, self.stats, self.clock = cfg, plan, stats, clock
         self.say, self.stream, self.notebook = say, stream, notebook
         self.secrets, self.api_key, self.headers = secrets, api_key, headers
-        self.checkpoint_path = checkpoint
+        self.checkpoint_path = checkpoint  # a local folder: the checkpoint, or the working copy of a remote one
+        self.remote = remote  # where the checkpoint lives in object storage, if it does
+        self.checkpoint_shown = f"{remote}/" if remote is not None else str(checkpoint)  # as messages name it
         self._sink = sink
         self.files = files
         self.earlier_tokens: tuple[int, int] | None = None  # (prompt, completion) the checkpoint held, for the cost
@@ -235,7 +239,7 @@ class Job:
         except (asyncio.CancelledError, KeyboardInterrupt):
             message = (
                 f"pipeline: interrupted. {self.stats.rows_done} rows were finished; every answer received is saved in "
-                f"{self.checkpoint_path}. Run the same command again to resume."
+                f"{self.checkpoint_shown}. Run the same command again to resume."
             )
             self.say("\n" + message)
             self.result = self._finish(metrics.Ending(EXIT_INTERRUPTED, "interrupted", message))
@@ -255,14 +259,28 @@ class Job:
             ending,
             self.clock,
             earlier_tokens=self.earlier_tokens,
-            paths=(self.checkpoint_path, path, report),
+            paths=(self.checkpoint_shown, self._shown(path, "metrics"), self._shown(report, "report")),
         )
         if path is not None:
             try:
                 metrics.write(path, metrics.dumps(data, self.secrets))
             except OSError as exc:  # reported, never another exit code: the run's own outcome is what counts
                 self.say(f"pipeline: could not write the metrics file {path}: {exc.strerror or exc}")
-        return _result(data, self.cfg, self.checkpoint_path, path, report)
+            else:
+                self._publish(path, "metrics")
+        return _result(data, self.cfg, self.checkpoint_shown, self._shown(path, "metrics"), self._shown(report, "report"))
+
+    def _shown(self, path: Path | None, kind: Literal["metrics", "report"]) -> str | None:
+        """The metrics file or the report as the user finds it: in the bucket, for an object, else the file."""
+        if path is None:
+            return None
+        url = metrics.remote_path(self.cfg, kind)
+        return str(url) if url is not None else str(path)
+
+    def _publish(self, path: Path, kind: Literal["metrics", "report"]) -> None:
+        """Upload the metrics file or the report where `--metrics s3://...` or an s3:// output puts it."""
+        if (url := metrics.remote_path(self.cfg, kind)) is not None:
+            remote_state.publish(path, url, self.say)
 
     def _metrics_path(self) -> Path | None:
         return metrics.default_path(self.cfg) if self.files or self.cfg.metrics else None
@@ -295,7 +313,9 @@ class Job:
 
         metrics_file = metrics.default_path(self.cfg)
         failed = report_after_run(str(self._local_output()), str(metrics_file), str(self.checkpoint_path), str(path))
-        self.say(f"pipeline: {failed}" if failed else f"  report: {path}")
+        if not failed:
+            self._publish(path, "report")
+        self.say(f"pipeline: {failed}" if failed else f"  report: {self._shown(path, 'report')}")
 
     def _empty_run(self) -> metrics.Ending:
         """No rows (a scheduled job's empty partition): an empty output with every column, and success.
@@ -338,9 +358,11 @@ class Job:
 
     @contextlib.contextmanager
     def _open_checkpoint(self) -> Any:
-        checkpoint = Checkpoint(self.checkpoint_path)
+        checkpoint = remote_state.open_checkpoint(self.checkpoint_path, self.remote, self.say)
         checkpoint.open()
         try:
+            if isinstance(self.plan.output, storage.Url):  # held: no live run of this job is uploading it
+                remote_state.clean_output_leftovers(self.plan.output, self.say)
             yield checkpoint
         finally:
             checkpoint.close(discard_unused=True)
@@ -359,7 +381,7 @@ class Job:
                 done = done.clear()
             elif done.height:
                 self.say(
-                    f"pipeline: resuming: the checkpoint {self.checkpoint_path} holds {done.height} answered requests; "
+                    f"pipeline: resuming: the checkpoint {self.checkpoint_shown} holds {done.height} answered requests; "
                     "rows that match them are not sent again"
                 )
             checkpoint.start_journal()
@@ -420,7 +442,7 @@ class Job:
                 if user is not None:  # found part-way, after requests went out: not a plain usage error
                     message = (
                         f"pipeline: stopped: {user.exceptions[0]}\n  {checkpoint.appended} answers from this run are kept in "
-                        f"{self.checkpoint_path}; fix the input and run the same command again to resume."
+                        f"{self.checkpoint_shown}; fix the input and run the same command again to resume."
                     )
                     self.say(message)
                     return metrics.Ending(EXIT_FAILED, "stopped", message)
@@ -440,14 +462,14 @@ class Job:
         except OSError as exc:  # a full disk, an upload refused: every answer is in the checkpoint
             message = (
                 f"pipeline: stopped: the output could not be written: {exc}\n  Every answer is kept in "
-                f"{self.checkpoint_path}; fix the cause and run the same command again: nothing is sent again."
+                f"{self.checkpoint_shown}; fix the cause and run the same command again: nothing is sent again."
             )
             self.say(message)
             return metrics.Ending(EXIT_FAILED, "stopped", message)
         wall = time.monotonic() - started
         spend.note_run(stats, cfg, done)
         output = describe(self.plan.output) if self.plan.output is not None else None
-        self.say(summary(stats, wall, output, str(self.checkpoint_path)))
+        self.say(summary(stats, wall, output, self.checkpoint_shown))
         if stats.ceiling_reached:  # before the error rate: the rows not sent are errors, for the reason said here
             message = spend.stop_message(stats, cfg)
             self.say(message)
@@ -521,7 +543,7 @@ class Job:
         if outcome.fatal is not None:
             message = (
                 f"pipeline: stopped: {outcome.fatal.message.rstrip('.')}.\n  The answers folded are kept in "
-                f"{self.checkpoint_path}; fix the cause and run the same command again."
+                f"{self.checkpoint_shown}; fix the cause and run the same command again."
             )
             self.say(message)
             return metrics.Ending(EXIT_FAILED, "stopped", message), done
@@ -543,7 +565,7 @@ class Job:
 
     def _stopped(self, cause: BaseException, appended: int, started: float) -> metrics.Ending:
         """A fatal answer stopped the run: what was kept and how to go on."""
-        kept = f"{appended} answers from this run are kept in {self.checkpoint_path}"
+        kept = f"{appended} answers from this run are kept in {self.checkpoint_shown}"
         if isinstance(cause, errors.WaitTooLong):  # its message already says when to come back
             then = f"  Nothing more was sent; the requests in flight came back. {kept}; rows answered are not sent again."
         elif not appended:
@@ -556,7 +578,7 @@ class Job:
         message = f"pipeline: stopped: {str(cause).rstrip('.')}.\n{then}"
         self.say(message)
         if appended:  # what this run did get, for the log
-            self.say(summary(self.stats, time.monotonic() - started, None, str(self.checkpoint_path)))
+            self.say(summary(self.stats, time.monotonic() - started, None, self.checkpoint_shown))
         return metrics.Ending(EXIT_FAILED, "spend_ceiling" if self.stats.ceiling_reached else "stopped", message)
 
     def _verdict(self) -> metrics.Ending:
@@ -584,7 +606,7 @@ class Job:
         return metrics.Ending(EXIT_FAILED, "error_rate", message)
 
 
-def _result(data: dict[str, Any], cfg: RunConfig, checkpoint: Path, metrics_file: Path | None, report: Path | None) -> RunResult:
+def _result(data: dict[str, Any], cfg: RunConfig, checkpoint: str, metrics_file: str | None, report: str | None) -> RunResult:
     run, rows, requests, tokens, cost = data["run"], data["rows"], data["requests"], data["tokens"], data["cost"]
     return RunResult(
         outcome=run["outcome"],
@@ -604,9 +626,9 @@ def _result(data: dict[str, Any], cfg: RunConfig, checkpoint: Path, metrics_file
         cost_all_runs=cost["all_runs"] if cost else None,
         wall_s=run["wall_s"],
         output=cfg.output,
-        checkpoint=str(checkpoint),
-        metrics_file=str(metrics_file) if metrics_file else None,
-        report_file=str(report) if report else None,
+        checkpoint=checkpoint,
+        metrics_file=metrics_file,
+        report_file=report,
         metrics=data,
     )
 

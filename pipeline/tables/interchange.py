@@ -16,7 +16,6 @@ and usage) and `error` (null, or `{code, message}` for a row without an answer).
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -25,6 +24,7 @@ import polars as pl
 
 from pipeline.errors import InputError
 from pipeline.tables import source, storage
+from pipeline.tables.scratch import Scratch
 from pipeline.tables.sink import JsonLinesSink
 
 BODY = "body"  # the column that holds each line's body, as canonical JSON text
@@ -34,7 +34,7 @@ CHAT_URL = "/v1/chat/completions"
 def open_requests(path_text: str) -> source.Table:
     """The batch-request file as a table (custom_id, method, url, body text), every line checked now."""
     path = Path(path_text)
-    scratch = tempfile.TemporaryDirectory(prefix="pipeline-requests-", ignore_cleanup_errors=True)
+    scratch = Scratch("pipeline-requests-")
     converted = Path(scratch.name) / "requests.jsonl"
     seen: set[str] = set()
     with path.open("rb") as src, converted.open("wb") as out:

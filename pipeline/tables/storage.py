@@ -110,13 +110,7 @@ def filesystem() -> pafs.S3FileSystem:
 
     env = os.environ
     key, secret = env.get("AWS_ACCESS_KEY_ID", "").strip(), env.get("AWS_SECRET_ACCESS_KEY", "").strip()
-    profile = env.get("AWS_PROFILE") or env.get("AWS_DEFAULT_PROFILE")
-    shared = Path(env.get("AWS_SHARED_CREDENTIALS_FILE", Path.home() / ".aws" / "credentials"))
-    other = any(env.get(v) for v in ("AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-                                     "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"))  # fmt: skip
-    instance_role = env.get("AWS_EC2_METADATA_DISABLED", "").lower() == "false"
-    if not (key and secret) and not profile and not shared.exists() and not other and not instance_role:
-        raise ConfigError(f"No credentials for object storage. {CREDENTIAL_HINT}, then run again.")
+    instance_role = check_credentials()
     options: dict[str, object] = {
         # Unset: the SDK reads the profile's region in ~/.aws/config, else takes us-east-1.
         "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
@@ -133,12 +127,35 @@ def filesystem() -> pafs.S3FileSystem:
             scheme, host = "https", endpoint
         options.update(endpoint_override=host.rstrip("/"), scheme=scheme)
         options["force_virtual_addressing"] = False  # an S3-compatible server: bucket in the path
-    with _metadata_address_off(not instance_role):
+    with metadata_address_off(not instance_role):
         return pafs.S3FileSystem(**options)
 
 
+def check_credentials() -> bool:
+    """ConfigError when the environment names no credentials (see `filesystem`); whether the user let the
+    SDK ask the cloud's metadata address for them (AWS_EC2_METADATA_DISABLED=false)."""
+    env = os.environ
+    key, secret = env.get("AWS_ACCESS_KEY_ID", "").strip(), env.get("AWS_SECRET_ACCESS_KEY", "").strip()
+    profile = env.get("AWS_PROFILE") or env.get("AWS_DEFAULT_PROFILE")
+    shared = Path(env.get("AWS_SHARED_CREDENTIALS_FILE", Path.home() / ".aws" / "credentials"))
+    other = any(env.get(v) for v in ("AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                                     "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"))  # fmt: skip
+    instance_role = env.get("AWS_EC2_METADATA_DISABLED", "").lower() == "false"
+    if not (key and secret) and not profile and not shared.exists() and not other and not instance_role:
+        raise ConfigError(f"No credentials for object storage. {CREDENTIAL_HINT}, then run again.")
+    return instance_role
+
+
+def endpoint() -> str | None:
+    """An S3-compatible server's URL from AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL (https:// when no scheme)."""
+    given = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "").strip().rstrip("/")
+    if not given:
+        return None
+    return given if "://" in given else f"https://{given}"
+
+
 @contextlib.contextmanager
-def _metadata_address_off(off: bool) -> Iterator[None]:
+def metadata_address_off(off: bool) -> Iterator[None]:
     """While the filesystem is made (the SDK decides then whether to ask the metadata address, for a
     region or credentials), AWS_EC2_METADATA_DISABLED=true unless the user set it; then the environment
     is as it was, so a program that imports us (the Python API) keeps its own AWS behaviour."""
