@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pytest
 from pipeline.errors import ConfigError
 from pipeline.providers.local_model import free_port
 from pipeline.tables import storage
-from tests.conftest import chat_requests, run_cli, spawn, texts
+from tests.conftest import chat_requests, run_cli, texts
 from tests.fakeserver import FakeLLMServer
 
 boto3 = pytest.importorskip("boto3", reason="moto[server] (a dev dependency) brings boto3")
@@ -174,31 +173,6 @@ def test_a_failed_run_leaves_nothing_under_the_output_key(s3: object, monkeypatc
         result = run_cli(*args(server, "s3://lake/in.csv", "s3://lake/out.parquet", "--api-key-env", "MY_KEY"))
     assert result.exit_code == 1, result.output
     assert keys(s3) == ["in.csv", "out.metrics.json"]  # no output, and no checkpoint: nothing was answered
-
-
-def test_a_killed_run_with_an_object_output_resumes(s3: object) -> None:
-    put_table(s3, "in.csv", pl.DataFrame(texts(300)))
-    env = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL",
-                                       "AWS_SHARED_CREDENTIALS_FILE")}  # fmt: skip
-    with FakeLLMServer(latency=0.05) as server:
-        job = args(server, "s3://lake/in.csv", "s3://lake/out/result.parquet", "--concurrency", "8", "--batch-size", "50")
-        proc = spawn(*job, env=env)
-        journal = Path("s3/lake/out/result.checkpoint")
-        deadline = time.monotonic() + 60
-        while sum(len(j.read_bytes().splitlines()) for j in journal.glob("journal-*.jsonl")) < 60:
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=30)
-        assert keys(s3) == ["in.csv"]  # nothing under the output key
-        first = Counter(r.content for r in chat_requests(server))
-        server.reset()
-        again = run_cli(*job)
-        assert again.exit_code == 0, again.output
-        second = Counter(r.content for r in chat_requests(server))
-    assert len(set(first) & set(second)) <= 8
-    out = get_parquet(s3, "out/result.parquet")
-    assert out["id"].to_list() == list(range(300)) and set(out["status"]) == {"ok"}
 
 
 @pytest.mark.parametrize(
