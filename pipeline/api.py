@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import polars as pl
 
-from pipeline import errors
+from pipeline import answers, errors
 from pipeline.config import ConfigLike, settings_config
 from pipeline.job import EXIT_INTERRUPTED, Job, RunResult, prepare_job
 from pipeline.tables import source
@@ -55,11 +55,14 @@ def complete(table: Any, **settings: Any) -> pl.DataFrame:
     run writes them.
 
     `checkpoint_dir`: a folder that keeps every answer as it comes; calling again with the same
-    folder resumes (answered rows are not sent again). Without it the answers live in a
-    temporary folder for the call only. `metrics`: a path for the metrics JSON file.
+    folder resumes (answered rows are not sent again). Without it (and without `cache_dir`) the
+    answers go to the user's default answer store (`pipeline.answers`): calling the same
+    complete() again, here or in a new process, sends only what was never answered
+    (`fresh=True` sends every row and keeps nothing). `metrics`: a path for the metrics JSON file.
 
     Raises UserError (ConfigError, InputError) before anything is sent, RunStopped when a
-    fatal answer (bad key, no quota) stopped the run, Interrupted after Ctrl-C.
+    fatal answer (bad key, no quota) stopped the run, Interrupted after Ctrl-C (its `partial`
+    holds the rows answered so far).
     """
     return _sync(lambda: acomplete(table, **settings))
 
@@ -74,6 +77,7 @@ async def acomplete(table: Any, **settings: Any) -> pl.DataFrame:
             "complete(mode='batch') returns before its batches finish: give checkpoint_dir= so a later call collects "
             "them (without it the record of the batches would be gone, and a second call would pay again), or wait=True."
         )
+    cfg = answers.with_default_store(cfg)  # without a place of the caller's, the answers outlive the call
     sink = MemorySink(cfg.result_prefix)
     with tempfile.TemporaryDirectory(prefix="pipeline-answers-") as scratch:
         checkpoint = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else Path(scratch) / "answers.checkpoint"
@@ -87,7 +91,8 @@ async def acomplete(table: Any, **settings: Any) -> pl.DataFrame:
             notebook=_in_notebook(),
             say=None if cfg.progress else _log,
         )
-        result = await _execute(job)
+        job.checkpoint_shown, job.resume_hint = answers.where(cfg), answers.resume_hint(cfg)
+        result = await _execute(job, partial=lambda: answers.answered_so_far(job, MemorySink(cfg.result_prefix)))
     if result.outcome in ("stopped", "crashed") or sink.frame is None:
         raise errors.RunStopped(result.reason or f"the run ended {result.outcome}", result)
     return sink.frame
@@ -133,7 +138,7 @@ class MemorySink(Sink):
         self._frames = []
 
 
-async def _execute(job: Job) -> RunResult:
+async def _execute(job: Job, partial: Callable[[], pl.DataFrame] | None = None) -> RunResult:
     try:
         return await job.execute()
     except (asyncio.CancelledError, KeyboardInterrupt):
@@ -141,7 +146,8 @@ async def _execute(job: Job) -> RunResult:
             raise
         if _cancelled_by_caller():
             raise  # the caller's own cancel: asyncio's contract is that CancelledError comes back
-        raise errors.Interrupted(job.result.reason or "interrupted", job.result) from None
+        rows = partial() if partial is not None else None  # the rows answered so far, for a caller who wants them now
+        raise errors.Interrupted(job.result.reason or "interrupted", job.result, rows) from None
 
 
 def _cancelled_by_caller() -> bool:

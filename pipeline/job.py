@@ -220,6 +220,7 @@ class Job:
         self.checkpoint_path = checkpoint  # a local folder: the checkpoint, or the working copy of a remote one
         self.remote = remote  # where the checkpoint lives in object storage, if it does
         self.checkpoint_shown = f"{remote}/" if remote is not None else str(checkpoint)  # as messages name it
+        self.resume_hint = "Run the same command again to resume."  # after an interrupt; the API says its own
         self._sink = sink
         self.files = files
         self.earlier_tokens: tuple[int, int] | None = None  # (prompt, completion) the checkpoint held, for the cost
@@ -239,7 +240,7 @@ class Job:
         except (asyncio.CancelledError, KeyboardInterrupt):
             message = (
                 f"pipeline: interrupted. {self.stats.rows_done} rows were finished; every answer received is saved in "
-                f"{self.checkpoint_shown}. Run the same command again to resume."
+                f"{self.checkpoint_shown}. {self.resume_hint}"
             )
             self.say("\n" + message)
             self.result = self._finish(metrics.Ending(EXIT_INTERRUPTED, "interrupted", message))

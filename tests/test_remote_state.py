@@ -238,7 +238,9 @@ def test_an_upload_killed_part_way_is_aborted_by_the_next_run(server: FakeLLMSer
     assert get_parquet(s3, "out/r.parquet")["id"].to_list() == [0, 1, 2]
 
 
-def test_many_segments_are_folded_into_one_results_file(server: FakeLLMServer, s3: object, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_many_segments_are_folded_into_one_results_file(
+    server: FakeLLMServer, s3: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
     put_table(s3, "in.csv", pl.DataFrame(texts(6)))
     monkeypatch.setattr(remote_state, "COMPACT_AT", 5)
     job = args(server, "s3://lake/in.csv", "s3://lake/out/r.parquet")
