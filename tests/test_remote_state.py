@@ -131,6 +131,31 @@ def test_a_job_killed_in_one_folder_resumes_from_another_on_a_fresh_disk(s3: obj
     assert "out/result.checkpoint/lock" not in keys(s3)  # given back
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_s3_job_ships_every_answer_before_it_exits(s3: object, tmp_path: Path, sig: signal.Signals) -> None:
+    """Ctrl-C or a scheduler's SIGTERM: the journal is shipped on the way out, so a successor on a fresh disk
+    sends again only the requests that were in flight."""
+    put_table(s3, "in.csv", pl.DataFrame(texts(300)))
+    with FakeLLMServer(latency=0.05) as server:
+        job = args(server, "s3://lake/in.csv", "s3://lake/out/r.parquet", "--concurrency", str(CONCURRENCY), "--no-adapt")
+        first_machine = {**machine(tmp_path / "a"), "PIPELINE_JOURNAL_ROWS": "100000", "PIPELINE_JOURNAL_SECONDS": "600"}
+        proc = start(job, tmp_path / "a" / "w", first_machine)  # nothing shipped while it runs: only on the way out
+        wait_for(server, 100, proc)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert "saved in s3://lake/out/r.checkpoint/" in err
+        first = Counter(r.content for r in chat_requests(server))
+        kept = shipped(s3, "out/r.checkpoint/journal/")
+        server.reset()
+        again = start(job, tmp_path / "b" / "w", machine(tmp_path / "b"))
+        _, err = again.communicate(timeout=120)
+        assert again.returncode == 0, err
+        second = Counter(r.content for r in chat_requests(server))
+    assert len(kept) >= 100 - CONCURRENCY
+    assert not set(second) & kept and len(set(first) & set(second)) <= CONCURRENCY
+
+
 def test_metrics_and_report_are_uploaded_beside_the_output(server: FakeLLMServer, s3: object) -> None:
     put_table(s3, "in.csv", pl.DataFrame(texts(5)))
     job = [a for a in args(server, "s3://lake/in.csv", "s3://lake/out/r.parquet") if a != "--no-report"]
