@@ -146,7 +146,12 @@ async def _execute(job: Job, partial: Callable[[], pl.DataFrame] | None = None) 
             raise
         if _cancelled_by_caller():
             raise  # the caller's own cancel: asyncio's contract is that CancelledError comes back
-        rows = partial() if partial is not None else None  # the rows answered so far, for a caller who wants them now
+        rows = None
+        if partial is not None:  # the rows answered so far, for a caller who wants them now
+            try:
+                rows = partial()
+            except Exception:  # never in the way of the interrupt itself: the answers are kept all the same
+                logging.getLogger("pipeline").exception("pipeline: the rows answered so far could not be gathered")
         raise errors.Interrupted(job.result.reason or "interrupted", job.result, rows) from None
 
 

@@ -123,7 +123,10 @@ class ShippedCheckpoint(Checkpoint):
         leftovers = sorted(self.folder.glob("journal-*.jsonl"))
         frames.extend(read_journal(j) for j in leftovers)
         if leftovers:  # a run on this machine was killed: what it had not shipped goes first
-            self.ship()
+            try:
+                self.ship()
+            except objectstore.StoreError as exc:
+                raise InputError(f"Cannot ship to {self} the answers a stopped run left in {self.folder}: {exc}") from None
             for j in leftovers:
                 j.unlink()
             self._offsets.clear()
