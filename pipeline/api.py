@@ -24,7 +24,6 @@ import concurrent.futures
 import contextlib
 import logging
 import sys
-import tempfile
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -35,6 +34,7 @@ from pipeline import answers, errors
 from pipeline.config import ConfigLike, settings_config
 from pipeline.job import EXIT_INTERRUPTED, Job, RunResult, prepare_job
 from pipeline.tables import source
+from pipeline.tables.scratch import Scratch
 from pipeline.tables.sink import Sink
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ async def acomplete(table: Any, **settings: Any) -> pl.DataFrame:
         )
     cfg = answers.with_default_store(cfg)  # without a place of the caller's, the answers outlive the call
     sink = MemorySink(cfg.result_prefix)
-    with tempfile.TemporaryDirectory(prefix="pipeline-answers-") as scratch:
+    with Scratch("pipeline-answers-") as scratch:  # a killed kernel's folder is removed by the next call
         checkpoint = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else Path(scratch) / "answers.checkpoint"
         job = await asyncio.to_thread(
             prepare_job,
