@@ -699,7 +699,7 @@ class Bench:
         B: what shipping the journal costs: the overhead scenario's job (c256, 20 ms) with an s3:// output,
         its checkpoint in the bucket (shipped) against a local --checkpoint-dir (never shipped), alternated,
         best of each; requests/s start-up excluded; target ratio >= 0.95."""
-        n, conc, segment = self.n(20_000), 256, 500  # segment: remote_state.SHIP_ROWS, the default
+        n, conc, segment = self.n(20_000), 256, 500  # remote_state.SHIP_ROWS, the default
         inp = self.table(n)
         with closing(Server(latency=0.02)) as srv, _moto() as (env, client):
             client.upload_file(str(inp), "bench", "in.parquet")
@@ -721,7 +721,10 @@ class Bench:
             self.ours("s3://bench/in.parquet", srv.url, conc, out=out, tick=kill_at_half, expect=-signal.SIGKILL,
                       env=env_a, cwd=cwd_a)  # fmt: skip
             first, answered = srv.stats()["requests"], journal_lines()
-            shipped = sum(_lines(client, k) for k in _keys(client, "kill/out.checkpoint/journal/"))
+            segments_at_kill = [_lines(client, k) for k in _keys(client, "kill/out.checkpoint/journal/")]
+            shipped = sum(segments_at_kill)
+            # One segment: what one shipment carried, SHIP_ROWS and those answered before the thread read the journal.
+            segment = max([segment, *segments_at_kill])
             env_b, cwd_b = machines["b"]
             again = self.ours("s3://bench/in.parquet", srv.url, conc, out=out, env=env_b, cwd=cwd_b)
             total = srv.stats()["requests"]
@@ -746,6 +749,7 @@ class Bench:
         scn = f"12 state in the bucket {n:,} rows s3:// to s3:// c{conc}"
         self.add(scn, "A: requests sent twice after SIGKILL at 50%", twice, in_flight + segment)
         self.add(scn, "A: in flight at the kill / answered, not shipped", in_flight, unshipped)
+        self.add(scn, "A: largest journal segment, rows", segment)
         self.add(scn, "A: resume from a fresh disk, wall s", again.wall)
         self.add(scn, "B: requests/s, journal shipped / local", best["shipped"]["rows_per_s"], best["local"]["rows_per_s"])
         self.add(scn, "B: journal segments shipped (best run)", best["shipped"]["segments"])

@@ -290,3 +290,18 @@ def test_estimate_reads_the_answers_in_the_bucket(server: FakeLLMServer, s3: obj
     est = run_cli("estimate", *job[1:])
     assert est.exit_code == 0, est.output
     assert "already answered (skipped): 4" in est.output and "requests to send: 0" in est.output, est.output
+
+
+def test_a_killed_holder_not_yet_reaped_is_dead() -> None:
+    """A killed run whose parent died too is a zombie until something reaps it (a container's init may never):
+    its lock is a dead run's, not a live one's."""
+    import socket
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = {"host": socket.gethostname(), "boot": remote_state._boot_id(), "pid": proc.pid}
+    assert not remote_state._dead(holder)
+    proc.kill()
+    os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # dead, and left unreaped
+    assert remote_state._dead(holder)
+    proc.wait()
+    assert remote_state._dead(holder)

@@ -390,7 +390,11 @@ def _dead(holder: dict[str, object]) -> bool:
         return True
     except PermissionError:
         return False
-    return False
+    try:  # a killed process whose parent died too stays a zombie where nothing reaps orphans (a container's init)
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in ("Z", "X")
 
 
 def open_checkpoint(folder: Path, remote: storage.Url | None, say: Callable[[str], None]) -> Checkpoint:
