@@ -736,7 +736,7 @@ class Bench:
             twice = total - n
             # B: interleaved, best of each: the machine is shared and noisy.
             samples: dict[str, list[dict[str, float]]] = {"shipped": [], "local": []}
-            for rep in range(1 if self.quick else 3):
+            for rep in range(1 if self.quick else 4):
                 for who in ("shipped", "local"):
                     srv.reset()
                     extra = ["--checkpoint-dir", str(self.tmp / "s3state" / f"ck-{rep}")] if who == "local" else []
@@ -746,22 +746,25 @@ class Bench:
                     samples[who].append(dict(rows_per_s=s.get("rows_per_s", 0.0), wall_s=r.wall, cpu_s=r.cpu, segments=segments))
         best = {k: max(v, key=lambda x: x["rows_per_s"]) for k, v in samples.items()}
         ratio = best["shipped"]["rows_per_s"] / best["local"]["rows_per_s"] if best["local"]["rows_per_s"] else None
+        # CPU per request moves far less than requests/s when others load the machine: the steadier figure.
+        cpu = {k: sorted(x["cpu_s"] for x in v)[len(v) // 2] / n * 1e6 for k, v in samples.items()}
         scn = f"12 state in the bucket {n:,} rows s3:// to s3:// c{conc}"
         self.add(scn, "A: requests sent twice after SIGKILL at 50%", twice, in_flight + segment)
         self.add(scn, "A: in flight at the kill / answered, not shipped", in_flight, unshipped)
         self.add(scn, "A: largest journal segment, rows", segment)
         self.add(scn, "A: resume from a fresh disk, wall s", again.wall)
         self.add(scn, "B: requests/s, journal shipped / local", best["shipped"]["rows_per_s"], best["local"]["rows_per_s"])
+        self.add(scn, "B: client CPU µs/request (median), shipped / local", cpu["shipped"], cpu["local"])
         self.add(scn, "B: journal segments shipped (best run)", best["shipped"]["segments"])
-        targets = [
+        targets = [  # nothing that was shipped is sent again: only what was in flight or not yet shipped
             self.target(
-                "I19", "s3:// kill: sent twice / (in flight + one segment), at most", twice / (in_flight + segment), hi=1.0
+                "I19", "s3:// kill: sent twice - (in flight + not shipped), at most", twice - in_flight - unshipped, hi=0
             ),
             self.target("I19", "journal shipping: requests/s shipped / local, at least", ratio, lo=0.95),
         ]
         self.figures["s3state"] = dict(rows=n, concurrency=conc, segment_rows=segment, first_run_requests=first,
                                        answered_at_kill=answered, shipped_at_kill=shipped, in_flight=in_flight,
-                                       sent_twice=twice, resume=again.summary(), cost=samples, ratio=ratio,
+                                       sent_twice=twice, resume=again.summary(), cost=samples, ratio=ratio, cpu_us=cpu,
                                        targets=targets)  # fmt: skip
 
     # ---- issue 13: the Ray engine -------------------------------------------------------------------
