@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from pipeline.answers import clear_answers
     from pipeline.api import acomplete, arun, complete, run
     from pipeline.config import RunConfig
     from pipeline.errors import (
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 
 _WHERE = {
     **dict.fromkeys(("complete", "acomplete", "run", "arun"), "pipeline.api"),
+    "clear_answers": "pipeline.answers",
     "RunConfig": "pipeline.config",
     "RunResult": "pipeline.outcomes",
     **dict.fromkeys(
@@ -90,6 +92,7 @@ __all__ = [  # what `from pipeline import *` and type checkers see; _WHERE says 
     "WaitTooLong",
     "acomplete",
     "arun",
+    "clear_answers",
     "complete",
     "run",
 ]

@@ -24,18 +24,18 @@ import concurrent.futures
 import contextlib
 import logging
 import sys
-import tempfile
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import polars as pl
 
-from pipeline import errors
+from pipeline import answers, errors
 from pipeline.config import ConfigLike, settings_config
 from pipeline.job import Job, prepare_job
 from pipeline.outcomes import EXCEPTIONS, EXIT_INTERRUPTED, RunResult
 from pipeline.tables import source
+from pipeline.tables.scratch import Scratch
 from pipeline.tables.sink import Sink
 
 if TYPE_CHECKING:
@@ -56,11 +56,14 @@ def complete(table: Any, **settings: Any) -> pl.DataFrame:
     run writes them.
 
     `checkpoint_dir`: a folder that keeps every answer as it comes; calling again with the same
-    folder resumes (answered rows are not sent again). Without it the answers live in a
-    temporary folder for the call only. `metrics`: a path for the metrics JSON file.
+    folder resumes (answered rows are not sent again). Without it (and without `cache_dir`) the
+    answers go to the user's default answer store (`pipeline.answers`): calling the same
+    complete() again, here or in a new process, sends only what was never answered
+    (`fresh=True` sends every row and keeps nothing). `metrics`: a path for the metrics JSON file.
 
     Raises UserError (ConfigError, InputError) before anything is sent, RunStopped when a
-    fatal answer (bad key, no quota) stopped the run, Interrupted after Ctrl-C.
+    fatal answer (bad key, no quota) stopped the run, Interrupted after Ctrl-C (its `partial`
+    holds the rows answered so far).
     """
     return _sync(lambda: acomplete(table, **settings))
 
@@ -75,8 +78,9 @@ async def acomplete(table: Any, **settings: Any) -> pl.DataFrame:
             "complete(mode='batch') returns before its batches finish: give checkpoint_dir= so a later call collects "
             "them (without it the record of the batches would be gone, and a second call would pay again), or wait=True."
         )
+    cfg = answers.with_default_store(cfg)  # without a place of the caller's, the answers outlive the call
     sink = MemorySink(cfg.result_prefix)
-    with tempfile.TemporaryDirectory(prefix="pipeline-answers-") as scratch:
+    with Scratch("pipeline-answers-") as scratch:  # a killed kernel's folder is removed by the next call
         checkpoint = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else Path(scratch) / "answers.checkpoint"
         job = await asyncio.to_thread(
             prepare_job,
@@ -88,7 +92,8 @@ async def acomplete(table: Any, **settings: Any) -> pl.DataFrame:
             notebook=_in_notebook(),
             say=None if cfg.progress else _log,
         )
-        result = await _execute(job)
+        job.checkpoint_shown, job.resume_hint = answers.where(cfg), answers.resume_hint(cfg)
+        result = await _execute(job, partial=lambda: answers.answered_so_far(job, MemorySink(cfg.result_prefix)))
     if result.outcome in ("completed", "empty_input", "error_rate", "spend_ceiling") and sink.frame is not None:
         return sink.frame  # the rows carry their status: failed or unsent rows are rows, not an exception
     raise _stopped(result, sink.frame)
@@ -144,7 +149,7 @@ class MemorySink(Sink):
         self._frames = []
 
 
-async def _execute(job: Job) -> RunResult:
+async def _execute(job: Job, partial: Callable[[], pl.DataFrame] | None = None) -> RunResult:
     try:
         return await job.execute()
     except (asyncio.CancelledError, KeyboardInterrupt):
@@ -152,7 +157,13 @@ async def _execute(job: Job) -> RunResult:
             raise
         if _cancelled_by_caller():
             raise  # the caller's own cancel: asyncio's contract is that CancelledError comes back
-        raise errors.Interrupted(job.result.reason or "interrupted", job.result) from None
+        rows = None
+        if partial is not None:  # the rows answered so far, for a caller who wants them now
+            try:
+                rows = partial()
+            except Exception:  # never in the way of the interrupt itself: the answers are kept all the same
+                logging.getLogger("pipeline").exception("pipeline: the rows answered so far could not be gathered")
+        raise errors.Interrupted(job.result.reason or "interrupted", job.result, rows) from None
 
 
 def _cancelled_by_caller() -> bool:

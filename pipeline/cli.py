@@ -367,6 +367,42 @@ def cache_prune(folder: str, older_than: str | None, max_mb: float | None) -> No
     click.echo(f"Dropped {dropped:,} answers; {left.entries:,} remain ({left.file_bytes / 1e6:.1f} MB on disk).")
 
 
+@cli.group(epilog="\b\nExamples:\n  pipeline state info\n  pipeline state clear\n  pipeline state clear --older-than 30d")
+def state() -> None:
+    """What pipeline keeps for you outside your folders: complete()'s default answer store, and the local
+    side (output copies, reports) of s3:// jobs. PIPELINE_STATE_DIR or XDG_STATE_HOME move it."""
+
+
+@state.command(name="info")
+def state_info() -> None:
+    """Where the state folder is and what it holds."""
+    from pipeline.tables.cache import FILE, AnswerCache
+    from pipeline.tables.statedir import answers_dir, objects_dir, state_dir
+
+    click.echo(f"state folder: {state_dir()}")
+    if (answers_dir() / FILE).exists():
+        with AnswerCache(answers_dir()) as store:
+            info = store.info()
+        click.echo(f"  default answer store: {info.entries:,} answers, {info.file_bytes / 1e6:.1f} MB ({answers_dir() / FILE})")
+    else:
+        click.echo("  default answer store: empty")
+    local = sum(f.stat().st_size for f in objects_dir().rglob("*") if f.is_file()) if objects_dir().exists() else 0
+    click.echo(f"  s3:// jobs' local copies: {local / 1e6:.1f} MB ({objects_dir()})")
+
+
+@state.command(name="clear")
+@click.option("--older-than", metavar="DURATION", default=None, help="Only answers not used for this long: 30d, 12h.")
+def state_clear(older_than: str | None) -> None:
+    """Empty complete()'s default answer store (the next call pays for every row again) and remove the
+    local copies of s3:// jobs that no run is using (their state is in the bucket)."""
+    from pipeline.answers import clear_answers, forget_local_copies
+
+    days = _age(older_than) / 86400 if older_than is not None else None
+    dropped = clear_answers(days)
+    removed = forget_local_copies() if days is None else []
+    click.echo(f"Dropped {dropped:,} answers from the default store" + (f"; removed {removed[0]}" if removed else "") + ".")
+
+
 def _age(text: str) -> float:
     """30d, 12h, 90m, 45s or plain seconds."""
     units = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}

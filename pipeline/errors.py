@@ -143,11 +143,13 @@ class Interrupted(KeyboardInterrupt):
     """A run of the Python API stopped by Ctrl-C (or a notebook's stop button) after saving every answer.
 
     A KeyboardInterrupt, not a PipelineError, so `except Exception` in a caller's code does not swallow
-    the user's interrupt. `result` is the run's RunResult (outcome "interrupted")."""
+    the user's interrupt. `result` is the run's RunResult (outcome "interrupted"); `partial`, from
+    `complete()`, the rows answered so far with their result columns (a polars DataFrame)."""
 
-    def __init__(self, message: str, result: object = None) -> None:
+    def __init__(self, message: str, result: object = None, partial: object = None) -> None:
         super().__init__(message)
         self.result = result
+        self.partial = partial
 
 
 class RequestError(PipelineError):

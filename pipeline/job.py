@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import polars as pl
 
@@ -40,7 +40,7 @@ from pipeline.providers.local_model import LocalServer, check_installed
 from pipeline.providers.ratelimit import dialect_for
 from pipeline.providers.transport import AiohttpTransport, Transport
 from pipeline.requests.prompts import Renderer
-from pipeline.tables import source, storage
+from pipeline.tables import remote_state, source, storage
 from pipeline.tables.cache import AnswerCache, scope_for
 from pipeline.tables.checkpoint import RESULT_SCHEMA, Checkpoint, Result, read_done
 from pipeline.tables.responses import ResponseLog
@@ -153,6 +153,7 @@ def prepare_job(
         headers=headers,
         sink=sink,
         checkpoint=checkpoint or cfg.checkpoint_path,
+        remote=cfg.checkpoint_remote if checkpoint is None else None,
         files=files,
         notebook=notebook,
     )
@@ -192,11 +193,15 @@ class Job:
         checkpoint: Path,
         files: bool,
         notebook: bool,
+        remote: storage.Url | None = None,
     ) -> None:
         self.cfg, self.plan, self.stats, self.clock = cfg, plan, stats, clock
         self.say, self.stream, self.notebook = say, stream, notebook
         self.secrets, self.api_key, self.headers = secrets, api_key, headers
-        self.checkpoint_path = checkpoint
+        self.checkpoint_path = checkpoint  # a local folder: the checkpoint, or the working copy of a remote one
+        self.remote = remote  # where the checkpoint lives in object storage, if it does
+        self.checkpoint_shown = f"{remote}/" if remote is not None else str(checkpoint)  # as messages name it
+        self.resume_hint = "Run the same command again to resume."  # after an interrupt; the API says its own
         self._sink = sink
         self.files = files
         self.earlier_tokens: tuple[int, int] | None = None  # (prompt, completion) the checkpoint held, for the cost
@@ -223,7 +228,7 @@ class Job:
         except (asyncio.CancelledError, KeyboardInterrupt):
             message = (
                 f"pipeline: interrupted. {self.stats.rows_done} rows were finished; every answer received is saved in "
-                f"{self.checkpoint_path}. Run the same command again to resume."
+                f"{self.checkpoint_shown}. {self.resume_hint}"
             )
             self.say("\n" + message)
             self.result = self._finish(metrics.Ending("interrupted", message))
@@ -243,16 +248,30 @@ class Job:
             ending,
             self.clock,
             earlier_tokens=self.earlier_tokens,
-            paths=(self.checkpoint_path, path, report),
+            paths=(self.checkpoint_shown, self._shown(path, "metrics"), self._shown(report, "report")),
         )
         if path is not None:
             try:
                 metrics.write(path, metrics.dumps(data, self.secrets))
             except OSError as exc:  # reported, never another exit code: the run's own outcome is what counts
                 self.say(f"pipeline: could not write the metrics file {path}: {exc.strerror or exc}")
+            else:
+                self._publish(path, "metrics")
         return RunResult.from_metrics(
-            data, self.cfg.output, str(self.checkpoint_path), str(path) if path else None, str(report) if report else None
+            data, self.cfg.output, self.checkpoint_shown, self._shown(path, "metrics"), self._shown(report, "report")
         )
+
+    def _shown(self, path: Path | None, kind: Literal["metrics", "report"]) -> str | None:
+        """The metrics file or the report as the user finds it: in the bucket, for an object, else the file."""
+        if path is None:
+            return None
+        url = metrics.remote_path(self.cfg, kind)
+        return str(url) if url is not None else str(path)
+
+    def _publish(self, path: Path, kind: Literal["metrics", "report"]) -> None:
+        """Upload the metrics file or the report where `--metrics s3://...` or an s3:// output puts it."""
+        if (url := metrics.remote_path(self.cfg, kind)) is not None:
+            remote_state.publish(path, url, self.say)
 
     def _metrics_path(self) -> Path | None:
         return metrics.default_path(self.cfg) if self.files or self.cfg.metrics else None
@@ -285,7 +304,9 @@ class Job:
 
         metrics_file = metrics.default_path(self.cfg)
         failed = report_after_run(str(self._local_output()), str(metrics_file), str(self.checkpoint_path), str(path))
-        self.say(f"pipeline: {failed}" if failed else f"  report: {path}")
+        if not failed:
+            self._publish(path, "report")
+        self.say(f"pipeline: {failed}" if failed else f"  report: {self._shown(path, 'report')}")
 
     def _empty_run(self) -> metrics.Ending:
         """No rows (a scheduled job's empty partition): an empty output with every column, and success.
@@ -331,9 +352,11 @@ class Job:
 
     @contextlib.contextmanager
     def _open_checkpoint(self) -> Any:
-        checkpoint = Checkpoint(self.checkpoint_path)
+        checkpoint = remote_state.open_checkpoint(self.checkpoint_path, self.remote, self.say)
         checkpoint.open()
         try:
+            if isinstance(self.plan.output, storage.Url):  # held: no live run of this job is uploading it
+                remote_state.clean_output_leftovers(self.plan.output, self.say)
             yield checkpoint
         finally:
             checkpoint.close(discard_unused=True)
@@ -352,7 +375,7 @@ class Job:
                 done = done.clear()
             elif done.height:
                 self.say(
-                    f"pipeline: resuming: the checkpoint {self.checkpoint_path} holds {done.height} answered requests; "
+                    f"pipeline: resuming: the checkpoint {self.checkpoint_shown} holds {done.height} answered requests; "
                     "rows that match them are not sent again"
                 )
             checkpoint.start_journal()
@@ -419,7 +442,7 @@ class Job:
                 if user is not None:  # found part-way, after requests went out: not a plain usage error
                     message = (
                         f"pipeline: stopped: {user.exceptions[0]}\n  {checkpoint.appended} answers from this run are kept in "
-                        f"{self.checkpoint_path}; fix the input and run the same command again to resume."
+                        f"{self.checkpoint_shown}; fix the input and run the same command again to resume."
                     )
                     self.say(message)
                     return metrics.Ending("input_error", message)
@@ -441,7 +464,7 @@ class Job:
         except OSError as exc:  # a full disk, an upload refused
             message = (
                 f"pipeline: stopped: the output could not be written: {exc}\n  Every answer is kept in "
-                f"{self.checkpoint_path}; fix the cause and run the same command again: nothing is sent again: exit 10."
+                f"{self.checkpoint_shown}; fix the cause and run the same command again: nothing is sent again: exit 10."
             )
             self.say(message)
             return metrics.Ending("output_failed", message)
@@ -455,7 +478,7 @@ class Job:
         wall = time.monotonic() - started
         spend.note_run(stats, cfg, self.done_before)
         output = describe(self.plan.output) if self.plan.output is not None else None
-        self.say(summary(stats, wall, output, str(self.checkpoint_path)))
+        self.say(summary(stats, wall, output, self.checkpoint_shown))
         if stats.ceiling_reached:  # before the error rate: the rows not sent are errors, for the reason said here
             message = spend.stop_message(stats, cfg, str(self.checkpoint_path))
             self.say(message)
@@ -545,7 +568,7 @@ class Job:
             ending = outcomes.of_fatal(outcome.fatal)
             message = (
                 f"pipeline: stopped: {outcome.fatal.message.rstrip('.')}.\n  The answers folded are kept in "
-                f"{self.checkpoint_path}; fix the cause and run the same command again: exit {outcomes.EXIT_CODES[ending]} "
+                f"{self.checkpoint_shown}; fix the cause and run the same command again: exit {outcomes.EXIT_CODES[ending]} "
                 f"({ending})."
             )
             self.say(message)
@@ -583,7 +606,7 @@ class Job:
         outcome: outcomes.Outcome = "spend_ceiling" if self.stats.ceiling_reached else outcomes.of_fatal(cause)
         code = outcomes.EXIT_CODES[outcome]
         if outcome == "output_closed":  # the user's own `| head`: nothing to fix, nothing to advise
-            message = f"pipeline: stopped: {cause.message.rstrip('.')}; every answer received is kept in {self.checkpoint_path}."
+            message = f"pipeline: stopped: {cause.message.rstrip('.')}; every answer received is kept in {self.checkpoint_shown}."
             self.say(message)
             return metrics.Ending(outcome, message)
         written = ""
@@ -592,7 +615,7 @@ class Job:
                 return failed
             if self.plan.output is not None:
                 written = f" The output {describe(self.plan.output)} has every row; those not sent say why in 'error'."
-        kept = f"{appended} answers from this run are kept in {self.checkpoint_path}"
+        kept = f"{appended} answers from this run are kept in {self.checkpoint_shown}"
         if appended and isinstance(cause, errors.WaitTooLong):  # its message says when to come back
             then = f"  Nothing more was sent; the requests in flight came back. {kept}; rows answered are not sent again."
         elif not appended:
@@ -607,7 +630,7 @@ class Job:
         )
         self.say(message)
         if appended:  # what this run did get, for the log
-            self.say(summary(self.stats, time.monotonic() - started, None, str(self.checkpoint_path)))
+            self.say(summary(self.stats, time.monotonic() - started, None, self.checkpoint_shown))
         return metrics.Ending(outcome, message)
 
     def _verdict(self) -> metrics.Ending:

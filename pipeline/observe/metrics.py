@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
 from pipeline.config import RunConfig
 from pipeline.observe.stats import RunStats
 from pipeline.outcomes import EXIT_CODES, NOT_SENT, Outcome
+from pipeline.tables import storage
 
 SCHEMA = "pipeline.metrics/1"
 SCHEMA_FILE = Path(__file__).with_name("metrics.schema.json")
@@ -67,9 +68,10 @@ class Clock:
 
 def default_path(cfg: RunConfig) -> Path:
     """`--metrics`, else beside the output (out/x.parquet: out/x.metrics.json); for stdout or object storage,
-    beside the (local) checkpoint."""
+    beside the (local) checkpoint. For an object (`--metrics s3://...`, an s3:// output) this is the local
+    copy that `remote_path` names the upload of."""
     if cfg.metrics:
-        return Path(cfg.metrics)
+        return _local(cfg.metrics)
     if cfg.output is not None and cfg.output != "-" and not cfg.output.startswith("s3://"):
         out = Path(cfg.output)
         return out.with_name(out.stem + ".metrics.json")
@@ -82,8 +84,24 @@ def report_path(cfg: RunConfig) -> Path | None:
     if not cfg.make_report:
         return None
     if cfg.report:
-        return Path(cfg.report)
+        return _local(cfg.report)
     return default_path(cfg).with_name(default_path(cfg).name.removesuffix(".metrics.json") + ".report.html")
+
+
+def remote_path(cfg: RunConfig, kind: Literal["metrics", "report"]) -> storage.Url | None:
+    """Where the metrics file or the report is uploaded: its own s3:// setting, else beside an s3:// output
+    (s3://b/out/x.parquet: s3://b/out/x.metrics.json), where an ephemeral worker's successor finds it."""
+    given = cfg.metrics if kind == "metrics" else cfg.report
+    if given:
+        return storage.Url.parse(given) if storage.is_remote(given) else None
+    if cfg.output is not None and storage.is_remote(cfg.output):
+        out = storage.Url.parse(cfg.output)
+        return out.with_name(f"{out.stem}.{'metrics.json' if kind == 'metrics' else 'report.html'}")
+    return None
+
+
+def _local(given: str) -> Path:
+    return storage.local_copy(storage.Url.parse(given)) if storage.is_remote(given) else Path(given)
 
 
 async def sampler(stats: RunStats, clock: Clock) -> None:
@@ -157,7 +175,7 @@ def build(
     clock: Clock,
     *,
     earlier_tokens: tuple[int, int] | None = None,
-    paths: tuple[Path, Path | None, Path | None] | None = None,
+    paths: tuple[Path | str, Path | str | None, Path | str | None] | None = None,
 ) -> dict[str, Any]:
     """The metrics of one run as a plain dict (schema `SCHEMA`).
 

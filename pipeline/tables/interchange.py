@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -27,6 +26,7 @@ import polars as pl
 
 from pipeline.errors import InputError
 from pipeline.tables import responses, source, storage
+from pipeline.tables.scratch import Scratch
 from pipeline.tables.sink import JsonLinesSink
 
 BODY = "body"  # the column that holds each line's body, as canonical JSON text
@@ -35,7 +35,7 @@ CHAT_URL = "/v1/chat/completions"
 
 def open_requests(path_text: str) -> source.Table:
     """The batch-request file as a table (custom_id, method, url, body text), every line checked now."""
-    scratch = tempfile.TemporaryDirectory(prefix="pipeline-requests-", ignore_cleanup_errors=True)
+    scratch = Scratch("pipeline-requests-")
     converted = Path(scratch.name) / "requests.jsonl"
     if storage.is_remote(path_text):  # an object: read from a local copy, named as the user named it
         path = Path(scratch.name) / "requests.source.jsonl"
