@@ -38,7 +38,7 @@ from pathlib import Path
 import orjson
 import polars as pl
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, JobBusy
 from pipeline.tables import objectstore, storage
 from pipeline.tables.checkpoint import RESULT_SCHEMA, Checkpoint, newest, read_journal
 
@@ -317,7 +317,7 @@ class JobLock:
             later = self.bucket.head(self.key)
             if later is None or later.etag == head.etag:
                 return self._take(later.etag if later else None, holder, STALE_AFTER)
-        raise InputError(
+        raise JobBusy(
             f"Another pipeline run holds this job ({_who(holder)}, lock {self.url} refreshed {age:.0f} s ago). Wait for it "
             f"to finish; a run that was killed lets go of it after {STALE_AFTER:.0f} s."
         )
@@ -330,7 +330,7 @@ class JobLock:
                 else self.bucket.put(self.key, self.body, if_none_match=True)
             )
         except objectstore.Conflict:
-            raise InputError(f"Another pipeline run took this job's lock {self.url} just now. Wait for it to finish.") from None
+            raise JobBusy(f"Another pipeline run took this job's lock {self.url} just now. Wait for it to finish.") from None
         if holder is not None:
             self.say(f"pipeline: took over the lock of a run that stopped ({_who(holder)}, last seen {age:.0f} s ago)")
         return self
