@@ -6,17 +6,17 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/summarise-reviews.yaml
 
 .DEFAULT_GOAL := help
-.PHONY: help setup local-model run test check lint bench bench-ab clean
+.PHONY: help setup local-model run test check lint docs bench bench-ab clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml
-	@echo "setup: creating $(VENV) and installing pipeline with its dev tools and the Ray extra"
+	@echo "setup: creating $(VENV) and installing pipeline with its dev tools, the docs tools and the Ray extra"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@# pip's chatter goes to a log, shown only if the install fails
 	@$(PY) -m pip install --upgrade pip > $(VENV)/setup.log 2>&1 || { cat $(VENV)/setup.log; exit 1; }
-	@$(PY) -m pip install -e '.[dev,ray]' >> $(VENV)/setup.log 2>&1 || { cat $(VENV)/setup.log; exit 1; }
+	@$(PY) -m pip install -e '.[dev,docs,ray]' >> $(VENV)/setup.log 2>&1 || { cat $(VENV)/setup.log; exit 1; }
 	@touch $@
 
 setup: $(VENV)/.installed ## create .venv and install the project (idempotent)
@@ -38,6 +38,9 @@ lint: setup ## ruff and mypy
 
 check: lint test ## ruff, mypy and the tests
 
+docs: setup ## build the documentation site into site/ (offline, strict: a broken link fails)
+	@$(VENV)/bin/mkdocs build --strict --site-dir site
+
 bench: setup ## measure throughput, rate-limit adherence, memory and resume cost
 	@$(PY) bench/run.py
 
@@ -47,4 +50,4 @@ bench-ab: setup ## overhead of two commits, interleaved in one session: make ben
 	@$(PY) bench/ab.py $(A) $(B) -- $(FLAGS)
 
 clean: ## remove the venv, outputs and caches
-	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache bench/results
+	rm -rf $(VENV) out site .pytest_cache .mypy_cache .ruff_cache bench/results
