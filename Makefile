@@ -49,5 +49,5 @@ B ?= HEAD
 bench-ab: setup ## overhead of two commits, interleaved in one session: make bench-ab A=<rev> B=<rev> [FLAGS=--no-adapt]
 	@$(PY) bench/ab.py $(A) $(B) -- $(FLAGS)
 
-clean: ## remove the venv, outputs and caches
+clean: ## remove the venv, outputs, the built site and caches
 	rm -rf $(VENV) out site .pytest_cache .mypy_cache .ruff_cache bench/results

@@ -3,7 +3,9 @@
 `docs/reference/cli.md` holds the line `<!-- generated: cli -->`, replaced by the `--help` of every
 click command, as a terminal 100 columns wide prints it; `docs/reference/config.md` holds
 `<!-- generated: config -->`, replaced by a table of every setting of `RunConfig` (its YAML key,
-its flag, type, default and help text). A command or a setting added to the code is in the next
+its flag, type, default and help text), and `<!-- generated: providers -->` by what each provider
+fills in for the settings left out; `<!-- generated: make -->` (docs/development.md) lists the
+Makefile's targets as `make help` does. A command or a setting added to the code is in the next
 build without anyone touching the pages. tests/test_docs.py checks that every command and every
 setting is covered.
 
@@ -138,7 +140,38 @@ def config_reference() -> str:
     return "\n".join(lines) + "\n"
 
 
-GENERATORS = {"cli": cli_reference, "config": config_reference}
+def provider_defaults() -> str:
+    """What each provider means by the settings left out (config.PROVIDER_DEFAULTS)."""
+    from pipeline.config import PROVIDER_DEFAULTS
+
+    columns = ("base_url", "api_key_env", "model", "adaptive_concurrency", "concurrency", "timeout", "json_mode")
+    heads = (
+        "base_url",
+        "key variable",
+        "model",
+        "in flight, learned up to",
+        "in flight with --no-adapt",
+        "timeout (s)",
+        "json_mode",
+    )
+    lines = [f"| provider | {' | '.join(heads)} |", "|---|" + "---|" * len(heads)]
+    for provider, defaults in PROVIDER_DEFAULTS.items():
+        cells = [f"`{defaults[c]}`" if c in defaults else "-" for c in columns]
+        lines.append(f"| `{provider}` | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def make_targets() -> str:
+    """The Makefile's targets and their `## help`, as `make help` lists them."""
+    from pathlib import Path
+
+    makefile = Path(__file__).resolve().parent.parent / "Makefile"
+    found = re.findall(r"^([a-z-]+):.*?## (.*)$", makefile.read_text(), re.MULTILINE)
+    width = max(len(name) for name, _ in found)
+    return "```text\n" + "".join(f"make {name:<{width}}  {text}\n" for name, text in found) + "```\n"
+
+
+GENERATORS = {"cli": cli_reference, "config": config_reference, "providers": provider_defaults, "make": make_targets}
 
 
 def render(markdown: str) -> str:
