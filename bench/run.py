@@ -657,7 +657,7 @@ class Bench:
             client.create_bucket(Bucket="bench")
             client.upload_file(str(inp), "bench", "in.parquet")
             script = (
-                "import sys\nfrom pipeline import source\n"
+                "import sys\nfrom pipeline.tables import source\n"
                 "t = source.open_table((sys.argv[1],))\nrows = source.count_rows(t)\n"
                 "seen = sum(b.height for b in source.batches(t, 5000))\nassert rows == seen == int(sys.argv[2]), (rows, seen)\n"
             )
