@@ -39,7 +39,7 @@ lint: setup ## ruff and mypy
 check: lint test ## ruff, mypy and the tests
 
 docs: setup ## build the documentation site into site/ (offline, strict: a broken link fails)
-	@$(VENV)/bin/mkdocs build --strict --site-dir site
+	@NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 bench: setup ## measure throughput, rate-limit adherence, memory and resume cost
 	@$(PY) bench/run.py
