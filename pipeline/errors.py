@@ -41,11 +41,11 @@ class UserError(PipelineError):
 
 
 class ConfigError(UserError):
-    pass
+    """A bad config file, key, value or flag (an unknown key says which valid one is nearest)."""
 
 
 class InputError(UserError):
-    pass
+    """A missing, unreadable or malformed input table, a missing column, or an output that cannot be written."""
 
 
 class RunStopped(PipelineError):
@@ -148,15 +148,17 @@ class ErrorReply(PermanentError):
 
 
 class FatalError(RequestError):
+    """An answer every row would get alike: the run stops (exit 1) after saving the requests in flight."""
+
     fatal = True
 
 
 class AuthError(FatalError):
-    pass
+    """401 or 403: the key is missing, wrong, or not allowed to do this."""
 
 
 class QuotaExhausted(FatalError):
-    pass
+    """The account is out of credits or quota."""
 
 
 class WaitTooLong(FatalError):
