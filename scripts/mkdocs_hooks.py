@@ -1,7 +1,7 @@
 """MkDocs hook: the reference pages that are generated from the code at build time, never copied by hand.
 
 `docs/reference/cli.md` holds the line `<!-- generated: cli -->`, replaced by the `--help` of every
-click command, as a terminal 100 columns wide prints it; `docs/reference/config.md` holds
+click command, as a terminal 80 columns wide prints it; `docs/reference/config.md` holds
 `<!-- generated: config -->`, replaced by a table of every setting of `RunConfig` (its YAML key,
 its flag, type, default and help text), and `<!-- generated: providers -->` by what each provider
 fills in for the settings left out; `<!-- generated: make -->` (docs/development.md) lists the
@@ -19,7 +19,7 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 MARKER = re.compile(r"^<!-- generated: (\w+) -->$", re.MULTILINE)
-WIDTH = 100  # the CLI's max_content_width: what a wide terminal shows
+WIDTH = 80  # a common terminal; the CLI wraps at up to 100 columns, wider than the docs theme shows unscrolled
 
 
 def commands() -> list[tuple[str, Any]]:

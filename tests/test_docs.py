@@ -55,8 +55,8 @@ def test_the_cli_reference_has_a_section_per_command_with_its_real_help() -> Non
     sections = set(re.findall(r"^## `(pipeline[^`]*)`$", page, re.MULTILINE))
     assert sections == _all_commands(cli)
     assert "<!-- generated" not in page
-    # What the page shows is what the command prints on a 100-column terminal, through the real entry point.
-    printed = CliRunner().invoke(cli, ["batch", "status", "--help"], prog_name="pipeline", terminal_width=98)
+    # What the page shows is what the command prints on a terminal WIDTH columns wide, through the real entry point.
+    printed = CliRunner().invoke(cli, ["batch", "status", "--help"], prog_name="pipeline", terminal_width=hooks.WIDTH - 2)
     assert printed.exit_code == 0
     assert hooks.help_text("pipeline batch status") == printed.output.rstrip() + "\n"
     assert "--max-tokens INTEGER" in page and "Exit codes: 0 done" in page
