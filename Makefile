@@ -12,11 +12,11 @@ help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml
-	@echo "setup: creating $(VENV) and installing pipeline with its dev tools, the docs tools and the Ray extra"
+	@echo "setup: creating $(VENV) and installing pipeline with its dev tools and the Ray extra"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@# pip's chatter goes to a log, shown only if the install fails
 	@$(PY) -m pip install --upgrade pip > $(VENV)/setup.log 2>&1 || { cat $(VENV)/setup.log; exit 1; }
-	@$(PY) -m pip install -e '.[dev,docs,ray]' >> $(VENV)/setup.log 2>&1 || { cat $(VENV)/setup.log; exit 1; }
+	@$(PY) -m pip install -e '.[dev,ray]' >> $(VENV)/setup.log 2>&1 || { cat $(VENV)/setup.log; exit 1; }
 	@touch $@
 
 setup: $(VENV)/.installed ## create .venv and install the project (idempotent)
@@ -28,7 +28,13 @@ run: local-model ## set up, then run the demo job on the embedded local model
 	@$(VENV)/bin/pipeline run $(CONFIG)
 	@$(VENV)/bin/pipeline show out/reviews-summary.parquet --rows 5
 
-test: local-model ## set up, then run the test suite (offline)
+# The documentation tools (MkDocs, Material, mkdocstrings): for make docs, and with make test so CI builds the site.
+$(VENV)/.docs: $(VENV)/.installed
+	@echo "setup: installing the docs tools into $(VENV)"
+	@$(PY) -m pip install -e '.[docs]' >> $(VENV)/setup.log 2>&1 || { cat $(VENV)/setup.log; exit 1; }
+	@touch $@
+
+test: local-model $(VENV)/.docs ## set up, then run the test suite (offline)
 	@$(PY) -m pytest -q
 
 lint: setup ## ruff and mypy
@@ -38,7 +44,7 @@ lint: setup ## ruff and mypy
 
 check: lint test ## ruff, mypy and the tests
 
-docs: setup ## build the documentation site into site/ (offline, strict: a broken link fails)
+docs: $(VENV)/.docs ## build the documentation site into site/ (offline, strict: a broken link fails)
 	@NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 bench: setup ## measure throughput, rate-limit adherence, memory and resume cost
