@@ -58,11 +58,11 @@ class UserError(PipelineError):
 
 
 class ConfigError(UserError):
-    pass
+    """A bad config file, key, value or flag (an unknown key says which valid one is nearest)."""
 
 
 class InputError(UserError):
-    pass
+    """A missing, unreadable or malformed input table, a missing column, or an output that cannot be written."""
 
 
 class JobBusy(InputError):
@@ -232,6 +232,8 @@ class ErrorReply(PermanentError):
 
 
 class FatalError(RequestError):
+    """An answer every row would get alike: the run stops (exit 1) after saving the requests in flight."""
+
     fatal = True
 
 
