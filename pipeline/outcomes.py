@@ -1,28 +1,11 @@
 """How a run ends: one table of outcomes, each with its exit code and its exception.
 
 A scheduler reads the exit code, a dashboard the `outcome` word in the metrics
-file, a Python caller the exception class; all three come from this table, so
-they cannot drift apart. Codes 0, 2, 3 and 130 kept the meaning they always
-had; the causes that used to share exit 1 each have their own code now, and 1
-is left to a crash (a bug: Python's own code for an uncaught exception).
-
-| exit | outcome            | what happened                                        | what helps            |
-|------|--------------------|------------------------------------------------------|-----------------------|
-| 0    | completed          | every row has its result, errors within the limit    |                       |
-| 0    | empty_input        | the input had no rows                                |                       |
-| 1    | crashed            | a bug (a traceback is shown)                         | report it             |
-| 2    | usage_error        | bad usage, config or input; nothing sent             | fix the command       |
-| 2    | input_error        | the input broke part-way; answers so far are kept    | fix the input, re-run |
-| 3    | batch_pending      | batches still running                                | the same command later|
-| 4    | error_rate         | more rows failed than --max-error-rate allows        | re-run (retries them) |
-| 5    | spend_ceiling      | --max-cost / --max-tokens-total reached              | raise it, re-run      |
-| 6    | auth_refused       | the provider refused the key                         | fix the key           |
-| 7    | quota_exhausted    | no credit or quota left on the account               | top up                |
-| 8    | server_unavailable | unreachable or failing past --max-wait               | re-run later          |
-| 9    | requests_refused   | every request refused alike (model, path, params)    | fix the job           |
-| 10   | output_failed      | the output could not be written; answers are kept    | fix the place, re-run |
-| 130  | interrupted        | Ctrl-C or SIGTERM; answers are kept                  | re-run                |
-| 141  | output_closed      | stdout closed by its reader (`-o -` piped to head)   |                       |
+file, a Python caller the exception class; all three come from this module, so
+they cannot drift apart (the CLI's --help and the docs' exit-code page are
+generated from it too). Codes 0, 2, 3 and 130 kept the meaning they always had;
+the causes that used to share exit 1 each have their own code now, and 1 is
+left to a crash (a bug: Python's own code for an uncaught exception).
 """
 
 from __future__ import annotations
@@ -85,7 +68,26 @@ EXCEPTIONS: dict[Outcome, type[errors.PipelineError]] = {
     "crashed": errors.RunStopped,
 }
 
-# What each code tells a scheduler, for --help and the docs (the table above, in words).
+# What each outcome means, and what helps: the docs' table.
+ABOUT: dict[Outcome, tuple[str, str]] = {
+    "completed": ("every row has its result, no more failed than --max-error-rate allows", ""),
+    "empty_input": ("the input had no rows: the output is written empty", ""),
+    "crashed": ("a bug: a traceback is shown; the metrics file is still written", "report it"),
+    "usage_error": ("bad usage, config or input, found before anything was sent", "fix the command or the config"),
+    "input_error": ("the input broke part-way (a later batch); the answers so far are kept", "fix the input, run again"),
+    "batch_pending": ("batch mode: batches still running at the provider, or its API down for a while", "the same command later"),
+    "error_rate": ("finished, but more rows failed than --max-error-rate allows", "run again: rows that failed for a reason that may pass are retried"),
+    "spend_ceiling": ("--max-cost or --max-tokens-total reached; the rows not sent are marked", "raise the ceiling, run again"),
+    "auth_refused": ("the provider refused the API key (401/403, an invalid key)", "fix the key"),
+    "quota_exhausted": ("the account is out of credit or quota", "top it up"),
+    "server_unavailable": ("the server was unreachable, failed every request, or asked to wait, longer than --max-wait", "run again later"),
+    "requests_refused": ("every request got the same permanent refusal (a wrong model, path or parameter)", "fix the job"),
+    "output_failed": ("the output could not be written (a full disk, an upload refused); every answer is kept", "fix the place, run again"),
+    "interrupted": ("Ctrl-C or SIGTERM, after every answer received was saved", "run again to resume"),
+    "output_closed": ("stdout was closed by its reader (--output - piped into head)", ""),
+}  # fmt: skip
+
+# What each code tells a scheduler, for --help (the table above, by code).
 MEANINGS: dict[int, str] = {
     0: "done (also an input with no rows: the output is written empty)",
     1: "crashed: a bug, with a traceback",
@@ -103,9 +105,16 @@ MEANINGS: dict[int, str] = {
 }
 
 
-def exit_code_help() -> str:
-    """The exit codes as --help lists them."""
-    return "; ".join(f"{code} {text}" for code, text in MEANINGS.items())
+def table_markdown() -> str:
+    """The outcomes as a Markdown table, for the docs' exit-code page."""
+    lines = ["| exit | outcome | what happened | what helps | Python |", "|---|---|---|---|---|"]
+    for outcome, code in sorted(EXIT_CODES.items(), key=lambda item: item[1]):
+        happened, helps = ABOUT[outcome]
+        cls = EXCEPTIONS.get(outcome)
+        raised = f"`pipeline.{cls.__name__}`" if cls is not None else ""
+        raised = {"interrupted": "`pipeline.Interrupted`", "crashed": "the bug's own exception"}.get(outcome, raised)
+        lines.append(f"| {code} | `{outcome}` | {happened} | {helps} | {raised} |")
+    return "\n".join(lines) + "\n"
 
 
 # Why a row was not sent when the run stopped before reaching it, by outcome.

@@ -18,7 +18,7 @@ import re
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
-MARKER = re.compile(r"^<!-- generated: (\w+) -->$", re.MULTILINE)
+MARKER = re.compile(r"^<!-- generated: ([\w-]+) -->$", re.MULTILINE)
 WIDTH = 80  # a common terminal; the CLI wraps at up to 100 columns, wider than the docs theme shows unscrolled
 
 
@@ -171,7 +171,20 @@ def make_targets() -> str:
     return "```text\n" + "".join(f"make {name:<{width}}  {text}\n" for name, text in found) + "```\n"
 
 
-GENERATORS = {"cli": cli_reference, "config": config_reference, "providers": provider_defaults, "make": make_targets}
+def exit_codes() -> str:
+    """The outcomes table of pipeline/outcomes.py: exit code, outcome word, meaning, what helps, exception."""
+    from pipeline.outcomes import table_markdown
+
+    return table_markdown()
+
+
+GENERATORS = {
+    "cli": cli_reference,
+    "config": config_reference,
+    "providers": provider_defaults,
+    "make": make_targets,
+    "exit-codes": exit_codes,
+}
 
 
 def render(markdown: str) -> str:
