@@ -14,6 +14,7 @@ from pydantic.fields import FieldInfo
 
 from pipeline import errors
 from pipeline.config import RunConfig, build_config, load_yaml
+from pipeline.outcomes import EXIT_CODES, MEANINGS, of_fatal
 
 RUN_EXAMPLES = """
 \b
@@ -27,16 +28,15 @@ Examples:
   MODELSLAB_API_KEY=... pipeline run configs/modelslab-llama-3.2-1b.yaml
 
 \b
-Exit codes: 0 done (also an input with no rows: the output is written
-empty); 1 error rate above --max-error-rate, the spend ceiling reached (the
-output is written, unsent rows marked), or stopped early (bad key, no quota,
-server unreachable or 404 before any answer, the same refusal on every
-request, a wait longer than --max-wait); 2 bad usage, config or input (nothing
-sent); 3 batch mode: batches still running (run the same command again to
-collect them); 130 interrupted by Ctrl-C or SIGTERM (the checkpoint is saved; run
-again to resume). Each run but exit 2 writes <output>.metrics.json and
-<output>.report.html beside the output.
+Exit codes (a scheduler can tell the causes apart; the metrics file's "outcome" says the same):
+{exit_codes}
+Every run but a refused one writes <output>.metrics.json (and <output>.report.html) beside the
+output; a run refused with exit 2 writes the metrics file with outcome usage_error, so nothing
+stale is read.
 """
+
+
+RUN_EXAMPLES = RUN_EXAMPLES.replace("{exit_codes}", "\n".join(f"  {code:>3}  {text}" for code, text in MEANINGS.items()))
 
 
 class UsageFailure(click.ClickException):
@@ -319,13 +319,15 @@ def _batch_command(action: str, config: str | None, flags: dict[str, Any]) -> No
 
     from pipeline.job import batch_command
 
+    flags["mode"] = "batch"  # the subcommand is the mode, whatever the config says
     try:
         code = asyncio.run(batch_command(_config(config, flags), action, lambda m: click.echo(m, err=True)))
     except errors.UserError as exc:
         raise UsageFailure(str(exc)) from None
     except errors.RequestError as exc:
-        click.echo(f"pipeline: the batch API answered {exc.message}", err=True)
-        code = 1
+        outcome = of_fatal(exc) if isinstance(exc, errors.FatalError) else "requests_refused"
+        code = EXIT_CODES[outcome]
+        click.echo(f"pipeline: the batch API answered {exc.message}: exit {code} ({outcome})", err=True)
     sys.exit(code)
 
 
@@ -401,6 +403,42 @@ def cache_prune(folder: str, older_than: str | None, max_mb: float | None) -> No
     except errors.UserError as exc:
         raise UsageFailure(str(exc)) from None
     click.echo(f"Dropped {dropped:,} answers; {left.entries:,} remain ({left.file_bytes / 1e6:.1f} MB on disk).")
+
+
+@cli.group(epilog="\b\nExamples:\n  pipeline state info\n  pipeline state clear\n  pipeline state clear --older-than 30d")
+def state() -> None:
+    """What pipeline keeps for you outside your folders: complete()'s default answer store, and the local
+    side (output copies, reports) of s3:// jobs. PIPELINE_STATE_DIR or XDG_STATE_HOME move it."""
+
+
+@state.command(name="info")
+def state_info() -> None:
+    """Where the state folder is and what it holds."""
+    from pipeline.tables.cache import FILE, AnswerCache
+    from pipeline.tables.statedir import answers_dir, objects_dir, state_dir
+
+    click.echo(f"state folder: {state_dir()}")
+    if (answers_dir() / FILE).exists():
+        with AnswerCache(answers_dir()) as store:
+            info = store.info()
+        click.echo(f"  default answer store: {info.entries:,} answers, {info.file_bytes / 1e6:.1f} MB ({answers_dir() / FILE})")
+    else:
+        click.echo("  default answer store: empty")
+    local = sum(f.stat().st_size for f in objects_dir().rglob("*") if f.is_file()) if objects_dir().exists() else 0
+    click.echo(f"  s3:// jobs' local copies: {local / 1e6:.1f} MB ({objects_dir()})")
+
+
+@state.command(name="clear")
+@click.option("--older-than", metavar="DURATION", default=None, help="Only answers not used for this long: 30d, 12h.")
+def state_clear(older_than: str | None) -> None:
+    """Empty complete()'s default answer store (the next call pays for every row again) and remove the
+    local copies of s3:// jobs that no run is using (their state is in the bucket)."""
+    from pipeline.answers import clear_answers, forget_local_copies
+
+    days = _age(older_than) / 86400 if older_than is not None else None
+    dropped = clear_answers(days)
+    removed = forget_local_copies() if days is None else []
+    click.echo(f"Dropped {dropped:,} answers from the default store" + (f"; removed {removed[0]}" if removed else "") + ".")
 
 
 def _age(text: str) -> float:

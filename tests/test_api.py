@@ -176,7 +176,9 @@ def test_sync_form_inside_a_running_event_loop_and_the_async_form(server: FakeLL
         return blocking, awaited
 
     blocking, awaited = asyncio.run(notebook_cell())
-    assert blocking.drop("latency_ms").equals(awaited.drop("latency_ms"))
+    # The second call's answers come from the default store: no request made for them (attempts 0).
+    assert blocking.drop("latency_ms", "attempts").equals(awaited.drop("latency_ms", "attempts"))
+    assert len(chat_requests(server)) == 6 and awaited["attempts"].to_list() == [0] * 6
     assert set(blocking["status"]) == {"ok"} and blocking.height == 6
 
 
@@ -194,13 +196,17 @@ def test_errors_are_the_package_tree_and_nothing_is_sent(server: FakeLLMServer) 
     assert chat_requests(server) == []
 
 
-def test_a_fatal_answer_raises_run_stopped_with_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_refused_key_raises_auth_error_with_the_result_and_the_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MY_KEY", "sk-wrong-key-123456")
-    with FakeLLMServer(api_key="sk-right-key-123456") as server, pytest.raises(pipeline.RunStopped) as caught:
+    with FakeLLMServer(api_key="sk-right-key-123456") as server, pytest.raises(pipeline.AuthError) as caught:
         pipeline.complete(reviews(20), **settings(server, api_key_env="MY_KEY", checkpoint_dir="answers"))
+    assert isinstance(caught.value, pipeline.RunStopped)  # an except RunStopped written before still catches it
     result = caught.value.result
     assert isinstance(result, pipeline.RunResult)
-    assert result.outcome == "stopped" and result.exit_code == 1 and result.ok == 0
+    assert result.outcome == "auth_refused" and result.exit_code == 6 and result.ok == 0
+    frame = caught.value.frame  # the table so far: every row, none sent, each saying why
+    assert frame.height == 20 and set(frame["status"]) == {"error"}
+    assert frame["error"].str.starts_with("not sent: the run stopped early (the provider refused the key)").all()
     assert "sk-wrong" not in str(caught.value) and "sk-wrong" not in repr(result.metrics)
 
 
@@ -210,7 +216,10 @@ def test_run_returns_a_result_instead_of_an_exit_code(server: FakeLLMServer) -> 
     config = Path("job.yaml")
     config.write_text(f"input: in.csv\noutput: out/r.parquet\nprompt: 'Summarise: {{text}}'\nbase_url: {server.url}/v1\n")
     result = pipeline.run(str(config), model="fake-model", price_in=1, price_out=2, progress=False, make_report=False)
-    assert (result.outcome, result.exit_code, result.succeeded) == ("error_rate", 1, False)
+    assert (result.outcome, result.exit_code, result.succeeded) == ("error_rate", 4, False)
+    with pytest.raises(pipeline.ErrorRateExceeded) as caught:  # for an orchestrator's task that should fail
+        result.raise_for_outcome()
+    assert caught.value.result is result and caught.value.exit_code == 4
     assert "1 of 8 rows failed" in (result.reason or "")
     assert (result.rows, result.ok, result.errors, result.from_checkpoint) == (8, 7, 1, 0)
     assert result.requests == 8 and result.prompt_tokens > 0 and result.cost is not None and result.cost > 0

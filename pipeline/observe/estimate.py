@@ -385,6 +385,10 @@ def estimate(cfg: RunConfig, samples: int = 3, *, count_limit: int = 200, full: 
         with contextlib.suppress(errors.ConfigError):  # no key yet: price by the byte estimate, and say so
             api_key = cfg.api_key()
     done = read_done(cfg.checkpoint_path) if cfg.output or cfg.checkpoint_dir else pl.DataFrame(schema=RESULT_SCHEMA)
+    if (remote := cfg.checkpoint_remote) is not None:  # the job's answers are in the bucket, not on this disk
+        from pipeline.tables import remote_state
+
+        done = remote_state.read_done(remote)
     scan = scan_table(table, cfg, renderer, done.clear() if cfg.fresh else done, samples, count_limit)
     headers, secrets = cfg.request_headers()
     provider = make_provider(cfg.provider, cfg.setting("base_url") or NOWHERE, renderer.spec, api_key, headers, secrets)

@@ -26,6 +26,11 @@ class RunStats:
     completion_tokens: int = 0
     estimated_rows: int = 0
     error_kinds: Counter[str] = field(default_factory=Counter)
+    retryable_errors: int = 0  # rows that failed for a reason that may pass (5xx, timeouts, 429s): a re-run may answer them
+    # The breaker, while the server fails every request: failures in a row, and when the next probe goes (monotonic).
+    failing_streak: int = 0
+    failing_kind: str = ""
+    next_probe_at: float | None = None
     # What the governor has learned and done, for the progress line and the summary.
     limited_rate: int = 0  # 429s about requests or tokens per unit of time (or that did not say)
     limited_concurrency: int = 0  # 429s about requests in flight

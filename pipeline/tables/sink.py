@@ -277,16 +277,21 @@ class StdoutSink(Sink):
             self._out.write(data.getbuffer())
             self._out.flush()
         except BrokenPipeError:
-            # The reader is gone (`| head`): later writes, and the flush at exit, would fail again.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self._out.fileno())
-            raise FatalError(
-                "stdout was closed by its reader before every row was written (--output - piped into a command that "
-                "stopped reading)",
-                kind="broken_pipe",
-            ) from None
+            raise self._closed() from None
+
+    def _closed(self) -> FatalError:
+        # The reader is gone (`| head`): later writes, and the flush at exit, would fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self._out.fileno())
+        return FatalError(
+            "stdout was closed by its reader before every row was written (--output - piped into a command that stopped reading)",
+            kind="broken_pipe",
+        )
 
     def commit(self) -> None:
-        self._out.flush()
+        try:
+            self._out.flush()
+        except BrokenPipeError:
+            raise self._closed() from None
 
 
 def as_flat(frame: pl.DataFrame) -> pl.DataFrame:

@@ -21,6 +21,7 @@ import polars as pl
 
 from pipeline.errors import ConfigError, InputError
 from pipeline.tables import cells, storage
+from pipeline.tables.scratch import Scratch
 
 FORMATS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 NATIVE = ("utf-8", "utf-8-sig")  # codec names polars reads itself (it skips a byte-order mark)
@@ -211,11 +212,11 @@ def open_table(
     for i, f in enumerate(files):
         read = f if isinstance(f, Path) else Path()
         if isinstance(f, storage.Url):  # a local copy, read from here on as any local file is
-            scratch = scratch or tempfile.TemporaryDirectory(prefix="pipeline-input-", ignore_cleanup_errors=True)
+            scratch = scratch or Scratch("pipeline-input-")
             read = Path(scratch.name) / f"{i}-object-{f.name}"
             storage.download(f, read)
         if fmt != "parquet" and codec not in NATIVE:
-            scratch = scratch or tempfile.TemporaryDirectory(prefix="pipeline-input-", ignore_cleanup_errors=True)
+            scratch = scratch or Scratch("pipeline-input-")
             utf8 = Path(scratch.name) / f"{i}-{f.name}"
             _transcode(read, codec, utf8, name=f)
             read = utf8
