@@ -188,7 +188,7 @@ def test_blank_and_whitespace_lines_are_not_rows_in_jsonl_and_null_values_apply(
 def test_null_values_hold_back_a_required_cell_as_a_null_does(server: FakeLLMServer) -> None:
     write_table("in.csv", [{"id": "a", "text": "N/A"}, {"id": "b", "text": "real text"}])
     result = run_with(server, "{text}", "--null-value", "N/A")
-    assert result.exit_code == 1  # type: ignore[attr-defined]
+    assert result.exit_code == 4  # type: ignore[attr-defined]  # rows not sent: the error rate
     assert [r.content for r in chat_requests(server)] == ["real text"]
     out = pl.read_parquet("out/result.parquet")
     assert out["error"].to_list()[0] == "not sent: column 'text' is null in this row"
@@ -228,7 +228,7 @@ def test_placeholders_reach_into_structs(server: FakeLLMServer) -> None:
     write_table("in.parquet", pl.DataFrame({"specs": [{"color": "blue"}, {"color": None}]}))
     server.reset()
     result = run_with(server, "Paint it {specs.color}", inp="in.parquet", out="out/p.parquet")
-    assert result.exit_code == 1  # type: ignore[attr-defined]
+    assert result.exit_code == 4  # type: ignore[attr-defined]  # rows not sent: the error rate
     assert [r.content for r in chat_requests(server)] == ["Paint it blue"]
     assert pl.read_parquet("out/p.parquet")["error"][1] == "not sent: column 'specs.color' is null in this row"
 
