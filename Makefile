@@ -11,22 +11,32 @@ CONFIG ?= configs/summarise-reviews.yaml
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: pyproject.toml
-	@echo "setup: creating $(VENV) and installing pipeline with its dev tools and the Ray extra"
+# The package alone: what `make run` needs (no test tools, no Ray).
+$(VENV)/.base: pyproject.toml
+	@echo "setup: creating $(VENV) and installing pipeline"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@# pip's chatter goes to a log, shown only if the install fails
 	@$(PY) -m pip install --upgrade pip > $(VENV)/setup.log 2>&1 || { cat $(VENV)/setup.log; exit 1; }
+	@$(PY) -m pip install -e . >> $(VENV)/setup.log 2>&1 || { cat $(VENV)/setup.log; exit 1; }
+	@touch $@
+
+# With the dev tools and the Ray extra: what the tests, lint and bench need.
+$(VENV)/.installed: $(VENV)/.base
+	@echo "setup: installing the dev tools and the Ray extra into $(VENV)"
 	@$(PY) -m pip install -e '.[dev,ray]' >> $(VENV)/setup.log 2>&1 || { cat $(VENV)/setup.log; exit 1; }
 	@touch $@
 
-setup: $(VENV)/.installed ## create .venv and install the project (idempotent)
+setup: $(VENV)/.installed ## create .venv and install the project with its dev tools and Ray (idempotent)
 
-local-model: setup ## install the embedded model server (compiles llama.cpp once, ~5 min)
+local-model: setup ## setup, and the embedded model server (compiles llama.cpp once, ~5 min)
 	@scripts/install-local-model.sh $(PY)
 
-run: local-model ## set up, then run the demo job on the embedded local model
+run: $(VENV)/.base ## install pipeline and the embedded model (nothing else), then run the demo job on it
+	@scripts/install-local-model.sh $(PY)
 	@$(VENV)/bin/pipeline run $(CONFIG)
 	@$(VENV)/bin/pipeline show out/reviews-summary.parquet --rows 5
+	@echo "pipeline is installed in $(VENV): run it as $(VENV)/bin/pipeline (e.g. $(VENV)/bin/pipeline run --help),"
+	@echo "or type 'source $(VENV)/bin/activate' once, then plain 'pipeline'."
 
 # The documentation tools (MkDocs, Material, mkdocstrings): for make docs, and with make test so CI builds the site.
 $(VENV)/.docs: $(VENV)/.installed

@@ -5,7 +5,7 @@ process, pinned to one core) and, in the same run, bench/baseline.py, the least 
 must do.  Clients are pinned to another core so their CPU is measured apart from the server's;
 wall is from spawn to exit, CPU from wait4() on the child, peak RSS from GNU time.
 
-    python bench/run.py [--quick] [--only overhead|ratelimit|memory|resume|faults|spend|report|api|s3|adapt|ray|s3state]
+    python bench/run.py [--quick] [--only overhead|ratelimit|memory|resume|faults|spend|report|api|s3|adapt|ray|s3state|reader]
 
 Prints a table, then a PASS/MISS line per target of issue 8 (rate control) computed from the
 figures, and writes every figure plus machine info to bench/results/latest.json.  The table
@@ -44,7 +44,9 @@ CORES = sorted(os.sched_getaffinity(0))
 TASKSET = shutil.which("taskset") if len(CORES) >= 2 else None
 CLIENT_CORE, SERVER_CORE = CORES[0], CORES[-1]
 GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
-SCENARIOS = ("overhead", "ratelimit", "memory", "resume", "faults", "spend", "report", "api", "s3", "adapt", "ray", "s3state")
+SCENARIOS = (
+    "overhead", "ratelimit", "memory", "resume", "faults", "spend", "report", "api", "s3", "adapt", "ray", "s3state", "reader",
+)  # fmt: skip
 LIVE: set[subprocess.Popen[Any]] = set()  # children still running, so every exit path can end them
 Row = tuple[str, str, float | None, float | None, float | None]
 
@@ -766,6 +768,45 @@ class Bench:
                                        answered_at_kill=answered, shipped_at_kill=shipped, in_flight=in_flight,
                                        sent_twice=twice, resume=again.summary(), cost=samples, ratio=ratio, cpu_us=cpu,
                                        targets=targets)  # fmt: skip
+
+    # ---- issue 21: the reader keeps the cells as written ---------------------------------------------
+
+    def reader(self) -> None:
+        """A CSV read as a run reads it (open: the types settled where no text changes, the rows counted,
+        every line parsed; then every batch) against the least any reader does: polars streaming the file
+        as text. Both in child processes, alternated, best of each."""
+        n = self.n(1_000_000)
+        path = self.tmp / f"in-{n}.csv"
+        ids = pl.int_range(0, n, dtype=pl.Int64, eager=True).alias("id")
+        pl.DataFrame(ids).with_columns(
+            text=pl.format("item {} arrived on time and works", "id"),
+            score=pl.col("id").cast(pl.Float64) / 7,
+            sku=pl.format("{}", pl.col("id") % 10_000).str.zfill(6),  # leading zeros: text, as written
+        ).write_csv(path)
+        ours = (
+            "import sys\nfrom pipeline.tables import source\n"
+            "t = source.open_table((sys.argv[1],))\nrows = source.count_rows(t)\n"
+            "seen = sum(b.height for b in source.batches(t, 5000))\nassert rows == seen == int(sys.argv[2]), (rows, seen)\n"
+            "assert str(t.schema['sku']) == 'String' and str(t.schema['id']) == 'Int64', t.schema\n"
+        )
+        base = (
+            "import sys, polars as pl\n"
+            "seen = sum(b.height for b in pl.scan_csv(sys.argv[1], infer_schema=False).collect_batches(chunk_size=5000, "
+            "maintain_order=True))\nassert seen == int(sys.argv[2]), seen\n"
+        )
+        runs: dict[str, list[Run]] = {"ours": [], "base": []}
+        for _ in range(1 if self.quick else 3):
+            for who, script in (("base", base), ("ours", ours)):
+                r = run_child([sys.executable, "-c", script, str(path), str(n)], timeout=self.timeout)
+                if r.rc != 0:
+                    raise BenchError(f"reading the CSV ({who}) exited {r.rc}: {r.stderr.strip()[-800:]}")
+                runs[who].append(r)
+        o, b = min(runs["ours"], key=lambda r: r.wall), min(runs["base"], key=lambda r: r.wall)
+        scn = f"13 reader, {n:,}-row CSV"
+        self.add(scn, "wall s, open + count + every batch / polars as text", o.wall, b.wall)
+        self.add(scn, "peak RSS MB", o.rss_mb, b.rss_mb)
+        self.figures["reader"] = dict(rows=n, bytes=path.stat().st_size, walls={k: [r.wall for r in v] for k, v in runs.items()},
+                                      rss={k: [r.rss_mb for r in v] for k, v in runs.items()})  # fmt: skip
 
     # ---- issue 13: the Ray engine -------------------------------------------------------------------
 

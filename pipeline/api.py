@@ -26,7 +26,7 @@ import logging
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import polars as pl
 
@@ -34,7 +34,7 @@ from pipeline import answers, errors
 from pipeline.config import ConfigLike, settings_config
 from pipeline.job import Job, prepare_job
 from pipeline.outcomes import EXCEPTIONS, EXIT_INTERRUPTED, RunResult
-from pipeline.tables import source
+from pipeline.tables import frames, source
 from pipeline.tables.scratch import Scratch
 from pipeline.tables.sink import Sink
 
@@ -44,10 +44,18 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-def complete(table: Any, **settings: Any) -> pl.DataFrame:
+@overload
+def complete(table: pl.DataFrame | pl.LazyFrame, **settings: Any) -> pl.DataFrame: ...
+@overload
+def complete(table: Any, **settings: Any) -> Any: ...
+
+
+def complete(table: Any, **settings: Any) -> Any:
     """Send one request per row of `table` and return the table with the result columns.
 
-    `table`: a polars DataFrame or LazyFrame, a pyarrow Table, or a pandas DataFrame.
+    `table`: a polars DataFrame or LazyFrame, a pyarrow Table or RecordBatch, or a pandas DataFrame;
+    the result is of the same kind (a polars DataFrame for a LazyFrame), its input columns the ones
+    given (a pandas frame keeps its index and dtypes, an Arrow table its schema).
     `settings`: those of `pipeline run` by their YAML names (`prompt`, `provider`, `base_url`,
     `model`, `system`, `max_tokens`, `schema`, `rpm`, ...), plus `config` (a YAML path or a
     mapping they are laid over). Input and output files are not used: the table comes in and
@@ -60,6 +68,8 @@ def complete(table: Any, **settings: Any) -> pl.DataFrame:
     answers go to the user's default answer store (`pipeline.answers`): calling the same
     complete() again, here or in a new process, sends only what was never answered
     (`fresh=True` sends every row and keeps nothing). `metrics`: a path for the metrics JSON file.
+    `api_key`: the key itself, for a notebook with no environment variable; held in memory for
+    the call only (never written to the checkpoint, the metrics or any message).
 
     Raises UserError (ConfigError, InputError) before anything is sent, RunStopped when a
     fatal answer (bad key, no quota) stopped the run, Interrupted after Ctrl-C (its `partial`
@@ -68,9 +78,10 @@ def complete(table: Any, **settings: Any) -> pl.DataFrame:
     return _sync(lambda: acomplete(table, **settings))
 
 
-async def acomplete(table: Any, **settings: Any) -> pl.DataFrame:
+async def acomplete(table: Any, **settings: Any) -> Any:
     """`complete` on the caller's event loop."""
     config = settings.pop("config", None)
+    api_key = _key(settings.pop("api_key", None))
     frame = _as_frame(table)
     cfg = settings_config(config, settings, api=True)
     if cfg.mode == "batch" and not cfg.checkpoint_dir and not cfg.wait:
@@ -91,11 +102,13 @@ async def acomplete(table: Any, **settings: Any) -> pl.DataFrame:
             files=False,
             notebook=_in_notebook(),
             say=None if cfg.progress else _log,
+            api_key=api_key,
         )
         job.checkpoint_shown, job.resume_hint = answers.where(cfg), answers.resume_hint(cfg)
         result = await _execute(job, partial=lambda: answers.answered_so_far(job, MemorySink(cfg.result_prefix)))
     if result.outcome in ("completed", "empty_input", "error_rate", "spend_ceiling") and sink.frame is not None:
-        return sink.frame  # the rows carry their status: failed or unsent rows are rows, not an exception
+        # The rows carry their status: failed or unsent rows are rows, not an exception. In the kind given.
+        return frames.like(table, sink.frame, len(frame.collect_schema()))
     raise _stopped(result, sink.frame)
 
 
@@ -118,15 +131,28 @@ def run(config: ConfigLike = None, **settings: Any) -> RunResult:
     `config`: a YAML file's path, a mapping of settings, a RunConfig, or None; `settings` are laid
     over it, as flags are over a config file. Raises UserError before anything is sent and
     Interrupted after Ctrl-C; a run that stops (a bad key, the spend ceiling, the error rate)
-    returns its result, with `result.succeeded` False and the reason in `result.reason`."""
+    returns its result, with `result.succeeded` False and the reason in `result.reason`.
+    `api_key`: the key itself, held in memory only, as for `complete()`."""
     return _sync(lambda: arun(config, **settings))
 
 
 async def arun(config: ConfigLike = None, **settings: Any) -> RunResult:
     """`run` on the caller's event loop."""
+    api_key = _key(settings.pop("api_key", None))
     cfg = settings_config(config, settings, api=False)
-    job = await asyncio.to_thread(prepare_job, cfg, notebook=_in_notebook(), say=None if cfg.progress else _log)
+    job = await asyncio.to_thread(prepare_job, cfg, notebook=_in_notebook(), say=None if cfg.progress else _log, api_key=api_key)
     return await _execute(job)
+
+
+def _key(value: Any) -> str | None:
+    """api_key= as given: text, or None to read the config's variable. Never echoed: it is a secret."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise errors.ConfigError(
+            "api_key= takes the key as non-empty text (or leave it out to read the variable named by api_key_env)."
+        )
+    return value.strip()
 
 
 class MemorySink(Sink):

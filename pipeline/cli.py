@@ -49,7 +49,7 @@ class UsageFailure(click.ClickException):
 
 
 # How a setting's type looks on the command line; mappings are given as repeated PAIRS.
-_PAIR_SEPARATORS = {"headers": ":", "params": "=", "param_columns": "="}
+_PAIR_SEPARATORS = {"headers": ":", "params": "=", "param_columns": "=", "dtypes": "="}
 
 
 def _option(name: str, field: FieldInfo) -> Callable[..., Any]:
@@ -115,9 +115,14 @@ def run(config: str | None, **flags: Any) -> None:
     sys.exit(code)
 
 
+INTERRUPT_GRACE_S = 5.0  # how long a first Ctrl-C waits for the requests in flight
+
+
 def _run(cfg: RunConfig) -> int:
     """One job on a fresh event loop; the exit code. SIGTERM is an interrupt like Ctrl-C for the whole run
-    (a scheduler's kill gets the same flush, message and exit 130)."""
+    (a scheduler's kill gets the same flush, message and exit 130), at once: a scheduler's own grace
+    before SIGKILL is unknown here. A first Ctrl-C waits a few seconds for the requests in flight, whose
+    answers are paid for, then stops; a second stops at once."""
     import asyncio  # with the run's heavy imports (polars, pyarrow, aiohttp): only when running
 
     from pipeline.job import prepare_job
@@ -127,7 +132,22 @@ def _run(cfg: RunConfig) -> int:
     async def main() -> int:
         task = asyncio.current_task()
         assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        winding: list[asyncio.Task[None]] = []
+
+        async def wind_down() -> None:
+            await job.wind_down(INTERRUPT_GRACE_S)
+            if not task.done():  # every row may have come back in the meantime
+                task.cancel()
+
+        def on_ctrl_c() -> None:
+            if winding:  # the second Ctrl-C: stop now
+                task.cancel()
+            else:
+                winding.append(loop.create_task(wind_down()))
+
+        loop.add_signal_handler(signal.SIGINT, on_ctrl_c)
         return (await job.execute()).exit_code
 
     try:
@@ -146,8 +166,9 @@ def _run(cfg: RunConfig) -> int:
 )
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
 @click.option("--samples", type=int, default=2, show_default=True, help="How many rendered requests to show.")
+@click.option("--full", is_flag=True, help="Show the sample requests whole (each text is cut to 400 characters otherwise).")
 @run_options
-def estimate(config: str | None, samples: int, **flags: Any) -> None:
+def estimate(config: str | None, samples: int, full: bool, **flags: Any) -> None:
     """Price a job without running it: sample requests, tokens in, worst-case tokens out, cost, time.
 
     Takes the same CONFIG and flags as `pipeline run`. No generation request is
@@ -158,7 +179,7 @@ def estimate(config: str | None, samples: int, **flags: Any) -> None:
 
     try:
         cfg = _config(config, flags)
-        code = estimate_job(cfg, sys.stdout, samples)
+        code = estimate_job(cfg, sys.stdout, samples, full=full)
     except errors.UserError as exc:
         raise UsageFailure(str(exc)) from None
     sys.exit(code)
@@ -220,7 +241,21 @@ def serve_local(host: str, port: int, threads: int | None, ctx_size: int, model_
 @click.option("--columns", default=None, metavar="A,B", help="The columns to show, comma-separated.")
 @click.option("--full", is_flag=True, help="Every value whole, one per line, instead of a table of shortened text.")
 @click.option("--checkpoint-dir", default=None, help="The run's checkpoint folder, if not next to the output.")
-def show(path: str, rows: int, errors_only: bool, columns: str | None, full: bool, checkpoint_dir: str | None) -> None:
+@click.option(
+    "--result-prefix",
+    default=None,
+    metavar="PREFIX",
+    help="The run's --result-prefix (found from the columns by default); --columns error then means PREFIXerror.",
+)
+def show(
+    path: str,
+    rows: int,
+    errors_only: bool,
+    columns: str | None,
+    full: bool,
+    checkpoint_dir: str | None,
+    result_prefix: str | None,
+) -> None:
     """Print the first rows of an output file (Parquet, CSV or JSONL) and its status counts.
 
     Before its run has finished (running, or stopped), the answers so far are
@@ -230,7 +265,10 @@ def show(path: str, rows: int, errors_only: bool, columns: str | None, full: boo
 
     chosen = [c.strip() for c in columns.split(",") if c.strip()] if columns else []
     try:
-        text = show_output(path, rows=rows, errors_only=errors_only, columns=chosen, full=full, checkpoint_dir=checkpoint_dir)
+        text = show_output(
+            path, rows=rows, errors_only=errors_only, columns=chosen, full=full, checkpoint_dir=checkpoint_dir,
+            result_prefix=result_prefix,
+        )  # fmt: skip
     except errors.UserError as exc:
         raise UsageFailure(str(exc)) from None
     click.echo(text)
@@ -417,6 +455,7 @@ def _age(text: str) -> float:
 def _config(config: str | None, flags: dict[str, Any]) -> RunConfig:
     """The config file (if any) with the flags laid over it, validated."""
     flags["input"] = flags["input"] or None
+    flags["null_values"] = flags["null_values"] or None
     flags["schema"] = flags.pop("schema_")
     for name, sep in _PAIR_SEPARATORS.items():
         flags[name] = _pairs(name, sep, flags[name])

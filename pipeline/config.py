@@ -188,6 +188,19 @@ class RunConfig(BaseModel):
     encoding: str = opt("utf-8", "Text encoding of CSV and JSONL input, e.g. cp1252, latin-1. Default: utf-8.")
     separator: str | None = opt(None, "CSV field separator, e.g. ';' or tab. Default: ',' (tab for .tsv).")
     null_as_empty: bool = opt(False, "Render null cells as empty text instead of not sending the row.")
+    null_values: tuple[str, ...] = opt(
+        (),
+        "A cell text that means missing, e.g. N/A, - or NULL (the whole cell, exactly): such cells are null. Repeatable.",
+        flag="--null-value",
+        metavar="TEXT",
+    )
+    dtypes: dict[str, str] = opt(
+        dict,
+        "Read COLUMN as TYPE: str, int, float, bool, date, datetime (date:%d/%m/%Y names a format). Without it a CSV "
+        "column is text unless every value reads back unchanged as a number (or true/false). Repeatable.",
+        flag="--dtype",
+        metavar="COLUMN=TYPE",
+    )
     list_join: str | None = opt(
         None, "Render list cells joined with this text instead of as JSON (struct cells are always JSON).", metavar="TEXT"
     )
@@ -195,6 +208,7 @@ class RunConfig(BaseModel):
     result_prefix: str = opt(
         "", "Prefix for the result columns (llm_ gives llm_completion, llm_status...), when the input has such columns."
     )
+    csv_bom: bool = opt(False, "Start a .csv output with a UTF-8 byte-order mark, so that Excel shows accented text right.")
     batch_size: int = Field(default=5000, ge=1, description="Rows read and written per batch. Default: 5000.")
     progress: bool = opt(True, "No progress bar (nor, without a terminal, the status line each minute).", flag="--no-progress")
     fresh: bool = opt(False, "Ignore the checkpoint: send every row again.")
@@ -216,11 +230,11 @@ class RunConfig(BaseModel):
         "auto follows the output's extension; openai-batch writes OpenAI batch-output lines (the default for a "
         ".jsonl output when the input is a file of OpenAI batch requests).",
     )
-    # Where the engine runs: this process, or a pool of Ray actors sharing one rate budget (pipeline[ray]).
+    # Where the engine runs: this process, or a pool of Ray actors sharing one rate budget (the ray extra).
     engine: Literal["local", "ray"] = opt(
         "local",
         "local runs the engine in this process; ray runs one engine per Ray actor with one shared rate budget "
-        "(needs pip install 'pipeline[ray]'). Default: local.",
+        "(needs Ray: pip install -e '.[ray]' in the checkout, or make setup). Default: local.",
     )
     ray_address: str | None = opt(
         None,
@@ -242,7 +256,7 @@ class RunConfig(BaseModel):
         default=1024, gt=0, description="Most answers the cache keeps, in MB; the least recently used go first. Default: 1024."
     )
 
-    @field_validator("input", mode="before")
+    @field_validator("input", "null_values", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return (value,) if isinstance(value, str) else value
@@ -311,6 +325,12 @@ class RunConfig(BaseModel):
                 "(a column holding each row's conversation as a list of {role, content})"
                 + (f"; got {', '.join(given)}" if given else "")
             )
+        return self
+
+    @model_validator(mode="after")
+    def _bom_is_for_csv(self) -> RunConfig:
+        if self.csv_bom and self.output is not None and not self.output.lower().endswith(".csv"):
+            raise ValueError(f"--csv-bom (csv_bom) is for a .csv output, and the output is {self.output}; drop it")
         return self
 
     @model_validator(mode="after")

@@ -30,7 +30,7 @@ from pipeline.engines.online import Engine, prepare
 from pipeline.limits import spend
 from pipeline.limits.governor import Governor
 from pipeline.limits.retry import RetryPolicy
-from pipeline.observe import metrics
+from pipeline.observe import history, metrics
 from pipeline.observe.progress import Progress, plural, summary
 from pipeline.observe.stats import RunStats
 from pipeline.outcomes import EXIT_OK, RunResult
@@ -115,17 +115,19 @@ def prepare_job(
     stream: TextIO | None = None,
     files: bool = True,
     notebook: bool = False,
+    api_key: str | None = None,
 ) -> Job:
     """Check everything the user could have got wrong, before anything is sent; raises UserError.
 
     `table` and `sink` are the API's DataFrame in and out (else the config's input
     and output files); `checkpoint` overrides the config's folder; `files` says
     whether the metrics file and the report are written (the API's DataFrame out
-    writes them only when asked for by path)."""
+    writes them only when asked for by path); `api_key` is the API's key given in memory, else the
+    config's variable is read."""
     clock = metrics.Clock.now()
     try:
         plan = preflight(cfg, writes=sink is None, table=table)
-        api_key = cfg.api_key()
+        api_key = api_key or cfg.api_key()
         headers, secrets = cfg.request_headers()  # before anything starts: a variable unset is exit 2
         if cfg.provider == "local" and cfg.setting("base_url") is None:
             check_installed()
@@ -212,6 +214,7 @@ class Job:
             None  # kept for an output of batch-output lines  # the checkpoint's answers when this run began
         )
         self._counted_folded = 0
+        self._engine: Engine | None = None  # while the local engine sends: what an interrupt winds down
 
     # ---- the way through --------------------------------------------------------------------------
 
@@ -240,6 +243,13 @@ class Job:
         self._report(ending)
         return self.result
 
+    async def wind_down(self, grace: float) -> None:
+        """The first Ctrl-C: send nothing more and wait up to `grace` seconds for the requests in flight,
+        so their answers are saved; the caller then cancels. Returns at once when the local engine is not
+        sending (not started yet, batch mode, the Ray engine)."""
+        if self._engine is not None:
+            await self._engine.wind_down(grace)
+
     def _finish(self, ending: metrics.Ending) -> RunResult:
         path, report = self._metrics_path(), self._report_path(ending)
         data = metrics.build(
@@ -253,6 +263,7 @@ class Job:
         if path is not None:
             try:
                 metrics.write(path, metrics.dumps(data, self.secrets))
+                history.record(path, data)  # the line the report's trend across runs reads
             except OSError as exc:  # reported, never another exit code: the run's own outcome is what counts
                 self.say(f"pipeline: could not write the metrics file {path}: {exc.strerror or exc}")
             else:
@@ -342,7 +353,7 @@ class Job:
             self.responses = ResponseLog(self.checkpoint_path, self.secrets)
         else:
             assert output is not None  # preflight refuses a run with neither
-            sink = open_sink(output, self.cfg.result_prefix)
+            sink = open_sink(output, self.cfg.result_prefix, bom=self.cfg.csv_bom)
         try:
             yield sink
         finally:
@@ -424,6 +435,7 @@ class Job:
             engine.attempts_before = self._attempts_before
             engine.responses = self.responses
             engine.deliver_partial = bool(done.height) or self._sink is not None  # earlier answers, or the API's table
+            self._engine = engine
             progress.start()
             sampling = asyncio.get_running_loop().create_task(metrics.sampler(stats, self.clock))  # 1 Hz
             try:

@@ -220,6 +220,27 @@ class Engine:
             self.governor.stop()
             self._stopping.set()
 
+    async def wind_down(self, grace: float) -> None:
+        """An interrupt: admit nothing more, and give the requests in flight up to `grace` seconds to come
+        back. Their answers are paid for; saved in the checkpoint now, the next run does not send them
+        again. Returns when they are all back or the time is up; the caller then cancels the run."""
+        n = self.governor.in_flight
+        self.governor.stop()
+        if not n:
+            return
+        self.governor.tell(
+            f"pipeline: stopping: waiting up to {grace:.0f} s for the {n} request{'s' if n != 1 else ''} in flight to come "
+            "back, so their answers are saved and not paid for again (Ctrl-C again to stop at once)"
+        )
+        try:
+            await asyncio.wait_for(self.governor.drained(), grace)
+        except TimeoutError:
+            left = self.governor.in_flight
+            self.governor.tell(
+                f"pipeline: {left} request{'s' if left != 1 else ''} did not come back in {grace:.0f} s; the next run sends "
+                f"{'them' if left != 1 else 'it'} again"
+            )
+
     async def _stop_when_drained(self) -> None:
         await self._stopping.wait()
         await self.governor.drained()

@@ -22,8 +22,8 @@ One `_Coordinator` actor per run holds what is shared: the rate budget
 (`pipeline.limits.lease`: send times leased 50 ms at a time), the stop word after a
 fatal answer, and each actor's counters for the driver's progress and summary.
 
-Only this module imports ray, and only when asked for; Ray is the optional extra
-`pipeline[ray]`.
+Only this module imports ray, and only when asked for; Ray is the optional
+`ray` extra (`pip install -e '.[ray]'` in a checkout).
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ from pipeline.tables.sink import Sink, result_frame
 if TYPE_CHECKING:
     from pipeline.job import Job
 
-INSTALL = "pip install 'pipeline[ray]'"
+# From a checkout: the published package named "pipeline" is another project, so no install by name.
+INSTALL = "pip install -e '.[ray]' in the pipeline checkout (make setup there installs it too)"
 RESULT = "__result."  # result columns inside the dataset, apart from any input column of the same name
 PREPARED = (PROMPT, EXTRA, SKIP_REASON, KEY, EST_TOKENS)
 MAX_WORKERS_DEFAULT = 8

@@ -135,6 +135,7 @@ class Governor:
                 break
             gate.release()
         self._on_wire += 1
+        self._stats.in_flight = self._on_wire
         now = asyncio.get_running_loop().time()
         self.rate.sent(now)
         return Ticket(
@@ -191,6 +192,7 @@ class Governor:
     def release(self) -> None:
         """The answer (or failure) of an admitted request has been read."""
         self._on_wire -= 1
+        self._stats.in_flight = self._on_wire
         self.gate.release()
         if self._on_wire == 0 and self._stopping:
             self._drained.set()

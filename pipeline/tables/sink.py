@@ -10,6 +10,7 @@ each batch goes out as soon as it is in order.
 
 from __future__ import annotations
 
+import codecs
 import io
 import os
 import sys
@@ -99,13 +100,13 @@ def check_output(
         raise InputError(f"Cannot write the output {path}: {existing} is not a folder we may write to. Choose another --output.")
 
 
-def open_sink(path: Path | storage.Url, result_prefix: str = "") -> Sink:
-    """The sink for an output checked by `check_output`."""
+def open_sink(path: Path | storage.Url, result_prefix: str = "", *, bom: bool = False) -> Sink:
+    """The sink for an output checked by `check_output`; `bom` starts a CSV with a UTF-8 byte-order mark."""
     if is_stdout(path):
         return StdoutSink(result_prefix)
     kind = FORMATS[path.suffix.lower()]
     if kind == "csv":
-        return CsvSink(path, result_prefix)
+        return CsvSink(path, result_prefix, bom=bom)
     if kind == "jsonl":
         return JsonLinesSink(path, result_prefix)
     return ParquetSink(path, result_prefix)
@@ -245,7 +246,14 @@ class _StreamSink(_FileSink):
 
 
 class CsvSink(_StreamSink):
+    def __init__(self, path: Path | storage.Url, result_prefix: str = "", *, bom: bool = False) -> None:
+        super().__init__(path, result_prefix)
+        # Excel reads a CSV without the mark in the machine's legacy code page: "JosÃ©" for "José".
+        self._bom = bom
+
     def _encode(self, frame: pl.DataFrame, out: BinaryIO) -> None:
+        if self._first and self._bom:
+            out.write(codecs.BOM_UTF8)
         frame.pipe(as_flat).write_csv(out, include_header=self._first)
 
 
