@@ -5,7 +5,7 @@ process, pinned to one core) and, in the same run, bench/baseline.py, the least 
 must do.  Clients are pinned to another core so their CPU is measured apart from the server's;
 wall is from spawn to exit, CPU from wait4() on the child, peak RSS from GNU time.
 
-    python bench/run.py [--quick] [--only overhead|ratelimit|memory|resume|faults|spend|report|api|s3|adapt|ray]
+    python bench/run.py [--quick] [--only overhead|ratelimit|memory|resume|faults|spend|report|api|s3|adapt|ray|s3state|reader]
 
 Prints a table, then a PASS/MISS line per target of issue 8 (rate control) computed from the
 figures, and writes every figure plus machine info to bench/results/latest.json.  The table
@@ -15,6 +15,7 @@ reports; it never judges: a missed target is a MISS line, not a failed scenario.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -28,7 +29,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, closing, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,9 @@ CORES = sorted(os.sched_getaffinity(0))
 TASKSET = shutil.which("taskset") if len(CORES) >= 2 else None
 CLIENT_CORE, SERVER_CORE = CORES[0], CORES[-1]
 GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
-SCENARIOS = ("overhead", "ratelimit", "memory", "resume", "faults", "spend", "report", "api", "s3", "adapt", "ray")
+SCENARIOS = (
+    "overhead", "ratelimit", "memory", "resume", "faults", "spend", "report", "api", "s3", "adapt", "ray", "s3state", "reader",
+)  # fmt: skip
 LIVE: set[subprocess.Popen[Any]] = set()  # children still running, so every exit path can end them
 Row = tuple[str, str, float | None, float | None, float | None]
 
@@ -95,8 +98,9 @@ def run_child(
     timeout: float,
     tick: Callable[[subprocess.Popen[bytes]], None] | None = None,
     env: dict[str, str] | None = None,
+    cwd: Path = ROOT,
 ) -> Run:
-    """Run `cmd` on the client core; `tick(proc)` is called about every 10 ms while it runs.
+    """Run `cmd` on the client core, in `cwd`; `tick(proc)` is called about every 10 ms while it runs.
 
     `env` is added to this process's environment for the child (which otherwise inherits it)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile() as tv:
@@ -108,7 +112,7 @@ def run_child(
         started = time.monotonic()
         # Own process group: killpg() then ends GNU time and the command together.
         child_env = {**os.environ, **env} if env else None
-        proc = subprocess.Popen(full, stdout=out, stderr=err, cwd=ROOT, start_new_session=True, env=child_env)
+        proc = subprocess.Popen(full, stdout=out, stderr=err, cwd=cwd, start_new_session=True, env=child_env)
         LIVE.add(proc)
         fd = os.pidfd_open(proc.pid)  # readable the moment the child exits: wall is not rounded to a poll
         try:
@@ -347,7 +351,14 @@ class Bench:
         self.rows.append((scenario, metric, ours, base, ours / base if ours is not None and base else None))
 
     def ours_cmd(
-        self, inp: Path, url: str, conc: int, *extra: str, out: Path | None = None, model: str = "fake-model", path: str = "/v1"
+        self,
+        inp: Path | str,
+        url: str,
+        conc: int,
+        *extra: str,
+        out: Path | str | None = None,
+        model: str = "fake-model",
+        path: str = "/v1",
     ) -> list[str]:
         """`pipeline run` on `inp` against the server at `url` + `path`, writing a fresh output unless `out`."""
         self._runs += 1
@@ -359,11 +370,11 @@ class Bench:
 
     def ours(
         self,
-        inp: Path,
+        inp: Path | str,
         url: str,
         conc: int,
         *extra: str,
-        out: Path | None = None,
+        out: Path | str | None = None,
         expect: int = 0,
         model: str = "fake-model",
         path: str = "/v1",
@@ -657,7 +668,7 @@ class Bench:
             client.create_bucket(Bucket="bench")
             client.upload_file(str(inp), "bench", "in.parquet")
             script = (
-                "import sys\nfrom pipeline import source\n"
+                "import sys\nfrom pipeline.tables import source\n"
                 "t = source.open_table((sys.argv[1],))\nrows = source.count_rows(t)\n"
                 "seen = sum(b.height for b in source.batches(t, 5000))\nassert rows == seen == int(sys.argv[2]), (rows, seen)\n"
             )
@@ -679,6 +690,123 @@ class Bench:
         self.add(scn, "peak RSS MB, s3:// / disk", s3.rss_mb, disk.rss_mb)
         self.figures["s3"] = dict(rows=n, s3_wall=s3.wall, disk_wall=disk.wall, s3_rss=s3.rss_mb, disk_rss=disk.rss_mb,
                                   bytes=inp.stat().st_size, target="time ratio <= 2, memory flat")  # fmt: skip
+
+    # ---- issue 19: the state follows the job ---------------------------------------------------------
+
+    def s3state(self) -> None:
+        """A job's checkpoint in the bucket beside its s3:// output (issue 19).
+
+        A: 20,000 rows s3:// to s3://, SIGKILL at 50%, then the same command from another folder with a fresh
+        HOME and TMPDIR: requests sent twice, against what was in flight at the kill plus one journal segment.
+        B: what shipping the journal costs: the overhead scenario's job (c256, 20 ms) with an s3:// output,
+        its checkpoint in the bucket (shipped) against a local --checkpoint-dir (never shipped), alternated,
+        best of each; requests/s start-up excluded; target ratio >= 0.95."""
+        n, conc, segment = self.n(20_000), 256, 500  # remote_state.SHIP_ROWS, the default
+        inp = self.table(n)
+        with closing(Server(latency=0.02)) as srv, _moto() as (env, client):
+            client.upload_file(str(inp), "bench", "in.parquet")
+            machines = {}
+            for who in ("a", "b"):
+                home, tmp, folder = (self.tmp / "s3state" / who / d for d in ("home", "tmp", "cwd"))
+                for d in (home, tmp, folder):
+                    d.mkdir(parents=True)
+                machines[who] = (
+                    {**env, "HOME": str(home), "TMPDIR": str(tmp), "XDG_STATE_HOME": "", "PIPELINE_STATE_DIR": ""},
+                    folder,
+                )
+            work = (
+                self.tmp / "s3state" / "a" / "home" / ".local" / "state" / "pipeline" / "s3" / "bench" / "kill" / "out.checkpoint"
+            )
+            journal_lines, kill_at_half = _killer(work, n // 2)
+            out = "s3://bench/kill/out.parquet"
+            env_a, cwd_a = machines["a"]
+            self.ours("s3://bench/in.parquet", srv.url, conc, out=out, tick=kill_at_half, expect=-signal.SIGKILL,
+                      env=env_a, cwd=cwd_a)  # fmt: skip
+            first, answered = srv.stats()["requests"], journal_lines()
+            segments_at_kill = [_lines(client, k) for k in _keys(client, "kill/out.checkpoint/journal/")]
+            shipped = sum(segments_at_kill)
+            # One segment: what one shipment carried, SHIP_ROWS and those answered before the thread read the journal.
+            segment = max([segment, *segments_at_kill])
+            env_b, cwd_b = machines["b"]
+            again = self.ours("s3://bench/in.parquet", srv.url, conc, out=out, env=env_b, cwd=cwd_b)
+            total = srv.stats()["requests"]
+            body = client.get_object(Bucket="bench", Key="kill/out.parquet")["Body"].read()
+            ok = pl.read_parquet(body).filter(pl.col("status") == "ok").height
+            if ok != n:
+                raise BenchError(f"s3state: the output has {ok} ok rows, expected {n}")
+            in_flight, unshipped = first - answered, answered - shipped
+            twice = total - n
+            # B: interleaved, best of each: the machine is shared and noisy.
+            samples: dict[str, list[dict[str, float]]] = {"shipped": [], "local": []}
+            for rep in range(1 if self.quick else 4):
+                for who in ("shipped", "local"):
+                    srv.reset()
+                    extra = ["--checkpoint-dir", str(self.tmp / "s3state" / f"ck-{rep}")] if who == "local" else []
+                    r = self.ours(inp, srv.url, conc, *extra, out=f"s3://bench/cost-{who}-{rep}/out.parquet", env=env_a)
+                    s = r.summary()
+                    segments = len(_keys(client, f"cost-{who}-{rep}/out.checkpoint/journal/"))
+                    samples[who].append(dict(rows_per_s=s.get("rows_per_s", 0.0), wall_s=r.wall, cpu_s=r.cpu, segments=segments))
+        best = {k: max(v, key=lambda x: x["rows_per_s"]) for k, v in samples.items()}
+        ratio = best["shipped"]["rows_per_s"] / best["local"]["rows_per_s"] if best["local"]["rows_per_s"] else None
+        # CPU per request moves far less than requests/s when others load the machine: the steadier figure.
+        cpu = {k: sorted(x["cpu_s"] for x in v)[len(v) // 2] / n * 1e6 for k, v in samples.items()}
+        scn = f"12 state in the bucket {n:,} rows s3:// to s3:// c{conc}"
+        self.add(scn, "A: requests sent twice after SIGKILL at 50%", twice, in_flight + segment)
+        self.add(scn, "A: in flight at the kill / answered, not shipped", in_flight, unshipped)
+        self.add(scn, "A: largest journal segment, rows", segment)
+        self.add(scn, "A: resume from a fresh disk, wall s", again.wall)
+        self.add(scn, "B: requests/s, journal shipped / local", best["shipped"]["rows_per_s"], best["local"]["rows_per_s"])
+        self.add(scn, "B: client CPU µs/request (median), shipped / local", cpu["shipped"], cpu["local"])
+        self.add(scn, "B: journal segments shipped (best run)", best["shipped"]["segments"])
+        targets = [  # nothing that was shipped is sent again: only what was in flight or not yet shipped
+            self.target(
+                "I19", "s3:// kill: sent twice - (in flight + not shipped), at most", twice - in_flight - unshipped, hi=0
+            ),
+            self.target("I19", "journal shipping: requests/s shipped / local, at least", ratio, lo=0.95),
+        ]
+        self.figures["s3state"] = dict(rows=n, concurrency=conc, segment_rows=segment, first_run_requests=first,
+                                       answered_at_kill=answered, shipped_at_kill=shipped, in_flight=in_flight,
+                                       sent_twice=twice, resume=again.summary(), cost=samples, ratio=ratio, cpu_us=cpu,
+                                       targets=targets)  # fmt: skip
+
+    # ---- issue 21: the reader keeps the cells as written ---------------------------------------------
+
+    def reader(self) -> None:
+        """A CSV read as a run reads it (open: the types settled where no text changes, the rows counted,
+        every line parsed; then every batch) against the least any reader does: polars streaming the file
+        as text. Both in child processes, alternated, best of each."""
+        n = self.n(1_000_000)
+        path = self.tmp / f"in-{n}.csv"
+        ids = pl.int_range(0, n, dtype=pl.Int64, eager=True).alias("id")
+        pl.DataFrame(ids).with_columns(
+            text=pl.format("item {} arrived on time and works", "id"),
+            score=pl.col("id").cast(pl.Float64) / 7,
+            sku=pl.format("{}", pl.col("id") % 10_000).str.zfill(6),  # leading zeros: text, as written
+        ).write_csv(path)
+        ours = (
+            "import sys\nfrom pipeline.tables import source\n"
+            "t = source.open_table((sys.argv[1],))\nrows = source.count_rows(t)\n"
+            "seen = sum(b.height for b in source.batches(t, 5000))\nassert rows == seen == int(sys.argv[2]), (rows, seen)\n"
+            "assert str(t.schema['sku']) == 'String' and str(t.schema['id']) == 'Int64', t.schema\n"
+        )
+        base = (
+            "import sys, polars as pl\n"
+            "seen = sum(b.height for b in pl.scan_csv(sys.argv[1], infer_schema=False).collect_batches(chunk_size=5000, "
+            "maintain_order=True))\nassert seen == int(sys.argv[2]), seen\n"
+        )
+        runs: dict[str, list[Run]] = {"ours": [], "base": []}
+        for _ in range(1 if self.quick else 3):
+            for who, script in (("base", base), ("ours", ours)):
+                r = run_child([sys.executable, "-c", script, str(path), str(n)], timeout=self.timeout)
+                if r.rc != 0:
+                    raise BenchError(f"reading the CSV ({who}) exited {r.rc}: {r.stderr.strip()[-800:]}")
+                runs[who].append(r)
+        o, b = min(runs["ours"], key=lambda r: r.wall), min(runs["base"], key=lambda r: r.wall)
+        scn = f"13 reader, {n:,}-row CSV"
+        self.add(scn, "wall s, open + count + every batch / polars as text", o.wall, b.wall)
+        self.add(scn, "peak RSS MB", o.rss_mb, b.rss_mb)
+        self.figures["reader"] = dict(rows=n, bytes=path.stat().st_size, walls={k: [r.wall for r in v] for k, v in runs.items()},
+                                      rss={k: [r.rss_mb for r in v] for k, v in runs.items()})  # fmt: skip
 
     # ---- issues 13 and 22: the Ray engine ---------------------------------------------------------------
 
@@ -954,6 +1082,50 @@ def _killer(ckpt: Path, at: int) -> tuple[Callable[[], int], Callable[[subproces
             os.killpg(proc.pid, signal.SIGKILL)  # the group: `pipeline` itself, not only its GNU time wrapper
 
     return journal_lines, kill
+
+
+@contextlib.contextmanager
+def _moto() -> Iterator[tuple[dict[str, str], Any]]:
+    """moto's S3 server in its own process on the server core, a bucket `bench`, the environment to reach
+    it, and a boto3 client for setting up and reading back."""
+    import boto3  # moto's server and this client come with the dev tools
+
+    from pipeline.providers.local_model import free_port
+
+    port = free_port()
+    moto = subprocess.Popen(pinned(SERVER_CORE, [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    LIVE.add(moto)
+    url = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": url}
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise BenchError("moto's server did not start") from None
+                time.sleep(0.2)
+        client = boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="bench",
+                              aws_secret_access_key="bench")  # fmt: skip
+        client.create_bucket(Bucket="bench")
+        yield env, client
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(moto.pid, signal.SIGKILL)
+        moto.wait()
+        LIVE.discard(moto)
+
+
+def _keys(client: Any, prefix: str) -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket="bench", Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def _lines(client: Any, key: str) -> int:
+    return int(client.get_object(Bucket="bench", Key=key)["Body"].read().count(b"\n"))
 
 
 def target_text(lo: float | None, hi: float | None) -> str:

@@ -15,37 +15,55 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from pipeline.answers import clear_answers
     from pipeline.api import acomplete, arun, complete, run
     from pipeline.config import RunConfig
     from pipeline.errors import (
         AuthError,
+        BatchPending,
         ConfigError,
+        ErrorRateExceeded,
         FatalError,
         InputError,
         Interrupted,
+        JobBusy,
+        OutputClosed,
+        OutputFailed,
         PipelineError,
         QuotaExhausted,
+        RequestsRefused,
         RunStopped,
+        ServerUnavailable,
+        SpendCeilingReached,
         UserError,
         WaitTooLong,
     )
-    from pipeline.job import RunResult
+    from pipeline.outcomes import RunResult
 
 _WHERE = {
     **dict.fromkeys(("complete", "acomplete", "run", "arun"), "pipeline.api"),
+    "clear_answers": "pipeline.answers",
     "RunConfig": "pipeline.config",
-    "RunResult": "pipeline.job",
+    "RunResult": "pipeline.outcomes",
     **dict.fromkeys(
         (
-            "PipelineError",
-            "UserError",
-            "ConfigError",
-            "InputError",
-            "RunStopped",
-            "Interrupted",
-            "FatalError",
             "AuthError",
+            "BatchPending",
+            "ConfigError",
+            "ErrorRateExceeded",
+            "FatalError",
+            "InputError",
+            "Interrupted",
+            "JobBusy",
+            "OutputClosed",
+            "OutputFailed",
+            "PipelineError",
             "QuotaExhausted",
+            "RequestsRefused",
+            "RunStopped",
+            "ServerUnavailable",
+            "SpendCeilingReached",
+            "UserError",
             "WaitTooLong",
         ),
         "pipeline.errors",
@@ -53,19 +71,28 @@ _WHERE = {
 }
 __all__ = [  # what `from pipeline import *` and type checkers see; _WHERE says where each lives
     "AuthError",
+    "BatchPending",
     "ConfigError",
+    "ErrorRateExceeded",
     "FatalError",
     "InputError",
     "Interrupted",
+    "JobBusy",
+    "OutputClosed",
+    "OutputFailed",
     "PipelineError",
     "QuotaExhausted",
+    "RequestsRefused",
     "RunConfig",
     "RunResult",
     "RunStopped",
+    "ServerUnavailable",
+    "SpendCeilingReached",
     "UserError",
     "WaitTooLong",
     "acomplete",
     "arun",
+    "clear_answers",
     "complete",
     "run",
 ]

@@ -24,17 +24,18 @@ import concurrent.futures
 import contextlib
 import logging
 import sys
-import tempfile
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import polars as pl
 
-from pipeline import errors
+from pipeline import answers, errors
 from pipeline.config import ConfigLike, settings_config
-from pipeline.job import EXIT_INTERRUPTED, Job, RunResult, prepare_job
-from pipeline.tables import source
+from pipeline.job import Job, prepare_job
+from pipeline.outcomes import EXCEPTIONS, EXIT_INTERRUPTED, RunResult
+from pipeline.tables import frames, source
+from pipeline.tables.scratch import Scratch
 from pipeline.tables.sink import Sink
 
 if TYPE_CHECKING:
@@ -43,10 +44,18 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-def complete(table: Any, **settings: Any) -> pl.DataFrame:
+@overload
+def complete(table: pl.DataFrame | pl.LazyFrame, **settings: Any) -> pl.DataFrame: ...
+@overload
+def complete(table: Any, **settings: Any) -> Any: ...
+
+
+def complete(table: Any, **settings: Any) -> Any:
     """Send one request per row of `table` and return the table with the result columns.
 
-    `table`: a polars DataFrame or LazyFrame, a pyarrow Table, or a pandas DataFrame.
+    `table`: a polars DataFrame or LazyFrame, a pyarrow Table or RecordBatch, or a pandas DataFrame;
+    the result is of the same kind (a polars DataFrame for a LazyFrame), its input columns the ones
+    given (a pandas frame keeps its index and dtypes, an Arrow table its schema).
     `settings`: those of `pipeline run` by their YAML names (`prompt`, `provider`, `base_url`,
     `model`, `system`, `max_tokens`, `schema`, `rpm`, ...), plus `config` (a YAML path or a
     mapping they are laid over). Input and output files are not used: the table comes in and
@@ -55,18 +64,24 @@ def complete(table: Any, **settings: Any) -> pl.DataFrame:
     run writes them.
 
     `checkpoint_dir`: a folder that keeps every answer as it comes; calling again with the same
-    folder resumes (answered rows are not sent again). Without it the answers live in a
-    temporary folder for the call only. `metrics`: a path for the metrics JSON file.
+    folder resumes (answered rows are not sent again). Without it (and without `cache_dir`) the
+    answers go to the user's default answer store (`pipeline.answers`): calling the same
+    complete() again, here or in a new process, sends only what was never answered
+    (`fresh=True` sends every row and keeps nothing). `metrics`: a path for the metrics JSON file.
+    `api_key`: the key itself, for a notebook with no environment variable; held in memory for
+    the call only (never written to the checkpoint, the metrics or any message).
 
     Raises UserError (ConfigError, InputError) before anything is sent, RunStopped when a
-    fatal answer (bad key, no quota) stopped the run, Interrupted after Ctrl-C.
+    fatal answer (bad key, no quota) stopped the run, Interrupted after Ctrl-C (its `partial`
+    holds the rows answered so far).
     """
     return _sync(lambda: acomplete(table, **settings))
 
 
-async def acomplete(table: Any, **settings: Any) -> pl.DataFrame:
+async def acomplete(table: Any, **settings: Any) -> Any:
     """`complete` on the caller's event loop."""
     config = settings.pop("config", None)
+    api_key = _key(settings.pop("api_key", None))
     frame = _as_frame(table)
     cfg = settings_config(config, settings, api=True)
     if cfg.mode == "batch" and not cfg.checkpoint_dir and not cfg.wait:
@@ -74,8 +89,9 @@ async def acomplete(table: Any, **settings: Any) -> pl.DataFrame:
             "complete(mode='batch') returns before its batches finish: give checkpoint_dir= so a later call collects "
             "them (without it the record of the batches would be gone, and a second call would pay again), or wait=True."
         )
+    cfg = answers.with_default_store(cfg)  # without a place of the caller's, the answers outlive the call
     sink = MemorySink(cfg.result_prefix)
-    with tempfile.TemporaryDirectory(prefix="pipeline-answers-") as scratch:
+    with Scratch("pipeline-answers-") as scratch:  # a killed kernel's folder is removed by the next call
         checkpoint = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else Path(scratch) / "answers.checkpoint"
         job = await asyncio.to_thread(
             prepare_job,
@@ -86,11 +102,24 @@ async def acomplete(table: Any, **settings: Any) -> pl.DataFrame:
             files=False,
             notebook=_in_notebook(),
             say=None if cfg.progress else _log,
+            api_key=api_key,
         )
-        result = await _execute(job)
-    if result.outcome in ("stopped", "crashed") or sink.frame is None:
-        raise errors.RunStopped(result.reason or f"the run ended {result.outcome}", result)
-    return sink.frame
+        job.checkpoint_shown, job.resume_hint = answers.where(cfg), answers.resume_hint(cfg)
+        result = await _execute(job, partial=lambda: answers.answered_so_far(job, MemorySink(cfg.result_prefix)))
+    if result.outcome in ("completed", "empty_input", "error_rate", "spend_ceiling") and sink.frame is not None:
+        # The rows carry their status: failed or unsent rows are rows, not an exception. In the kind given.
+        return frames.like(table, sink.frame, len(frame.collect_schema()))
+    raise _stopped(result, sink.frame)
+
+
+def _stopped(result: RunResult, frame: pl.DataFrame | None) -> errors.PipelineError:
+    """The exception of a run that did not finish its work: AuthError for a refused key, ServerUnavailable for a
+    server down past max_wait, ... (pipeline.outcomes), with the RunResult and the rows so far."""
+    message = result.reason or f"the run ended {result.outcome}"
+    cls = EXCEPTIONS.get(result.outcome, errors.RunStopped)
+    if issubclass(cls, errors.RunStopped):
+        return cls(message, result, frame)
+    return cls(message)
 
 
 def run(config: ConfigLike = None, **settings: Any) -> RunResult:
@@ -102,15 +131,28 @@ def run(config: ConfigLike = None, **settings: Any) -> RunResult:
     `config`: a YAML file's path, a mapping of settings, a RunConfig, or None; `settings` are laid
     over it, as flags are over a config file. Raises UserError before anything is sent and
     Interrupted after Ctrl-C; a run that stops (a bad key, the spend ceiling, the error rate)
-    returns its result, with `result.succeeded` False and the reason in `result.reason`."""
+    returns its result, with `result.succeeded` False and the reason in `result.reason`.
+    `api_key`: the key itself, held in memory only, as for `complete()`."""
     return _sync(lambda: arun(config, **settings))
 
 
 async def arun(config: ConfigLike = None, **settings: Any) -> RunResult:
     """`run` on the caller's event loop."""
+    api_key = _key(settings.pop("api_key", None))
     cfg = settings_config(config, settings, api=False)
-    job = await asyncio.to_thread(prepare_job, cfg, notebook=_in_notebook(), say=None if cfg.progress else _log)
+    job = await asyncio.to_thread(prepare_job, cfg, notebook=_in_notebook(), say=None if cfg.progress else _log, api_key=api_key)
     return await _execute(job)
+
+
+def _key(value: Any) -> str | None:
+    """api_key= as given: text, or None to read the config's variable. Never echoed: it is a secret."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise errors.ConfigError(
+            "api_key= takes the key as non-empty text (or leave it out to read the variable named by api_key_env)."
+        )
+    return value.strip()
 
 
 class MemorySink(Sink):
@@ -133,7 +175,7 @@ class MemorySink(Sink):
         self._frames = []
 
 
-async def _execute(job: Job) -> RunResult:
+async def _execute(job: Job, partial: Callable[[], pl.DataFrame] | None = None) -> RunResult:
     try:
         return await job.execute()
     except (asyncio.CancelledError, KeyboardInterrupt):
@@ -141,7 +183,13 @@ async def _execute(job: Job) -> RunResult:
             raise
         if _cancelled_by_caller():
             raise  # the caller's own cancel: asyncio's contract is that CancelledError comes back
-        raise errors.Interrupted(job.result.reason or "interrupted", job.result) from None
+        rows = None
+        if partial is not None:  # the rows answered so far, for a caller who wants them now
+            try:
+                rows = partial()
+            except Exception:  # never in the way of the interrupt itself: the answers are kept all the same
+                logging.getLogger("pipeline").exception("pipeline: the rows answered so far could not be gathered")
+        raise errors.Interrupted(job.result.reason or "interrupted", job.result, rows) from None
 
 
 def _cancelled_by_caller() -> bool:

@@ -14,6 +14,7 @@ from pydantic.fields import FieldInfo
 
 from pipeline import errors
 from pipeline.config import RunConfig, build_config, load_yaml
+from pipeline.outcomes import EXIT_CODES, MEANINGS, of_fatal
 
 RUN_EXAMPLES = """
 \b
@@ -27,16 +28,15 @@ Examples:
   MODELSLAB_API_KEY=... pipeline run configs/modelslab-llama-3.2-1b.yaml
 
 \b
-Exit codes: 0 done (also an input with no rows: the output is written
-empty); 1 error rate above --max-error-rate, the spend ceiling reached (the
-output is written, unsent rows marked), or stopped early (bad key, no quota,
-server unreachable or 404 before any answer, the same refusal on every
-request, a wait longer than --max-wait); 2 bad usage, config or input (nothing
-sent); 3 batch mode: batches still running (run the same command again to
-collect them); 130 interrupted by Ctrl-C or SIGTERM (the checkpoint is saved; run
-again to resume). Each run but exit 2 writes <output>.metrics.json and
-<output>.report.html beside the output.
+Exit codes (a scheduler can tell the causes apart; the metrics file's "outcome" says the same):
+{exit_codes}
+Every run but a refused one writes <output>.metrics.json (and <output>.report.html) beside the
+output; a run refused with exit 2 writes the metrics file with outcome usage_error, so nothing
+stale is read.
 """
+
+
+RUN_EXAMPLES = RUN_EXAMPLES.replace("{exit_codes}", "\n".join(f"  {code:>3}  {text}" for code, text in MEANINGS.items()))
 
 
 class UsageFailure(click.ClickException):
@@ -49,7 +49,7 @@ class UsageFailure(click.ClickException):
 
 
 # How a setting's type looks on the command line; mappings are given as repeated PAIRS.
-_PAIR_SEPARATORS = {"headers": ":", "params": "=", "param_columns": "="}
+_PAIR_SEPARATORS = {"headers": ":", "params": "=", "param_columns": "=", "dtypes": "="}
 
 
 def _option(name: str, field: FieldInfo) -> Callable[..., Any]:
@@ -115,9 +115,14 @@ def run(config: str | None, **flags: Any) -> None:
     sys.exit(code)
 
 
+INTERRUPT_GRACE_S = 5.0  # how long a first Ctrl-C waits for the requests in flight
+
+
 def _run(cfg: RunConfig) -> int:
     """One job on a fresh event loop; the exit code. SIGTERM is an interrupt like Ctrl-C for the whole run
-    (a scheduler's kill gets the same flush, message and exit 130)."""
+    (a scheduler's kill gets the same flush, message and exit 130), at once: a scheduler's own grace
+    before SIGKILL is unknown here. A first Ctrl-C waits a few seconds for the requests in flight, whose
+    answers are paid for, then stops; a second stops at once."""
     import asyncio  # with the run's heavy imports (polars, pyarrow, aiohttp): only when running
 
     from pipeline.job import prepare_job
@@ -127,7 +132,22 @@ def _run(cfg: RunConfig) -> int:
     async def main() -> int:
         task = asyncio.current_task()
         assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        winding: list[asyncio.Task[None]] = []
+
+        async def wind_down() -> None:
+            await job.wind_down(INTERRUPT_GRACE_S)
+            if not task.done():  # every row may have come back in the meantime
+                task.cancel()
+
+        def on_ctrl_c() -> None:
+            if winding:  # the second Ctrl-C: stop now
+                task.cancel()
+            else:
+                winding.append(loop.create_task(wind_down()))
+
+        loop.add_signal_handler(signal.SIGINT, on_ctrl_c)
         return (await job.execute()).exit_code
 
     try:
@@ -146,8 +166,9 @@ def _run(cfg: RunConfig) -> int:
 )
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
 @click.option("--samples", type=int, default=2, show_default=True, help="How many rendered requests to show.")
+@click.option("--full", is_flag=True, help="Show the sample requests whole (each text is cut to 400 characters otherwise).")
 @run_options
-def estimate(config: str | None, samples: int, **flags: Any) -> None:
+def estimate(config: str | None, samples: int, full: bool, **flags: Any) -> None:
     """Price a job without running it: sample requests, tokens in, worst-case tokens out, cost, time.
 
     Takes the same CONFIG and flags as `pipeline run`. No generation request is
@@ -158,7 +179,7 @@ def estimate(config: str | None, samples: int, **flags: Any) -> None:
 
     try:
         cfg = _config(config, flags)
-        code = estimate_job(cfg, sys.stdout, samples)
+        code = estimate_job(cfg, sys.stdout, samples, full=full)
     except errors.UserError as exc:
         raise UsageFailure(str(exc)) from None
     sys.exit(code)
@@ -220,7 +241,21 @@ def serve_local(host: str, port: int, threads: int | None, ctx_size: int, model_
 @click.option("--columns", default=None, metavar="A,B", help="The columns to show, comma-separated.")
 @click.option("--full", is_flag=True, help="Every value whole, one per line, instead of a table of shortened text.")
 @click.option("--checkpoint-dir", default=None, help="The run's checkpoint folder, if not next to the output.")
-def show(path: str, rows: int, errors_only: bool, columns: str | None, full: bool, checkpoint_dir: str | None) -> None:
+@click.option(
+    "--result-prefix",
+    default=None,
+    metavar="PREFIX",
+    help="The run's --result-prefix (found from the columns by default); --columns error then means PREFIXerror.",
+)
+def show(
+    path: str,
+    rows: int,
+    errors_only: bool,
+    columns: str | None,
+    full: bool,
+    checkpoint_dir: str | None,
+    result_prefix: str | None,
+) -> None:
     """Print the first rows of an output file (Parquet, CSV or JSONL) and its status counts.
 
     Before its run has finished (running, or stopped), the answers so far are
@@ -230,7 +265,10 @@ def show(path: str, rows: int, errors_only: bool, columns: str | None, full: boo
 
     chosen = [c.strip() for c in columns.split(",") if c.strip()] if columns else []
     try:
-        text = show_output(path, rows=rows, errors_only=errors_only, columns=chosen, full=full, checkpoint_dir=checkpoint_dir)
+        text = show_output(
+            path, rows=rows, errors_only=errors_only, columns=chosen, full=full, checkpoint_dir=checkpoint_dir,
+            result_prefix=result_prefix,
+        )  # fmt: skip
     except errors.UserError as exc:
         raise UsageFailure(str(exc)) from None
     click.echo(text)
@@ -281,13 +319,15 @@ def _batch_command(action: str, config: str | None, flags: dict[str, Any]) -> No
 
     from pipeline.job import batch_command
 
+    flags["mode"] = "batch"  # the subcommand is the mode, whatever the config says
     try:
         code = asyncio.run(batch_command(_config(config, flags), action, lambda m: click.echo(m, err=True)))
     except errors.UserError as exc:
         raise UsageFailure(str(exc)) from None
     except errors.RequestError as exc:
-        click.echo(f"pipeline: the batch API answered {exc.message}", err=True)
-        code = 1
+        outcome = of_fatal(exc) if isinstance(exc, errors.FatalError) else "requests_refused"
+        code = EXIT_CODES[outcome]
+        click.echo(f"pipeline: the batch API answered {exc.message}: exit {code} ({outcome})", err=True)
     sys.exit(code)
 
 
@@ -365,6 +405,42 @@ def cache_prune(folder: str, older_than: str | None, max_mb: float | None) -> No
     click.echo(f"Dropped {dropped:,} answers; {left.entries:,} remain ({left.file_bytes / 1e6:.1f} MB on disk).")
 
 
+@cli.group(epilog="\b\nExamples:\n  pipeline state info\n  pipeline state clear\n  pipeline state clear --older-than 30d")
+def state() -> None:
+    """What pipeline keeps for you outside your folders: complete()'s default answer store, and the local
+    side (output copies, reports) of s3:// jobs. PIPELINE_STATE_DIR or XDG_STATE_HOME move it."""
+
+
+@state.command(name="info")
+def state_info() -> None:
+    """Where the state folder is and what it holds."""
+    from pipeline.tables.cache import FILE, AnswerCache
+    from pipeline.tables.statedir import answers_dir, objects_dir, state_dir
+
+    click.echo(f"state folder: {state_dir()}")
+    if (answers_dir() / FILE).exists():
+        with AnswerCache(answers_dir()) as store:
+            info = store.info()
+        click.echo(f"  default answer store: {info.entries:,} answers, {info.file_bytes / 1e6:.1f} MB ({answers_dir() / FILE})")
+    else:
+        click.echo("  default answer store: empty")
+    local = sum(f.stat().st_size for f in objects_dir().rglob("*") if f.is_file()) if objects_dir().exists() else 0
+    click.echo(f"  s3:// jobs' local copies: {local / 1e6:.1f} MB ({objects_dir()})")
+
+
+@state.command(name="clear")
+@click.option("--older-than", metavar="DURATION", default=None, help="Only answers not used for this long: 30d, 12h.")
+def state_clear(older_than: str | None) -> None:
+    """Empty complete()'s default answer store (the next call pays for every row again) and remove the
+    local copies of s3:// jobs that no run is using (their state is in the bucket)."""
+    from pipeline.answers import clear_answers, forget_local_copies
+
+    days = _age(older_than) / 86400 if older_than is not None else None
+    dropped = clear_answers(days)
+    removed = forget_local_copies() if days is None else []
+    click.echo(f"Dropped {dropped:,} answers from the default store" + (f"; removed {removed[0]}" if removed else "") + ".")
+
+
 def _age(text: str) -> float:
     """30d, 12h, 90m, 45s or plain seconds."""
     units = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
@@ -379,6 +455,7 @@ def _age(text: str) -> float:
 def _config(config: str | None, flags: dict[str, Any]) -> RunConfig:
     """The config file (if any) with the flags laid over it, validated."""
     flags["input"] = flags["input"] or None
+    flags["null_values"] = flags["null_values"] or None
     flags["schema"] = flags.pop("schema_")
     for name, sep in _PAIR_SEPARATORS.items():
         flags[name] = _pairs(name, sep, flags[name])

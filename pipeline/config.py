@@ -8,6 +8,8 @@ the CLI receives one `RunConfig` and never looks at flags or files again.
 from __future__ import annotations
 
 import difflib
+import glob
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -160,7 +162,9 @@ class RunConfig(BaseModel):
         json_schema_extra={"metavar": "DURATION", "text": True},
     )
     limit: int | None = Field(default=None, ge=1, description="Only the first N rows (a try-out).")
-    checkpoint_dir: str | None = opt(None, "Checkpoint folder. Default: next to the output.")
+    checkpoint_dir: str | None = opt(
+        None, "Checkpoint folder, local or s3://bucket/folder/. Default: next to the output (in its bucket for s3://)."
+    )
     max_error_rate: float = Field(default=0.0, ge=0, le=1, description="Exit 1 if more than this share of rows fail. Default: 0.")
     # Prices in currency units per million tokens, for `pipeline estimate`.
     price_in: float | None = Field(default=None, ge=0, description="Price per million prompt tokens, for the cost in estimate.")
@@ -177,13 +181,26 @@ class RunConfig(BaseModel):
     max_tokens_total: int | None = Field(
         default=None, ge=1, description="Most tokens (in + out, worst case) this run may use, for servers with no price."
     )
-    metrics: str | None = opt(None, "Metrics JSON file. Default: next to the output, <output>.metrics.json.")
-    report: str | None = opt(None, "Run report HTML file. Default: next to the output, <output>.report.html.")
+    metrics: str | None = opt(None, "Metrics JSON file, local or s3://. Default: next to the output, <output>.metrics.json.")
+    report: str | None = opt(None, "Run report HTML file, local or s3://. Default: next to the output, <output>.report.html.")
     make_report: bool = opt(True, "Write no HTML report.", flag="--no-report")
     # Reading the input.
     encoding: str = opt("utf-8", "Text encoding of CSV and JSONL input, e.g. cp1252, latin-1. Default: utf-8.")
     separator: str | None = opt(None, "CSV field separator, e.g. ';' or tab. Default: ',' (tab for .tsv).")
     null_as_empty: bool = opt(False, "Render null cells as empty text instead of not sending the row.")
+    null_values: tuple[str, ...] = opt(
+        (),
+        "A cell text that means missing, e.g. N/A, - or NULL (the whole cell, exactly): such cells are null. Repeatable.",
+        flag="--null-value",
+        metavar="TEXT",
+    )
+    dtypes: dict[str, str] = opt(
+        dict,
+        "Read COLUMN as TYPE: str, int, float, bool, date, datetime (date:%d/%m/%Y names a format). Without it a CSV "
+        "column is text unless every value reads back unchanged as a number (or true/false). Repeatable.",
+        flag="--dtype",
+        metavar="COLUMN=TYPE",
+    )
     list_join: str | None = opt(
         None, "Render list cells joined with this text instead of as JSON (struct cells are always JSON).", metavar="TEXT"
     )
@@ -191,6 +208,7 @@ class RunConfig(BaseModel):
     result_prefix: str = opt(
         "", "Prefix for the result columns (llm_ gives llm_completion, llm_status...), when the input has such columns."
     )
+    csv_bom: bool = opt(False, "Start a .csv output with a UTF-8 byte-order mark, so that Excel shows accented text right.")
     batch_size: int = Field(default=5000, ge=1, description="Rows read and written per batch. Default: 5000.")
     progress: bool = opt(True, "No progress bar (nor, without a terminal, the status line each minute).", flag="--no-progress")
     fresh: bool = opt(False, "Ignore the checkpoint: send every row again.")
@@ -212,11 +230,11 @@ class RunConfig(BaseModel):
         "auto follows the output's extension; openai-batch writes OpenAI batch-output lines (the default for a "
         ".jsonl output when the input is a file of OpenAI batch requests).",
     )
-    # Where the engine runs: this process, or a pool of Ray actors sharing one rate budget (pipeline[ray]).
+    # Where the engine runs: this process, or a pool of Ray actors sharing one rate budget (the ray extra).
     engine: Literal["local", "ray"] = opt(
         "local",
         "local runs the engine in this process; ray runs one engine per Ray actor with one shared rate budget "
-        "(needs pip install 'pipeline[ray]'). Default: local.",
+        "(needs Ray: pip install -e '.[ray]' in the checkout, or make setup). Default: local.",
     )
     ray_address: str | None = opt(
         None,
@@ -239,7 +257,7 @@ class RunConfig(BaseModel):
         default=1024, gt=0, description="Most answers the cache keeps, in MB; the least recently used go first. Default: 1024."
     )
 
-    @field_validator("input", mode="before")
+    @field_validator("input", "null_values", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return (value,) if isinstance(value, str) else value
@@ -265,6 +283,21 @@ class RunConfig(BaseModel):
                 return orjson.loads(value)
             except orjson.JSONDecodeError as exc:
                 raise ValueError(f"the inline schema is not valid JSON ({exc}); give JSON text or a .json file") from None
+        return value
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _names_a_variable(cls, value: str | None) -> str | None:
+        # The value itself is never echoed: given by mistake, it is the key.
+        looks_like_key = (
+            value is not None and len(value) >= 32 and any(ch.isdigit() for ch in value) and any(ch.islower() for ch in value)
+        )  # a name of 32+ characters mixing lower case and digits: a key that happens to have no dash
+        if value is not None and (not _ENV_NAME.fullmatch(value) or looks_like_key):
+            raise ValueError(
+                "api_key_env takes the name of an environment variable (letters, digits and _, e.g. MY_API_KEY), and "
+                "the value given is not one; if it is the key itself, it is not shown here. Put the key in a variable "
+                "(export MY_API_KEY=...) and give its name: --api-key-env MY_API_KEY"
+            )
         return value
 
     @field_validator("base_url")
@@ -293,6 +326,12 @@ class RunConfig(BaseModel):
                 "(a column holding each row's conversation as a list of {role, content})"
                 + (f"; got {', '.join(given)}" if given else "")
             )
+        return self
+
+    @model_validator(mode="after")
+    def _bom_is_for_csv(self) -> RunConfig:
+        if self.csv_bom and self.output is not None and not self.output.lower().endswith(".csv"):
+            raise ValueError(f"--csv-bom (csv_bom) is for a .csv output, and the output is {self.output}; drop it")
         return self
 
     @model_validator(mode="after")
@@ -334,8 +373,43 @@ class RunConfig(BaseModel):
             return PROVIDER_DEFAULTS[self.provider].get(name, "json_schema" if name == "json_mode" else None)
         return value
 
+    @field_validator("checkpoint_dir", "metrics", "report", "cache_dir")
+    @classmethod
+    def _a_place_we_can_write(cls, value: str | None, info: Any) -> str | None:
+        """`s3://` means object storage; any other scheme is refused, never made a local folder named `gs:`."""
+        if value is None:
+            return value
+        scheme = _SCHEME.match(value)
+        if scheme is None or (scheme[1].lower() == "s3" and info.field_name != "cache_dir"):
+            return value
+        if info.field_name == "cache_dir":
+            raise ValueError(
+                f"{value!r}: the answer cache is a local folder (one SQLite file that jobs share); give a local path"
+            )
+        raise ValueError(
+            f"{value!r}: {scheme[1]}:// is not a place pipeline can write; give a local path or an s3://bucket/... address"
+        )
+
+    @property
+    def checkpoint_remote(self) -> Any:
+        """Where the checkpoint lives in object storage (a `storage.Url` of its folder), or None for a local
+        one: `--checkpoint-dir s3://...`, or, by default, beside an `s3://` output in the same bucket."""
+        from pipeline.tables import storage
+
+        if self.checkpoint_dir:
+            return storage.prefix(self.checkpoint_dir) if storage.is_remote(self.checkpoint_dir) else None
+        if self.output is not None and storage.is_remote(self.output):
+            url = storage.Url.parse(self.output)
+            return url.with_name(url.stem + ".checkpoint")
+        return None
+
     @property
     def checkpoint_path(self) -> Path:
+        """The checkpoint's local folder: itself, or the working copy of one in object storage."""
+        if (remote := self.checkpoint_remote) is not None:
+            from pipeline.tables.statedir import objects_dir
+
+            return objects_dir().joinpath(remote.bucket, *remote.key.split("/"))
         if self.checkpoint_dir:
             return Path(self.checkpoint_dir)
         if self.output is None:
@@ -345,11 +419,6 @@ class RunConfig(BaseModel):
             # same command run again from the same place resumes. A glob's wildcards make no name.
             stem = re.sub(r"[*?\[\]]+", "_", Path(self.input[0]).stem).strip("_") or "input"
             return Path(f"{stem}.stdout.checkpoint")
-        if self.output.startswith("s3://"):  # object storage has no appends: a local folder, named in the summary
-            from pipeline.tables.storage import Url, local_home
-
-            url = Url.parse(self.output)
-            return local_home(url) / (url.stem + ".checkpoint")
         out = Path(self.output)
         return out.with_name(out.stem + ".checkpoint")
 
@@ -411,7 +480,9 @@ class RunConfig(BaseModel):
         return resolved, tuple(dict.fromkeys(secrets))
 
 
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _ENV_REF = re.compile(r"\$(?:\{(\w+)\}|(\w+)|\$)")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 # Set by the pipeline or the HTTP client: another value would break every request.
 _OWN_HEADERS = {
@@ -443,21 +514,30 @@ FIELDS = tuple(f.alias or name for name, f in RunConfig.model_fields.items())
 
 
 def is_batch_requests(patterns: tuple[str, ...]) -> bool:
-    """Whether the input is a local JSONL whose first line is an OpenAI batch request."""
+    """Whether the input is one JSONL (local or s3://) whose first line is an OpenAI batch request."""
     if len(patterns) != 1 or not patterns[0].lower().endswith((".jsonl", ".ndjson")):
         return False
+    if patterns[0].startswith("s3://"):
+        from pipeline.tables import storage  # pyarrow's S3: only for an object input
+
+        raw = storage.first_line(storage.Url.parse(patterns[0]))
+        return raw is not None and _is_request_line(raw)
     path = Path(patterns[0])
     if not path.is_file():
         return False
     with path.open("rb") as f:
         for raw in f:
             if raw.strip():
-                try:
-                    first = orjson.loads(raw)
-                except orjson.JSONDecodeError:
-                    return False
-                return isinstance(first, dict) and "custom_id" in first and isinstance(first.get("body"), dict)
+                return _is_request_line(raw)
     return False
+
+
+def _is_request_line(raw: bytes) -> bool:
+    try:
+        first = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(first, dict) and "custom_id" in first and isinstance(first.get("body"), dict)
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -480,7 +560,65 @@ def load_yaml(path: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"Config file {path} must be a mapping of settings (key: value), not a {type(data).__name__}.")
-    return data
+    return resolve_paths(data, p.parent)
+
+
+# Settings that name a file or a folder: relative ones in a config file are read from the config file's folder.
+PATH_SETTINGS = ("input", "output", "schema", "checkpoint_dir", "metrics", "report", "cache_dir")
+
+
+def resolve_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The config's relative paths joined to its folder, so the same config means the same files from
+    wherever it is run (cron in $HOME, a scheduler's temporary folder). Flags are not touched: they are
+    read from the current folder, as any command's are.
+
+    A path that names something only from the current folder (a config written before this rule, whose
+    earlier runs left their output or checkpoint there) keeps that meaning, with a warning that says how
+    to write it: a job that ran is never started over by a change of rule."""
+    if folder in (Path(""), Path(".")):
+        return data
+    resolved = dict(data)
+    for name in PATH_SETTINGS:
+        value = data.get(name)
+        if name == "input" and isinstance(value, list | tuple):
+            resolved[name] = [_joined(name, v, folder) for v in value]
+        elif isinstance(value, str):
+            resolved[name] = _joined(name, value, folder)
+    return resolved
+
+
+def _joined(name: str, value: Any, folder: Path) -> Any:
+    if not isinstance(value, str) or not _is_relative_path(name, value):
+        return value
+    joined = os.path.normpath(os.path.join(folder, value))
+    if joined == os.path.normpath(value) or _found(name, joined) or not _found(name, value):
+        return joined
+    logging.getLogger("pipeline").warning(
+        "pipeline: %s: %r is read from the current folder, where an earlier run left it; paths in a config file are "
+        "read from the config file's folder (%s), where it is not. Write it as %r in the config (or give it as a flag) "
+        "to keep this meaning from any folder.",
+        name,
+        value,
+        folder,
+        os.path.relpath(value, folder),
+    )
+    return value
+
+
+def _is_relative_path(name: str, value: str) -> bool:
+    if not value or value == "-" or value.startswith("~") or _SCHEME.match(value) or Path(value).is_absolute():
+        return False
+    return not (name == "schema" and value.lstrip().startswith("{"))  # an inline schema
+
+
+def _found(name: str, path: str) -> bool:
+    """Whether `path` names something that exists: an input's matches, an output or its checkpoint, a file."""
+    if name == "input":
+        return bool(glob.glob(path, recursive=True))
+    if name == "output":
+        out = Path(path)
+        return out.exists() or out.with_name(out.stem + ".checkpoint").exists()
+    return Path(path).exists()
 
 
 def build_config(file_values: dict[str, Any], overrides: dict[str, Any], source: str = "config") -> RunConfig:

@@ -19,73 +19,34 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import polars as pl
 
-from pipeline import errors
+from pipeline import errors, outcomes
 from pipeline.config import RunConfig
 from pipeline.engines.online import Engine, prepare
 from pipeline.limits import spend
 from pipeline.limits.governor import Governor
 from pipeline.limits.retry import RetryPolicy
-from pipeline.observe import metrics
+from pipeline.observe import history, metrics
 from pipeline.observe.progress import Progress, plural, summary
 from pipeline.observe.stats import RunStats
+from pipeline.outcomes import EXIT_OK, RunResult
 from pipeline.plan import NOWHERE, Plan, preflight
 from pipeline.providers import Provider, make_provider
 from pipeline.providers.local_model import LocalServer, check_installed
 from pipeline.providers.ratelimit import dialect_for
 from pipeline.providers.transport import AiohttpTransport, Transport
 from pipeline.requests.prompts import Renderer
-from pipeline.tables import source, storage
+from pipeline.tables import remote_state, source, storage
 from pipeline.tables.cache import AnswerCache, scope_for
 from pipeline.tables.checkpoint import RESULT_SCHEMA, Checkpoint, Result, read_done
+from pipeline.tables.responses import ResponseLog
 from pipeline.tables.sink import Sink, describe, open_sink, result_frame
 
-EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130  # and 2, bad usage: UserError, mapped by the CLI
-EXIT_BATCH_PENDING = 3  # batch mode: batches still running; the same command again collects them
 BATCH_CALL_TIMEOUT = 3600.0  # seconds for one call of a batch API: uploads and results files run to 200 MB
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """What one run did: how it ended, its counts, what it cost and where it left its files.
-
-    `outcome` is one of completed, error_rate, spend_ceiling, stopped, interrupted,
-    empty_input; `exit_code` is what `pipeline run` exits with; `reason` what the
-    user was told when the run did not simply complete. `metrics` is the whole
-    metrics document (schema pipeline.metrics/1), written to `metrics_file` when
-    there is one."""
-
-    outcome: metrics.Outcome
-    exit_code: int
-    reason: str | None
-    rows: int
-    ok: int
-    errors: int
-    from_checkpoint: int
-    from_cache: int
-    not_sent: int
-    requests: int
-    retries: int
-    prompt_tokens: int
-    completion_tokens: int
-    cost: float | None  # this run, in the prices' currency; None with no price
-    cost_all_runs: float | None  # this output, the checkpoint's earlier answers included
-    wall_s: float
-    output: str | None
-    checkpoint: str | None
-    metrics_file: str | None
-    report_file: str | None
-    metrics: dict[str, Any] = field(repr=False)
-
-    @property
-    def succeeded(self) -> bool:
-        """Exit 0: every row answered, or no more errors than max_error_rate allows."""
-        return self.exit_code == EXIT_OK
 
 
 def _anything_to_send(
@@ -154,22 +115,29 @@ def prepare_job(
     stream: TextIO | None = None,
     files: bool = True,
     notebook: bool = False,
+    api_key: str | None = None,
 ) -> Job:
     """Check everything the user could have got wrong, before anything is sent; raises UserError.
 
     `table` and `sink` are the API's DataFrame in and out (else the config's input
     and output files); `checkpoint` overrides the config's folder; `files` says
     whether the metrics file and the report are written (the API's DataFrame out
-    writes them only when asked for by path)."""
+    writes them only when asked for by path); `api_key` is the API's key given in memory, else the
+    config's variable is read."""
     clock = metrics.Clock.now()
-    plan = preflight(cfg, writes=sink is None, table=table)
-    api_key = cfg.api_key()
-    headers, secrets = cfg.request_headers()  # before anything starts: a variable unset is exit 2
-    if cfg.provider == "local" and cfg.setting("base_url") is None:
-        check_installed()
-    if cfg.cache_dir is not None:
-        AnswerCache(cfg.cache_dir).open().close()  # a folder that cannot hold it is exit 2, before anything is sent
-    stats = RunStats(total_rows=source.count_rows(plan.table, cfg.limit))
+    try:
+        plan = preflight(cfg, writes=sink is None, table=table)
+        api_key = api_key or cfg.api_key()
+        headers, secrets = cfg.request_headers()  # before anything starts: a variable unset is exit 2
+        if cfg.provider == "local" and cfg.setting("base_url") is None:
+            check_installed()
+        if cfg.cache_dir is not None:
+            AnswerCache(cfg.cache_dir).open().close()  # a folder that cannot hold it is exit 2, before anything is sent
+        stats = RunStats(total_rows=source.count_rows(plan.table, cfg.limit))
+    except errors.UserError as exc:
+        if files or cfg.metrics:
+            mark_refused(cfg, clock, exc)
+        raise
     err = stream or sys.stderr
 
     def to_stream(message: str) -> None:
@@ -187,9 +155,25 @@ def prepare_job(
         headers=headers,
         sink=sink,
         checkpoint=checkpoint or cfg.checkpoint_path,
+        remote=cfg.checkpoint_remote if checkpoint is None else None,
         files=files,
         notebook=notebook,
     )
+
+
+def mark_refused(cfg: RunConfig, clock: metrics.Clock, exc: errors.UserError, stats: RunStats | None = None) -> None:
+    """A run refused before sending (exit 2) overwrites the metrics file an earlier run of the job left, with
+    outcome usage_error: a dashboard must not read last night's success as tonight's. Where there is no such
+    file, nothing is created: a refused command leaves nothing behind."""
+    if cfg.output is None and cfg.metrics is None and cfg.checkpoint_dir is None:
+        return  # no output given (the error says so): no place for a metrics file either
+    path = metrics.default_path(cfg)
+    if not path.is_file():
+        return
+    data = metrics.build(cfg, stats or RunStats(), metrics.Ending("usage_error", f"pipeline: error: {exc}"), clock,
+                         paths=(cfg.checkpoint_path, path, None))  # fmt: skip
+    with contextlib.suppress(OSError):  # the place itself may be what is wrong: the error being raised says so
+        metrics.write(path, metrics.dumps(data, ()))
 
 
 class Job:
@@ -211,16 +195,26 @@ class Job:
         checkpoint: Path,
         files: bool,
         notebook: bool,
+        remote: storage.Url | None = None,
     ) -> None:
         self.cfg, self.plan, self.stats, self.clock = cfg, plan, stats, clock
         self.say, self.stream, self.notebook = say, stream, notebook
         self.secrets, self.api_key, self.headers = secrets, api_key, headers
-        self.checkpoint_path = checkpoint
+        self.checkpoint_path = checkpoint  # a local folder: the checkpoint, or the working copy of a remote one
+        self.remote = remote  # where the checkpoint lives in object storage, if it does
+        self.checkpoint_shown = f"{remote}/" if remote is not None else str(checkpoint)  # as messages name it
+        self.resume_hint = "Run the same command again to resume."  # after an interrupt; the API says its own
         self._sink = sink
         self.files = files
         self.earlier_tokens: tuple[int, int] | None = None  # (prompt, completion) the checkpoint held, for the cost
         self.result: RunResult | None = None
         self._attempts_before: dict[str, int] = {}
+        self.done_before = pl.DataFrame(schema=RESULT_SCHEMA)
+        self.responses: ResponseLog | None = (
+            None  # kept for an output of batch-output lines  # the checkpoint's answers when this run began
+        )
+        self._counted_folded = 0
+        self._engine: Engine | None = None  # while the local engine sends: what an interrupt winds down
 
     # ---- the way through --------------------------------------------------------------------------
 
@@ -230,22 +224,31 @@ class Job:
         `self.result` (outcome interrupted) and lets the CancelledError through."""
         try:
             ending = self._empty_run() if self.stats.total_rows == 0 else await self._send()
-        except errors.UserError:  # exit 2, found before anything was sent: nothing ran, so there is nothing to record
+        except errors.UserError as exc:  # exit 2, found before anything was sent
+            if not isinstance(exc, errors.JobBusy) and self._metrics_path() is not None:  # the run holding it writes its own
+                mark_refused(self.cfg, self.clock, exc, self.stats)
             raise
         except (asyncio.CancelledError, KeyboardInterrupt):
             message = (
                 f"pipeline: interrupted. {self.stats.rows_done} rows were finished; every answer received is saved in "
-                f"{self.checkpoint_path}. Run the same command again to resume."
+                f"{self.checkpoint_shown}. {self.resume_hint}"
             )
             self.say("\n" + message)
-            self.result = self._finish(metrics.Ending(EXIT_INTERRUPTED, "interrupted", message))
+            self.result = self._finish(metrics.Ending("interrupted", message))
             raise
         except BaseException as exc:  # a bug: still leave the file a CI job looks for, then let the traceback out
-            self._finish(metrics.Ending(EXIT_FAILED, "crashed", f"{type(exc).__name__}: {exc}"))
+            self._finish(metrics.Ending("crashed", f"{type(exc).__name__}: {exc}"))
             raise
         self.result = self._finish(ending)
         self._report(ending)
         return self.result
+
+    async def wind_down(self, grace: float) -> None:
+        """The first Ctrl-C: send nothing more and wait up to `grace` seconds for the requests in flight,
+        so their answers are saved; the caller then cancels. Returns at once when the local engine is not
+        sending (not started yet, batch mode, the Ray engine)."""
+        if self._engine is not None:
+            await self._engine.wind_down(grace)
 
     def _finish(self, ending: metrics.Ending) -> RunResult:
         path, report = self._metrics_path(), self._report_path(ending)
@@ -255,14 +258,31 @@ class Job:
             ending,
             self.clock,
             earlier_tokens=self.earlier_tokens,
-            paths=(self.checkpoint_path, path, report),
+            paths=(self.checkpoint_shown, self._shown(path, "metrics"), self._shown(report, "report")),
         )
         if path is not None:
             try:
                 metrics.write(path, metrics.dumps(data, self.secrets))
+                history.record(path, data)  # the line the report's trend across runs reads
             except OSError as exc:  # reported, never another exit code: the run's own outcome is what counts
                 self.say(f"pipeline: could not write the metrics file {path}: {exc.strerror or exc}")
-        return _result(data, self.cfg, self.checkpoint_path, path, report)
+            else:
+                self._publish(path, "metrics")
+        return RunResult.from_metrics(
+            data, self.cfg.output, self.checkpoint_shown, self._shown(path, "metrics"), self._shown(report, "report")
+        )
+
+    def _shown(self, path: Path | None, kind: Literal["metrics", "report"]) -> str | None:
+        """The metrics file or the report as the user finds it: in the bucket, for an object, else the file."""
+        if path is None:
+            return None
+        url = metrics.remote_path(self.cfg, kind)
+        return str(url) if url is not None else str(path)
+
+    def _publish(self, path: Path, kind: Literal["metrics", "report"]) -> None:
+        """Upload the metrics file or the report where `--metrics s3://...` or an s3:// output puts it."""
+        if (url := metrics.remote_path(self.cfg, kind)) is not None:
+            remote_state.publish(path, url, self.say)
 
     def _metrics_path(self) -> Path | None:
         return metrics.default_path(self.cfg) if self.files or self.cfg.metrics else None
@@ -295,7 +315,9 @@ class Job:
 
         metrics_file = metrics.default_path(self.cfg)
         failed = report_after_run(str(self._local_output()), str(metrics_file), str(self.checkpoint_path), str(path))
-        self.say(f"pipeline: {failed}" if failed else f"  report: {path}")
+        if not failed:
+            self._publish(path, "report")
+        self.say(f"pipeline: {failed}" if failed else f"  report: {self._shown(path, 'report')}")
 
     def _empty_run(self) -> metrics.Ending:
         """No rows (a scheduled job's empty partition): an empty output with every column, and success.
@@ -313,7 +335,7 @@ class Job:
             f"so nothing was sent{where}"
         )
         self.say(message)
-        return metrics.Ending(EXIT_OK, "empty_input", message)
+        return metrics.Ending("empty_input", message)
 
     @contextlib.contextmanager
     def _open_sink(self) -> Any:
@@ -327,20 +349,25 @@ class Job:
             from pipeline.tables.interchange import BatchOutputSink  # answers to batch requests, as batch-output lines
 
             assert output is not None
-            sink = BatchOutputSink(output, self.cfg.result_prefix)
+            sink = BatchOutputSink(output, self.cfg.result_prefix, responses_in=self.checkpoint_path)
+            self.responses = ResponseLog(self.checkpoint_path, self.secrets)
         else:
             assert output is not None  # preflight refuses a run with neither
-            sink = open_sink(output, self.cfg.result_prefix)
+            sink = open_sink(output, self.cfg.result_prefix, bom=self.cfg.csv_bom)
         try:
             yield sink
         finally:
             sink.abort()
+            if self.responses is not None:
+                self.responses.close()
 
     @contextlib.contextmanager
     def _open_checkpoint(self) -> Any:
-        checkpoint = Checkpoint(self.checkpoint_path)
+        checkpoint = remote_state.open_checkpoint(self.checkpoint_path, self.remote, self.say)
         checkpoint.open()
         try:
+            if isinstance(self.plan.output, storage.Url):  # held: no live run of this job is uploading it
+                remote_state.clean_output_leftovers(self.plan.output, self.say)
             yield checkpoint
         finally:
             checkpoint.close(discard_unused=True)
@@ -359,7 +386,7 @@ class Job:
                 done = done.clear()
             elif done.height:
                 self.say(
-                    f"pipeline: resuming: the checkpoint {self.checkpoint_path} holds {done.height} answered requests; "
+                    f"pipeline: resuming: the checkpoint {self.checkpoint_shown} holds {done.height} answered requests; "
                     "rows that match them are not sent again"
                 )
             checkpoint.start_journal()
@@ -368,6 +395,7 @@ class Job:
             if cfg.cache_dir is not None:
                 scope = scope_for(cfg.provider, base_url)
                 cache = stack.enter_context(AnswerCache(cfg.cache_dir, scope, max_mb=cfg.cache_max_mb).open())
+            self.done_before = done  # what earlier runs paid for: this run's spend is counted apart
             if cfg.mode == "batch":
                 if cfg.engine == "ray":
                     self.say("pipeline: batch mode: the provider's batch API runs the requests; no Ray actors are started")
@@ -388,8 +416,8 @@ class Job:
                 progress = Progress(stats, enabled=cfg.progress, stream=self.stream, notebook=self.notebook)
                 stopped_by = await on_ray.send(self, sink=sink, done=done, base_url=base_url, progress=progress)
                 if stopped_by is not None:
-                    return self._stopped(errors.FatalError(stopped_by, kind="stopped"), stats.rows_sent, started)
-                return self._commit(sink, done, started)
+                    return self._stopped(errors.FatalError(stopped_by, kind="stopped"), None, stats.rows_sent, started)
+                return self._commit(sink, started)
             provider = make_provider(cfg.provider, base_url, renderer.spec, self.api_key, self.headers, self.secrets)
             transport = AiohttpTransport(concurrency=int(cfg.setting("concurrency")), timeout=float(cfg.setting("timeout")))
             stack.push_async_callback(transport.close)
@@ -407,6 +435,9 @@ class Job:
                 cache=cache,
             )
             engine.attempts_before = self._attempts_before
+            engine.responses = self.responses
+            engine.deliver_partial = bool(done.height) or self._sink is not None  # earlier answers, or the API's table
+            self._engine = engine
             progress.start()
             sampling = asyncio.get_running_loop().create_task(metrics.sampler(stats, self.clock))  # 1 Hz
             try:
@@ -414,46 +445,58 @@ class Job:
             except (asyncio.CancelledError, KeyboardInterrupt):
                 progress.close(interrupted=True)  # before the message, which would otherwise share the bar's line
                 raise
+            except errors.FatalError as fatal:  # sending stopped early; every row has its result, the unsent marked
+                progress.close()
+                return self._stopped(fatal, sink, checkpoint.appended, started)
             except BaseExceptionGroup as group:
                 progress.close()
-                user, fatal = group.subgroup(errors.UserError), group.subgroup(errors.FatalError)
+                user, fatal_group = group.subgroup(errors.UserError), group.subgroup(errors.FatalError)
                 if user is not None and stats.requests_sent == 0:
                     raise user.exceptions[0] from None
                 if user is not None:  # found part-way, after requests went out: not a plain usage error
                     message = (
                         f"pipeline: stopped: {user.exceptions[0]}\n  {checkpoint.appended} answers from this run are kept in "
-                        f"{self.checkpoint_path}; fix the input and run the same command again to resume."
+                        f"{self.checkpoint_shown}; fix the input and run the same command again to resume."
                     )
                     self.say(message)
-                    return metrics.Ending(EXIT_FAILED, "stopped", message)
-                if fatal is None:
+                    return metrics.Ending("input_error", message)
+                if fatal_group is None:
                     raise
-                return self._stopped(fatal.exceptions[0], checkpoint.appended, started)
+                # The writer's own stop (stdout closed): the output cannot be committed.
+                return self._stopped(fatal_group.exceptions[0], None, checkpoint.appended, started)  # type: ignore[arg-type]
             finally:
                 sampling.cancel()
                 progress.close()
-            return self._commit(sink, done, started)
+            return self._commit(sink, started)
 
-    def _commit(self, sink: Sink, done: pl.DataFrame, started: float) -> metrics.Ending:
-        """Every row has its result: make the output whole, say what the run did, and judge it."""
-        cfg, stats = self.cfg, self.stats
+    def _write_output(self, sink: Sink) -> metrics.Ending | None:
+        """Make the output whole; an ending when it cannot be (every answer is in the checkpoint all the same)."""
         try:
             sink.commit()
-        except OSError as exc:  # a full disk, an upload refused: every answer is in the checkpoint
+        except errors.FatalError as closed:  # stdout closed by its reader as the last rows went out
+            return self._stopped(closed, None, 0, time.monotonic())
+        except OSError as exc:  # a full disk, an upload refused
             message = (
                 f"pipeline: stopped: the output could not be written: {exc}\n  Every answer is kept in "
-                f"{self.checkpoint_path}; fix the cause and run the same command again: nothing is sent again."
+                f"{self.checkpoint_shown}; fix the cause and run the same command again: nothing is sent again: exit 10."
             )
             self.say(message)
-            return metrics.Ending(EXIT_FAILED, "stopped", message)
+            return metrics.Ending("output_failed", message)
+        return None
+
+    def _commit(self, sink: Sink, started: float) -> metrics.Ending:
+        """Every row has its result: make the output whole, say what the run did, and judge it."""
+        cfg, stats = self.cfg, self.stats
+        if (failed := self._write_output(sink)) is not None:
+            return failed
         wall = time.monotonic() - started
-        spend.note_run(stats, cfg, done)
+        spend.note_run(stats, cfg, self.done_before)
         output = describe(self.plan.output) if self.plan.output is not None else None
-        self.say(summary(stats, wall, output, str(self.checkpoint_path)))
+        self.say(summary(stats, wall, output, self.checkpoint_shown))
         if stats.ceiling_reached:  # before the error rate: the rows not sent are errors, for the reason said here
-            message = spend.stop_message(stats, cfg)
+            message = spend.stop_message(stats, cfg, str(self.checkpoint_path))
             self.say(message)
-            return metrics.Ending(EXIT_FAILED, "spend_ceiling", message)
+            return metrics.Ending("spend_ceiling", message)
         return self._verdict()
 
     def _refuse_open_batches(self) -> None:
@@ -488,7 +531,7 @@ class Job:
         stack.push_async_callback(transport.close)
         ledger = Ledger(self.checkpoint_path)
         step = BatchStep(
-            batch_api(cfg.provider, transport, base_url, provider.headers, self.secrets, ledger),
+            batch_api(cfg.provider, transport, base_url, provider.headers, self.secrets, ledger, max_wait=cfg.max_wait),
             provider,
             ledger,
             checkpoint,
@@ -498,6 +541,7 @@ class Job:
             system=cfg.system,
             say=self.say,
             cache=cache,
+            responses=self.responses,
         )
 
         def pending(exclude: set[str], failed: dict[str, str]) -> Iterator[tuple[str, str, str | None]]:
@@ -512,21 +556,37 @@ class Job:
 
         try:
             outcome = await step.run(pending, cfg.wait)
-        except errors.RequestError as exc:  # the batch endpoints refused (a bad key, a server without them)
+        except errors.RequestError as exc:  # the batch endpoints refused, or stayed unreachable past --max-wait
+            self._count_batch_spend(step.outcome)
+            open_entries = [e for e in ledger.entries().values() if e.open and e.batch_id is not None]
+            if open_entries and isinstance(exc, errors.TransientError | errors.WaitTooLong):
+                # The batches themselves are fine and run on without us: the next invocation collects them.
+                message = (
+                    f"pipeline: the batch API at {base_url} did not answer well ({exc.message}).\n  "
+                    f"{plural(len(open_entries), 'batch', 'batches')} ({plural(sum(e.n for e in open_entries), 'request')}) "
+                    f"are open and recorded in {ledger.folder}; nothing is lost. Run the same command again to collect "
+                    "them: exit 3."
+                )
+                self.say(message)
+                return metrics.Ending("batch_pending", message), done
+            ending: outcomes.Outcome = outcomes.of_fatal(exc) if isinstance(exc, errors.FatalError) else "requests_refused"
             message = (
                 f"pipeline: stopped: the batch API at {base_url} answered {exc.message}.\n  Nothing submitted in this "
-                f"run is lost: the ledger in {ledger.folder} records it; run the same command again once this is fixed."
+                f"run is lost: the ledger in {ledger.folder} records it; run the same command again once this is fixed: "
+                f"exit {outcomes.EXIT_CODES[ending]} ({ending})."
             )
             self.say(message)
-            return metrics.Ending(EXIT_FAILED, "stopped", message), done
-        self.stats.requests_sent += outcome.submitted_rows
+            return metrics.Ending(ending, message), done
+        self._count_batch_spend(outcome)
         if outcome.fatal is not None:
+            ending = outcomes.of_fatal(outcome.fatal)
             message = (
                 f"pipeline: stopped: {outcome.fatal.message.rstrip('.')}.\n  The answers folded are kept in "
-                f"{self.checkpoint_path}; fix the cause and run the same command again."
+                f"{self.checkpoint_shown}; fix the cause and run the same command again: exit {outcomes.EXIT_CODES[ending]} "
+                f"({ending})."
             )
             self.say(message)
-            return metrics.Ending(EXIT_FAILED, "stopped", message), done
+            return metrics.Ending(ending, message), done
         if outcome.open_batches:
             message = (
                 f"pipeline: {plural(outcome.open_batches, 'batch', 'batches')} in progress "
@@ -535,7 +595,7 @@ class Job:
                 "wait here: exit 3."
             )
             self.say(message)
-            return metrics.Ending(EXIT_BATCH_PENDING, "batch_pending", message), done
+            return metrics.Ending("batch_pending", message), done
         failed = {**ledger.failed(), **outcome.failed}
         attempts = ledger.submissions(ledger.entries())
         refused = [Result.failed(why, attempts[key], key) for key, why in failed.items()]
@@ -543,10 +603,34 @@ class Job:
         self._attempts_before = attempts  # the online fallback's rows had these batch submissions
         return None, pl.concat([done, extra]).unique("request_key", keep="first", maintain_order=True).sort("request_key")
 
-    def _stopped(self, cause: BaseException, appended: int, started: float) -> metrics.Ending:
-        """A fatal answer stopped the run: what was kept and how to go on."""
-        kept = f"{appended} answers from this run are kept in {self.checkpoint_path}"
-        if isinstance(cause, errors.WaitTooLong):  # its message already says when to come back
+    def _count_batch_spend(self, outcome: Any) -> None:
+        """Batches are paid when they finish: their tokens belong to the run that folds them (this run's
+        tokens and cost), and what this run submitted to its requests."""
+        stats = self.stats
+        stats.requests_sent += outcome.submitted_rows
+        for r in outcome.folded[self._counted_folded :]:
+            stats.prompt_tokens += r.prompt_tokens or 0
+            stats.completion_tokens += r.completion_tokens or 0
+        self._counted_folded = len(outcome.folded)
+        outcome.submitted_rows = 0  # counted once, whichever way the step ended
+
+    def _stopped(self, cause: errors.FatalError, sink: Sink | None, appended: int, started: float) -> metrics.Ending:
+        """A fatal answer stopped the sending: write the output (every row, those not sent marked), say
+        what was kept and how to go on, and end with the cause's outcome and exit code."""
+        outcome: outcomes.Outcome = "spend_ceiling" if self.stats.ceiling_reached else outcomes.of_fatal(cause)
+        code = outcomes.EXIT_CODES[outcome]
+        if outcome == "output_closed":  # the user's own `| head`: nothing to fix, nothing to advise
+            message = f"pipeline: stopped: {cause.message.rstrip('.')}; every answer received is kept in {self.checkpoint_shown}."
+            self.say(message)
+            return metrics.Ending(outcome, message)
+        written = ""
+        if sink is not None:
+            if (failed := self._write_output(sink)) is not None:
+                return failed
+            if self.plan.output is not None:
+                written = f" The output {describe(self.plan.output)} has every row; those not sent say why in 'error'."
+        kept = f"{appended} answers from this run are kept in {self.checkpoint_shown}"
+        if appended and isinstance(cause, errors.WaitTooLong):  # its message says when to come back
             then = f"  Nothing more was sent; the requests in flight came back. {kept}; rows answered are not sent again."
         elif not appended:
             then = "  Nothing was answered, so nothing was kept; fix the cause and run again."
@@ -555,23 +639,35 @@ class Job:
                 f"  Every further request would fail the same way, so nothing more was sent. {kept}; "
                 "fix the cause and run the same command again to resume."
             )
-        message = f"pipeline: stopped: {str(cause).rstrip('.')}.\n{then}"
+        message = (
+            f"pipeline: stopped: {str(cause).rstrip('.')}.\n{then}{written}\n  exit {code} ({outcome}): {outcomes.MEANINGS[code]}"
+        )
         self.say(message)
         if appended:  # what this run did get, for the log
-            self.say(summary(self.stats, time.monotonic() - started, None, str(self.checkpoint_path)))
-        return metrics.Ending(EXIT_FAILED, "spend_ceiling" if self.stats.ceiling_reached else "stopped", message)
+            self.say(summary(self.stats, time.monotonic() - started, None, self.checkpoint_shown))
+        return metrics.Ending(outcome, message)
 
     def _verdict(self) -> metrics.Ending:
         """Exit 0, or 1 when more rows failed than --max-error-rate allows."""
         cfg, stats = self.cfg, self.stats
         rate = stats.errors / stats.rows_done if stats.rows_done else 0.0
         if rate <= cfg.max_error_rate:
-            return metrics.Ending(EXIT_OK, "completed")
+            return metrics.Ending("completed")
         not_sent = stats.error_kinds.get("not_sent", 0)
         advice = ["The output has every row, with the reason in 'error'."]
-        if stats.errors > not_sent:
-            n = stats.errors - not_sent
-            advice.append(f"Run the same command again to retry the {plural(n, 'row')} whose requests failed.")
+        failed = stats.errors - not_sent
+        retryable = min(stats.retryable_errors, failed)
+        if retryable:
+            advice.append(
+                f"Run the same command again to retry the {plural(retryable, 'row')} whose requests failed for a reason "
+                "that may pass (server errors, timeouts, rate limits)."
+            )
+        if failed - retryable:
+            refused = failed - retryable
+            advice.append(
+                f"{plural(refused, 'row was', 'rows were')} refused for good (see 'errors by kind' above): a re-run "
+                "would get the same answer; change those rows, the prompt, the parameters or the model."
+            )
         if not_sent:
             advice.append(
                 f"{plural(not_sent, 'row was', 'rows were')} not sent because a prompt cell is null or empty: a re-run "
@@ -580,45 +676,16 @@ class Job:
             )
         message = (
             f"pipeline: {stats.errors:,} of {plural(stats.rows_done, 'row')} failed ({rate:.1%}), above --max-error-rate "
-            f"{cfg.max_error_rate:g}: exit 1. " + " ".join(advice)
+            f"{cfg.max_error_rate:g}: exit 4 (error_rate). " + " ".join(advice)
         )
         self.say(message)
-        return metrics.Ending(EXIT_FAILED, "error_rate", message)
-
-
-def _result(data: dict[str, Any], cfg: RunConfig, checkpoint: Path, metrics_file: Path | None, report: Path | None) -> RunResult:
-    run, rows, requests, tokens, cost = data["run"], data["rows"], data["requests"], data["tokens"], data["cost"]
-    return RunResult(
-        outcome=run["outcome"],
-        exit_code=run["exit_code"],
-        reason=run["reason"],
-        rows=rows["total"],
-        ok=rows["ok"],
-        errors=rows["error"],
-        from_checkpoint=rows["from_checkpoint"],
-        from_cache=rows["from_cache"],
-        not_sent=rows["not_sent"],
-        requests=requests["sent"],
-        retries=requests["retries"],
-        prompt_tokens=tokens["prompt"],
-        completion_tokens=tokens["completion"],
-        cost=cost["this_run"] if cost else None,
-        cost_all_runs=cost["all_runs"] if cost else None,
-        wall_s=run["wall_s"],
-        output=cfg.output,
-        checkpoint=str(checkpoint),
-        metrics_file=str(metrics_file) if metrics_file else None,
-        report_file=str(report) if report else None,
-        metrics=data,
-    )
+        return metrics.Ending("error_rate", message)
 
 
 async def batch_command(cfg: RunConfig, action: str, say: Callable[[str], None]) -> int:
     """`pipeline batch status|cancel CONFIG`: what the job's batches are doing, or cancel them."""
     from pipeline.engines.batch import BatchStep, Ledger, batch_api
 
-    if cfg.mode != "batch":
-        raise errors.ConfigError(f"pipeline batch {action} is for batch jobs: give the config with mode: batch, or --mode batch.")
     plan = preflight(cfg)
     api_key = cfg.api_key()
     headers, secrets = cfg.request_headers()
@@ -631,7 +698,7 @@ async def batch_command(cfg: RunConfig, action: str, say: Callable[[str], None])
     transport = AiohttpTransport(concurrency=4, timeout=BATCH_CALL_TIMEOUT)
     all_secrets = (*secrets, *([api_key] if api_key else []))
     try:
-        api = batch_api(cfg.provider, transport, base_url, provider.headers, all_secrets, ledger)
+        api = batch_api(cfg.provider, transport, base_url, provider.headers, all_secrets, ledger, max_wait=cfg.max_wait)
         if action == "status":
             step = BatchStep(api, provider, ledger, Checkpoint(cfg.checkpoint_path), max_lines=1, max_attempts=1,
                              system=cfg.system, say=say)  # fmt: skip

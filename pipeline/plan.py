@@ -90,7 +90,12 @@ def preflight(cfg: RunConfig, *, writes: bool = True, table: source.Table | None
         )
     renderer = renderer_for(cfg, structured)
     if table is None:
-        table = source.open_table(cfg.input, encoding=cfg.encoding, separator=cfg.separator, headerless=renderer.needed_columns())
+        table = source.open_table(
+            cfg.input, encoding=cfg.encoding, separator=cfg.separator, headerless=renderer.needed_columns(),
+            null_values=cfg.null_values, dtypes=cfg.dtypes,
+        )  # fmt: skip
+    elif cfg.null_values or cfg.dtypes:  # a table in memory (the API): the same reading of its cells
+        table = source.in_memory(table.frame if table.frame is not None else source.lazy(table), cfg.null_values, cfg.dtypes)
     renderer.check(table.schema, table.label, hint=source.separator_hint(table))
     output = storage.location(cfg.output) if cfg.output is not None else None
     extracted = structured.output_columns() if structured else []

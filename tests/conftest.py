@@ -30,8 +30,10 @@ def _ctrl_c_reaches_children() -> None:
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test runs in its own folder with no provider keys from the environment."""
+    """Each test runs in its own folder, with its own user state folder and no provider keys from the environment."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PIPELINE_STATE_DIR", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path.with_name(tmp_path.name + "-state")))  # not in the run's folder
     for var in ("OPENAI_API_KEY", "MODELSLAB_API_KEY", "ANTHROPIC_API_KEY"):
         monkeypatch.delenv(var, raising=False)
 

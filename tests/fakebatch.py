@@ -17,7 +17,9 @@ Fault switches (``POST /_fake/faults`` with a JSON object, or the constructor's 
 (the first completed poll shows no output_file_id), ``retrieve_faults`` (a list of statuses
 answered to the next retrieves, e.g. [429, 500]), ``create_sleep`` (seconds the create sleeps
 after registering the batch and before answering: a client killed then has a batch it never
-heard of), ``shuffle`` (output lines out of input order), ``duration`` (virtual seconds a batch
+heard of), ``retrieve_fault_rate`` (this share of retrieves, at random from a seeded generator, is
+answered 429 or 500), ``content_404_first`` (the first download of each output or error file is
+answered 404, as a files endpoint can for a while after the batch completes), ``shuffle`` (output lines out of input order), ``duration`` (virtual seconds a batch
 takes). ``GET /_fake/stats`` counts batches created, lines seen per custom_id, polls, cancels.
 """
 
@@ -59,6 +61,8 @@ class FakeBatchServer:
     def __init__(self, *, api_key: str = "sk-batch-test-0123456789", faults: dict[str, Any] | None = None) -> None:
         self.api_key = api_key
         self.faults: dict[str, Any] = dict(faults or {})
+        self._rng = random.Random(7)
+        self._downloaded: set[str] = set()  # files downloaded once (content_404_first)
         self.clock = 1_800_000_000.0  # virtual seconds, epoch-like
         self.files: dict[str, dict[str, Any]] = {}
         self.batches: dict[str, dict[str, Any]] = {}
@@ -167,6 +171,11 @@ class FakeBatchServer:
         f = self.files.get(request.match_info["id"])
         if f is None:
             return _json({"error": {"message": "No such File object", "type": "invalid_request_error"}}, 404)
+        fid = request.match_info["id"]
+        if self.faults.get("content_404_first") and f.get("purpose") != "batch" and fid not in self._downloaded:
+            self._downloaded.add(fid)
+            self.stats["content_404"] += 1
+            return _json({"error": {"message": "No such File object", "type": "invalid_request_error"}}, 404)
         self.stats["downloads"] += 1
         return web.Response(body=f["data"], content_type="application/jsonl")
 
@@ -196,8 +205,12 @@ class FakeBatchServer:
         return _json(_public(batch))
 
     async def _retrieve(self, request: web.Request) -> web.Response:
+        status = None
         if queued := self.faults.get("retrieve_faults"):
             status = queued.pop(0)
+        elif (rate := self.faults.get("retrieve_fault_rate")) and self._rng.random() < float(rate):
+            status = self._rng.choice((429, 500))
+        if status is not None:
             self.stats["retrieve_faults"] += 1
             return _json({"error": {"message": f"fake {status}", "type": "server_error"}}, int(status))
         batch = self.batches.get(request.match_info["id"])

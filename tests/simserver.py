@@ -227,6 +227,9 @@ def run_sim(
     try:
         loop.run_until_complete(engine.run(source.batches(plan.table, cfg.batch_size), lambda f: prepare(f, plan.renderer, done)))
         sink.commit()
+    except errors.FatalError as stop:  # the run stopped early, with every row's result written: the output is whole
+        error = stop
+        sink.commit()
     except BaseExceptionGroup as group:
         error = group.exceptions[0]
         sink.abort()

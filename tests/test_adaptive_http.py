@@ -104,7 +104,7 @@ def test_the_same_refusal_on_every_row_stops_early() -> None:
         write_table("in.csv", [{"id": i, "text": f"row {i} [[fault:501]]"} for i in range(120)])
         result = run_cli(*base_args(server), "--concurrency", "4")
         sent = len(chat_requests(server))
-    assert result.exit_code == 1
+    assert result.exit_code == 9, result.output  # requests_refused
     assert "same answer" in result.output and "HTTP 501" in result.output
     assert sent <= 5 + 4  # not 720 requests for 120 rows
 
@@ -113,7 +113,7 @@ def test_a_wait_longer_than_max_wait_stops_cleanly() -> None:
     with FakeLLMServer() as server:
         write_table("in.csv", [*texts(5), {"id": 9, "text": "come back later [[fault:429@7200]]"}])
         result = run_cli(*base_args(server), "--concurrency", "1")
-    assert result.exit_code == 1
+    assert result.exit_code == 8, result.output  # server_unavailable: come back later
     assert "longer than --max-wait 15 min" in result.output
     assert "Run the same command again after about" in result.output
     journal = b"".join(p.read_bytes() for p in Path("out/result.checkpoint").glob("journal-*.jsonl"))

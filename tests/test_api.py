@@ -79,7 +79,74 @@ def test_complete_takes_lazy_frames_and_arrow_tables(server: FakeLLMServer, kind
     df = reviews(5)
     table = {"lazy": df.lazy(), "arrow": df.to_arrow(), "arrow_batch": df.to_arrow().to_batches()[0]}[kind]
     out = pipeline.complete(table, **settings(server))
-    assert out["id"].to_list() == list(range(5)) and set(out["status"]) == {"ok"}
+    frame = out if isinstance(out, pl.DataFrame) else pl.from_arrow(out)
+    assert isinstance(frame, pl.DataFrame)
+    assert frame["id"].to_list() == list(range(5)) and set(frame["status"]) == {"ok"}
+
+
+def test_complete_gives_back_the_kind_of_frame_it_was_given(server: FakeLLMServer) -> None:
+    """pandas in, pandas out (its index and dtypes kept); Arrow in, Arrow out (its schema kept); polars stays polars."""
+    pd = pytest.importorskip("pandas", reason="pandas is not a dependency; the conversion is tested where it is installed")
+    given = pd.DataFrame(
+        {"code": ["00042", "007"], "n": [1, None], "text": ["a b", "c d"]}, index=pd.Index([10, 20], name="ticket")
+    ).astype({"code": "string", "n": "Int64"})
+    out = pipeline.complete(given, **settings(server))
+    assert isinstance(out, pd.DataFrame)
+    assert list(out.index) == [10, 20] and out.index.name == "ticket"
+    assert list(out.columns) == ["code", "n", "text", *RESULT_COLUMNS]
+    assert out.dtypes["code"] == "string" and out.dtypes["n"] == "Int64" and list(out["code"]) == ["00042", "007"]
+    assert out.loc[20, "completion"] == "echo: Summarise: c d"
+    given["summary"] = out["completion"]  # aligned on the caller's own index
+    assert list(given["summary"]) == ["echo: Summarise: a b", "echo: Summarise: c d"]
+
+    small = pipeline.complete(given[["text"]], **settings(server, limit=1))
+    assert isinstance(small, pd.DataFrame) and list(small.index) == [10]
+
+    schema = pa.schema([pa.field("code", pa.string()), pa.field("text", pa.large_string())], metadata={b"origin": b"crm"})
+    arrow = pa.table({"code": ["00042", "7"], "text": ["a b", "c d"]}, schema=schema)
+    out_arrow = pipeline.complete(arrow, **settings(server))
+    assert isinstance(out_arrow, pa.Table)
+    assert out_arrow.schema.field("code").type == pa.string() and out_arrow.schema.metadata == {b"origin": b"crm"}
+    assert out_arrow.column_names == ["code", "text", *RESULT_COLUMNS]
+    assert out_arrow.column("completion").to_pylist() == ["echo: Summarise: a b", "echo: Summarise: c d"]
+    batch = pipeline.complete(arrow.to_batches()[0], **settings(server))
+    assert isinstance(batch, pa.RecordBatch) and batch.num_rows == 2
+
+    assert isinstance(pipeline.complete(pl.from_arrow(arrow), **settings(server)), pl.DataFrame)
+
+
+def test_api_key_is_used_and_written_nowhere(server: FakeLLMServer, tmp_path: Path) -> None:
+    key = "sk-notebook-ONLY-IN-MEMORY-4711"
+    with FakeLLMServer(api_key=key) as keyed:
+        out = pipeline.complete(
+            reviews(4), **settings(keyed, checkpoint_dir="answers", metrics="out/m.metrics.json", api_key=key)
+        )
+        assert set(out["status"]) == {"ok"}
+        assert {r.headers["authorization"] for r in chat_requests(keyed)} == {f"Bearer {key}"}
+        result = pipeline.run(
+            input=str(write_table("in.csv", reviews(3))), output="out/r.parquet", api_key=key, **settings(keyed)
+        )
+        assert result.succeeded and result.ok == 3
+        with pytest.raises(pipeline.RunStopped, match="HTTP 401") as stopped:  # a wrong key: fatal, and masked in the message
+            pipeline.complete(reviews(1), **settings(keyed, api_key="sk-wrong-key-0000"))
+        assert "sk-wrong-key-0000" not in str(stopped.value)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "m.metrics.json" for p in files) and any(p.suffix == ".html" for p in files)
+    assert any("answers" in p.parts for p in files)
+    for p in files:
+        assert key.encode() not in p.read_bytes(), p
+    with pytest.raises(pipeline.ConfigError, match="api_key= takes the key as non-empty text"):
+        pipeline.complete(reviews(1), **settings(server, api_key=""))
+
+
+def test_null_values_and_dtypes_apply_to_a_table_in_memory(server: FakeLLMServer) -> None:
+    df = pl.DataFrame({"day": ["2024-01-05", "2024-02-01", "2024-03-09"], "text": ["a b", "N/A", "c d"]})
+    out = pipeline.complete(df, **settings(server, null_values=["N/A"], dtypes={"day": "date"}, max_error_rate=1.0))
+    assert out.schema["day"] == pl.Date and out["text"].to_list() == ["a b", None, "c d"]
+    assert out["status"].to_list() == ["ok", "error", "ok"]
+    assert sorted(r.content for r in chat_requests(server)) == ["Summarise: a b", "Summarise: c d"]
+    with pytest.raises(pipeline.InputError, match="--dtype text=int: row 1 of the table passed in"):
+        pipeline.complete(df, **settings(server, dtypes={"text": "int"}))
 
 
 def test_pandas_frame_when_pandas_is_installed(server: FakeLLMServer) -> None:
@@ -109,7 +176,9 @@ def test_sync_form_inside_a_running_event_loop_and_the_async_form(server: FakeLL
         return blocking, awaited
 
     blocking, awaited = asyncio.run(notebook_cell())
-    assert blocking.drop("latency_ms").equals(awaited.drop("latency_ms"))
+    # The second call's answers come from the default store: no request made for them (attempts 0).
+    assert blocking.drop("latency_ms", "attempts").equals(awaited.drop("latency_ms", "attempts"))
+    assert len(chat_requests(server)) == 6 and awaited["attempts"].to_list() == [0] * 6
     assert set(blocking["status"]) == {"ok"} and blocking.height == 6
 
 
@@ -127,13 +196,17 @@ def test_errors_are_the_package_tree_and_nothing_is_sent(server: FakeLLMServer) 
     assert chat_requests(server) == []
 
 
-def test_a_fatal_answer_raises_run_stopped_with_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_refused_key_raises_auth_error_with_the_result_and_the_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MY_KEY", "sk-wrong-key-123456")
-    with FakeLLMServer(api_key="sk-right-key-123456") as server, pytest.raises(pipeline.RunStopped) as caught:
+    with FakeLLMServer(api_key="sk-right-key-123456") as server, pytest.raises(pipeline.AuthError) as caught:
         pipeline.complete(reviews(20), **settings(server, api_key_env="MY_KEY", checkpoint_dir="answers"))
+    assert isinstance(caught.value, pipeline.RunStopped)  # an except RunStopped written before still catches it
     result = caught.value.result
     assert isinstance(result, pipeline.RunResult)
-    assert result.outcome == "stopped" and result.exit_code == 1 and result.ok == 0
+    assert result.outcome == "auth_refused" and result.exit_code == 6 and result.ok == 0
+    frame = caught.value.frame  # the table so far: every row, none sent, each saying why
+    assert frame.height == 20 and set(frame["status"]) == {"error"}
+    assert frame["error"].str.starts_with("not sent: the run stopped early (the provider refused the key)").all()
     assert "sk-wrong" not in str(caught.value) and "sk-wrong" not in repr(result.metrics)
 
 
@@ -143,7 +216,10 @@ def test_run_returns_a_result_instead_of_an_exit_code(server: FakeLLMServer) -> 
     config = Path("job.yaml")
     config.write_text(f"input: in.csv\noutput: out/r.parquet\nprompt: 'Summarise: {{text}}'\nbase_url: {server.url}/v1\n")
     result = pipeline.run(str(config), model="fake-model", price_in=1, price_out=2, progress=False, make_report=False)
-    assert (result.outcome, result.exit_code, result.succeeded) == ("error_rate", 1, False)
+    assert (result.outcome, result.exit_code, result.succeeded) == ("error_rate", 4, False)
+    with pytest.raises(pipeline.ErrorRateExceeded) as caught:  # for an orchestrator's task that should fail
+        result.raise_for_outcome()
+    assert caught.value.result is result and caught.value.exit_code == 4
     assert "1 of 8 rows failed" in (result.reason or "")
     assert (result.rows, result.ok, result.errors, result.from_checkpoint) == (8, 7, 1, 0)
     assert result.requests == 8 and result.prompt_tokens > 0 and result.cost is not None and result.cost > 0

@@ -103,7 +103,7 @@ def test_errored_lines_permanent_recorded_transient_resent(batches: FakeBatchSer
     batches.faults["line_status"] = {"number 3 ": 400}
     batches.advance(120)
     third = run_cli(*job(batches))
-    assert third.exit_code == 1, third.output  # one row refused: above --max-error-rate 0
+    assert third.exit_code == 4, third.output  # one row refused: above --max-error-rate 0
     out = pl.read_parquet("out/r.parquet")
     assert out.filter(pl.col("id") == 3)["error"][0].startswith("HTTP 400: fake status 400")
     assert out.filter(pl.col("status") == "ok").height == 7
@@ -206,13 +206,19 @@ def test_status_and_cancel(batches: FakeBatchServer) -> None:
     assert set(pl.read_parquet("out/r.parquet")["status"]) == {"ok"}
 
 
-def test_batch_commands_need_a_batch_job(batches: FakeBatchServer) -> None:
+def test_batch_commands_take_the_config_as_given_the_subcommand_is_the_mode(batches: FakeBatchServer) -> None:
+    """A job run with --mode batch on the command line: status and cancel on the same config, without the flag."""
     write_table("in.csv", texts(2))
     args = [a for a in job(batches)[1:] if a not in ("--mode", "batch")]
-    result = run_cli("batch", "status", *args)
-    assert result.exit_code == 2 and "for batch jobs" in result.output
-    none_yet = run_cli("batch", "status", *job(batches)[1:])
+    none_yet = run_cli("batch", "status", *args)
     assert none_yet.exit_code == 0 and "no batches yet" in none_yet.output
+    assert run_cli(*job(batches)).exit_code == 3  # submitted, with the flag
+    status = run_cli("batch", "status", *args)
+    assert status.exit_code == 0, status.output
+    assert "in_progress" in status.output and "2 requests in open batches" in status.output
+    cancel = run_cli("batch", "cancel", *args)
+    assert cancel.exit_code == 0 and "cancelled" in cancel.output
+    assert batches.stats["cancels"] == 1
 
 
 # ---- Anthropic Message Batches: the same flow, inline requests, results stream, no metadata ----------
@@ -347,6 +353,48 @@ def test_batch_request_file_in_batch_mode(batches: FakeBatchServer) -> None:
     assert all(x["response"]["status_code"] == 200 for x in out)
 
 
+def test_batch_output_lines_carry_the_providers_responses_as_received() -> None:
+    """Not rebuilt from our completion text: the server's own body (its id, created, every field), a
+    refusal's status and error body, and for a row that got no HTTP answer an error code of ours."""
+    from tests.fakeserver import FakeLLMServer
+
+    lines = write_requests(3)
+    lines[1]["body"]["messages"][0]["content"] = "too long [[fault:400]]"  # type: ignore[index]
+    lines[2]["body"]["messages"][0]["content"] = "never answers [[fault:hang]]"  # type: ignore[index]
+    Path("requests.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with FakeLLMServer() as server:
+        result = run_cli("run", "-i", "requests.jsonl", "-o", "out/answers.jsonl", "--base-url", f"{server.url}/v1",
+                         "--no-progress", "--no-report", "--timeout", "1", "--max-attempts", "1", "--max-error-rate", "1")  # fmt: skip
+        assert result.exit_code == 0, result.output
+    ok, refused, lost = (json.loads(x) for x in Path("out/answers.jsonl").read_text().splitlines())
+    body = ok["response"]["body"]
+    assert "created" in body and body["id"].startswith("chatcmpl-") and not body["id"].endswith(ok["id"][10:])
+    assert ok["error"] is None and body["choices"][0]["message"]["content"] == "echo: question 0"
+    assert refused["error"] is None and refused["response"]["status_code"] == 400
+    assert refused["response"]["body"]["error"]["type"] == "invalid_request_error"  # the error body as the server sent it
+    assert (
+        lost["response"] is None and lost["error"]["code"] == "no_response" and "no answer within 1 s" in lost["error"]["message"]
+    )
+
+
+def test_batch_mode_output_lines_are_the_batch_files_lines(batches: FakeBatchServer) -> None:
+    write_requests(3)
+    batches.faults["line_status"] = {"question 1": 400}
+    args = ["run", "-i", "requests.jsonl", "-o", "out/r.jsonl", "--base-url", f"{batches.url}/v1", "--api-key-env", "BATCH_KEY",
+            "--mode", "batch", "--no-progress", "--no-report", "--max-error-rate", "1"]  # fmt: skip
+    assert run_cli(*args).exit_code == 3
+    batches.advance(120)
+    done = run_cli(*args)
+    assert done.exit_code == 0, done.output
+    first, refused, third = (json.loads(x) for x in Path("out/r.jsonl").read_text().splitlines())
+    assert first["response"]["body"]["id"] == "chatcmpl-fake"  # the batch's own body, not one rebuilt by us
+    assert refused["response"]["status_code"] == 400 and refused["error"] is None
+    assert third["response"]["status_code"] == 200
+    assert not Path("out/r.checkpoint/responses").exists() or all(
+        b"sk-batch-test" not in f.read_bytes() for f in Path("out/r.checkpoint/responses").iterdir()
+    )
+
+
 def test_bad_batch_request_files_are_refused_before_anything_is_sent() -> None:
     write_requests(2)
     with open("requests.jsonl", "a") as f:
@@ -393,11 +441,11 @@ def test_fallback_online_sends_failed_lines_online(batches: FakeBatchServer) -> 
     assert set(out["status"]) == {"ok"} and sorted(out["attempts"].to_list()) == [1, 1, 2, 2, 2]
 
 
-def test_a_bad_key_stops_with_exit_1_and_submits_nothing(batches: FakeBatchServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_bad_key_stops_with_exit_6_and_submits_nothing(batches: FakeBatchServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BATCH_KEY", "sk-wrong-key-0000000000")
     write_table("in.csv", texts(3))
     result = run_cli(*job(batches))
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 6, result.output  # auth_refused
     assert "Incorrect API key" in result.output and "sk-wrong" not in result.output
     assert batches.stats["batches_created"] == 0
 
@@ -444,9 +492,9 @@ def test_anthropic_adoption_skips_a_batch_the_ledger_already_holds(batches: Fake
 def test_a_create_refused_for_good_does_not_wedge_later_runs(batches: FakeBatchServer) -> None:
     batches.faults["create_status"] = 400
     write_table("in.csv", texts(3))
-    assert run_cli(*job(batches)).exit_code == 1
+    assert run_cli(*job(batches)).exit_code == 9  # requests_refused
     second = run_cli(*job(batches))  # the prepared file is refused again: given up, its rows pending again
-    assert second.exit_code == 1 and "its rows are sent again" in second.output
+    assert second.exit_code == 9 and "its rows are sent again" in second.output
     del batches.faults["create_status"]
     assert run_cli(*job(batches)).exit_code == 3
     batches.advance(120)
@@ -486,3 +534,62 @@ def test_batch_mode_shares_the_answer_cache(batches: FakeBatchServer) -> None:
     assert batches.stats["batches_created"] == 1 and set(batches.lines_seen.values()) == {1}
     assert set(pl.read_parquet("out/other.parquet")["status"]) == {"ok"}
     assert "4 from the answer cache" in other.output
+
+
+# ---- a flaky batch API is not a failure: exit 3 or 0, never a paging exit code ------------------------
+
+
+def test_a_flaky_batch_api_only_ever_exits_3_or_0(batches: FakeBatchServer) -> None:
+    """A fifth of the polls answered 429 or 500 and the results file 404 on its first download: every
+    invocation of a nightly cron exits 3 (run again) or 0 (done), and nothing is paid twice."""
+    batches.faults.update(retrieve_fault_rate=0.2, content_404_first=True, duration=30)
+    write_table("in.csv", texts(40))
+    codes = []
+    for _ in range(8):
+        result = run_cli(*job(batches, "--batch-max-requests", "10", "--max-wait", "60"))
+        codes.append(result.exit_code)
+        assert result.exit_code in (0, 3), result.output
+        if result.exit_code == 0:
+            break
+        batches.advance(40)
+    assert codes[-1] == 0, codes
+    assert batches.stats["retrieve_faults"] >= 1 and batches.stats["content_404"] >= 1
+    assert set(batches.lines_seen.values()) == {1}  # every line submitted once
+    out = pl.read_parquet("out/r.parquet")
+    assert out.height == 40 and set(out["status"]) == {"ok"}
+
+
+def test_a_batch_api_down_past_max_wait_with_batches_open_exits_3(batches: FakeBatchServer) -> None:
+    write_table("in.csv", texts(5))
+    assert run_cli(*job(batches)).exit_code == 3
+    batches.advance(120)
+    batches.faults["retrieve_faults"] = [503] * 1000  # the API is down; the batch is fine
+    down = run_cli(*job(batches, "--max-wait", "3"))
+    assert down.exit_code == 3, down.output
+    assert "did not answer well" in down.output and "nothing is lost" in down.output
+    assert json.loads(Path("out/r.metrics.json").read_text())["run"]["outcome"] == "batch_pending"
+    batches.faults["retrieve_faults"] = []
+    back = run_cli(*job(batches))
+    assert back.exit_code == 0, back.output
+    assert batches.stats["batches_created"] == 1
+
+
+def test_batch_spend_counts_in_the_run_that_collects_it(batches: FakeBatchServer) -> None:
+    write_table("in.csv", texts(6))
+    priced = ("--price-in", "2", "--price-out", "4")
+    submit = run_cli(*job(batches, *priced))
+    assert submit.exit_code == 3
+    batches.advance(120)
+    collect = run_cli(*job(batches, *priced))
+    assert collect.exit_code == 0, collect.output
+    m = json.loads(Path("out/r.metrics.json").read_text())
+    out = pl.read_parquet("out/r.parquet")
+    tokens_in, tokens_out = int(out["prompt_tokens"].sum()), int(out["completion_tokens"].sum())
+    assert (m["tokens"]["prompt"], m["tokens"]["completion"]) == (tokens_in, tokens_out)
+    assert f"tokens this run: {tokens_in:,} in, {tokens_out:,} out" in collect.output
+    expected = (tokens_in * 2 + tokens_out * 4) / 1e6 / 2  # the batch discount: half the price
+    assert m["cost"]["this_run"] == pytest.approx(expected, abs=1e-6)
+    assert m["cost"]["all_runs"] == pytest.approx(expected, abs=1e-6)  # not counted twice
+    again = run_cli(*job(batches, *priced))  # nothing new: this run spent nothing
+    assert json.loads(Path("out/r.metrics.json").read_text())["cost"]["this_run"] == 0
+    assert again.exit_code == 0

@@ -84,7 +84,7 @@ def test_a_run_that_got_no_answer_leaves_no_checkpoint_and_does_not_say_run_the_
         "run", "-i", "in.csv", "-o", "out/result.parquet", "-p", "S: {text}", "-m", "m",
         "--base-url", "http://127.0.0.1:9/v1", "--no-progress", "--max-attempts", "2",
     )  # fmt: skip
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 8, result.output  # server_unavailable
     assert "Cannot reach the server" in result.output and "Check --base-url" in result.output
     assert "Nothing was answered, so nothing was kept; fix the cause and run again." in result.output
     assert "same command" not in result.output
@@ -95,7 +95,7 @@ def test_a_checkpoint_with_answers_is_kept_when_a_later_run_stops(server: FakeLL
     write_table("in.csv", texts(4))
     assert run_cli(*base_args(server), "--limit", "2").exit_code == 0
     result = run_cli(*[a if a != f"{server.url}/v1" else "http://127.0.0.1:9/v1" for a in base_args(server)])
-    assert result.exit_code == 1
+    assert result.exit_code == 8, result.output
     assert Path("out/result.checkpoint/results.parquet").exists()
 
 

@@ -77,10 +77,10 @@ def test_error_rate_above_the_limit(server: FakeLLMServer) -> None:
     rows = [*texts(3), {"id": 3, "text": "bad [[fault:400]]"}, {"id": 4, "text": "down [[fault:500]]"}]
     write_table("in.csv", rows)
     result = run_cli(*base_args(server), "--max-attempts", "2")
-    assert result.exit_code == 1
+    assert result.exit_code == 4
     m = load()
     assert m["rows"]["error"] == 2 and m["rows"]["ok"] == 3
-    assert m["run"]["exit_code"] == 1 and m["run"]["outcome"] == "error_rate"
+    assert m["run"]["exit_code"] == 4 and m["run"]["outcome"] == "error_rate"
     assert "above --max-error-rate" in m["run"]["reason"] and m["run"]["reason"] in result.output
     assert m["requests"]["errors_by_kind"] == {"http_400": 1, "http_500": 1}
     assert m["requests"]["retries"] == 1 and m["requests"]["sent"] == 3 + 1 + 2
@@ -100,10 +100,10 @@ def test_a_fatal_stop_is_recorded_without_the_key() -> None:
         write_table("in.csv", texts(50))
         args = [*base_args(server), "--header", "api-key: $TEST_KEY", "--concurrency", "2"]
         result = run_cli(*args, env={"TEST_KEY": "wrong-secret-key"})
-    assert result.exit_code == 1
-    assert not Path("out/result.parquet").exists()
+    assert result.exit_code == 6
+    assert not Path("out/result.parquet").exists()  # nothing was answered: no output of errors only
     m = load()
-    assert m["run"]["outcome"] == "stopped" and m["run"]["exit_code"] == 1
+    assert m["run"]["outcome"] == "auth_refused" and m["run"]["exit_code"] == 6
     assert "HTTP 401" in m["run"]["reason"] and m["run"]["reason"] in result.output
     assert m["rows"]["ok"] == 0 and m["rows"]["not_sent"] >= 45
     assert m["config"]["headers"] == {"api-key": "***"}
@@ -114,7 +114,7 @@ def test_a_fatal_stop_is_recorded_without_the_key() -> None:
 def test_a_spend_ceiling_stop_is_recorded(server: FakeLLMServer) -> None:
     write_table("in.csv", texts(40))
     result = run_cli(*base_args(server), "--price-in", "1000", "--price-out", "1000", "--max-cost", "0.6", "--concurrency", "1")
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 5, result.output
     m = load()
     assert m["run"]["outcome"] == "spend_ceiling" and m["run"]["reason"] in result.output
     assert m["cost"]["ceiling_reached"] is True and m["cost"]["max_cost"] == 0.6 and m["cost"]["this_run"] <= 0.6

@@ -343,7 +343,7 @@ def test_folder_outputs_that_cannot_be_are_refused_before_anything_is_sent(serve
     write_table("in.csv", texts(5))
     Path("out").mkdir()
     Path("out/file").write_text("x")
-    for out, said in (("out/file/", "is a file"), ("s3://bucket/parts/", "a local (or shared) folder only")):
+    for out, said in (("out/file/", "is a file"), ("s3://bucket/parts/", "s3://bucket/parts/ is")):
         result = run_cli(*base_args(server, out=out))
         assert result.exit_code == 2 and said in result.output, result.output
     assert chat_requests(server) == []

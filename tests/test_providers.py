@@ -74,7 +74,7 @@ def test_the_key_is_in_no_file_and_no_message() -> None:
         rows = [*texts(5), {"id": 5, "text": "rejected [[fault:400]]"}, {"id": 6, "text": "gives up [[fault:500]]"}]
         write_table("in.csv", rows)
         result = run_cli(*job(server, "modelslab", "/api/v7/llm"), env={"MODELSLAB_API_KEY": SECRET})
-        assert result.exit_code == 1  # two rows failed
+        assert result.exit_code == 4  # two rows failed
         assert len(chat_requests(server)) >= 7  # the key really was sent...
     files = [p for p in Path("out").rglob("*") if p.is_file()]
     assert any(p.suffix == ".parquet" for p in files) and any("checkpoint" in str(p) for p in files)
@@ -87,7 +87,7 @@ def test_modelslab_out_of_quota_stops_the_run() -> None:
     with FakeLLMServer(api_key=SECRET) as server:
         write_table("in.csv", [{"id": i, "text": f"row {i} [[fault:quota]]"} for i in range(20)])
         result = run_cli(*job(server, "modelslab", "/api/v7/llm", "--concurrency", "1"), env={"MODELSLAB_API_KEY": SECRET})
-        assert result.exit_code == 1
+        assert result.exit_code == 7, result.output  # quota_exhausted
         assert "quota" in result.output.lower() and "stopped" in result.output
         assert len(chat_requests(server)) == 1
 
@@ -97,7 +97,7 @@ def test_modelslab_http_200_invalid_key_stops_the_run_and_the_echoed_key_is_mask
     with FakeLLMServer(api_key="another-key") as server:
         write_table("in.csv", texts(40))
         result = run_cli(*job(server, "modelslab", "/api/v7/llm", "--concurrency", "1"), env={"MODELSLAB_API_KEY": SECRET})
-        assert result.exit_code == 1
+        assert result.exit_code == 6, result.output  # auth_refused
         assert "Invalid API key" in result.output and "Received key: ***" in result.output
         assert len(chat_requests(server)) == 1  # stopped at the first answer, not after 40 failures
         assert SECRET not in result.output

@@ -20,7 +20,7 @@ from tests.conftest import ROOT, chat_requests, run_cli, spawn, texts, write_tab
 from tests.fakeserver import FakeLLMServer
 from tests.test_resume import journal_lines, wait_for_answers
 
-ray = pytest.importorskip("ray", reason="the Ray engine's tests need the extra: pip install 'pipeline[ray]'")
+ray = pytest.importorskip("ray", reason="the Ray engine's tests need the extra: pip install -e '.[ray]'")
 
 pytestmark = pytest.mark.ray
 
@@ -172,7 +172,7 @@ def test_without_ray_installed_engine_ray_says_how_to_install(tmp_path: Path, se
         env={**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{ROOT}"},
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
-    assert "pip install 'pipeline[ray]'" in proc.stderr
+    assert "pip install -e '.[ray]' in the pipeline checkout" in proc.stderr and "'pipeline[ray]'" not in proc.stderr
     assert chat_requests(server) == []
 
 

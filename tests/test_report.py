@@ -25,6 +25,7 @@ import pytest
 from pipeline.observe.report import build_report, report_after_run, write_report
 from pipeline.tables.checkpoint import RESULT_SCHEMA
 from tests.conftest import run_cli, write_table
+from tests.fakeserver import FakeLLMServer
 
 SECRET = "sk-test-NEVER-SHOWN-123"
 
@@ -82,6 +83,8 @@ def metrics_dict(rows: int = 100, *, seconds: int = 30) -> dict[str, Any]:
                 "limited_rate": t // 5,
                 "limited_concurrency": t // 10,
                 "concurrency": 8,
+                "in_flight": min(8, 1 + t % 9),
+                "pace_rpm": 600.0 if t < seconds // 2 else 450.0,
             }
         )
     return {
@@ -265,7 +268,8 @@ def test_report_of_a_million_rows_stays_small(tmp_path: Path) -> None:
     print(f"\n1M rows: output written in {t1 - t0:.1f} s; report built in {t2 - t1:.1f} s, {size / 1e3:,.0f} kB")
     assert size < 2_000_000
     assert tile(page, "rows") == "1,000,000" and tile(page, "error") == "100,000"
-    assert page.count("<tr><td>") == 6  # still three examples per message, not every failed row
+    assert section(page, "errors").count("<tr><td>") == 6  # still three examples per message, not every failed row
+    assert section(page, "samples").count("<tr><td>") == 5  # and five answers, not every row
 
 
 def test_write_report_is_atomic_and_report_after_run_never_raises(tmp_path: Path) -> None:
@@ -305,6 +309,102 @@ def test_cli_report_writes_next_to_the_output_and_reports_mistakes(tmp_path: Pat
 def test_cli_help_does_not_import_the_plotting_libraries() -> None:
     code = "import sys; from pipeline.cli import cli; assert not {'altair', 'vl_convert'} & set(sys.modules), sys.modules.keys()"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def earlier_run(folder: Path, started_at: str, *, rows_per_s: float, errors: int, output: str = "out/result.parquet") -> Path:
+    """A metrics file an earlier run of a job left, named by its date as a nightly job may name it."""
+    m = metrics_dict(100)
+    m["run"]["started_at"] = started_at
+    m["throughput"]["rows_per_s"] = rows_per_s
+    m["rows"]["error"] = errors
+    m["cost"]["this_run"] = 0.001 * errors
+    m["paths"]["output"] = output
+    path = folder / f"result-{started_at[:10]}.metrics.json"
+    path.write_bytes(orjson.dumps(m))
+    return path
+
+
+def svgs(part: str) -> list[str]:
+    return re.findall(r"<svg.*?</svg>", part, re.S)
+
+
+def svg_texts(svg: str) -> list[str]:
+    return [html.unescape(t) for t in re.findall(r"<text[^>]*>([^<]*)</text>", svg)]
+
+
+def test_report_draws_each_legend_with_its_chart_the_pace_and_requests_in_flight(tmp_path: Path) -> None:
+    out = write_run(tmp_path, output_rows(100), metrics_dict(100))
+    page = build_report(str(out))
+    rows_chart, tokens_chart = svgs(section(page, "throughput"))
+    assert "rows/s" in svg_texts(rows_chart) and "pace in force, requests/s" in svg_texts(rows_chart)
+    assert not any("tokens/s" in t for t in svg_texts(rows_chart))  # the tokens' legend is not on the rows' chart
+    assert {"prompt tokens/s", "completion tokens/s"} <= set(svg_texts(tokens_chart))
+    (in_flight,) = svgs(section(page, "in-flight"))
+    assert {"in flight", "limit (learned or given)"} <= set(svg_texts(in_flight))
+
+    # A run with one pace and no per-second figure (an older metrics file): the pace is a line across.
+    m = metrics_dict(100)
+    for sample in m["timeline"]:
+        del sample["pace_rpm"], sample["in_flight"]
+    m["limits"] = {"pace_rpm": 600.0, "pace_source": "header", "concurrency": 8}
+    old = write_run(tmp_path / "old", output_rows(100), m)
+    page = build_report(str(old))
+    assert "pace 600 requests/min (header)" in svg_texts(svgs(section(page, "throughput"))[0])
+    assert "no requests in flight recorded" in section(page, "in-flight")
+
+
+def test_counts_have_whole_number_axes(tmp_path: Path) -> None:
+    rows = output_rows(10)  # one failed row: the axis used to count "0.0, 0.1 ... 1.0 rows"
+    m = metrics_dict(10)
+    m["requests"]["errors_by_kind"] = {"http_400": 1}
+    page = build_report(str(write_run(tmp_path, rows, m)))
+    for name in ("errors", "latency", "tokens", "in-flight"):
+        ticks = [t for t in svg_texts(svgs(section(page, name))[0]) if re.fullmatch(r"[\d.,]+", t)]
+        assert ticks and all(re.fullmatch(r"[\d,]+", t) for t in ticks), (name, ticks)
+
+
+def test_the_job_and_its_date_come_first_and_answers_are_shown(tmp_path: Path) -> None:
+    m = metrics_dict(100)
+    m["config"]["input"] = ["data/tickets.csv"]
+    page = build_report(str(write_run(tmp_path, output_rows(100), m)))
+    job = re.search(r'<p class="job">(.*?)</p>', page, re.S)
+    assert job is not None and page.index('<p class="job">') < page.index('<div class="tiles">')
+    text = html.unescape(re.sub(r"<[^>]+>", "", job.group(1)))
+    assert f"Job {tmp_path / 'result.parquet'} from data/tickets.csv, model tiny-model-7b" in text
+    assert "run of 2026-11-26 22:00:00 UTC to 22:00:30 UTC" in text
+    samples = section(page, "samples")
+    assert (
+        samples.count("<tr><td>") == 5 and "<td>1</td><td>0</td><td>review number 0 says it is fine</td><td>fine</td>" in samples
+    )
+
+
+def test_trend_across_runs_from_earlier_metrics_files_of_the_same_job(tmp_path: Path) -> None:
+    out = write_run(tmp_path, output_rows(100), metrics_dict(100))
+    page = build_report(str(out))
+    assert "first run of this job" in section(page, "trend") and "<svg" not in section(page, "trend")
+
+    earlier_run(tmp_path, "2026-11-24T22:00:00Z", rows_per_s=2.5, errors=30)
+    earlier_run(tmp_path, "2026-11-25T22:00:00Z", rows_per_s=3.0, errors=20)
+    earlier_run(tmp_path, "2026-11-23T22:00:00Z", rows_per_s=9.0, errors=1, output="out/another-job.parquet")
+    page = build_report(str(out))
+    trend = section(page, "trend")
+    assert "3 runs of this job" in trend  # the other job's file is not one of them
+    texts = svg_texts(svgs(trend)[0])
+    assert {"rows/s", "errors", "cost"} <= set(texts)
+    assert "2026-11-24 22:00" in texts and "2026-11-26 22:00" in texts and "2026-11-23 22:00" not in texts
+
+
+def test_each_run_adds_a_line_to_the_runs_file_and_the_report_draws_the_trend(server: FakeLLMServer) -> None:
+    write_table("in.csv", [{"id": i, "text": f"review {i} says fine"} for i in range(6)])
+    job = ["run", "-i", "in.csv", "-o", "out/r.parquet", "-p", "S: {text}", "-m", "m", "--base-url", f"{server.url}/v1",
+           "--no-progress", "--price-in", "1", "--price-out", "2"]  # fmt: skip
+    assert run_cli(*job, "--limit", "3").exit_code == 0
+    assert run_cli(*job).exit_code == 0
+    lines = [orjson.loads(raw) for raw in Path("out/r.runs.jsonl").read_bytes().splitlines()]
+    assert [(r["rows"], r["ok"], r["from_checkpoint"], r["errors"]) for r in lines] == [(3, 3, 0, 0), (6, 6, 3, 0)]
+    assert all(r["schema"] == "pipeline.runs/1" and r["cost"] is not None and r["started_at"] for r in lines)
+    trend = section(Path("out/r.report.html").read_text(), "trend")
+    assert "2 runs of this job" in trend and "<svg" in trend
 
 
 # --- in a real browser -------------------------------------------------------------------------------
@@ -408,6 +508,7 @@ async def _visit(ws: aiohttp.ClientWebSocketResponse, url: str) -> dict[str, Any
 )
 def test_report_renders_in_headless_chromium_with_its_charts_and_no_console_errors(tmp_path: Path) -> None:
     out = write_run(tmp_path, output_rows(200), metrics_dict(200))
+    earlier_run(tmp_path, "2026-11-25T22:00:00Z", rows_per_s=5.0, errors=12)
     report = tmp_path / "result.report.html"
     write_report(report, build_report(str(out)))
     # A control page that does complain: proves the listener hears console errors, failed loads and exceptions.
@@ -420,8 +521,11 @@ def test_report_renders_in_headless_chromium_with_its_charts_and_no_console_erro
     assert seen["problems"] == [], seen["problems"]
     assert seen["title"] == "Run report: result.parquet"
     assert all(url.startswith(("file:", "data:", "about:")) for url in seen["requests"]), seen["requests"]
-    drawn = {c["section"] for c in seen["charts"] if c["width"] > 200 and c["height"] > 50 and c["marks"] > 10}
-    assert drawn == {"throughput", "latency", "tokens", "retries", "errors"}, seen["charts"]
+    drawn = [c["section"] for c in seen["charts"] if c["width"] > 200 and c["height"] > 50 and c["marks"] > 10]
+    expected = ["throughput", "throughput", "in-flight", "latency", "tokens", "retries", "errors", "trend"]
+    assert drawn == expected, seen["charts"]  # rows/s and tokens/s apart, each with its own legend
+    # The job and its date come first, before any figure.
+    assert seen["text"].index("run of 2026-11-26 22:00:00 UTC") < seen["text"].index("latency p50")
     assert "HTTP 503 Service Unavailable (after 4 attempts)" in seen["text"]
 
     said = " | ".join(heard["problems"])

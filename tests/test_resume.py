@@ -91,7 +91,7 @@ def test_killed_run_under_a_ceiling_resumes_and_each_run_keeps_its_own_ceiling()
 
         server.reset()  # a ceiling for about 50 of the remaining rows
         second = run_cli(*job_args(server), *prices, "--max-cost", "0.0016")
-        assert second.exit_code == 1, second.output
+        assert second.exit_code == 5, second.output  # spend_ceiling
         assert billed(server) <= 0.0016
         second_run = Counter(r.content for r in chat_requests(server))
         assert len(set(first_run) & set(second_run)) <= 8  # at most what was in flight at the kill

@@ -83,7 +83,7 @@ def test_timeout_is_retried(server: FakeLLMServer) -> None:
 def test_persistent_server_errors_give_up_after_max_attempts(server: FakeLLMServer) -> None:
     write_table("in.csv", [{"id": 0, "text": "always down [[fault:500]]"}, {"id": 1, "text": "fine"}])
     result = run_cli(*base_args(server), "--max-attempts", "3")
-    assert result.exit_code == 1  # one failed row is above the default --max-error-rate 0
+    assert result.exit_code == 4  # one failed row is above the default --max-error-rate 0
     out = pl.read_parquet("out/result.parquet")
     assert out["status"].to_list() == ["error", "ok"]
     assert out["attempts"][0] == 3 and "HTTP 500" in out["error"][0] and "after 3 attempts" in out["error"][0]
@@ -105,7 +105,7 @@ def test_a_401_stops_the_run_at_once() -> None:
     with FakeLLMServer(api_key="right-key") as server:
         write_table("in.csv", texts(200))
         result = run_cli(*base_args(server), "--api-key-env", "TEST_KEY", "--concurrency", "2", env={"TEST_KEY": "wrong-key"})
-        assert result.exit_code == 1
+        assert result.exit_code == 6, result.output  # auth_refused
         assert "stopped" in result.output and "HTTP 401" in result.output
         # Stopped at the first answer, not after failing all 200 rows.
         assert len(chat_requests(server)) <= 4
@@ -116,7 +116,7 @@ def test_a_401_stops_the_run_at_once() -> None:
 def test_out_of_quota_stops_the_run(server: FakeLLMServer) -> None:
     write_table("in.csv", [{"id": i, "text": f"row {i} [[fault:quota]]"} for i in range(50)])
     result = run_cli(*base_args(server), "--concurrency", "1")
-    assert result.exit_code == 1
+    assert result.exit_code == 7, result.output  # quota_exhausted
     assert "quota" in result.output.lower()
     assert len(chat_requests(server)) == 1
 
@@ -132,7 +132,7 @@ def test_unreachable_server_stops_instead_of_failing_every_row() -> None:
         "run", "-i", "in.csv", "-o", "out/r.parquet", "-p", "{text}", "--base-url", f"http://127.0.0.1:{port}/v1",
         "--model", "m", "--no-progress", "--max-attempts", "2",
     )  # fmt: skip
-    assert result.exit_code == 1
+    assert result.exit_code == 8, result.output  # server_unavailable
     assert "Cannot reach the server" in result.output
 
 
@@ -242,7 +242,7 @@ def test_rerun_sends_nothing_and_changed_rows_only(server: FakeLLMServer) -> Non
 def test_rows_that_failed_are_retried_on_the_next_run(server: FakeLLMServer) -> None:
     write_table("in.csv", [{"id": 0, "text": "flaky [[fault:503x3]]"}, {"id": 1, "text": "fine"}])
     first = run_cli(*base_args(server), "--max-attempts", "2")
-    assert first.exit_code == 1
+    assert first.exit_code == 4
     assert pl.read_parquet("out/result.parquet")["status"].to_list() == ["error", "ok"]
     before = len(chat_requests(server))  # the server keeps counting attempts: the third still fails
     second = run_cli(*base_args(server), "--max-attempts", "2")
@@ -318,7 +318,7 @@ def test_a_404_before_any_answer_stops_with_a_hint_about_the_url(server: FakeLLM
     args = base_args(server)
     args[args.index("--base-url") + 1] = f"{server.url}/v2"  # a path the server does not serve
     result = run_cli(*args, "--concurrency", "1")
-    assert result.exit_code == 1
+    assert result.exit_code == 9, result.output  # requests_refused
     assert "HTTP 404" in result.output and "/v1" in result.output
     assert len(chat_requests(server)) <= 1
 

@@ -125,7 +125,7 @@ def test_a_header_value_echoed_by_the_server_is_masked() -> None:
     with FakeLLMServer(api_key="the-right-key-0123456789", auth_header="api-key") as server:
         write_table("in.csv", texts(3))
         result = run_cli(*base_args(server), "--header", "api-key: $AZURE_KEY", env={"AZURE_KEY": AZURE_KEY})
-        assert result.exit_code == 1, result.output
+        assert result.exit_code == 6, result.output
         assert "pipeline: stopped: HTTP 401: Access denied: invalid api-key '***'" in result.output
         assert "No API key was sent" not in result.output  # one was, and it was wrong
         assert server.stats()["status_401"] == 1 and len(chat_requests(server)) == 1
@@ -141,7 +141,7 @@ def test_a_401_when_no_key_was_sent_says_how_to_send_one() -> None:
     with FakeLLMServer(api_key=secret) as server:
         write_table("in.csv", texts(3))
         result = run_cli(*base_args(server), env={"OPENAI_API_KEY": secret})
-        assert result.exit_code == 1, result.output
+        assert result.exit_code == 6, result.output
         assert "pipeline: stopped: HTTP 401: Incorrect API key provided" in result.output
         assert "No API key was sent with the request: a key in OPENAI_API_KEY goes only to api.openai.com" in result.output
         assert "Pass --api-key-env OPENAI_API_KEY (or the variable holding this server's key)" in result.output
@@ -206,7 +206,7 @@ def test_json_object_refused_too_fails_the_rows_without_retrying() -> None:
     with FakeLLMServer(refuse_formats=("json_schema", "json_object")) as server:
         write_table("in.csv", texts(3))
         result = schema_run(server, "--concurrency", "1")
-        assert result.exit_code == 1, result.output
+        assert result.exit_code == 4, result.output
         assert forms(server) == ["json_schema", "json_object", "json_object", "json_object"]
         assert result.output.count(NOTICE) == 1
         assert "0 ok, 3 errors" in result.output and "errors by kind (rows): http_500 x3" in result.output
@@ -219,7 +219,7 @@ def test_json_object_refused_too_fails_the_rows_without_retrying() -> None:
 def test_a_501_is_not_retried(server: FakeLLMServer) -> None:
     write_table("in.csv", [{"id": 0, "text": "fine"}, {"id": 1, "text": "odd [[fault:501]]"}])
     result = run_cli(*base_args(server))
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 4, result.output
     assert "errors by kind (rows): http_501 x1" in result.output
     assert server.stats()["status_501"] == 1 and len(chat_requests(server)) == 2
 
@@ -231,7 +231,7 @@ def test_errors_by_kind_count_rows_when_identical_rows_share_a_request(server: F
     same = "refused [[fault:400]]"
     write_table("in.csv", [{"id": i, "text": same} for i in range(3)] + [{"id": 3, "text": "other [[fault:400]]"}])
     result = run_cli(*base_args(server))
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 4, result.output
     assert "0 ok, 4 errors" in result.output
     assert "errors by kind (rows): http_400 x4" in result.output
     assert server.stats()["status_400"] == 2 and len(chat_requests(server)) == 2  # the three identical rows: one request

@@ -100,7 +100,7 @@ def test_ceiling_mid_batch_leaves_valid_output_and_rerun_sends_only_unsent_rows(
     args = [*base_args(server), *PRICES, "--max-tokens", "20", "--concurrency", "4", "--batch-size", "15"]
     # Each request: ~12 tokens in and 10 out billed ($0.000032); worst case ~150 in + 20 out.
     result = run_cli(*args, "--max-cost", "0.0005")
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 5, result.output
     out = pl.read_parquet("out/result.parquet")
     assert out.height == rows and out["id"].to_list() == list(range(rows))  # every row, input order
     ok = out.filter(pl.col("status") == "ok")
@@ -166,7 +166,7 @@ def test_identical_rows_follow_their_request_and_the_rest_are_marked_not_sent(se
     write_table("in.csv", rows)
     # Each request's worst case is ~130 tokens; each is billed ~15: some go out, then the ceiling.
     result = run_cli(*base_args(server), "--max-tokens", "10", "--max-tokens-total", "300", "--concurrency", "1")
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 5, result.output
     out = pl.read_parquet("out/result.parquet")
     assert out["status"].to_list()[:3] == ["ok"] * 3  # one request answered three rows
     unsent = out.filter(pl.col("error").str.starts_with(NOT_SENT))

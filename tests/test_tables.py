@@ -158,7 +158,7 @@ def test_a_default_fills_empty_cells_and_the_row_is_sent(server: FakeLLMServer) 
 def test_without_a_default_an_empty_cell_holds_the_row_back(server: FakeLLMServer) -> None:
     latin1_export()
     result = run_cli(*args_with(server, "{text} ({notes})"), "--encoding", "latin-1", "--separator", ";")
-    assert result.exit_code == 1
+    assert result.exit_code == 4
     assert "2 rows were not sent because a prompt cell is null or empty" in result.output
     out = pl.read_parquet("out/result.parquet")
     assert out["error"].to_list() == [
@@ -174,7 +174,7 @@ def test_null_as_empty_renders_nulls_as_empty_text_but_never_sends_a_blank_promp
         "in.parquet", [{"title": "Late", "body": None}, {"title": None, "body": "Cold food"}, {"title": None, "body": " "}]
     )
     result = run_cli(*args_with(server, "{title} {body}", inp="in.parquet"), "--null-as-empty")
-    assert result.exit_code == 1
+    assert result.exit_code == 4
     assert "1 row was not sent" in result.output and "--null-as-empty" in result.output
     assert contents(server) == [" Cold food", "Late "]
     out = pl.read_parquet("out/result.parquet")
@@ -186,7 +186,7 @@ def test_the_new_syntax_keeps_the_request_keys_of_filled_rows(server: FakeLLMSer
     """A job that adds a default or --null-as-empty resumes from its old checkpoint: filled rows are not sent again."""
     write_table("in.csv", [{"id": 1, "text": "fine", "notes": "a"}, {"id": 2, "text": "bad", "notes": None}])
     first = run_cli(*args_with(server, "{text}: {notes}"))
-    assert first.exit_code == 1 and contents(server) == ["fine: a"]
+    assert first.exit_code == 4 and contents(server) == ["fine: a"]
     server.reset()
     second = run_cli(*args_with(server, "{text}: {notes:}"))
     assert second.exit_code == 0, second.output
@@ -217,7 +217,7 @@ def nested_table() -> None:
 def test_list_and_struct_cells_are_sent_as_json(server: FakeLLMServer) -> None:
     nested_table()
     result = run_cli(*args_with(server, "{tags} {meta} {scores}", inp="in.parquet"))
-    assert result.exit_code == 1
+    assert result.exit_code == 4
     assert contents(server) == sorted(
         ['["fast","cheap"] {"stars":5,"src":"wéb"} [1.5,2.0]', '[] {"stars":null,"src":"app"} [3.0]']
     )

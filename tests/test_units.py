@@ -185,9 +185,9 @@ def test_after_a_resume_the_pace_and_time_left_count_only_rows_sent_this_run() -
         ("Model is currently unavailable", 200, errors.ServerError),
         ("The model_id field is required.", 200, errors.ErrorReply),
         ("Model not found", 200, errors.ErrorReply),
-        ("Invalid API key. Please check your key.", 200, errors.AuthError),
+        ("Invalid API key. Please check your key.", 200, errors.KeyRefused),
         ("Rate limit exceeded. Maximum 5 queued requests allowed.", 429, errors.RateLimited),
-        ("Insufficient credit balance", 200, errors.QuotaExhausted),
+        ("Insufficient credit balance", 200, errors.OutOfQuota),
     ],
 )
 def test_modelslab_error_messages_are_retried_unless_known_permanent(message: str, status: int, kind: type) -> None:

@@ -37,6 +37,7 @@ from pipeline.providers import Provider, read_reply
 from pipeline.providers.base import clip, decode, endpoint, http_error, retry_after
 from pipeline.requests.prompts import estimate_tokens
 from pipeline.tables.checkpoint import Checkpoint, Result
+from pipeline.tables.responses import ResponseLog
 
 BATCHES, LEDGER = "batches", "ledger.jsonl"
 ENDPOINT = "/v1/chat/completions"
@@ -44,7 +45,7 @@ TERMINAL = ("completed", "failed", "expired", "cancelled")
 FIRST_POLL, POLL_FACTOR, POLL_MAX = 2.0, 1.5, 300.0  # --wait: seconds before the first poll, growth, cap
 # OpenAI's limits per batch file (50,000 lines, 200 MB); files are cut at 95% of the bytes.
 MAX_LINES, MAX_BYTES = 50_000, 200 * 1024 * 1024
-CALL_ATTEMPTS = 5  # a poll or upload answered 429/5xx is tried again this many times
+CALL_BACKOFF_MAX = 30.0  # seconds: a call answered 429/5xx/no connection is tried again, waits doubling up to this
 
 
 # ---- the ledger ---------------------------------------------------------------------------------
@@ -161,32 +162,47 @@ class Ledger:
 class OpenAIBatches:
     """OpenAI's files and batches endpoints (and every server that copies them), over our transport."""
 
-    def __init__(self, transport: Any, base_url: str, headers: Mapping[str, str], secrets: tuple[str, ...]) -> None:
+    def __init__(
+        self, transport: Any, base_url: str, headers: Mapping[str, str], secrets: tuple[str, ...], *, max_wait: float = 900.0
+    ) -> None:
         self._transport, self._base, self._headers, self._secrets = transport, base_url, dict(headers), secrets
+        self._max_wait = max_wait
 
     async def _call(
         self, method: str, path: str, body: Any = None, *, upload: tuple[str, bytes] | None = None, raw: bool = False
     ) -> Any:
+        """One call of the batch API. A 429, a 5xx or no connection is a hiccup of the API, not of the
+        batches: the call is tried again (after Retry-After, else waits doubling to CALL_BACKOFF_MAX)
+        for up to --max-wait, and only then raises WaitTooLong. Other refusals raise at once."""
         url = endpoint(self._base, path)
         data = orjson.dumps(body) if body is not None else None
-        for attempt in range(1, CALL_ATTEMPTS + 1):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._max_wait
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 status, headers, reply = await self._transport.request(method, url, self._headers, data, upload=upload)
-            except errors.TransientError:
-                if attempt == CALL_ATTEMPTS:
-                    raise
-                await asyncio.sleep(min(30.0, 0.5 * 2**attempt))
-                continue
-            for secret in self._secrets:
-                if len(secret) >= 8:
-                    reply = reply.replace(secret.encode(), b"***")
-            if 200 <= status < 300:
-                return reply if raw else decode(reply)
-            err = _error_of(status, headers, reply)
-            if not isinstance(err, errors.TransientError) or attempt == CALL_ATTEMPTS:
-                raise err
-            await asyncio.sleep(err.retry_after or min(30.0, 0.5 * 2**attempt))
-        raise AssertionError("unreachable")
+            except errors.TransientError as exc:
+                err: errors.RequestError = exc
+            else:
+                for secret in self._secrets:
+                    if len(secret) >= 8:
+                        reply = reply.replace(secret.encode(), b"***")
+                if 200 <= status < 300:
+                    return reply if raw else decode(reply)
+                err = _error_of(status, headers, reply)
+                if not isinstance(err, errors.TransientError):
+                    raise err
+            left = deadline - loop.time()
+            if left <= 0:
+                raise errors.WaitTooLong(
+                    f"the batch API has not answered {method} {path} well for {self._max_wait:.0f} s (--max-wait; last: "
+                    f"{err.message})",
+                    kind="outage",
+                ) from None
+            wait = err.retry_after if err.retry_after is not None else min(CALL_BACKOFF_MAX, 0.5 * 2**attempt)
+            await asyncio.sleep(min(left, wait * random.uniform(0.8, 1.2)))
 
     async def upload(self, name: str, data: bytes) -> str:
         return str((await self._call("POST", "/files", upload=(name, data)))["id"])
@@ -229,9 +245,16 @@ class AnthropicBatches(OpenAIBatches):
                     "overloaded_error": 529}  # fmt: skip
 
     def __init__(
-        self, transport: Any, base_url: str, headers: Mapping[str, str], secrets: tuple[str, ...], read: Callable[[str], bytes]
+        self,
+        transport: Any,
+        base_url: str,
+        headers: Mapping[str, str],
+        secrets: tuple[str, ...],
+        read: Callable[[str], bytes],
+        *,
+        max_wait: float = 900.0,
     ) -> None:
-        super().__init__(transport, base_url, headers, secrets)
+        super().__init__(transport, base_url, headers, secrets, max_wait=max_wait)
         self._read = read  # the request file of a local batch, by its name
 
     async def upload(self, name: str, data: bytes) -> str:
@@ -354,11 +377,13 @@ class BatchStep:
         say: Callable[[str], None],
         sleep: Callable[[float], Any] = asyncio.sleep,
         cache: Any = None,
+        responses: ResponseLog | None = None,
     ) -> None:
         self.api, self.provider, self.ledger, self.checkpoint = api, provider, ledger, checkpoint
         self.max_lines, self.max_attempts, self.system, self.say, self.sleep = max_lines, max_attempts, system or "", say, sleep
         self.resubmit = resubmit  # False (--fallback online): a line that failed in a batch is sent online instead
         self.cache = cache  # the answer cache (--cache): folded answers are kept there too
+        self.responses = responses  # the lines' responses as received, for a batch-output output
         self.outcome = Outcome()
 
     async def run(
@@ -488,7 +513,16 @@ class BatchStep:
         lines: list[dict[str, Any]] = []
         for file_key in ("output_file_id", "error_file_id"):
             if fid := batch.get(file_key):
-                lines += [orjson.loads(raw) for raw in (await self.api.content(str(fid))).splitlines() if raw.strip()]
+                try:
+                    content = await self.api.content(str(fid))
+                except errors.PermanentError as exc:
+                    if exc.kind != "http_404":
+                        raise
+                    # Announced but not downloadable yet (seen on OpenAI's files endpoint for a while after
+                    # completion): the batch stays open and a later poll folds it.
+                    self.say(f"pipeline: batch {entry.batch_id} finished but its results file is not ready yet; kept open")
+                    return
+                lines += [orjson.loads(raw) for raw in content.splitlines() if raw.strip()]
         seen: set[str] = set()
         ok, retry, failed = 0, 0, {}
         for line in lines:
@@ -496,6 +530,8 @@ class BatchStep:
             if not isinstance(key, str) or key in seen:
                 continue
             seen.add(key)
+            if self.responses is not None:
+                self._keep_response(key, line)
             result, why = self._read_line(line, attempts[key])
             if result is not None:
                 self.checkpoint.append(result)
@@ -527,6 +563,15 @@ class BatchStep:
             f"pipeline: batch {entry.batch_id} {batch.get('status')}: {ok:,} answered, {len(failed):,} refused, "
             f"{retry:,} to send again"
         )
+
+    def _keep_response(self, key: str, line: dict[str, Any]) -> None:
+        assert self.responses is not None
+        response, line_id = line.get("response"), line.get("id") if isinstance(line.get("id"), str) else None
+        if isinstance(response, dict) and isinstance(response.get("status_code"), int):
+            body = orjson.dumps(response.get("body"))
+            self.responses.response(key, response["status_code"], response.get("request_id"), body, line_id)
+        elif isinstance(line.get("error"), dict):
+            self.responses.error(key, line["error"], line_id)
 
     def _read_line(self, line: dict[str, Any], attempts: int) -> tuple[Result | None, errors.RequestError | None]:
         response = line.get("response")
@@ -594,9 +639,18 @@ class BatchStep:
 
 
 def batch_api(
-    provider_name: str, transport: Any, base_url: str, headers: Mapping[str, str], secrets: tuple[str, ...], ledger: Ledger
+    provider_name: str,
+    transport: Any,
+    base_url: str,
+    headers: Mapping[str, str],
+    secrets: tuple[str, ...],
+    ledger: Ledger,
+    *,
+    max_wait: float = 900.0,
 ) -> OpenAIBatches:
     """The batch endpoints of the job's provider."""
     if provider_name == "anthropic":
-        return AnthropicBatches(transport, base_url, headers, secrets, lambda local: ledger.requests_file(local).read_bytes())
-    return OpenAIBatches(transport, base_url, headers, secrets)
+        return AnthropicBatches(
+            transport, base_url, headers, secrets, lambda local: ledger.requests_file(local).read_bytes(), max_wait=max_wait
+        )
+    return OpenAIBatches(transport, base_url, headers, secrets, max_wait=max_wait)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 import orjson
 import polars as pl
 
-from pipeline import errors
+from pipeline import errors, outcomes
 from pipeline.limits.governor import Governor
 from pipeline.limits.learn import Ticket
 from pipeline.limits.retry import RetryPolicy
@@ -33,6 +33,7 @@ from pipeline.requests.prompts import EST_TOKENS, EXTRA, KEY, PROMPT, SKIP_REASO
 from pipeline.requests.structured import Structured, check_reply, correction
 from pipeline.tables.cache import Answers
 from pipeline.tables.checkpoint import Checkpoint, Result, lookup
+from pipeline.tables.responses import ResponseLog
 from pipeline.tables.sink import Sink, result_frame
 
 ANSWER_MEMORY = 10_000  # recent answers kept for duplicates: ~10 MB, whatever the table size (50,000 cost 38 MB in make bench)
@@ -62,6 +63,7 @@ class Work:
     waiters: list[tuple[Batch, int]] = field(default_factory=list)
     attempts: int = 0
     followup: list[dict[str, str]] | None = None  # set after an invalid structured reply
+    reply: tuple[int, str | None, bytes] | None = None  # the last HTTP answer (status, request id, body), when kept
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,8 @@ class Engine:
         self._concurrency = concurrency
         self._checkpoint = checkpoint
         self._cache = cache
+        # Responses as received, kept for an output that hands them back (batch-output lines); None: not kept.
+        self.responses: ResponseLog | None = None
         # Attempts a row has had elsewhere (batch submissions, in batch mode's online fallback): `attempts` counts them.
         self.attempts_before: Mapping[str, int] = {}
         self._sink = sink
@@ -166,6 +170,11 @@ class Engine:
         self._stopping = asyncio.Event()
         self._spend = governor.spend
         self._ceiling_reached = False
+        # After a fatal answer, mark the rows left "not sent" and write the output even if this run had no
+        # answer (there are earlier ones to deliver, or the caller holds the table in memory).
+        self.deliver_partial = False
+        self._halted: str | None = None  # after a stop has drained: why the rows left are not sent
+        self._halt_kind = ""  # ...and the outcome it counts under in the errors by kind
         self._base_bytes: dict[str | None, int] = {}  # the body around an empty prompt, by JSON form
 
     @property
@@ -174,7 +183,13 @@ class Engine:
         return len(self._inflight)
 
     async def run(self, batches: Iterator[pl.DataFrame], prep: Callable[[pl.DataFrame], Prepared]) -> None:
-        """Send every row; returns when every batch is written, raises FatalError to stop early."""
+        """Send every row; returns when every batch is written.
+
+        A fatal answer stops the sending: the requests in flight come back and are saved. Then, when
+        there is something to deliver (an answer of this run, or `deliver_partial`), every row left
+        gets a "not sent" result, every batch is written, and the FatalError is raised, so the caller
+        can still commit a whole output; else the FatalError ends the run at once (in an
+        ExceptionGroup, as any task's error)."""
         async with asyncio.TaskGroup() as group:
             workers = [group.create_task(self._worker()) for _ in range(self._concurrency)]
             writer = group.create_task(self._writer())
@@ -192,6 +207,8 @@ class Engine:
                 self._queue.put_nowait(None)
         if self._cache is not None:
             await asyncio.to_thread(self._cache.flush)  # the rest; closing the cache flushes after a stop too
+        if self._fatal is not None:
+            raise self._fatal
 
     async def _flush_cache(self) -> None:
         """New answers to the answer cache about once a second, one transaction each, in a thread:
@@ -211,14 +228,50 @@ class Engine:
         are paid for and must be saved), then end the run with `err`."""
         if self._fatal is None:
             self._fatal = err
+            self._stats.error_kinds[err.kind] += 1  # the answer that stopped the run, in the errors by kind
             self.governor.stop()
             self._stopping.set()
+
+    async def wind_down(self, grace: float) -> None:
+        """An interrupt: admit nothing more, and give the requests in flight up to `grace` seconds to come
+        back. Their answers are paid for; saved in the checkpoint now, the next run does not send them
+        again. Returns when they are all back or the time is up; the caller then cancels the run."""
+        n = self.governor.in_flight
+        self.governor.stop()
+        if not n:
+            return
+        self.governor.tell(
+            f"pipeline: stopping: waiting up to {grace:.0f} s for the {n} request{'s' if n != 1 else ''} in flight to come "
+            "back, so their answers are saved and not paid for again (Ctrl-C again to stop at once)"
+        )
+        try:
+            await asyncio.wait_for(self.governor.drained(), grace)
+        except TimeoutError:
+            left = self.governor.in_flight
+            self.governor.tell(
+                f"pipeline: {left} request{'s' if left != 1 else ''} did not come back in {grace:.0f} s; the next run sends "
+                f"{'them' if left != 1 else 'it'} again"
+            )
 
     async def _stop_when_drained(self) -> None:
         await self._stopping.wait()
         await self.governor.drained()
         assert self._fatal is not None
-        raise self._fatal
+        if not (self._any_success or self.deliver_partial):
+            # Nothing to deliver (a bad key at the first request): no output of errors only, and no pass
+            # over the rest of the input to mark it; the run ends here.
+            raise self._fatal
+        self._halt(self._fatal)
+
+    def _halt(self, fatal: errors.FatalError) -> None:
+        """Nothing is in flight any more: every request still waiting (queued, on a retry timer, at the
+        gate) and every row not yet read becomes a "not sent" result, so the output stays whole."""
+        outcome = outcomes.of_fatal(fatal)
+        self._halted = outcomes.not_sent_note(outcome)
+        self._halt_kind = outcome
+        for work in list(self._inflight.values()):
+            self._not_sent(work, self._halted, outcome)
+        self.governor.block(fatal)  # wakes the workers waiting to be admitted: they find their work finished
 
     async def _produce(self, batches: Iterator[pl.DataFrame], prep: Callable[[pl.DataFrame], Prepared]) -> None:
         def next_prepared() -> Prepared | None:
@@ -249,6 +302,9 @@ class Engine:
                 elif (work := self._inflight.get(key)) is not None:
                     self._stats.shared += 1
                     work.waiters.append((batch, row))  # same request already on its way: share the answer
+                elif self._halted is not None:
+                    self._stats.error_kinds[self._halt_kind] += 1
+                    self._finish_row(batch, row, error_result(self._halted, 0, key))
                 elif self._ceiling_reached:
                     self._stats.error_kinds["spend_ceiling"] += 1
                     self._finish_row(batch, row, error_result(NOT_SENT_CEILING, 0, key))
@@ -278,12 +334,20 @@ class Engine:
             await self._attempt(work)
 
     async def _attempt(self, work: Work) -> None:
+        if self._inflight.get(work.key) is not work:  # finished while it waited (a stop marked it not sent)
+            return
         governor = self.governor
         held = None
         if self._spend is not None:
             held = self._spend.worst(self._request_bytes(work))
-            if not await governor.reserve(held):
-                self._not_sent(work)
+            try:
+                reserved = await governor.reserve(held)
+            except errors.FatalError as blocked:  # the run stopped while this one waited for room
+                self._stop(blocked)
+                return
+            if not reserved:
+                self._ceiling_reached = True
+                self._not_sent(work, NOT_SENT_CEILING, "spend_ceiling")
                 return
         try:
             ticket = await governor.admit(work.tokens)
@@ -299,11 +363,14 @@ class Engine:
         form = self._provider.json_mode  # what this request asks in, whatever the others switch to meanwhile
         completion: Completion | None = None
         try:
+            work.reply = None
             try:
                 body = self._provider.body(work.prompt, work.extra, work.followup)
                 status, headers, reply = await self._transport.post(self._provider.url, self._provider.headers, body)
             finally:
                 governor.release()
+            if self.responses is not None:
+                work.reply = (status, headers.get("x-request-id"), reply)
             governor.answered(headers)
             completion = read_reply(self._provider, status, headers, reply)
             if held is not None:  # billed, whatever the checks below make of the answer
@@ -359,16 +426,14 @@ class Engine:
         else:
             self.governor.settle(held, 0, 0)
 
-    def _not_sent(self, work: Work) -> None:
-        """The ceiling is reached: the row (and every identical row sharing its request) is not sent.
-        Nothing goes to the checkpoint: there is no answer, and the next run sends it."""
-        self._ceiling_reached = True
+    def _not_sent(self, work: Work, message: str, kind: str) -> None:
+        """The row (and every identical row sharing its request) is not sent: the ceiling is reached, or
+        the run stopped. Nothing goes to the checkpoint: there is no answer, and the next run sends it."""
         del self._inflight[work.key]
-        message = NOT_SENT_CEILING
         if work.attempts:
             message += f" (after {work.attempts} failed attempt{'s' if work.attempts > 1 else ''})"
         result = error_result(message, work.attempts, work.key)
-        self._stats.error_kinds["spend_ceiling"] += len(work.waiters)
+        self._stats.error_kinds[kind] += len(work.waiters)
         for batch, row in work.waiters:
             self._finish_row(batch, row, result)
 
@@ -434,6 +499,8 @@ class Engine:
             asyncio.get_running_loop().call_later(delay, self._queue.put_nowait, work)
             return
         self._stats.error_kinds[err.kind] += len(work.waiters)  # rows, as the errors beside it: a shared request fails each
+        if err.transient:  # failed for a reason that may pass: a re-run may answer it
+            self._stats.retryable_errors += len(work.waiters)
         message = f"{err.message} (after {work.attempts} attempt{'s' if work.attempts > 1 else ''})"
         result = error_result(message, work.attempts, work.key)
         if isinstance(err, errors.InvalidOutput):
@@ -452,6 +519,8 @@ class Engine:
         return errors.FatalError(f"{hint}; nothing was answered yet", kind=err.kind)
 
     def _finish(self, work: Work, result: Result) -> None:
+        if self.responses is not None and work.reply is not None:
+            self.responses.response(work.key, *work.reply)
         del self._inflight[work.key]
         self._stats.rows_sent += 1
         self._checkpoint.append(result)

@@ -14,8 +14,8 @@ together (the next one's requests go out while the last one drains), and
 --concurrency is one budget for all actors, granted by demand, so an actor whose
 blocks ran out hands its share to those still sending.
 
-Only this package's modules import ray, and only when asked for; Ray is the
-optional extra `pipeline[ray]`.
+Only the ray* modules of pipeline.engines import ray, and only when asked for; Ray is
+the optional `ray` extra (`pip install -e '.[ray]'` in a checkout).
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ from pipeline.tables.checkpoint import RESULT_COLUMNS
 if TYPE_CHECKING:
     pass
 
-INSTALL = "pip install 'pipeline[ray]'"
+# From a checkout: the published package named "pipeline" is another project, so no install by name.
+INSTALL = "pip install -e '.[ray]' in the pipeline checkout (make setup there installs it too)"
 MAX_WORKERS_DEFAULT = 8
 BLOCKS_PER_ACTOR = 4  # at least this many blocks per actor: none takes the whole job while another idles
 OVERLAP = 2  # blocks an actor works on at once: the next one starts while the last drains

@@ -187,9 +187,9 @@ class Hold:
     async def wait(self) -> None:
         await self._open.wait()
 
-    def open_now(self) -> None:
-        """Reopen at once (unless shut for good)."""
-        if self.until != math.inf:
+    def open_now(self, *, even_if_shut: bool = False) -> None:
+        """Reopen at once (unless shut for good: then only `even_if_shut`, to let waiters hear the run ended)."""
+        if self.until != math.inf or even_if_shut:
             self.until = 0.0
             if self._reopen is not None:
                 self._reopen.cancel()

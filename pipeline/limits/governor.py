@@ -18,7 +18,16 @@ from typing import TYPE_CHECKING
 
 from pipeline import errors
 from pipeline.limits.buckets import Gate, Hold, Pacer, request_pacer, token_pacer
-from pipeline.limits.learn import HEADROOM, Breaker, ConcurrencyController, RateController, RepeatGuard, Ticket, outage_kind
+from pipeline.limits.learn import (
+    HEADROOM,
+    PROBE_FIRST,
+    Breaker,
+    ConcurrencyController,
+    RateController,
+    RepeatGuard,
+    Ticket,
+    outage_kind,
+)
 from pipeline.limits.lease import ELSEWHERE
 from pipeline.limits.spend import Budget as SpendBudget
 from pipeline.limits.spend import Verdict, describe_ceiling
@@ -84,6 +93,7 @@ class Governor:
         self.hold = Hold()
         self.breaker = Breaker()
         self.repeat = RepeatGuard()
+        self._any_reply = False  # an HTTP answer of any status came: the address is right, so failures are an outage
         self._requests: Pacer | None = None
         self._user_tpm = tpm
         self._token_ceiling: dict[str, float] = {}  # per minute, from headers
@@ -128,6 +138,7 @@ class Governor:
                 break
             gate.release()
         self._on_wire += 1
+        self._stats.in_flight = self._on_wire
         now = asyncio.get_running_loop().time()
         self.rate.sent(now)
         return Ticket(
@@ -153,6 +164,8 @@ class Governor:
             spend.reserve(held)  # this engine's own tally, for its counters
             return True
         while (verdict := spend.check(*held)) is Verdict.WAIT:
+            if self._blocked is not None:  # the run stopped: nothing more settles, so stop waiting
+                raise self._blocked
             self._settled.clear()
             await self._settled.wait()
         if verdict is Verdict.REFUSE:
@@ -199,6 +212,7 @@ class Governor:
     def release(self) -> None:
         """The answer (or failure) of an admitted request has been read."""
         self._on_wire -= 1
+        self._stats.in_flight = self._on_wire
         self.gate.release()
         if self._on_wire == 0 and self._stopping:
             self._drained.set()
@@ -207,7 +221,10 @@ class Governor:
         """Refuse every further request with `err` (waiters are woken to hear it)."""
         if self._blocked is None:
             self._blocked = err
-            self.hold.open_now()
+        # Every waiter wakes to hear it (once the run is stopping, the hold is shut: opened all the same),
+        # and so do those waiting for room under the spend ceiling.
+        self.hold.open_now(even_if_shut=self._stopping)
+        self._settled.set()
 
     def stop(self) -> None:
         """Admit nothing more (the run is ending early); requests in flight may finish."""
@@ -235,6 +252,7 @@ class Governor:
 
     def answered(self, headers: Mapping[str, str]) -> None:
         """Read the rate-limit headers of any answer."""
+        self._any_reply = True
         if self._adapt and (seen := parse_rate_headers(headers, self._dialect)) is not None:
             self._learn(seen)
 
@@ -276,6 +294,7 @@ class Governor:
         if self.breaker.success():
             self.gate.cap(None)
             self._notice("pipeline: the server answers again; resuming at the pace learned before")
+        self._stats.failing_streak, self._stats.next_probe_at = 0, None
         self.repeat.success()
         self.rate.answered(ticket.sent_at + latency_s)
         if self.concurrency is not None and self.concurrency.on_success(ticket, latency_s, output_tokens):
@@ -335,33 +354,44 @@ class Governor:
             self._hold_all(min(wait or 1.0, 1.0), "rate limited")
 
     def _outage(self, ticket: Ticket, err: errors.RequestError, now: float) -> bool:
-        # Armed only once something has worked: a server that never answered is a wrong
-        # address, which the engine reports at once instead of waiting --max-wait.
-        if not self.repeat.any_success or not outage_kind(err.kind):
-            if not outage_kind(err.kind):
-                self.breaker.failure(now, err.kind)  # breaks the streak
+        # Armed from the first request, once any HTTP answer came: a server that answers 5xx to
+        # everything, or stops answering after it did, is an outage, and --max-wait bounds it. A
+        # server never reached at all is a wrong address, which the engine reports at once.
+        if not outage_kind(err.kind):
+            self.breaker.failure(now, err.kind)  # breaks the streak
+            self._stats.failing_streak = 0
             return True
+        if not self._any_reply:
+            return True
+        self._stats.failing_streak += 1
+        self._stats.failing_kind = err.kind
         if self.breaker.is_open:
             if ticket.probe:
-                if self.breaker.open_for(now) >= self._max_wait:
+                down = self.breaker.open_for(now)
+                if down >= self._max_wait:
                     raise errors.WaitTooLong(
-                        f"the server has failed every request for {_span(self.breaker.open_for(now))} ({err.message}), "
+                        f"the server has failed every request for {_span(down)} ({err.message}), "
                         f"longer than --max-wait {_span(self._max_wait)}. Run the same command again when it is back",
                         kind="outage",
                     )
-                self.hold.close_for(self.breaker.probe_failed())
+                # The last probe goes when --max-wait is up, not up to PROBE_MAX after it.
+                self._probe_in(min(self.breaker.probe_failed(), max(PROBE_FIRST, self._max_wait - down)), now)
             return False
         hold = self.breaker.failure(now, err.kind, self.gate.limit)
         if hold is None:
             return True
         self._stats.breaker_opened = self.breaker.opened
         self.gate.cap(1)
-        self.hold.close_for(hold)
+        self._probe_in(hold, now)
         self._notice(
             f"pipeline: the last {self.breaker.streak} requests failed alike ({err.message}); holding all requests and "
             f"trying one at growing intervals for up to --max-wait {_span(self._max_wait)}. Rows keep their attempts"
         )
         return False
+
+    def _probe_in(self, seconds: float, now: float) -> None:
+        self.hold.close_for(seconds)
+        self._stats.next_probe_at = now + seconds
 
     def _hold_all(self, seconds: float, why: str) -> None:
         if self.hold.close_for(seconds) and seconds >= NOTICE_WAIT:

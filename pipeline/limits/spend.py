@@ -171,7 +171,7 @@ def summary_line(stats: RunStats) -> str | None:
     return f"  spend: {this} this run{ceiling}, {total} on this output in all runs"
 
 
-def stop_message(stats: RunStats, cfg: RunConfig) -> str:
+def stop_message(stats: RunStats, cfg: RunConfig, checkpoint: str) -> str:
     """What the user reads when the ceiling stopped the run: what was spent, and how to go on."""
     s = stats
     not_sent = s.error_kinds.get("spend_ceiling", 0)
@@ -181,8 +181,8 @@ def stop_message(stats: RunStats, cfg: RunConfig) -> str:
         f"pipeline: stopped at the spend ceiling: this run spent {spent} ({s.spent_tokens_in:,} tokens in, "
         f"{s.spent_tokens_out:,} out) of {s.ceiling_what}; no request was sent whose worst case would pass it. "
         f"{not_sent:,} row{'s were' if not_sent != 1 else ' was'} not sent (status error, '{NOT_SENT}'); every answer "
-        f"is kept in {cfg.checkpoint_path}. To go on, raise {flag} and run the same command again: rows already "
-        "answered are not sent again, so nothing answered is paid twice: exit 1."
+        f"is kept in {checkpoint}. To go on, raise {flag} and run the same command again: rows already "
+        "answered are not sent again, so nothing answered is paid twice: exit 5 (spend_ceiling)."
     )
 
 

@@ -21,7 +21,7 @@ import contextlib
 import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import TextIO
+from typing import Any, TextIO
 
 import orjson
 import polars as pl
@@ -50,6 +50,7 @@ STATUS, PROMPT_TOKENS, COMPLETION_TOKENS, TOKENS_ESTIMATED = (
     RESULT_COLUMNS.index(c) for c in ("status", "prompt_tokens", "completion_tokens", "tokens_estimated")
 )
 COUNT_FIELDS = ("model", "system", "messages", "tools", "tool_choice")  # what count_tokens accepts
+SAMPLE_CHARS = 400  # characters of each text in a sample request shown, without --full
 
 
 @dataclass(frozen=True)
@@ -349,9 +350,10 @@ def empty_request_bytes(provider: Provider) -> int:
 
 
 def sample_bodies(
-    cfg: RunConfig, renderer: Renderer, rows: tuple[tuple[str, str | None], ...], api_key: str | None
+    cfg: RunConfig, renderer: Renderer, rows: tuple[tuple[str, str | None], ...], api_key: str | None, *, full: bool = True
 ) -> tuple[str, ...]:
-    """Request bodies exactly as the provider adapter builds them, with any key in the body masked."""
+    """Request bodies exactly as the provider adapter builds them, with any key in the body masked;
+    unless `full`, each text in them cut to SAMPLE_CHARS characters."""
     headers, secrets = cfg.request_headers()
     provider = make_provider(cfg.provider, cfg.setting("base_url") or NOWHERE, renderer.spec, api_key, headers, secrets)
     shown = []
@@ -359,11 +361,22 @@ def sample_bodies(
         body = orjson.loads(provider.body(payload, extra))
         if "key" in body:  # ModelsLab sends the key in the body
             body["key"] = "***"
-        shown.append(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+        shown.append(orjson.dumps(body if full else _cut(body), option=orjson.OPT_INDENT_2).decode())
     return tuple(shown)
 
 
-def estimate(cfg: RunConfig, samples: int = 3, *, count_limit: int = 200) -> Estimate:
+def _cut(value: Any) -> Any:
+    """The body with every long text cut, saying how much was left out: a 2 MB cell is not read on a screen."""
+    if isinstance(value, str) and len(value) > SAMPLE_CHARS:
+        return f"{value[:SAMPLE_CHARS]}… [{len(value) - SAMPLE_CHARS:,} more characters; --full shows all]"
+    if isinstance(value, dict):
+        return {k: _cut(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_cut(v) for v in value]
+    return value
+
+
+def estimate(cfg: RunConfig, samples: int = 3, *, count_limit: int = 200, full: bool = True) -> Estimate:
     """Check the job as `pipeline run` does, then count; raises UserError for bad input. Sends count requests only."""
     plan = preflight(cfg, writes=False)
     renderer, table = plan.renderer, plan.table
@@ -372,12 +385,16 @@ def estimate(cfg: RunConfig, samples: int = 3, *, count_limit: int = 200) -> Est
         with contextlib.suppress(errors.ConfigError):  # no key yet: price by the byte estimate, and say so
             api_key = cfg.api_key()
     done = read_done(cfg.checkpoint_path) if cfg.output or cfg.checkpoint_dir else pl.DataFrame(schema=RESULT_SCHEMA)
+    if (remote := cfg.checkpoint_remote) is not None:  # the job's answers are in the bucket, not on this disk
+        from pipeline.tables import remote_state
+
+        done = remote_state.read_done(remote)
     scan = scan_table(table, cfg, renderer, done.clear() if cfg.fresh else done, samples, count_limit)
     headers, secrets = cfg.request_headers()
     provider = make_provider(cfg.provider, cfg.setting("base_url") or NOWHERE, renderer.spec, api_key, headers, secrets)
     tokens = count_tokens(cfg, renderer, scan, api_key)
     result = figures(cfg, scan, tokens, measured_latency(done), base_bytes=empty_request_bytes(provider))
-    bodies = sample_bodies(cfg, renderer, scan.samples, api_key)
+    bodies = sample_bodies(cfg, renderer, scan.samples, api_key, full=full)
     return replace(result, samples=bodies)
 
 
@@ -445,7 +462,8 @@ def report(cfg: RunConfig, est: Estimate) -> str:
     return "\n".join(lines)
 
 
-def estimate_job(cfg: RunConfig, out: TextIO, samples: int = 3, *, count_limit: int = 200) -> int:
-    """Dry run: no generation request. Prints the report to `out`; returns the exit code (0). Raises UserError (exit 2)."""
-    print(report(cfg, estimate(cfg, samples, count_limit=count_limit)), file=out)
+def estimate_job(cfg: RunConfig, out: TextIO, samples: int = 3, *, count_limit: int = 200, full: bool = False) -> int:
+    """Dry run: no generation request. Prints the report to `out` (sample texts cut unless `full`); returns
+    the exit code (0). Raises UserError (exit 2)."""
+    print(report(cfg, estimate(cfg, samples, count_limit=count_limit, full=full)), file=out)
     return 0

@@ -29,22 +29,26 @@ import orjson
 
 from pipeline.config import RunConfig
 from pipeline.observe.stats import RunStats
+from pipeline.outcomes import EXIT_CODES, NOT_SENT, Outcome
+from pipeline.tables import storage
 
 SCHEMA = "pipeline.metrics/1"
 SCHEMA_FILE = Path(__file__).with_name("metrics.schema.json")
 MASK = "***"
 
-# "crashed" is a bug's way out (a traceback, exit 1): the file is still written for the job that waits on it.
-Outcome = Literal["completed", "error_rate", "stopped", "spend_ceiling", "interrupted", "empty_input", "crashed", "batch_pending"]
-
 
 @dataclass(frozen=True)
 class Ending:
-    """How a run ended: its exit code, a word for machines, and the message the user was shown."""
+    """How a run ended: a word for machines (its exit code follows from it, see pipeline.outcomes),
+    and the message the user was shown. "crashed" is a bug's way out (a traceback, exit 1): the file
+    is still written for the job that waits on it."""
 
-    exit_code: int
     outcome: Outcome
     reason: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.outcome]
 
 
 @dataclass
@@ -64,9 +68,10 @@ class Clock:
 
 def default_path(cfg: RunConfig) -> Path:
     """`--metrics`, else beside the output (out/x.parquet: out/x.metrics.json); for stdout or object storage,
-    beside the (local) checkpoint."""
+    beside the (local) checkpoint. For an object (`--metrics s3://...`, an s3:// output) this is the local
+    copy that `remote_path` names the upload of."""
     if cfg.metrics:
-        return Path(cfg.metrics)
+        return _local(cfg.metrics)
     if cfg.output is not None and cfg.output != "-" and not cfg.output.startswith("s3://"):
         out = Path(cfg.output)
         return out.with_name(out.stem + ".metrics.json")
@@ -79,8 +84,24 @@ def report_path(cfg: RunConfig) -> Path | None:
     if not cfg.make_report:
         return None
     if cfg.report:
-        return Path(cfg.report)
+        return _local(cfg.report)
     return default_path(cfg).with_name(default_path(cfg).name.removesuffix(".metrics.json") + ".report.html")
+
+
+def remote_path(cfg: RunConfig, kind: Literal["metrics", "report"]) -> storage.Url | None:
+    """Where the metrics file or the report is uploaded: its own s3:// setting, else beside an s3:// output
+    (s3://b/out/x.parquet: s3://b/out/x.metrics.json), where an ephemeral worker's successor finds it."""
+    given = cfg.metrics if kind == "metrics" else cfg.report
+    if given:
+        return storage.Url.parse(given) if storage.is_remote(given) else None
+    if cfg.output is not None and storage.is_remote(cfg.output):
+        out = storage.Url.parse(cfg.output)
+        return out.with_name(f"{out.stem}.{'metrics.json' if kind == 'metrics' else 'report.html'}")
+    return None
+
+
+def _local(given: str) -> Path:
+    return storage.local_copy(storage.Url.parse(given)) if storage.is_remote(given) else Path(given)
 
 
 async def sampler(stats: RunStats, clock: Clock) -> None:
@@ -154,7 +175,7 @@ def build(
     clock: Clock,
     *,
     earlier_tokens: tuple[int, int] | None = None,
-    paths: tuple[Path, Path | None, Path | None] | None = None,
+    paths: tuple[Path | str, Path | str | None, Path | str | None] | None = None,
 ) -> dict[str, Any]:
     """The metrics of one run as a plain dict (schema `SCHEMA`).
 
@@ -164,7 +185,7 @@ def build(
     wall = clock.elapsed()
     if not stats.timeline or stats.timeline[-1]["t"] < wall:
         stats.sample(wall)  # the last state, so the timeline ends where the run did
-    not_sent_kinds = stats.error_kinds.get("not_sent", 0) + stats.error_kinds.get("spend_ceiling", 0)
+    not_sent_kinds = sum(stats.error_kinds.get(k, 0) for k in ("not_sent", "spend_ceiling", *NOT_SENT))
     worked = stats.rows_done - stats.from_checkpoint - stats.from_cache  # rows answered without a request take no time
     return {
         "schema": SCHEMA,
@@ -188,6 +209,8 @@ def build(
             "shared": stats.shared,
             "done": stats.rows_done,
             "sent": stats.rows_sent,
+            # Of the rows in error, those that failed for a reason that may pass (5xx, timeouts, 429s): a re-run may answer them.
+            "retryable": stats.retryable_errors,
         },
         "requests": {
             "sent": stats.requests_sent,

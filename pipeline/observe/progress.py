@@ -90,9 +90,12 @@ class Progress:
             else plural(s.rows_done, "row")
         )
         resumed = f" ({s.from_checkpoint:,} from the checkpoint)" if s.from_checkpoint else ""
+        failing = failing_text(s)
         return (
             f"pipeline: {done} done{resumed} after {elapsed / 60:.1f} min, {rate:.1f} rows/s, "
-            f"{plural(s.errors, 'error')}, {plural(s.retries, 'retry', 'retries')}{', ' + left if left else ''}; {limits_text(s)}"
+            f"{plural(s.errors, 'error')}, {plural(s.retries, 'retry', 'retries')}{', ' + left if left else ''}; "
+            + (f"{failing}; " if failing else "")
+            + limits_text(s)
         )
 
     def refresh(self) -> None:
@@ -100,7 +103,7 @@ class Progress:
             return
         s = self._stats
         rate, left = self._rate_and_left()
-        parts = [f"{rate:.1f} rows/s", left, f"err {s.errors:,}" if s.errors else ""]
+        parts = [failing_text(s) or f"{rate:.1f} rows/s", left, f"err {s.errors:,}" if s.errors else ""]
         # The details only where the terminal has room: at 80 columns the bar itself comes first.
         if shutil.get_terminal_size().columns >= 120:
             limited = f"429s {s.limited_rate}r/{s.limited_concurrency}c" if s.limited_rate or s.limited_concurrency else ""
@@ -135,6 +138,17 @@ class Progress:
                 self.refresh()
             self._bar.close()
             self._bar = None
+
+
+def failing_text(s: RunStats) -> str:
+    """While the server fails every request: how many in a row, and when the next probe goes ("" when it does not)."""
+    if s.failing_streak < 5:  # a few in a row happen to any busy server
+        return ""
+    kind = s.failing_kind.replace("http_", "HTTP ")
+    text = f"server failing: {s.failing_streak:,} {kind} in a row"
+    if s.next_probe_at is not None:
+        text += f", next probe in {max(0.0, s.next_probe_at - time.monotonic()):.0f} s"
+    return text
 
 
 _SOURCES = {"user": "your --rpm", "header": "the server's headers", "adaptive": "learned from 429s"}

@@ -1,21 +1,14 @@
 """The run report: one self-contained HTML page about a run, readable offline.
 
-It is drawn from two things beside the output, and never from the engine:
+It is drawn from what lies beside the output, never from the engine: the output (or, before
+the run has finished, its checkpoint's answers) and the metrics file, read by `facts`; the
+job's earlier runs, read by `history`; the charts drawn by `charts`. This module lays out the
+page: the job and its date first, then the figures, the charts (each with its own legend),
+sample answers, errors with examples, the trend across runs, cost and settings (secrets
+masked, whatever wrote the metrics file). Without a metrics file the page still shows
+everything the output knows and says what is missing.
 
-- the output itself (or, before the run has finished, its checkpoint's answers),
-  read lazily through `pipeline.observe.show`'s view and reduced in polars to a few
-  small tables: status counts, latency and completion-token histograms and
-  quantiles, errors grouped by message with a few example rows. Only the
-  columns needed are read, so a 1M-row output costs a scan, not a loop;
-- the metrics file (`<output stem>.metrics.json`, schema "pipeline.metrics/1"):
-  the per-second timeline (cumulative counters, differentiated here into
-  rates), retries and 429s, cost, the limits and the settings. Without it the
-  report still draws everything the output knows and says what is missing.
-
-Charts are Altair specs rendered to SVG by vl-convert (an embedded V8 and the
-Vega libraries, no network) and inlined, so the page has no script and loads
-nothing. Both libraries are imported inside the functions that use them: they
-cost about half a second, which `pipeline --help` and `pipeline run` must not pay.
+Charts are inline SVG, so the page has no script and loads nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +17,6 @@ import html
 import os
 import re
 import tempfile
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,39 +24,14 @@ from typing import Any
 import orjson
 import polars as pl
 
-from pipeline.errors import InputError
-from pipeline.observe.show import View, _view  # the prefix detection and the lazy, any-format read of `pipeline show`
+from pipeline.observe import charts, history
+from pipeline.observe.facts import Facts, default_metrics, read_facts, read_metrics
+from pipeline.observe.show import _view  # the prefix detection and the lazy, any-format read of `pipeline show`
 
-METRICS_SCHEMA = "pipeline.metrics/1"
-MAX_POINTS = 600  # timeline points per chart: a long run is bucketed so the page stays small
-BINS = 40
-SMOOTH = 5  # timeline points per moving rate
-EXAMPLES = 3  # example rows per error group
-ERROR_GROUPS = 10
-INPUT_COLUMNS_SHOWN = 3
 CELL_CHARS = 300
 # Settings whose values could be secrets are masked, whatever wrote the metrics file: a key must never reach the page.
 _SECRET_NAME = re.compile(r"(^|_|-)(api_?key|key|secret|password|token|authorization|auth)$", re.IGNORECASE)
 _SECRET_HEADER = re.compile(r"authorization|api[-_]?key|token|secret|cookie", re.IGNORECASE)
-_ATTEMPTS = r" \(after \d+ attempts?\)$"  # the engine's suffix on an error message; grouping ignores it
-
-
-@dataclass
-class Facts:
-    """What the output says, reduced to small tables."""
-
-    source: str
-    unit: str
-    note: str
-    counts: dict[str, int]
-    latency: pl.DataFrame  # histogram: start, end, rows
-    latency_q: dict[str, float | None]
-    tokens: pl.DataFrame  # histogram of completion tokens
-    tokens_sum: dict[str, int | None]
-    hit_length: int
-    errors: pl.DataFrame  # group, rows
-    examples: pl.DataFrame  # group, row, error, input columns...
-    input_columns: list[str] = field(default_factory=list)
 
 
 def build_report(output: str, *, metrics: str | None = None, checkpoint_dir: str | None = None) -> str:
@@ -73,10 +40,11 @@ def build_report(output: str, *, metrics: str | None = None, checkpoint_dir: str
     `metrics` defaults to `<output stem>.metrics.json` beside the output; a missing one is
     said on the page, an unreadable one too. Raises InputError for an output it cannot read."""
     view = _view(output, checkpoint_dir)
-    facts = _facts(view)
-    metrics_path = Path(metrics) if metrics else _default_metrics(output)
-    data, metrics_note = _read_metrics(metrics_path, explicit=metrics is not None)
-    return _page(output, facts, data, metrics_note)
+    facts = read_facts(view)
+    metrics_path = Path(metrics) if metrics else default_metrics(output)
+    data, metrics_note = read_metrics(metrics_path, explicit=metrics is not None)
+    runs = history.runs(metrics_path, data) if data is not None and metrics_path is not None else []
+    return _page(output, facts, data, metrics_note, runs)
 
 
 def write_report(path: str | Path, page: str) -> None:
@@ -111,243 +79,35 @@ def report_after_run(output_path: str, metrics_path: str | None, checkpoint_dir:
     return None
 
 
-# --- reading -----------------------------------------------------------------------------------------
-
-
-def _default_metrics(output: str) -> Path | None:
-    p = Path(output)
-    if output == "-" or (p.is_dir() and not any(p.glob("part-*.parquet"))):
-        return None
-    return p.with_name(p.stem + ".metrics.json")  # a folder of parts too: out/parts.metrics.json
-
-
-def _read_metrics(path: Path | None, *, explicit: bool) -> tuple[dict[str, Any] | None, str]:
-    if path is None:
-        return None, "no metrics file"
-    try:
-        data = orjson.loads(path.read_bytes())
-    except FileNotFoundError:
-        if explicit:
-            raise InputError(
-                f"--metrics {path} does not exist. Give the metrics file the run wrote, or leave --metrics out."
-            ) from None
-        return None, f"no metrics file ({path.name} not found)"
-    except (OSError, orjson.JSONDecodeError) as exc:
-        return None, f"metrics file {path.name} unreadable ({str(exc).splitlines()[0]})"
-    if not isinstance(data, dict) or data.get("schema") != METRICS_SCHEMA:
-        found = data.get("schema") if isinstance(data, dict) else type(data).__name__
-        return None, f"metrics file {path.name} has schema {found!r}, not {METRICS_SCHEMA!r}"
-    return data, ""
-
-
-def _facts(view: View) -> Facts:
-    p = view.prefix
-    result_names = {p + c for c in ("completion", "prompt_tokens", "completion_tokens", "total_tokens", "finish_reason")}
-    result_names |= {p + c for c in ("model", "status", "error", "attempts", "latency_ms", "request_key", "tokens_estimated")}
-    first_result = min((view.names.index(n) for n in result_names if n in view.names), default=len(view.names))
-    inputs = view.names[:first_result][:INPUT_COLUMNS_SHOWN]
-
-    def col(name: str, dtype: pl.DataType) -> pl.Expr:
-        # A CSV output is read as text, a column may be missing in an old output: cast softly, null when absent.
-        if p + name in view.names:
-            return pl.col(p + name).cast(dtype, strict=False).alias(name)
-        return pl.lit(None, dtype=dtype).alias(name)
-
-    frame = view.frame.select(
-        *inputs,
-        col("status", pl.String()),
-        col("error", pl.String()),
-        col("finish_reason", pl.String()),
-        col("latency_ms", pl.Float64()),
-        col("prompt_tokens", pl.Int64()),
-        col("completion_tokens", pl.Int64()),
-    )
-    group = pl.col("error").fill_null("(no message)").str.replace(_ATTEMPTS, "").alias("group")
-    errors = frame.filter(pl.col("status") == "error").with_row_index("n")
-    try:
-        # One streaming pass per figure rather than collect_all: collect_all shares the scan between the
-        # queries by caching it whole, which held every row of a 10M-row output in memory (3 GB measured).
-        counts, lat_q, tok, errs = (
-            q.collect(engine="streaming")
-            for q in [
-                frame.group_by("status").len().sort("status"),
-                frame.select(
-                    pl.col("latency_ms").quantile(0.5, "linear").alias("p50"),
-                    pl.col("latency_ms").quantile(0.95, "linear").alias("p95"),
-                    pl.col("latency_ms").quantile(0.99, "linear").alias("p99"),
-                    pl.col("latency_ms").min().alias("min"),
-                    pl.col("latency_ms").max().alias("max"),
-                    pl.col("completion_tokens").min().alias("tmin"),
-                    pl.col("completion_tokens").max().alias("tmax"),
-                ),
-                frame.select(
-                    pl.col("prompt_tokens").sum().alias("prompt"),
-                    pl.col("completion_tokens").sum().alias("completion"),
-                    (pl.col("finish_reason") == "length").sum().alias("length"),
-                ),
-                errors.group_by(group)
-                .agg(pl.len().alias("rows"), pl.col("n").min().alias("first"))
-                .sort(["rows", "first"], descending=[True, False]),
-            ]
-        )
-        q = lat_q.row(0, named=True)
-        latency = _histogram(frame, "latency_ms", q["min"], q["max"], integer=False)
-        tokens = _histogram(frame, "completion_tokens", q["tmin"], q["tmax"], integer=True)
-        top = errs.head(ERROR_GROUPS)
-        # A few rows per group, each look-up stopping at its first EXAMPLES matches: never every error row
-        # with its input columns in memory (an output of a million failed rows is one group).
-        numbered = frame.with_row_index("row", offset=1).filter(pl.col("status") == "error").with_columns(group)
-        found = [
-            numbered.filter(pl.col("group") == g)
-            .head(EXAMPLES)
-            .select("group", "row", "error", *inputs)
-            .collect(engine="streaming")
-            for g in top["group"].to_list()
-        ]
-        examples = pl.concat(found) if found else pl.DataFrame(schema={"group": pl.String, "row": pl.UInt32, "error": pl.String})
-    except (pl.exceptions.PolarsError, OSError) as exc:
-        raise InputError(
-            f"Cannot read {view.label}: {str(exc).splitlines()[0]}. Give the --output of a `pipeline run`."
-        ) from None
-    t = tok.row(0, named=True)
-    return Facts(
-        source=view.label,
-        unit=view.unit,
-        note=view.note,
-        counts={str(s): n for s, n in counts.iter_rows()},
-        latency=latency,
-        latency_q={k: q[k] for k in ("p50", "p95", "p99")},
-        tokens=tokens,
-        tokens_sum={"prompt": t["prompt"], "completion": t["completion"]},
-        hit_length=int(t["length"] or 0),
-        errors=top.select("group", "rows"),
-        examples=examples,
-        input_columns=inputs,
-    )
-
-
-def _histogram(frame: pl.LazyFrame, name: str, lo: float | None, hi: float | None, *, integer: bool) -> pl.DataFrame:
-    """Counts in BINS equal bins from lo to hi, computed by polars: the chart gets BINS rows, not the column."""
-    if lo is None or hi is None:
-        return pl.DataFrame(schema={"start": pl.Float64, "end": pl.Float64, "rows": pl.UInt32})
-    width = max((hi - lo) / BINS, 1.0 if integer else 1e-9)
-    if integer:
-        width = float(int(width) + (width > int(width)))
-    b = ((pl.col(name) - lo) / width).floor().clip(0, BINS - 1 if hi > lo else 0)
-    return (
-        frame.filter(pl.col(name).is_not_null())
-        .group_by(b.alias("b"))
-        .len("rows")
-        .select((pl.col("b") * width + lo).alias("start"), (pl.col("b") * width + lo + width).alias("end"), "rows")
-        .sort("start")
-        .collect(engine="streaming")
-    )
-
-
-def _rates(timeline: list[dict[str, Any]], counters: dict[str, str]) -> pl.DataFrame:
-    """Per-second rates from the cumulative timeline, over at most MAX_POINTS buckets; long format (t, series, per_s)."""
-    names = list(counters)
-    tl = pl.DataFrame(timeline).select(
-        "t", *[pl.col(c).cast(pl.Float64) if c in timeline[0] else pl.lit(0.0).alias(c) for c in names]
-    )
-    tl = tl.sort("t")
-    span = float(tl.select(pl.col("t").max() - pl.col("t").min()).item() or 0)
-    step = max(span / MAX_POINTS, 1.0)
-    # The last sample of each bucket; samples may be irregular (the metrics thin a long timeline), so divide by real dt.
-    tl = (
-        tl.with_columns((pl.col("t") / step).floor().alias("bucket"))
-        .group_by("bucket", maintain_order=True)
-        .last()
-        .drop("bucket")
-    )
-
-    # A moving rate over SMOOTH samples: one answer every few seconds is a steady pace, not a comb of spikes.
-    # Before SMOOTH samples exist, the rate since the start.
-    def rate(c: str) -> pl.Expr:
-        moving = pl.col(c).diff(n=SMOOTH) / pl.col("t").diff(n=SMOOTH)
-        since_start = (pl.col(c) - pl.col(c).first()) / (pl.col("t") - pl.col("t").first())
-        return pl.coalesce(moving, since_start).clip(lower_bound=0).alias(counters[c])
-
-    rates = tl.select("t", (pl.col("t") - pl.col("t").first()).alias("dt"), *[rate(c) for c in names])
-    rates = rates.filter(pl.col("dt") > 0).drop("dt")  # the first sample (or several at one instant) has no rate yet
-    return rates.unpivot(index="t", variable_name="series", value_name="per_s")
-
-
-# --- drawing -----------------------------------------------------------------------------------------
-
-
-def _svg(chart: Any) -> str:
-    import vl_convert as vlc
-
-    svg: str = vlc.vegalite_to_svg(chart.to_dict())
-    return svg
-
-
-def _charts(facts: Facts, m: dict[str, Any] | None, max_tokens: int | None) -> dict[str, str]:
-    import altair as alt
-
-    width = 460
-    out: dict[str, str] = {}
+def _charts(facts: Facts, m: dict[str, Any] | None, max_tokens: int | None, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every chart the page has, as SVG, by section (the throughput section has two)."""
+    out: dict[str, Any] = {}
     timeline = (m or {}).get("timeline") or []
     if len(timeline) >= 2:
-        thr = _rates(timeline, {"rows": "rows/s", "prompt_tokens": "prompt tokens/s", "completion_tokens": "completion tokens/s"})
-        base = alt.Chart(thr).mark_line(interpolate="step-after").encode(x=alt.X("t:Q", title="seconds since start"))
-        rows = base.transform_filter(alt.datum.series == "rows/s").encode(y=alt.Y("per_s:Q", title="rows/s"))
-        toks = base.transform_filter(alt.datum.series != "rows/s").encode(
-            y=alt.Y("per_s:Q", title="tokens/s"), color=alt.Color("series:N", title=None, legend=alt.Legend(orient="top"))
-        )
-        out["throughput"] = _svg(alt.vconcat(rows.properties(width=width, height=120), toks.properties(width=width, height=120)))
-        trouble = _rates(
-            timeline, {"retries": "retries/s", "limited_rate": "429 rate/s", "limited_concurrency": "429 concurrency/s"}
-        )
-        out["retries"] = _svg(
-            alt.Chart(trouble)
-            .mark_line(interpolate="step-after")
-            .encode(
-                x=alt.X("t:Q", title="seconds since start"),
-                y=alt.Y("per_s:Q", title="per second"),
-                color=alt.Color("series:N", title=None, legend=alt.Legend(orient="top")),
-            )
-            .properties(width=width, height=200)
-        )
+        limit_rpm, label = _pace_limit(m or {})
+        out["throughput"] = [charts.throughput(timeline, limit_rpm, label), charts.token_rates(timeline)]
+        out["in-flight"] = charts.in_flight(timeline)
+        out["retries"] = charts.retries(timeline)
     if facts.latency.height:
-        bars = (
-            alt.Chart(facts.latency)
-            .mark_bar(color="#4c78a8")
-            .encode(x=alt.X("start:Q", bin="binned", title="latency (ms)"), x2="end:Q", y=alt.Y("rows:Q", title="rows"))
-        )
-        marks = pl.DataFrame(
-            [{"q": k, "ms": v, "label": f"{k} {v:,.0f} ms"} for k, v in facts.latency_q.items() if k != "p99" and v is not None]
-        )
-        rule = alt.Chart(marks).mark_rule(color="#e45756", strokeDash=[4, 3]).encode(x="ms:Q")
-        text = (
-            alt.Chart(marks)
-            .mark_text(align="left", dx=4, dy=-4, color="#e45756")
-            .encode(x="ms:Q", y=alt.value(10), text="label:N")
-        )
-        out["latency"] = _svg((bars + rule + text).properties(width=width, height=220))
+        out["latency"] = charts.latency(facts.latency, facts.latency_q)
     if facts.tokens.height:
-        chart = (
-            alt.Chart(facts.tokens)
-            .mark_bar(color="#72b7b2")
-            .encode(x=alt.X("start:Q", bin="binned", title="completion tokens"), x2="end:Q", y=alt.Y("rows:Q", title="rows"))
-        )
-        if max_tokens:
-            limit = pl.DataFrame({"x": [float(max_tokens)], "label": [f"max_tokens {max_tokens}"]})
-            chart = chart + alt.Chart(limit).mark_rule(color="#e45756", strokeDash=[4, 3]).encode(x="x:Q")
-            chart = chart + alt.Chart(limit).mark_text(align="right", dx=-4, dy=-4, color="#e45756").encode(
-                x="x:Q", y=alt.value(10), text="label:N"
-            )
-        out["tokens"] = _svg(chart.properties(width=width, height=220))
+        out["tokens"] = charts.completion_tokens(facts.tokens, max_tokens)
     kinds = _error_kinds(facts, m)
     if kinds.height:
-        out["errors"] = _svg(
-            alt.Chart(kinds)
-            .mark_bar(color="#e45756")
-            .encode(y=alt.Y("kind:N", sort="-x", title=None), x=alt.X("rows:Q", title="rows"))
-            .properties(width=width - 160, height=max(40, 22 * kinds.height))
-        )
+        out["errors"] = charts.error_kinds(kinds)
+    out["trend"] = charts.trend(runs)
     return out
+
+
+def _pace_limit(m: dict[str, Any]) -> tuple[float | None, str]:
+    """The one request pace of a run whose timeline does not say it per second: the learned or given one."""
+    limits = m.get("limits") or {}
+    given = (limits.get("given") or {}).get("rpm") or (m.get("config") or {}).get("rpm")
+    rpm = limits.get("pace_rpm") or limits.get("rpm") or given
+    if not isinstance(rpm, int | float) or rpm <= 0:
+        return None, ""
+    source = limits.get("pace_source") or ("user" if given else None)
+    return float(rpm), f"pace {rpm:,.0f} requests/min" + (f" ({source})" if source else "")
 
 
 def _error_kinds(facts: Facts, m: dict[str, Any] | None) -> pl.DataFrame:
@@ -361,10 +121,10 @@ def _error_kinds(facts: Facts, m: dict[str, Any] | None) -> pl.DataFrame:
 # --- the page ----------------------------------------------------------------------------------------
 
 
-def _page(output: str, facts: Facts, m: dict[str, Any] | None, metrics_note: str) -> str:
+def _page(output: str, facts: Facts, m: dict[str, Any] | None, metrics_note: str, runs: list[dict[str, Any]]) -> str:
     config = _redact((m or {}).get("config") or {})
     max_tokens = config.get("max_tokens") if isinstance(config.get("max_tokens"), int) else None
-    charts = _charts(facts, m, max_tokens)
+    drawn = _charts(facts, m, max_tokens, runs)
     no_metrics = f"{metrics_note}: timeline not available" if m is None else "the run has fewer than two timeline samples"
     run = (m or {}).get("run") or {}
     total = sum(facts.counts.values())
@@ -373,6 +133,7 @@ def _page(output: str, facts: Facts, m: dict[str, Any] | None, metrics_note: str
     parts: list[str] = []
     title = f"Run report: {Path(output).name}"
     parts.append(f"<h1>{e(title)}</h1>")
+    parts.append(f'<p class="job">{_job_line(output, run, config)}</p>')
     lead = f"{e(facts.source)}"
     if run:
         lead += f" · outcome <b>{e(str(run.get('outcome', '?')))}</b> (exit {e(str(run.get('exit_code', '?')))})"
@@ -409,12 +170,27 @@ def _page(output: str, facts: Facts, m: dict[str, Any] | None, metrics_note: str
     )
 
     parts.append('<div class="grid">')
-    smooth = f"moving rates over {SMOOTH} samples of the run's timeline (one a second)" if "throughput" in charts else ""
-    parts.append(_section("Throughput over time", charts.get("throughput"), no_metrics, "throughput", smooth))
+    smooth = (
+        f"moving rates over {charts.SMOOTH} samples of the run's timeline (one a second); the dashed line is the request "
+        "pace in force, where there was one"
+        if "throughput" in drawn
+        else ""
+    )
+    parts.append(_section("Throughput over time", drawn.get("throughput"), no_metrics, "throughput", smooth))
+    in_flight = "no requests in flight recorded in the timeline" if "throughput" in drawn else no_metrics
+    parts.append(
+        _section(
+            "Requests in flight",
+            drawn.get("in-flight"),
+            in_flight,
+            "in-flight",
+            "requests sent and not yet answered, each second",
+        )
+    )
     parts.append(
         _section(
             "Latency",
-            charts.get("latency"),
+            drawn.get("latency"),
             f"no latencies in these {facts.unit}s",
             "latency",
             f"p50 {_ms(q['p50'])} · p95 {_ms(q['p95'])} · p99 {_ms(q['p99'])}, over the {facts.unit}s with an answer",
@@ -422,12 +198,14 @@ def _page(output: str, facts: Facts, m: dict[str, Any] | None, metrics_note: str
     )
     length_note = f"{facts.hit_length:,} {facts.unit}{'s' if facts.hit_length != 1 else ''} hit max_tokens (finish_reason length)"
     parts.append(
-        _section("Completion tokens", charts.get("tokens"), f"no completion tokens in these {facts.unit}s", "tokens", length_note)
+        _section("Completion tokens", drawn.get("tokens"), f"no completion tokens in these {facts.unit}s", "tokens", length_note)
     )
-    parts.append(_section("Retries and 429s over time", charts.get("retries"), no_metrics, "retries", _retry_note(m)))
+    parts.append(_section("Retries and 429s over time", drawn.get("retries"), no_metrics, "retries", _retry_note(m)))
     parts.append("</div>")
 
-    parts.append(_errors(facts, charts.get("errors")))
+    parts.append(_samples(facts))
+    parts.append(_errors(facts, drawn.get("errors")))
+    parts.append(_trend(runs, drawn.get("trend")))
     parts.append(_cost(m))
     parts.append(_settings(m, config))
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -438,8 +216,66 @@ def _page(output: str, facts: Facts, m: dict[str, Any] | None, metrics_note: str
     return _HEAD.replace("{title}", e(title)) + "\n".join(parts) + "\n</body>\n</html>\n"
 
 
-def _section(title: str, svg: str | None, missing: str, name: str, caption: str = "") -> str:
-    body = f'<div class="chart">{svg}</div>' if svg else f'<p class="missing">{html.escape(missing)}</p>'
+def _job_line(output: str, run: dict[str, Any], config: dict[str, Any]) -> str:
+    """The job and when it ran, first on the page: whoever opens it next morning asks that before anything."""
+    e = html.escape
+    inputs = config.get("input") or []
+    job = f"Job <b>{e(output)}</b>" + (f" from {e(', '.join(map(str, inputs)))}" if inputs else "")
+    if config.get("model"):
+        job += f", model {e(str(config['model']))}"
+    started, ended = _when(run.get("started_at")), _when(run.get("ended_at"))
+    if started:
+        job += f" · run of <b>{e(started)}</b>" + (
+            f" to {e(ended[11:] if ended[:10] == started[:10] else ended)}" if ended else ""
+        )
+    else:
+        job += " · no metrics file: when it ran is not known"
+    return job
+
+
+def _when(stamp: Any) -> str:
+    """An ISO timestamp from the metrics as 2026-11-26 22:00:00 UTC; '' when absent or unreadable."""
+    try:
+        moment = datetime.fromisoformat(str(stamp))
+    except ValueError:
+        return ""
+    moment = moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _samples(facts: Facts) -> str:
+    """A handful of answers as they came, with the input they answer (the errors follow, with theirs)."""
+    e = html.escape
+    if facts.answers.height == 0:
+        return f'<section id="samples"><h2>Sample answers</h2><p class="missing">no {facts.unit}s with status ok</p></section>'
+    head = "".join(f"<th>{e(c)}</th>" for c in ("row", *facts.input_columns, "completion"))
+    body = "".join(
+        "<tr>"
+        + f"<td>{r['__row']:,}</td>"
+        + "".join(f"<td>{e(_cell(r[c]))}</td>" for c in facts.input_columns)
+        + f"<td>{e(_cell(r['__answer']))}</td></tr>"
+        for r in facts.answers.iter_rows(named=True)
+    )
+    caption = f'<p class="caption">the first {facts.answers.height} answered {facts.unit}s; examples of errors are below</p>'
+    return (
+        f'<section id="samples"><h2>Sample answers</h2>{caption}<table class="examples"><tr>{head}</tr>{body}</table></section>'
+    )
+
+
+def _trend(runs: list[dict[str, Any]], svg: str | None) -> str:
+    if svg is None:
+        why = "this is the first run of this job with a metrics file" if len(runs) < 2 else "no figures to compare"
+        return f'<section id="trend"><h2>Across runs</h2><p class="missing">{html.escape(why)}</p></section>'
+    caption = (
+        f"{len(runs)} runs of this job, oldest first: rows/s, rows with errors and cost of each run (from the "
+        "<output>.runs.jsonl file each run adds a line to, and earlier metrics files of this output beside it)"
+    )
+    return _section("Across runs", svg, "", "trend", caption)
+
+
+def _section(title: str, svg: str | list[str] | None, missing: str, name: str, caption: str = "") -> str:
+    svgs = [svg] if isinstance(svg, str) else svg or []
+    body = "".join(f'<div class="chart">{one}</div>' for one in svgs) or f'<p class="missing">{html.escape(missing)}</p>'
     cap = f'<p class="caption">{html.escape(caption)}</p>' if caption else ""
     return f'<section id="{name}"><h2>{html.escape(title)}</h2>{cap}{body}</section>'
 
@@ -568,7 +404,7 @@ _HEAD = """<!DOCTYPE html>
 <style>
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px auto; max-width: 1160px; color: #222; padding: 0 16px; }
 h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 0 0 6px; } h3 { font-size: 14px; margin: 14px 0 4px; }
-.lead { color: #444; margin: 0 0 12px; } .note { background: #fff7e0; border-left: 4px solid #f0b400; padding: 6px 10px; }
+.job { color: #222; margin: 0 0 4px; } .lead { color: #444; margin: 0 0 12px; } .note { background: #fff7e0; border-left: 4px solid #f0b400; padding: 6px 10px; }
 .tiles { display: flex; flex-wrap: wrap; gap: 8px; margin: 12px 0 18px; }
 .tile { border: 1px solid #ddd; border-radius: 6px; padding: 6px 12px; min-width: 110px; }
 .tile span { display: block; color: #666; font-size: 12px; } .tile b { font-size: 18px; }

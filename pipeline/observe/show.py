@@ -44,12 +44,14 @@ def show(
     columns: Sequence[str] = (),
     full: bool = False,
     checkpoint_dir: str | None = None,
+    result_prefix: str | None = None,
 ) -> str:
-    """The text `pipeline show` prints; raises InputError (exit 2) for a path it cannot show."""
+    """The text `pipeline show` prints; raises InputError (exit 2) for a path it cannot show.
+    `result_prefix` is the run's --result-prefix; by default it is found from the output's columns."""
     from pipeline.tables.storage import local_view
 
     path = local_view(path)  # an s3:// output: its local copy, from the folder the run started in
-    view = _view(path, checkpoint_dir)
+    view = _view(path, checkpoint_dir, result_prefix)
     status = view.prefix + "status"
     shown = [_column(c, view) for c in columns] if columns else view.default
     frame = view.frame.with_row_index(ROW)
@@ -79,7 +81,7 @@ def show(
     return "\n".join(parts)
 
 
-def _view(path: str, checkpoint_dir: str | None) -> View:
+def _view(path: str, checkpoint_dir: str | None, result_prefix: str | None = None) -> View:
     if is_stdout(path):
         if checkpoint_dir is None:
             found = sorted(str(p) for p in Path().glob("*.stdout.checkpoint"))
@@ -91,7 +93,7 @@ def _view(path: str, checkpoint_dir: str | None) -> View:
         return _checkpoint_view(Path(checkpoint_dir), path)
     p = Path(path)
     if p.is_dir() and any(p.glob("part-*.parquet")):  # an output folder of parts (--output DIR/)
-        return _output_view(p)
+        return _output_view(p, result_prefix)
     if p.is_dir():
         if not _has_answers(p):
             raise InputError(
@@ -99,7 +101,7 @@ def _view(path: str, checkpoint_dir: str | None) -> View:
             )
         return _checkpoint_view(p, None)
     if p.exists():
-        return _output_view(p)
+        return _output_view(p, result_prefix)
     folder = Path(checkpoint_dir) if checkpoint_dir else p.with_name(p.stem + ".checkpoint")
     if _has_answers(folder):
         return _checkpoint_view(folder, path)
@@ -110,7 +112,7 @@ def _view(path: str, checkpoint_dir: str | None) -> View:
     )
 
 
-def _output_view(path: Path) -> View:
+def _output_view(path: Path, result_prefix: str | None = None) -> View:
     kind = "parquet" if path.is_dir() else FORMATS.get(path.suffix.lower())
     if kind is None:
         raise InputError(f"{path} is not a pipeline output: give a .parquet, .csv or .jsonl file written by `pipeline run`.")
@@ -129,6 +131,14 @@ def _output_view(path: Path) -> View:
             f"{path} is not a readable {kind} file ({str(exc).splitlines()[0]}). Give the output of a `pipeline run`."
         ) from None
     prefix = find_prefix(names)
+    if result_prefix is not None and result_prefix != prefix:
+        if result_prefix + "status" not in names or result_prefix + "completion" not in names:
+            found = f"; its result columns have the prefix {prefix!r}" if prefix is not None else ""
+            raise InputError(
+                f"{path} has no {result_prefix}status and {result_prefix}completion columns, so its results were not "
+                f"written with --result-prefix {result_prefix!r}{found}. Leave --result-prefix out: it is found by itself."
+            )
+        prefix = result_prefix
     if prefix is None:
         raise InputError(
             f"{path} is not a pipeline output (it has no 'status' and 'completion' columns, with or without a "
@@ -177,8 +187,10 @@ def find_prefix(names: Sequence[str]) -> str | None:
 
 
 def _column(name: str, view: View) -> str:
-    """A --columns entry as a column of the view; a result column may be named without its prefix."""
-    for candidate in (name, view.prefix + name):
+    """A --columns entry as a column of the view. A result column may be named without its prefix, and
+    then means the result even when the input has a column of that name (the reason for the prefix)."""
+    bare = name in RESULT_COLUMNS and view.prefix + name in view.names
+    for candidate in (view.prefix + name, name) if bare else (name, view.prefix + name):
         if candidate in view.names:
             return candidate
     raise InputError(f"--columns: there is no column {name!r} in these {view.unit}s. They have: {', '.join(view.names)}.")

@@ -26,6 +26,11 @@ class RunStats:
     completion_tokens: int = 0
     estimated_rows: int = 0
     error_kinds: Counter[str] = field(default_factory=Counter)
+    retryable_errors: int = 0  # rows that failed for a reason that may pass (5xx, timeouts, 429s): a re-run may answer them
+    # The breaker, while the server fails every request: failures in a row, and when the next probe goes (monotonic).
+    failing_streak: int = 0
+    failing_kind: str = ""
+    next_probe_at: float | None = None
     # What the governor has learned and done, for the progress line and the summary.
     limited_rate: int = 0  # 429s about requests or tokens per unit of time (or that did not say)
     limited_concurrency: int = 0  # 429s about requests in flight
@@ -36,6 +41,7 @@ class RunStats:
     pace_tpm: float | None = None
     pace_tpm_source: str | None = None
     concurrency: int = 0  # the gate's current limit
+    in_flight: int = 0  # requests admitted whose answer has not been read yet, for the timeline
     concurrency_ceiling: int = 0
     concurrency_named: int | None = None  # an in-flight limit the server named
     # Spend: what the server billed this run (with a ceiling: usage of every billed attempt, worst case
@@ -56,21 +62,23 @@ class RunStats:
     def sample(self, t: float) -> None:
         """Record the counters at `t` seconds into the run. Past TIMELINE_MAX samples every other one is
         dropped and the interval doubles, so a week-long run keeps a timeline of the same size as an hour's."""
-        self.timeline.append(
-            {
-                "t": round(t, 3),
-                "rows": self.rows_done,
-                "ok": self.ok,
-                "errors": self.errors,
-                "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens,
-                "requests": self.requests_sent,
-                "retries": self.retries,
-                "limited_rate": self.limited_rate,
-                "limited_concurrency": self.limited_concurrency,
-                "concurrency": self.concurrency,
-            }
-        )
+        sample: dict[str, float | int] = {
+            "t": round(t, 3),
+            "rows": self.rows_done,
+            "ok": self.ok,
+            "errors": self.errors,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "requests": self.requests_sent,
+            "retries": self.retries,
+            "limited_rate": self.limited_rate,
+            "limited_concurrency": self.limited_concurrency,
+            "concurrency": self.concurrency,
+            "in_flight": self.in_flight,
+        }
+        if self.pace_rpm is not None:  # a pace in force (learned or given); absent while there is none
+            sample["pace_rpm"] = round(self.pace_rpm, 3)
+        self.timeline.append(sample)
         if len(self.timeline) > TIMELINE_MAX:
             del self.timeline[1::2]
             self.sample_every *= 2

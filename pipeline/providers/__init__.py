@@ -32,10 +32,10 @@ def read_reply(provider: Provider, status: int, headers: Mapping[str, str], body
             body = body.replace(secret.encode(), b"***")
     try:
         return provider.parse(status, headers, body)
-    except errors.AuthError as exc:
+    except errors.KeyRefused as exc:
         if provider.sends_key:
             raise
-        raise errors.AuthError(exc.message.rstrip(".") + NO_KEY_SENT, kind=exc.kind) from None
+        raise errors.KeyRefused(exc.message.rstrip(".") + NO_KEY_SENT, kind=exc.kind) from None
     except errors.RequestError:
         raise
     except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:

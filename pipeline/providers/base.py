@@ -208,9 +208,9 @@ def http_error(status: int, message: str, *, wait: float | None, quota: bool = F
     text = f"HTTP {status}: {clip(message)}" if message else f"HTTP {status}"
     kind = f"http_{status}"
     if quota or status == 402 or any(w in message.lower() for w in QUOTA_WORDS):
-        return errors.QuotaExhausted(text, kind="quota")
+        return errors.OutOfQuota(text, kind="quota")
     if status in (401, 403):
-        return errors.AuthError(text, kind=kind)
+        return errors.KeyRefused(text, kind=kind)
     if status == 429:
         scope, limit = limit_scope(message)
         return errors.RateLimited(text, kind=kind, retry_after=wait, scope=scope, limit=limit)

@@ -39,13 +39,13 @@ def classify_message(message: str, status: int, wait: float | None) -> errors.Re
     text = f"ModelsLab error (HTTP {status}): {clip(message)}"
     # Quota before rate limit: an exhausted account may also answer 429.
     if any(w in low for w in _QUOTA_WORDS):
-        return errors.QuotaExhausted(text, kind="quota")
+        return errors.OutOfQuota(text, kind="quota")
     if status == 429 or "rate limit" in low or "queued requests" in low:
         # ModelsLab limits requests in flight per account (5, 10 or 15 by plan), not per minute.
         _, named = limit_scope(message)
         return errors.RateLimited(text, kind="rate_limited", retry_after=wait, scope="concurrency", limit=named)
     if any(w in low for w in _AUTH_WORDS) or status in (401, 403):
-        return errors.AuthError(text, kind="auth")
+        return errors.KeyRefused(text, kind="auth")
     if status in (501, 505) or (status < 500 and any(w in low for w in _PERMANENT_WORDS)) or request_refused(message):
         return errors.ErrorReply(text, kind="error_reply")
     return errors.ServerError(text, kind="server_error", retry_after=wait, overloaded=status in (503, 529))

@@ -16,6 +16,7 @@ import orjson
 import polars as pl
 
 from pipeline.errors import ConfigError, InputError
+from pipeline.requests.fields import did_you_mean, dtype_of, field_names, field_of, struct_problem
 
 # Column names the pipeline adds to every row; the sink relies on them being free.
 PROMPT, EXTRA, SKIP_REASON, KEY, EST_TOKENS = "__prompt", "__extra", "__skip_reason", "__request_key", "__est_tokens"
@@ -195,13 +196,21 @@ class Renderer:
     def check(self, schema: pl.Schema, where: str, hint: str = "") -> None:
         """Refuse, before anything is sent, columns that are not there or cannot be shown; `hint` ends the missing-column message."""
         columns = list(schema.names())
-        missing = [c for c in self.needed_columns() if c not in columns]
+        fields = self.template.columns if self.template else ()
+        # A template's {user.plan} reaches into a struct column; the other settings name whole columns.
+        missing = [c for c in self.needed_columns() if c not in columns and not (c in fields and field_of(c, schema))]
         if missing:
+            inside = next((why for c in missing if (why := struct_problem(c, schema, where))), None)
+            if inside is not None:
+                raise InputError(inside)
             what = "The prompt template uses" if self.template else "The settings name the"
             t = self.template
             braced = [f for i, f in enumerate(t.fields) if f in missing and t.default_of(i) is not None] if t else []
             if braced and not hint:  # {key: value} that was meant as literal text, not column:default
                 hint = f" If {{{braced[0]}:...}} is meant as literal text, write {{{{ and }}}} for its braces."
+            near = did_you_mean(missing[0], field_names(schema) if t else columns)
+            if near and not hint:
+                hint = f" Did you mean {{{near}}}?" if t else f" Did you mean {near!r}?"
             raise InputError(
                 f"{what} column{'s' if len(missing) > 1 else ''} {', '.join(repr(m) for m in missing)}, "
                 f"which {where} does not have. Its columns are: {', '.join(repr(c) for c in columns)}.{hint}"
@@ -217,13 +226,13 @@ class Renderer:
                 )
         # Templates show lists and structs as JSON; a whole prompt must already be text.
         if self.template:
-            shown = [c for c in self.template.columns if schema[c] in (pl.Binary, pl.Object)]
+            shown = [c for c in self.template.columns if dtype_of(c, schema) in (pl.Binary, pl.Object)]
         else:
             shown = [c for c in (self.prompt_column,) if c and (schema[c].is_nested() or schema[c] in (pl.Binary, pl.Object))]
         if shown:
             c = shown[0]
             raise InputError(
-                f"Column {c!r} of {where} holds {schema[c]} values, which a prompt cannot show faithfully. "
+                f"Column {c!r} of {where} holds {dtype_of(c, schema)} values, which a prompt cannot show faithfully. "
                 + (
                     f"Templates take text, numbers, dates, lists and structs: turn {c!r} into a string column first."
                     if self.template
@@ -252,7 +261,9 @@ class Renderer:
 
     def _cell_expr(self, c: str, schema: pl.Schema) -> pl.Expr:
         """A template cell as text: scalars cast, lists joined (--list-join) or JSON, structs JSON."""
-        col, dtype = pl.col(c), schema[c]
+        found = field_of(c, schema)
+        assert found is not None  # check() refused the job otherwise
+        col, dtype = found
         if isinstance(dtype, pl.Array):
             col, dtype = col.arr.to_list(), pl.List(dtype.inner)
         if isinstance(dtype, pl.List) and self.list_join is not None and not dtype.inner.is_nested():

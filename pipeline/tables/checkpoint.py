@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import orjson
 import polars as pl
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, JobBusy
 
 RESULT_SCHEMA: dict[str, pl.DataType] = {
     "completion": pl.String(),
@@ -92,7 +92,7 @@ class Checkpoint:
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise InputError(
+            raise JobBusy(
                 f"Another pipeline run is using the checkpoint {self.folder}. Wait for it to finish, or give this run its own --output."
             ) from None
 

@@ -10,6 +10,7 @@ each batch goes out as soon as it is in order.
 
 from __future__ import annotations
 
+import codecs
 import io
 import os
 import shutil
@@ -117,15 +118,15 @@ def _check_folder(path: Path, inputs: Sequence[Path | storage.Url]) -> None:
         )
 
 
-def open_sink(path: Path | storage.Url, result_prefix: str = "") -> Sink:
-    """The sink for an output checked by `check_output`."""
+def open_sink(path: Path | storage.Url, result_prefix: str = "", *, bom: bool = False) -> Sink:
+    """The sink for an output checked by `check_output`; `bom` starts a CSV with a UTF-8 byte-order mark."""
     if is_stdout(path):
         return StdoutSink(result_prefix)
     if isinstance(path, storage.Folder):
         return PartsSink(Path(path), result_prefix)
     kind = FORMATS[path.suffix.lower()]
     if kind == "csv":
-        return CsvSink(path, result_prefix)
+        return CsvSink(path, result_prefix, bom=bom)
     if kind == "jsonl":
         return JsonLinesSink(path, result_prefix)
     return ParquetSink(path, result_prefix)
@@ -322,7 +323,14 @@ class _StreamSink(_FileSink):
 
 
 class CsvSink(_StreamSink):
+    def __init__(self, path: Path | storage.Url, result_prefix: str = "", *, bom: bool = False) -> None:
+        super().__init__(path, result_prefix)
+        # Excel reads a CSV without the mark in the machine's legacy code page: "JosÃ©" for "José".
+        self._bom = bom
+
     def _encode(self, frame: pl.DataFrame, out: BinaryIO) -> None:
+        if self._first and self._bom:
+            out.write(codecs.BOM_UTF8)
         frame.pipe(as_flat).write_csv(out, include_header=self._first)
 
 
@@ -346,16 +354,21 @@ class StdoutSink(Sink):
             self._out.write(data.getbuffer())
             self._out.flush()
         except BrokenPipeError:
-            # The reader is gone (`| head`): later writes, and the flush at exit, would fail again.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self._out.fileno())
-            raise FatalError(
-                "stdout was closed by its reader before every row was written (--output - piped into a command that "
-                "stopped reading)",
-                kind="broken_pipe",
-            ) from None
+            raise self._closed() from None
+
+    def _closed(self) -> FatalError:
+        # The reader is gone (`| head`): later writes, and the flush at exit, would fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self._out.fileno())
+        return FatalError(
+            "stdout was closed by its reader before every row was written (--output - piped into a command that stopped reading)",
+            kind="broken_pipe",
+        )
 
     def commit(self) -> None:
-        self._out.flush()
+        try:
+            self._out.flush()
+        except BrokenPipeError:
+            raise self._closed() from None
 
 
 def as_flat(frame: pl.DataFrame) -> pl.DataFrame:

@@ -13,14 +13,15 @@ from __future__ import annotations
 import codecs
 import glob
 import tempfile
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import polars as pl
 
 from pipeline.errors import ConfigError, InputError
-from pipeline.tables import storage
+from pipeline.tables import cells, storage
+from pipeline.tables.scratch import Scratch
 
 FORMATS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 NATIVE = ("utf-8", "utf-8-sig")  # codec names polars reads itself (it skips a byte-order mark)
@@ -37,6 +38,7 @@ class Part:
     path: Path | storage.Url  # as the user named it
     read: Path  # the file polars scans: `path`, or its UTF-8 copy
     separator: str  # CSV only
+    schema: pl.Schema | None = None  # JSONL: the types read once, so later scans do not infer them again
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,9 @@ class Table:
     # Owns the UTF-8 copies; its own finalizer removes them when the table is collected or at exit.
     scratch: tempfile.TemporaryDirectory[str] | None = field(default=None, compare=False, repr=False)
     frame: pl.LazyFrame | None = field(default=None, compare=False, repr=False)  # a table handed over in memory
+    # What every read does to the cells as stored (blank lines, null values, types); `schema` is after it.
+    reading: cells.Cells | None = field(default=None, compare=False, repr=False)
+    rows: int | None = None  # counted when the input was checked (every line parsed then), before any limit
 
     @property
     def label(self) -> str:
@@ -127,13 +132,15 @@ def parse_separator(value: str | None) -> str | None:
     return sep
 
 
-def _scan(path: Path, fmt: str, separator: str = ",") -> pl.LazyFrame:
+def _scan(path: Path, fmt: str, separator: str = ",", schema: pl.Schema | None = None) -> pl.LazyFrame:
     if fmt == "csv":
-        # Whole-file type inference: a column that is numeric for 100 rows and
-        # text later must not fail half-way through a paid run.
-        return pl.scan_csv(path, separator=separator, infer_schema_length=None)
+        # As text: the cells as the user wrote them; cells.decide types a column only where no value changes.
+        return pl.scan_csv(path, separator=separator, infer_schema=False)
     if fmt == "parquet":
         return pl.scan_parquet(path)
+    if schema is not None:
+        return pl.scan_ndjson(path, schema=schema)
+    # Whole-file type inference: a key that holds numbers for 100 lines and text later must not fail half-way through a paid run.
     return pl.scan_ndjson(path, infer_schema_length=None)
 
 
@@ -181,12 +188,15 @@ def open_table(
     encoding: str = "utf-8",
     separator: str | None = None,
     headerless: Sequence[str] = (),
+    null_values: Sequence[str] = (),
+    dtypes: Mapping[str, str] | None = None,
 ) -> Table:
     """Resolve and check every input file before anything is sent.
 
     `encoding` applies to CSV and JSONL, `separator` to CSV. A file with no rows
     is left out (its header, if it has one, must match the others); when no file
     has even a header, the table has the `headerless` columns, as text.
+    `null_values` and `dtypes` are --null-value and --dtype (see `cells`).
     """
     codec = codec_name(encoding)
     sep = parse_separator(separator)
@@ -202,11 +212,11 @@ def open_table(
     for i, f in enumerate(files):
         read = f if isinstance(f, Path) else Path()
         if isinstance(f, storage.Url):  # a local copy, read from here on as any local file is
-            scratch = scratch or tempfile.TemporaryDirectory(prefix="pipeline-input-", ignore_cleanup_errors=True)
+            scratch = scratch or Scratch("pipeline-input-")
             read = Path(scratch.name) / f"{i}-object-{f.name}"
             storage.download(f, read)
         if fmt != "parquet" and codec not in NATIVE:
-            scratch = scratch or tempfile.TemporaryDirectory(prefix="pipeline-input-", ignore_cleanup_errors=True)
+            scratch = scratch or Scratch("pipeline-input-")
             utf8 = Path(scratch.name) / f"{i}-{f.name}"
             _transcode(read, codec, utf8, name=f)
             read = utf8
@@ -216,7 +226,7 @@ def open_table(
             if fmt != "parquet" and _blank(read):
                 continue
             this = _scan(read, fmt, file_sep).collect_schema()
-            has_rows = _scan(read, fmt, file_sep).head(1).collect().height > 0
+            has_rows = _scan(read, fmt, file_sep, this if fmt == "jsonl" else None).head(1).collect().height > 0
         except (pl.exceptions.PolarsError, OSError) as exc:
             native = [f] if codec in NATIVE and isinstance(f, Path) else []
             hint = _explain(exc, native, this, file_sep if fmt == "csv" else None)
@@ -231,12 +241,38 @@ def open_table(
                 f"All inputs of one run must have the same columns."
             )
         if has_rows:
-            parts.append(Part(path=f, read=read, separator=file_sep))
+            parts.append(Part(path=f, read=read, separator=file_sep, schema=this if fmt == "jsonl" else None))
             schema = schema or this
     if schema is None:
         schema = header[1] if header else pl.Schema(dict.fromkeys(headerless, pl.String()))
     first_sep = (sep or ("\t" if files[0].suffix.lower() == ".tsv" else ",")) if fmt == "csv" else None
-    return Table(files=files, fmt=fmt, schema=schema, parts=tuple(parts), separator=first_sep, scratch=scratch)
+    table = Table(files=files, fmt=fmt, schema=schema, parts=tuple(parts), separator=first_sep, scratch=scratch)
+    return _settle(table, null_values, dtypes or {})
+
+
+def _settle(table: Table, null_values: Sequence[str], dtypes: Mapping[str, str]) -> Table:
+    """The table with its cells settled (see `cells`): one pass that types, counts and parses every line,
+    for CSV and JSONL always (it is the check that finds a malformed line before anything is sent), for
+    Parquet and tables in memory only when --null-value or --dtype asks for something."""
+    text = table.fmt in ("csv", "jsonl")
+    plan = cells.prepare(table.schema, table.label, csv=table.fmt == "csv", null_values=null_values, dtypes=dtypes)
+    if not (text or plan.changes_anything):
+        return table
+    table = replace(table, reading=plan)
+    if not table.parts and table.frame is None:  # no rows: nothing to look at, the header decides
+        return replace(table, schema=plan.schema(table.schema), rows=0)
+    try:
+        settled, rows = cells.decide(_stored(table), plan, table.label, infer=table.fmt == "csv")
+    except pl.exceptions.PolarsError as exc:
+        raise _unreadable(table, exc) from None
+    return replace(table, reading=settled, schema=settled.schema(table.schema), rows=rows)
+
+
+def _unreadable(table: Table, exc: BaseException) -> InputError:
+    hint = _explain(exc, _native_files(table), table.schema, table.separator)
+    if not hint and table.fmt == "csv":
+        hint = " Look for a line with extra separators or an unclosed quote."
+    return InputError(f"Input {table.label} could not be read in full: {_short(exc)}.{hint}")
 
 
 def _short(exc: BaseException) -> str:
@@ -316,19 +352,30 @@ def _not_utf8(path: Path) -> str:
     )
 
 
-def in_memory(frame: pl.DataFrame | pl.LazyFrame) -> Table:
+def in_memory(
+    frame: pl.DataFrame | pl.LazyFrame,
+    null_values: Sequence[str] = (),
+    dtypes: Mapping[str, str] | None = None,
+) -> Table:
     """A table the caller already holds (the Python API): read in batches like a file, never copied."""
     lf = frame.lazy()
-    return Table(files=(), fmt="frame", schema=lf.collect_schema(), frame=lf)
+    return _settle(Table(files=(), fmt="frame", schema=lf.collect_schema(), frame=lf), null_values, dtypes or {})
+
+
+def _stored(table: Table) -> pl.LazyFrame:
+    """The rows as stored, before `table.reading` (the whole table: no limit)."""
+    if table.frame is not None:
+        return table.frame
+    frames = [_scan(p.read, table.fmt, p.separator, p.schema) for p in table.parts]
+    return frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical_relaxed")
 
 
 def lazy(table: Table, limit: int | None = None) -> pl.LazyFrame:
-    if table.frame is not None:
-        return table.frame.head(limit) if limit is not None else table.frame
-    if not table.parts:  # every file empty: no rows, the table's columns
+    if not table.parts and table.frame is None:  # every file empty: no rows, the table's columns
         return pl.LazyFrame(schema=table.schema)
-    frames = [_scan(p.read, table.fmt, p.separator) for p in table.parts]
-    lf = frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical_relaxed")
+    lf = _stored(table)
+    if table.reading is not None:
+        lf = table.reading.apply(lf)
     return lf.head(limit) if limit is not None else lf
 
 
@@ -338,20 +385,14 @@ def _native_files(table: Table) -> list[Path]:
 
 
 def count_rows(table: Table, limit: int | None = None) -> int:
-    """Rows to process. CSV and JSONL are parsed in full here, every column, so that a
-    malformed line far down the file is reported now, before any request is sent."""
-    query = lazy(table, limit)
-    try:
-        if (
-            table.fmt in ("parquet", "frame") or not table.parts
-        ):  # row counts come from the footer; pages were checksummed on write
-            return int(query.select(pl.len()).collect().item())
-        return int(query.select(pl.len().alias("__rows"), pl.all().null_count()).collect().get_column("__rows").item())
+    """Rows to process. CSV and JSONL were parsed in full when the table was opened (every column, so
+    that a malformed line far down the file is reported before any request is sent), and counted then."""
+    if table.rows is not None:
+        return table.rows if limit is None else min(table.rows, limit)
+    try:  # Parquet: row counts come from the footer; pages were checksummed on write
+        return int(lazy(table, limit).select(pl.len()).collect().item())
     except pl.exceptions.PolarsError as exc:
-        hint = _explain(exc, _native_files(table), table.schema, table.separator)
-        if not hint and table.fmt == "csv":
-            hint = " Look for a line with extra separators or an unclosed quote."
-        raise InputError(f"Input {table.label} could not be read in full: {_short(exc)}.{hint}") from None
+        raise _unreadable(table, exc) from None
 
 
 def batches(table: Table, batch_size: int, limit: int | None = None) -> Iterator[pl.DataFrame]:

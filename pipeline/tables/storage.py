@@ -19,7 +19,8 @@ marker, `folder/`, where it deletes the temporary key). A larger output cannot b
 copied in one request (pyarrow's move is a single CopyObject), so it is uploaded
 straight to its key as one multipart upload, which S3 shows only once it is
 completed; Ctrl-C and SIGTERM wait until it is (see `upload`). The checkpoint
-needs appends, which object storage does not do: it stays on a local folder.
+needs appends, which object storage does not do: `remote_state` keeps its
+journal locally and ships it to the bucket in immutable segments.
 """
 
 from __future__ import annotations
@@ -109,13 +110,7 @@ def filesystem() -> pafs.S3FileSystem:
 
     env = os.environ
     key, secret = env.get("AWS_ACCESS_KEY_ID", "").strip(), env.get("AWS_SECRET_ACCESS_KEY", "").strip()
-    profile = env.get("AWS_PROFILE") or env.get("AWS_DEFAULT_PROFILE")
-    shared = Path(env.get("AWS_SHARED_CREDENTIALS_FILE", Path.home() / ".aws" / "credentials"))
-    other = any(env.get(v) for v in ("AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-                                     "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"))  # fmt: skip
-    instance_role = env.get("AWS_EC2_METADATA_DISABLED", "").lower() == "false"
-    if not (key and secret) and not profile and not shared.exists() and not other and not instance_role:
-        raise ConfigError(f"No credentials for object storage. {CREDENTIAL_HINT}, then run again.")
+    instance_role = check_credentials()
     options: dict[str, object] = {
         # Unset: the SDK reads the profile's region in ~/.aws/config, else takes us-east-1.
         "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
@@ -132,12 +127,35 @@ def filesystem() -> pafs.S3FileSystem:
             scheme, host = "https", endpoint
         options.update(endpoint_override=host.rstrip("/"), scheme=scheme)
         options["force_virtual_addressing"] = False  # an S3-compatible server: bucket in the path
-    with _metadata_address_off(not instance_role):
+    with metadata_address_off(not instance_role):
         return pafs.S3FileSystem(**options)
 
 
+def check_credentials() -> bool:
+    """ConfigError when the environment names no credentials (see `filesystem`); whether the user let the
+    SDK ask the cloud's metadata address for them (AWS_EC2_METADATA_DISABLED=false)."""
+    env = os.environ
+    key, secret = env.get("AWS_ACCESS_KEY_ID", "").strip(), env.get("AWS_SECRET_ACCESS_KEY", "").strip()
+    profile = env.get("AWS_PROFILE") or env.get("AWS_DEFAULT_PROFILE")
+    shared = Path(env.get("AWS_SHARED_CREDENTIALS_FILE", Path.home() / ".aws" / "credentials"))
+    other = any(env.get(v) for v in ("AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                                     "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"))  # fmt: skip
+    instance_role = env.get("AWS_EC2_METADATA_DISABLED", "").lower() == "false"
+    if not (key and secret) and not profile and not shared.exists() and not other and not instance_role:
+        raise ConfigError(f"No credentials for object storage. {CREDENTIAL_HINT}, then run again.")
+    return instance_role
+
+
+def endpoint() -> str | None:
+    """An S3-compatible server's URL from AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL (https:// when no scheme)."""
+    given = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "").strip().rstrip("/")
+    if not given:
+        return None
+    return given if "://" in given else f"https://{given}"
+
+
 @contextlib.contextmanager
-def _metadata_address_off(off: bool) -> Iterator[None]:
+def metadata_address_off(off: bool) -> Iterator[None]:
     """While the filesystem is made (the SDK decides then whether to ask the metadata address, for a
     region or credentials), AWS_EC2_METADATA_DISABLED=true unless the user set it; then the environment
     is as it was, so a program that imports us (the Python API) keeps its own AWS behaviour."""
@@ -279,6 +297,17 @@ def download(url: Url, dest: Path) -> None:
         raise explain(exc, url, "read") from None
 
 
+def first_line(url: Url, most: int = 1 << 20) -> bytes | None:
+    """The first non-blank line of an object (read up to `most` bytes), or None when it cannot be read:
+    the caller only asks what kind of file it is, and the real read reports a problem properly."""
+    try:
+        with filesystem().open_input_stream(url.fs_path) as src:
+            head = src.read(most)
+    except OSError:
+        return None
+    return next((line for line in head.splitlines() if line.strip()), None)
+
+
 def check_writable(url: Url) -> None:
     """Before anything is sent: the bucket exists and these credentials are accepted there. (A test
     write would leave pyarrow's folder markers behind; a refused upload at the end keeps the output
@@ -376,9 +405,21 @@ def _interrupts_held() -> Iterator[None]:
 
 
 def local_home(url: Url) -> Path:
-    """The local folder for what an object output needs beside it (checkpoint, metrics, report):
-    ./s3/<bucket>/<key's folder>, under the folder the run starts in."""
-    return Path("s3", url.bucket, *PurePosixPath(url.key).parent.parts)
+    """The local folder for what an object output needs beside it (the checkpoint's working copy, the
+    output's local copy, the metrics file and the report before they are uploaded):
+    <state folder>/s3/<bucket>/<key's folder>, the same from whatever folder a run starts in."""
+    from pipeline.tables.statedir import objects_dir
+
+    return objects_dir().joinpath(url.bucket, *PurePosixPath(url.key).parent.parts)
+
+
+def prefix(text: str) -> Url:
+    """A folder in object storage (`s3://bucket/path/`, trailing slash optional), as the Url of its key prefix."""
+    rest = text.removeprefix(SCHEME).rstrip("/")
+    bucket, _, key = rest.partition("/")
+    if not bucket or not key:
+        raise InputError(f"{text} is not a folder in object storage: give s3://bucket/folder/ (a bucket's root is not used).")
+    return Url(bucket, key)
 
 
 class Folder(type(Path())):  # type: ignore[misc]  # PosixPath on this platform: a subclass of Path's concrete class
