@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import polars as pl
 
 from pipeline import answers, errors
-from pipeline.config import ConfigLike, settings_config
 from pipeline.job import Job, prepare_job
 from pipeline.outcomes import EXCEPTIONS, EXIT_INTERRUPTED, RunResult
+from pipeline.settings import ConfigLike, settings_config
 from pipeline.tables import frames, source
 from pipeline.tables.scratch import Scratch
 from pipeline.tables.sink import Sink

@@ -13,8 +13,9 @@ import click
 from pydantic.fields import FieldInfo
 
 from pipeline import errors
-from pipeline.config import RunConfig, build_config, load_yaml
+from pipeline.config import RunConfig
 from pipeline.outcomes import EXIT_CODES, MEANINGS, of_fatal
+from pipeline.settings import build_config, load_yaml
 
 RUN_EXAMPLES = """
 \b

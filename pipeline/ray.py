@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import errors
-from pipeline.config import settings_config
 from pipeline.engines.ray import (
     build_stages,
     connect,
@@ -25,6 +24,7 @@ from pipeline.engines.ray import (
     summary_callback,
 )
 from pipeline.plan import renderer_for, structured_for
+from pipeline.settings import settings_config
 from pipeline.tables.checkpoint import read_done
 from pipeline.tables.sink import STDOUT, check_output
 

@@ -29,12 +29,12 @@ import polars as pl
 from multidict import CIMultiDict
 
 from pipeline import errors
-from pipeline.config import build_config
 from pipeline.engines.online import prepare
 from pipeline.job import build_engine
 from pipeline.observe.stats import RunStats
 from pipeline.plan import preflight
 from pipeline.providers import make_provider
+from pipeline.settings import build_config
 from pipeline.tables import source
 from pipeline.tables.checkpoint import Checkpoint
 from pipeline.tables.sink import ParquetSink

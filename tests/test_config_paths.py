@@ -69,7 +69,7 @@ def test_an_older_config_whose_files_are_only_in_the_current_folder_keeps_workin
 
 
 def test_the_shipped_configs_name_their_files_from_their_own_folder() -> None:
-    from pipeline.config import load_yaml
+    from pipeline.settings import load_yaml
     from tests.conftest import ROOT
 
     values = load_yaml(str(ROOT / "configs" / "summarise-reviews.yaml"))

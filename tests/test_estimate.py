@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from pipeline import errors
-from pipeline.config import RunConfig, build_config
+from pipeline.config import RunConfig
 from pipeline.observe.estimate import Estimate, Scan, estimate, estimate_job, figures
+from pipeline.settings import build_config
 from tests.conftest import ROOT, chat_requests, run_cli, texts, write_table
 from tests.fakeserver import FakeLLMServer
 

@@ -11,9 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline import errors
-from pipeline.config import build_config
 from pipeline.limits.retry import RetryPolicy
 from pipeline.requests.prompts import KEY, PROMPT, Renderer, RequestSpec, parse_template
+from pipeline.settings import build_config
 from pipeline.tables.checkpoint import RESULT_COLUMNS, Checkpoint
 
 SPEC = RequestSpec(model="m", system=None, max_tokens=10, temperature=None, top_p=None)

@@ -41,6 +41,7 @@ class Coordinator:
         self._settled = asyncio.Event()  # a reservation was settled: waiters for the spend ceiling look again
         self.lock = asyncio.Lock()
         self.workers: dict[str, dict[str, Any]] = {}
+        self.stopped_kind = "stopped"
 
     # ---- the rate ----------------------------------------------------------------------------------
 
@@ -88,9 +89,10 @@ class Coordinator:
 
     # ---- stops and counters --------------------------------------------------------------------------
 
-    async def stop(self, reason: str) -> None:
+    async def stop(self, reason: str, kind: str = "stopped") -> None:
+        """Every actor stops; `kind` is the fatal answer's (quota, auth...), which decides the exit code."""
         if self.budget.stopped is None:
-            self.budget.stopped = reason
+            self.budget.stopped, self.stopped_kind = reason, kind
 
     async def report(self, worker: str, counters: dict[str, Any], flight: tuple[int, int, int, int | None]) -> tuple[bool, int, str | None, int]:  # fmt: skip
         """An actor's counters and requests in flight (in flight, limit applied, wanted, a limit the server
@@ -125,6 +127,7 @@ class Coordinator:
             pace_source=self.budget.source(),
             pace_tpm=self.budget.tpm(),
             stopped=self.budget.stopped,
+            stopped_kind=self.stopped_kind,
             ceiling_reached=any(c["ceiling_reached"] for c in self.workers.values()),
             concurrency=min(self.flight.total, sum(c["concurrency"] for c in self.workers.values())),
             concurrency_ceiling=self.flight.total,

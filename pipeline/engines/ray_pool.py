@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 import pyarrow as pa
 
+from pipeline import errors
 from pipeline.engines.ray import (
     FOLLOW_EVERY,
     OVERLAP,
@@ -199,10 +200,10 @@ def _split(block: pa.Table) -> tuple[pl.DataFrame, pl.DataFrame]:
     return inputs, frame.select(results).rename({c: c[len(RESULT) :] for c in results})
 
 
-async def send(job: Job, *, sink: Sink, done: pl.DataFrame, base_url: str, progress: Any) -> str | None:
+async def send(job: Job, *, sink: Sink, done: pl.DataFrame, base_url: str, progress: Any) -> errors.FatalError | None:
     """`pipeline run --engine ray`: the job's rows through the actor pool, the output written in input order
     (here, or by the actors themselves for a folder of parts). Returns None when every row has its result,
-    or the reason the run was stopped."""
+    or why the run was stopped: the fatal answer an actor got (its kind kept, for the exit code)."""
     ray = import_ray()
     cfg, stats = job.cfg, job.stats
     began = time.time()  # wall clock: actors on other nodes say when they started sending by theirs
@@ -289,7 +290,8 @@ async def send(job: Job, *, sink: Sink, done: pl.DataFrame, base_url: str, progr
                 f"{plural(totals['actors_sending'], 'actor')} sent requests"
                 + (f"; {plural(pool.replaced, 'actor')} replaced after dying" if pool.replaced else "")
             )
-        return stopped or totals["stopped"]
+        reason = stopped or totals["stopped"]
+        return None if reason is None else errors.FatalError(reason, kind=totals["stopped_kind"])
     finally:
         if pool is not None:
             pool.close()

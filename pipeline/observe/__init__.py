@@ -2,9 +2,8 @@
 
 - `stats`: the run's counters and per-second timeline.
 - `progress`: the progress bar, the status line and the closing summary.
-- `metrics`: the metrics JSON file (schema `pipeline.metrics/1`).
-- `report`: the HTML run report drawn from the metrics and the output (`facts` reads them, `charts` draws).
-- `history`: the runs file beside the metrics (one line a run), for the report's trend across runs.
+- `metrics`: the metrics JSON file (schema `pipeline.metrics/1`); `history`: a line per run, for trends.
+- `report`, `facts`, `charts`: the HTML run report, drawn from the metrics and the output.
 - `show`: `pipeline show`: an output or checkpoint read back.
 - `estimate`: `pipeline estimate`: rows, tokens, cost and time before anything is sent.
 """

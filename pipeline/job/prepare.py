@@ -1,0 +1,76 @@
+"""Before anything is sent: every check the user could fail, then the `Job` that runs what passed them."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+from pipeline import errors
+from pipeline.config import RunConfig
+from pipeline.job.record import mark_refused
+from pipeline.job.run import Job
+from pipeline.observe import metrics
+from pipeline.observe.stats import RunStats
+from pipeline.plan import preflight
+from pipeline.providers.local_model import check_installed
+from pipeline.tables import source
+from pipeline.tables.cache import AnswerCache
+from pipeline.tables.sink import Sink
+
+
+def prepare_job(
+    cfg: RunConfig,
+    *,
+    table: source.Table | None = None,
+    sink: Sink | None = None,
+    checkpoint: Path | None = None,
+    say: Callable[[str], None] | None = None,
+    stream: TextIO | None = None,
+    files: bool = True,
+    notebook: bool = False,
+    api_key: str | None = None,
+) -> Job:
+    """Check everything the user could have got wrong, before anything is sent; raises UserError.
+
+    `table` and `sink` are the API's DataFrame in and out (else the config's input
+    and output files); `checkpoint` overrides the config's folder; `files` says
+    whether the metrics file and the report are written (the API's DataFrame out
+    writes them only when asked for by path); `api_key` is the API's key given in memory, else the
+    config's variable is read."""
+    clock = metrics.Clock.now()
+    try:
+        plan = preflight(cfg, writes=sink is None, table=table)
+        api_key = api_key or cfg.api_key()
+        headers, secrets = cfg.request_headers()  # before anything starts: a variable unset is exit 2
+        if cfg.provider == "local" and cfg.setting("base_url") is None:
+            check_installed()
+        if cfg.cache_dir is not None:
+            AnswerCache(cfg.cache_dir).open().close()  # a folder that cannot hold it is exit 2, before anything is sent
+        stats = RunStats(total_rows=source.count_rows(plan.table, cfg.limit))
+    except errors.UserError as exc:
+        if files or cfg.metrics:
+            mark_refused(cfg, clock, exc)
+        raise
+    err = stream or sys.stderr
+
+    def to_stream(message: str) -> None:
+        print(message, file=err, flush=True)
+
+    return Job(
+        cfg,
+        plan,
+        stats=stats,
+        clock=clock,
+        say=say or to_stream,
+        stream=err,
+        secrets=(*secrets, *([api_key] if api_key else [])),
+        api_key=api_key,
+        headers=headers,
+        sink=sink,
+        checkpoint=checkpoint or cfg.checkpoint_path,
+        remote=cfg.checkpoint_remote if checkpoint is None else None,
+        files=files,
+        notebook=notebook,
+    )
