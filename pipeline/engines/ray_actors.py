@@ -367,7 +367,7 @@ class Sender:
             except errors.FatalError as exc:  # this node cannot send (no key here): the run stops, with the reason
                 self._stopped = str(exc)
                 self._started.set_result(None)
-                await self.coordinator.stop.remote(self._stopped)
+                await self.coordinator.stop.remote(self._stopped, exc.kind)
         await self._started
 
     async def run_block(self, block: pa.Table, part: int | None = None, dead: Sequence[str] = ()) -> pa.Table:
@@ -415,13 +415,15 @@ class Sender:
                 with contextlib.suppress(Exception):
                     await self._report(extra=to_send)  # ask for a share now, not at the next report
             await engine.run(iter([inputs]), lambda _: prepared)
-        except BaseExceptionGroup as group:
-            fatal = group.subgroup(errors.FatalError)
+        except (errors.FatalError, BaseExceptionGroup) as exc:
+            # Bare once something was answered (the engine marks the rest "not sent" first), in a group when not.
+            fatal = exc if isinstance(exc, errors.FatalError) else exc.subgroup(errors.FatalError)
             if fatal is None:
                 raise
-            reason = str(fatal.exceptions[0])
-            if not reason.startswith(ELSEWHERE):
-                await self.coordinator.stop.remote(reason)
+            cause = fatal if isinstance(fatal, errors.FatalError) else fatal.exceptions[0]
+            reason = str(cause)
+            if not reason.startswith(ELSEWHERE):  # its kind decides the run's exit code, as for a local run
+                await self.coordinator.stop.remote(reason, getattr(cause, "kind", "stopped"))
             else:
                 reason = reason[len(ELSEWHERE) :]
             self._stopped = reason
