@@ -7,7 +7,7 @@ first request.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import errors
@@ -15,6 +15,7 @@ from pipeline.config import RunConfig
 from pipeline.requests.prompts import Renderer, RequestSpec, parse_template
 from pipeline.requests.structured import Structured, load_schema
 from pipeline.tables import source, storage
+from pipeline.tables.columns import Layout
 from pipeline.tables.sink import STDOUT, check_output
 
 NOWHERE = "http://127.0.0.1:9/v1"  # stands in for a server that no request will reach
@@ -28,6 +29,11 @@ class Plan:
     renderer: Renderer
     table: source.Table
     output: Path | storage.Url | None  # None for a job that writes no file (estimate, the API's DataFrame out)
+    layout: Layout = field(default_factory=Layout)  # the result columns it writes
+
+
+def layout_for(cfg: RunConfig, structured: Structured | None) -> Layout:
+    return Layout(structured=structured, cost=cfg.price_in is not None and cfg.price_out is not None)
 
 
 def structured_for(cfg: RunConfig) -> Structured | None:
@@ -98,10 +104,12 @@ def preflight(cfg: RunConfig, *, writes: bool = True, table: source.Table | None
         table = source.in_memory(table.frame if table.frame is not None else source.lazy(table), cfg.null_values, cfg.dtypes)
     renderer.check(table.schema, table.label, hint=source.separator_hint(table))
     output = storage.location(cfg.output) if cfg.output is not None else None
-    extracted = structured.output_columns() if structured else []
+    layout = layout_for(cfg, structured)
     # With no file to write, only the column checks apply: they are the ones an output to stdout gets.
-    check_output(output or Path(STDOUT), table.files, list(table.schema.names()), extracted, cfg.result_prefix)
-    return Plan(structured=structured, renderer=renderer, table=table, output=output)
+    check_output(
+        output or Path(STDOUT), table.files, list(table.schema.names()), layout.extracted, cfg.result_prefix, layout.added
+    )
+    return Plan(structured=structured, renderer=renderer, table=table, output=output, layout=layout)
 
 
 def _requests_plan(cfg: RunConfig, structured: Structured | None) -> Plan:
@@ -128,5 +136,6 @@ def _requests_plan(cfg: RunConfig, structured: Structured | None) -> Plan:
     )
     renderer = Renderer(spec=spec, template=None, prompt_column=interchange.BODY, id_column=None)
     output = storage.location(cfg.output) if cfg.output is not None else None
-    check_output(output or Path(STDOUT), table.files, list(table.schema.names()), [], cfg.result_prefix)
-    return Plan(structured=None, renderer=renderer, table=table, output=output)
+    layout = layout_for(cfg, None)
+    check_output(output or Path(STDOUT), table.files, list(table.schema.names()), [], cfg.result_prefix, layout.added)
+    return Plan(structured=None, renderer=renderer, table=table, output=output, layout=layout)

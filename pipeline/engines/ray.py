@@ -79,7 +79,7 @@ STOPPED = "not sent: the run stopped: "  # the error of rows a stop left unsent 
 SUMMED = (
     "rows_done", "ok", "errors", "from_checkpoint", "shared", "rows_sent", "requests_sent", "retries",
     "prompt_tokens", "completion_tokens", "estimated_rows", "limited_rate", "limited_concurrency",
-    "breaker_opened", "concurrency", "concurrency_ceiling",
+    "breaker_opened", "concurrency", "concurrency_ceiling", "spent_tokens_in", "spent_tokens_out", "spent_usd",
 )  # fmt: skip
 
 
@@ -372,7 +372,7 @@ class _Sender:
                 os.close(fd)
             self._seen_journals.add(path.name)
             for row in read_journal(path).filter(pl.col("status") == "ok").rows():
-                result = Result._make(row)
+                result = Result.stored(row)
                 assert result.request_key is not None
                 self._recovered[result.request_key] = result
 
@@ -446,7 +446,7 @@ class _Sender:
         self._recover()
         keys = frame.get_column(KEY).to_list()
         answered = given.get_column("status").is_not_null()  # rows the look-up stage completed: only those are read
-        cached = dict(zip(answered.arg_true().to_list(), map(Result._make, given.filter(answered).rows()), strict=True))
+        cached = dict(zip(answered.arg_true().to_list(), map(Result.stored, given.filter(answered).rows()), strict=True))
         if self._recovered:
             cached.update({row: self._recovered[k] for row, k in enumerate(keys) if k in self._recovered and row not in cached})
         return Prepared(
