@@ -239,6 +239,7 @@ class RunConfig(BaseModel):
     workers: int | None = Field(
         default=None, ge=1, le=1024, description="With --engine ray: engine actors (default: the cluster's CPUs, at most 8)."
     )
+    verbose: bool = opt(False, "Show the engine's own log lines (Ray's workers and warnings); also PIPELINE_VERBOSE=1.")
     # Answers shared across outputs, jobs and calls; off unless asked for (sampling users may want fresh ones).
     cache_dir: str | None = opt(
         None,
@@ -343,27 +344,9 @@ class RunConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _ray_takes_what_it_shares(self) -> RunConfig:
-        if self.engine != "ray":
-            if self.ray_address is not None or self.workers is not None:
-                raise ValueError("--ray-address and --workers are for --engine ray; add --engine ray, or drop them")
-            return self
-        unsupported = [
-            name
-            for name, given in (
-                ("--mode batch", self.mode == "batch"),
-                ("--max-cost", self.max_cost is not None),
-                ("--max-tokens-total", self.max_tokens_total is not None),
-                ("--cache", self.cache_dir is not None),
-            )
-            if given
-        ]
-        if unsupported:
-            raise ValueError(
-                f"{', '.join(unsupported)} {'is' if len(unsupported) == 1 else 'are'} not shared across Ray actors yet, so "
-                "--engine ray refuses rather than apply it once per actor. Run with the local engine (drop --engine ray), "
-                "or without " + " and ".join(unsupported)
-            )
+    def _ray_options_need_ray(self) -> RunConfig:
+        if self.engine != "ray" and (self.ray_address is not None or self.workers is not None):
+            raise ValueError("--ray-address and --workers are for --engine ray; add --engine ray, or drop them")
         return self
 
     @model_validator(mode="after")

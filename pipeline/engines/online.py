@@ -33,7 +33,7 @@ from pipeline.providers.base import clip
 from pipeline.providers.transport import Transport
 from pipeline.requests.prompts import EST_TOKENS, EXTRA, KEY, PROMPT, SKIP_REASON, Renderer, estimate_tokens
 from pipeline.requests.structured import Structured, check_reply, correction
-from pipeline.tables.cache import AnswerCache
+from pipeline.tables.cache import Answers
 from pipeline.tables.checkpoint import Checkpoint, Result, lookup
 from pipeline.tables.columns import Layout
 from pipeline.tables.responses import ResponseLog
@@ -85,7 +85,7 @@ class Prepared:
     from_cache: frozenset[int] = frozenset()  # the rows of `cached` that the answer cache gave
 
 
-def prepare(frame: pl.DataFrame, renderer: Renderer, done: pl.DataFrame, cache: AnswerCache | None = None) -> Prepared:
+def prepare(frame: pl.DataFrame, renderer: Renderer, done: pl.DataFrame, cache: Answers | None = None) -> Prepared:
     """Render a batch and look its keys up: in the checkpoint, then in the answer cache, if any.
 
     An answer from the cache is the stored answer (text, tokens, model, finish reason) with
@@ -100,13 +100,7 @@ def prepare(frame: pl.DataFrame, renderer: Renderer, done: pl.DataFrame, cache: 
     key_list, skip = keys.to_list(), rendered.get_column(SKIP_REASON).to_list()
     from_cache: frozenset[int] = frozenset()
     if cache is not None:
-        wanted = {row: k for row, k in enumerate(key_list) if k is not None and skip[row] is None and row not in cached}
-        stored = cache.get_many(list(wanted.values())) if wanted else {}
-        answered = {
-            row: Result.stored(stored[k])._replace(attempts=0, latency_ms=None, cost_usd=0.0)
-            for row, k in wanted.items()
-            if k in stored
-        }
+        answered = cache_hits(cache, key_list, skip, cached)
         cached.update(answered)
         from_cache = frozenset(answered)
     return Prepared(
@@ -119,6 +113,17 @@ def prepare(frame: pl.DataFrame, renderer: Renderer, done: pl.DataFrame, cache: 
         cached=cached,
         from_cache=from_cache,
     )
+
+
+def cache_hits(cache: Answers, keys: list[str | None], skip: list[str | None], cached: dict[int, Result]) -> dict[int, Result]:
+    """The rows the answer cache answers, of those with a request and no answer yet."""
+    wanted = {row: k for row, k in enumerate(keys) if k is not None and skip[row] is None and row not in cached}
+    stored = cache.get_many(list(wanted.values())) if wanted else {}
+    return {
+        row: Result.stored(stored[k])._replace(attempts=0, latency_ms=None, cost_usd=0.0)
+        for row, k in wanted.items()
+        if k in stored
+    }
 
 
 error_result = Result.failed
@@ -139,7 +144,7 @@ class Engine:
         system_prompt: str | None = None,
         structured: Structured | None = None,
         window_rows: int | None = None,
-        cache: AnswerCache | None = None,
+        cache: Answers | None = None,
         answered: OrderedDict[str, Result] | None = None,
         pricing: Pricing | None = None,
         layout: Layout | None = None,
@@ -187,6 +192,11 @@ class Engine:
         self._halt_kind = ""  # ...and the outcome it counts under in the errors by kind
         self._base_bytes: dict[str | None, int] = {}  # the body around an empty prompt, by JSON form
 
+    @property
+    def unsettled(self) -> int:
+        """Requests of rows admitted that have no final answer yet: queued, in flight or waiting to retry."""
+        return len(self._inflight)
+
     async def run(self, batches: Iterator[pl.DataFrame], prep: Callable[[pl.DataFrame], Prepared]) -> None:
         """Send every row; returns when every batch is written.
 
@@ -223,6 +233,10 @@ class Engine:
             await asyncio.sleep(CACHE_FLUSH_EVERY)
             if self._cache.pending:
                 await asyncio.to_thread(self._cache.flush)
+
+    def stop(self, err: errors.FatalError) -> None:
+        """Stop this run early from outside (another engine sharing its governor stopped)."""
+        self._stop(err)
 
     def _stop(self, err: errors.FatalError) -> None:
         """Stop early: send nothing more, let the requests in flight come back (their answers

@@ -130,6 +130,8 @@ class Job:
                 scope = scope_for(cfg.provider, cfg.setting("base_url"))
                 cache = stack.enter_context(AnswerCache(cfg.cache_dir, scope, max_mb=cfg.cache_max_mb).open())
             if cfg.mode == "batch":
+                if cfg.engine == "ray":
+                    self.say("pipeline: batch mode: the provider's batch API runs the requests; no Ray actors are started")
                 early, done = await batch_step(self, checkpoint, done, stack, cache)
                 if early is not None:  # batches still running (exit 3), or a refusal
                     return early

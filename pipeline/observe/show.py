@@ -93,6 +93,8 @@ def _view(path: str, checkpoint_dir: str | None, result_prefix: str | None = Non
             )
         return _checkpoint_view(Path(checkpoint_dir), path)
     p = Path(path)
+    if p.is_dir() and any(p.glob("part-*.parquet")):  # an output folder of parts (--output DIR/)
+        return _output_view(p, result_prefix)
     if p.is_dir():
         if not _has_answers(p):
             raise InputError(
@@ -112,12 +114,12 @@ def _view(path: str, checkpoint_dir: str | None, result_prefix: str | None = Non
 
 
 def _output_view(path: Path, result_prefix: str | None = None) -> View:
-    kind = FORMATS.get(path.suffix.lower())
+    kind = "parquet" if path.is_dir() else FORMATS.get(path.suffix.lower())
     if kind is None:
         raise InputError(f"{path} is not a pipeline output: give a .parquet, .csv or .jsonl file written by `pipeline run`.")
     try:
         if kind == "parquet":
-            frame = pl.scan_parquet(path)
+            frame = pl.scan_parquet(path / "part-*.parquet" if path.is_dir() else path)
         elif kind == "csv":
             # As text: the answers' types need not guess right on a sample to be shown.
             frame = pl.scan_csv(path, infer_schema=False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import codecs
 import io
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +37,8 @@ def is_stdout(path: Path | str | storage.Url) -> bool:
 
 def describe(path: Path | storage.Url) -> str:
     """The output as the summary names it."""
+    if isinstance(path, storage.Folder):
+        return f"{path}/ (Parquet parts, part-00000.parquet ... in input order)"
     if isinstance(path, storage.Url):
         return f"{path} (a local copy in {storage.local_copy(path)})"
     return "stdout (JSON Lines)" if is_stdout(path) else str(path)
@@ -81,6 +84,9 @@ def check_output(
         )
     if is_stdout(path):
         return
+    if isinstance(path, storage.Folder):
+        _check_folder(path, inputs)
+        return
     if isinstance(path, storage.Url):
         if any(str(path) == str(f) for f in inputs):
             raise InputError(f"Output {path} is also an input: the run would overwrite its own input. Choose another --output.")
@@ -95,18 +101,32 @@ def check_output(
             f"Output {path} has no output format's extension: end it in .parquet, .csv or .jsonl "
             f"(or give --output - for JSON Lines on stdout)."
         )
-    if path.is_dir():
-        raise InputError(f"Output {path} is a folder. Give a file name such as {path}/results{path.suffix or '.parquet'}.")
     # Check without creating anything: `pipeline estimate` runs this too.
     existing = next(p for p in (path.parent, *path.parent.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         raise InputError(f"Cannot write the output {path}: {existing} is not a folder we may write to. Choose another --output.")
 
 
+def _check_folder(path: Path, inputs: Sequence[Path | storage.Url]) -> None:
+    if path.exists() and not path.is_dir():
+        raise InputError(f"Output {path}/ names a folder, but {path} is a file. Choose another --output.")
+    if any(not isinstance(f, storage.Url) and path.resolve() in f.resolve().parents for f in inputs):
+        raise InputError(
+            f"Output folder {path}/ holds an input of this run: its parts would be written beside it. Choose another --output."
+        )
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise InputError(
+            f"Cannot write the output folder {path}/: {existing} is not a folder we may write to. Choose another --output."
+        )
+
+
 def open_sink(path: Path | storage.Url, result_prefix: str = "", *, bom: bool = False) -> Sink:
     """The sink for an output checked by `check_output`; `bom` starts a CSV with a UTF-8 byte-order mark."""
     if is_stdout(path):
         return StdoutSink(result_prefix)
+    if isinstance(path, storage.Folder):
+        return PartsSink(Path(path), result_prefix)
     kind = FORMATS[path.suffix.lower()]
     if kind == "csv":
         return CsvSink(path, result_prefix, bom=bom)
@@ -221,6 +241,63 @@ class ParquetSink(_FileSink):
     def abort(self) -> None:
         self._pending = []
         super().abort()
+
+
+PART = "part-{:05d}.parquet"  # parts sort by name in input order (a 6th digit after 99,999 parts still sorts after)
+
+
+class PartsSink(Sink):
+    """A folder of Parquet parts: each batch a part, named in input order, readable as one table by
+    polars, pyarrow, DuckDB and Ray. Parts are written into a hidden folder beside it (not inside: polars
+    reads a folder's hidden subfolders too) and moved into place by `commit`, where they replace the
+    folder's old parts (other files in it are left alone): a reader never sees a part half written,
+    nor parts of a run that did not finish."""
+
+    def __init__(self, folder: Path, result_prefix: str = "", tag: str | None = None) -> None:
+        super().__init__(result_prefix)
+        self.folder = folder
+        # The checkpoint lock means no other run writes this output: pending parts left by a killed one can go.
+        for stale in folder.parent.glob(f".{folder.name}.pending-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        self.pending = folder.parent / f".{folder.name}.pending-{tag or os.getpid()}"
+        self.pending.mkdir(parents=True, exist_ok=True)
+        self.written = 0
+
+    def _append(self, frame: pl.DataFrame) -> None:
+        write_part(frame, self.pending / PART.format(self.written))
+        self.written += 1
+
+    def commit(self) -> None:
+        """Move the new parts into place; old parts beyond the new ones go."""
+        new = sorted(self.pending.glob("part-*.parquet"))
+        names = {p.name for p in new}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for old in self.folder.glob("part-*.parquet"):
+            if old.name not in names:
+                old.unlink()
+        for part in new:
+            os.replace(part, self.folder / part.name)
+        _fsync_dir(self.folder)
+        self.pending.rmdir()
+
+    def abort(self) -> None:
+        shutil.rmtree(self.pending, ignore_errors=True)
+
+
+def write_part(frame: pl.DataFrame, path: Path) -> None:
+    """One part, flushed to disk (its folder is fsynced when the parts are moved into place)."""
+    with open(path, "wb") as f:
+        frame.write_parquet(f, compression="zstd")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _StreamSink(_FileSink):
