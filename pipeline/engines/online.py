@@ -33,6 +33,7 @@ from pipeline.providers.base import clip
 from pipeline.providers.transport import Transport
 from pipeline.requests.prompts import EST_TOKENS, EXTRA, KEY, PROMPT, SKIP_REASON, Renderer, estimate_tokens
 from pipeline.requests.structured import Structured, check_reply, correction
+from pipeline.requests.tools import arguments_text
 from pipeline.tables.cache import Answers
 from pipeline.tables.checkpoint import Checkpoint, Result, lookup
 from pipeline.tables.columns import Layout
@@ -410,7 +411,10 @@ class Engine:
             latency = loop.time() - started
             governor.succeeded(ticket, latency, completion.completion_tokens)
             if self._validator is not None:
-                completion = replace(completion, text=check_reply(completion.text, self._validator, self._dtype))
+                answer = completion.text
+                if self._structured is not None and self._structured.tool is not None:  # --tool-columns
+                    answer = arguments_text(completion.tool_calls, self._structured.tool, completion.text)
+                completion = replace(completion, text=check_reply(answer, self._validator, self._dtype))
         except SchemaFormatRefused as err:
             self._bill(work, held, None, err)
             if form == "json_schema" and self._provider.use_json_object():
@@ -550,7 +554,7 @@ class Engine:
             self._stop(fatal)
             return
         if isinstance(err, errors.InvalidOutput):
-            work.followup = correction(err)  # ask again, saying what was wrong
+            work.followup = correction(err, self._structured.tool if self._structured else None)  # say what was wrong
         if delay is not None:
             self._stats.retries += 1
             asyncio.get_running_loop().call_later(delay, self._queue.put_nowait, work)

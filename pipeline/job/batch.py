@@ -63,6 +63,7 @@ async def batch_step(
         cache=cache,
         responses=job.responses,
         pricing=spend.pricing_for(cfg, batch=True),
+        forced_tool=job.plan.structured.tool if job.plan.structured else None,
     )
 
     def pending(exclude: set[str], failed: dict[str, str]) -> Iterator[tuple[str, str, str | None]]:

@@ -123,13 +123,14 @@ def prices(cfg: RunConfig) -> tuple[float, float] | None:
 
 @dataclass(frozen=True)
 class Pricing:
-    """What a request costs, in dollars a token: the engines price each row's requests with it."""
+    """What a request costs, at prices per million tokens: the engines price each row's requests with it."""
 
-    per_in: float
-    per_out: float
+    per_million_in: float
+    per_million_out: float
 
     def of(self, tokens_in: int, tokens_out: int) -> float:
-        return tokens_in * self.per_in + tokens_out * self.per_out
+        # Divided last: 8 tokens at $1 and 20 at $2 are $0.000048, not 0.000047999999999999994.
+        return (tokens_in * self.per_million_in + tokens_out * self.per_million_out) / 1e6
 
 
 def pricing_for(cfg: RunConfig, *, batch: bool) -> Pricing | None:
@@ -138,7 +139,7 @@ def pricing_for(cfg: RunConfig, *, batch: bool) -> Pricing | None:
     if cfg.price_in is None or cfg.price_out is None:
         return None
     factor = BATCH_DISCOUNT if batch else 1.0
-    return Pricing(cfg.price_in * factor / 1e6, cfg.price_out * factor / 1e6)
+    return Pricing(cfg.price_in * factor, cfg.price_out * factor)
 
 
 def cost(cfg: RunConfig, tokens_in: int, tokens_out: int) -> float | None:
@@ -167,7 +168,8 @@ def answered_cost(cfg: RunConfig, done: pl.DataFrame) -> float | None:
         return 0.0
     import polars as pl  # here: the spend module is imported by config-level code that needs no polars
 
-    priced = pl.col("prompt_tokens").fill_null(0) * paid.per_in + pl.col("completion_tokens").fill_null(0) * paid.per_out
+    tokens_in, tokens_out = pl.col("prompt_tokens").fill_null(0), pl.col("completion_tokens").fill_null(0)
+    priced = (tokens_in * paid.per_million_in + tokens_out * paid.per_million_out) / 1e6
     return float(done.select(pl.coalesce(pl.col("cost_usd"), priced).sum()).item() or 0.0)
 
 

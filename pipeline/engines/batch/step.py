@@ -10,7 +10,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -22,6 +22,7 @@ from pipeline.engines.online import answer_fields
 from pipeline.limits.spend import Pricing
 from pipeline.providers import Provider, read_reply
 from pipeline.requests.prompts import estimate_tokens
+from pipeline.requests.tools import arguments_text
 from pipeline.tables.checkpoint import Checkpoint, Result
 from pipeline.tables.responses import ResponseLog
 
@@ -62,6 +63,7 @@ class BatchStep:
         cache: Any = None,
         responses: ResponseLog | None = None,
         pricing: Pricing | None = None,
+        forced_tool: str | None = None,
     ) -> None:
         self.api, self.provider, self.ledger, self.checkpoint = api, provider, ledger, checkpoint
         self.max_lines, self.max_attempts, self.system, self.say, self.sleep = max_lines, max_attempts, system or "", say, sleep
@@ -69,6 +71,7 @@ class BatchStep:
         self.cache = cache  # the answer cache (--cache): folded answers are kept there too
         self.responses = responses  # the lines' responses as received, for a batch-output output
         self.pricing = pricing  # at the batch discount: each answer's cost_usd
+        self.forced_tool = forced_tool  # --tool-columns: the answer is this tool's call's arguments
         self.outcome = Outcome()
 
     async def run(
@@ -267,6 +270,8 @@ class BatchStep:
         status = int(response["status_code"])
         try:
             c = read_reply(self.provider, status, {}, orjson.dumps(response.get("body")))
+            if self.forced_tool is not None:  # no call to it: sent again in the next batch, as an invalid answer is online
+                c = replace(c, text=arguments_text(c.tool_calls, self.forced_tool, c.text))
         except errors.RequestError as exc:
             return None, exc
         estimated = c.prompt_tokens is None or c.completion_tokens is None
