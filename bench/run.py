@@ -639,33 +639,9 @@ class Bench:
     def s3(self) -> None:
         """Reading 1M rows from a local S3-compatible server (moto, its own process) against the same
         file on disk, through the source module as a run reads it (issue 11: memory flat, time within 2x)."""
-        try:
-            import boto3  # moto's server and this client come with the dev tools
-        except ImportError:
-            raise BenchError("moto[server] is not installed (pip install -e '.[dev]')") from None
         n = self.n(1_000_000)
         inp = self.table(n)
-        from pipeline.providers.local_model import free_port
-
-        port = free_port()
-        moto = subprocess.Popen(pinned(SERVER_CORE, [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-        LIVE.add(moto)
-        url = f"http://127.0.0.1:{port}"
-        env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": url}
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    urllib.request.urlopen(url, timeout=1).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise BenchError("moto's server did not start") from None
-                    time.sleep(0.2)
-            client = boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="bench",
-                                  aws_secret_access_key="bench")  # fmt: skip
-            client.create_bucket(Bucket="bench")
+        with _moto() as (env, client):
             client.upload_file(str(inp), "bench", "in.parquet")
             script = (
                 "import sys\nfrom pipeline.tables import source\n"
@@ -679,11 +655,6 @@ class Bench:
                     if r.rc != 0:
                         raise BenchError(f"reading from {who} exited {r.rc}: {r.stderr.strip()[-800:]}")
                     runs[who].append(r)
-        finally:
-            with suppress(ProcessLookupError):
-                os.killpg(moto.pid, signal.SIGKILL)
-            moto.wait()
-            LIVE.discard(moto)
         s3, disk = min(runs["s3"], key=lambda r: r.wall), min(runs["disk"], key=lambda r: r.wall)
         scn = f"10 object storage, read {n:,} rows of Parquet"
         self.add(scn, "wall s, s3:// (local moto server) / disk", s3.wall, disk.wall)
