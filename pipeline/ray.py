@@ -23,7 +23,7 @@ from pipeline.engines.ray import (
     start_shared,
     summary_callback,
 )
-from pipeline.plan import renderer_for, structured_for
+from pipeline.plan import layout_for, renderer_for, structured_for
 from pipeline.settings import settings_config
 from pipeline.tables.checkpoint import read_done
 from pipeline.tables.sink import STDOUT, check_output
@@ -62,8 +62,8 @@ def complete(ds: Any, **settings: Any) -> Any:
         )
     cfg.api_key()  # an unset key variable is a ConfigError here, before anything is sent
     cfg.request_headers()
-    extracted = structured.output_columns() if structured is not None else []
-    check_output(Path(STDOUT), [], list(ds.schema().names), extracted, cfg.result_prefix)  # clashes, before sending
+    layout = layout_for(cfg, structured)
+    check_output(Path(STDOUT), [], list(ds.schema().names), layout.extracted, cfg.result_prefix, layout.added)  # clashes, first
     # Without checkpoint_dir the answers go to a new temporary folder (the dataset is lazy: it outlives this call).
     checkpoint = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else Path(tempfile.mkdtemp(prefix="pipeline-ray-"))
     checkpoint.mkdir(parents=True, exist_ok=True)
@@ -71,7 +71,7 @@ def complete(ds: Any, **settings: Any) -> Any:
     # stage that can wait forever for a CPU on a small cluster (the actors hold the rest), so it is the
     # caller's to do (see docs/guides/ray.md).
     work = plan_work(ray, cfg, None)
-    shared = start_shared(ray, cfg, renderer, structured, str(base_url), checkpoint, work)
+    shared = start_shared(ray, cfg, renderer, structured, str(base_url), checkpoint, work, layout=layout)
     out = build_stages(ray, ds, shared, work, read_done(checkpoint)).map_batches(
         rename_results, fn_kwargs={"prefix": cfg.result_prefix}, batch_size=None, batch_format="pyarrow", num_cpus=0.1
     )

@@ -418,3 +418,18 @@ def test_complete_says_its_summary_when_the_dataset_is_consumed(
     assert out.count() == 200
     err = capsys.readouterr().err
     assert "pipeline.ray: 200 rows in" in err and "200 ok, 0 errors" in err, err
+
+
+def test_cost_per_row_on_ray_adds_up_to_the_metrics_and_the_bill(cluster: Any, server: FakeLLMServer) -> None:
+    import json
+
+    write_table("in.csv", texts(300))
+    on_ray = run_cli(*args(server, "--price-in", "2", "--price-out", "5", *RAY))
+    assert on_ray.exit_code == 0, on_ray.output
+    out = pl.read_parquet("out/result.parquet")
+    assert out.columns[-1] == "cost_usd"
+    expected = out["prompt_tokens"] * 2e-6 + out["completion_tokens"] * 5e-6
+    assert out["cost_usd"].to_list() == pytest.approx(expected.to_list())
+    billed = server.stats()["billed_prompt_tokens"] * 2e-6 + server.stats()["billed_completion_tokens"] * 5e-6
+    m = json.loads(Path("out/result.metrics.json").read_text())
+    assert out["cost_usd"].sum() == pytest.approx(m["cost"]["this_run"], abs=1e-6) == pytest.approx(billed, abs=1e-6)

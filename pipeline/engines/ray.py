@@ -49,6 +49,7 @@ from pipeline.requests.prompts import Renderer
 from pipeline.requests.structured import Structured
 from pipeline.tables.cache import scope_for
 from pipeline.tables.checkpoint import RESULT_COLUMNS
+from pipeline.tables.columns import ADDED, Layout
 
 if TYPE_CHECKING:
     pass
@@ -180,11 +181,11 @@ class Shared:
 
 
 def start_shared(ray: Any, cfg: RunConfig, renderer: Renderer, structured: Structured | None, base_url: str,
-                 checkpoint: Path, work: Work, parts: Path | None = None) -> Shared:  # fmt: skip
+                 checkpoint: Path, work: Work, parts: Path | None = None, layout: Layout | None = None) -> Shared:  # fmt: skip
     """The run's coordinator (and, with --cache, the cache's keeper on this node), and the actors' spec."""
     run_id = uuid.uuid4().hex[:12]
     spec = Spec(cfg, renderer, structured, base_url, str(checkpoint.resolve()), work.concurrency, run_id,
-                str(parts.resolve()) if parts is not None else None)  # fmt: skip
+                str(parts.resolve()) if parts is not None else None, layout)  # fmt: skip
     coordinator = (
         ray.remote(Coordinator)
         .options(name=f"pipeline-{run_id}", num_cpus=0, max_concurrency=1000)
@@ -248,7 +249,7 @@ def rename_results(block: pa.Table, prefix: str) -> pa.Table:
         if not c.startswith(RESULT):
             return c
         own = c[len(RESULT) :]
-        return prefix + own if own in RESULT_COLUMNS else own
+        return prefix + own if own in RESULT_COLUMNS or own in ADDED else own
 
     return block.rename_columns([name(c) for c in block.column_names])
 

@@ -54,7 +54,8 @@ from pipeline.providers.ratelimit import dialect_for
 from pipeline.providers.transport import AiohttpTransport
 from pipeline.requests.prompts import EST_TOKENS, EXTRA, KEY, PROMPT, SKIP_REASON, Renderer
 from pipeline.requests.structured import Structured
-from pipeline.tables.checkpoint import RESULT_COLUMNS, RESULT_SCHEMA, Checkpoint, Result, read_journal
+from pipeline.tables.checkpoint import RESULT_COLUMNS, STORED_COLUMNS, STORED_SCHEMA, Checkpoint, Result, read_journal
+from pipeline.tables.columns import ADDED, Layout
 from pipeline.tables.sink import PART, Sink, result_frame, write_part
 
 RESULT = "__result."  # result columns inside the dataset, apart from any input column of the same name
@@ -79,6 +80,7 @@ class Spec:
     concurrency: int  # for the whole cluster, shared by demand
     run_id: str
     parts: str | None = None  # a folder output: where actors write their blocks' parts until the driver commits them
+    layout: Layout | None = None  # the result columns the output gets (with prices: cost_usd...)
 
 
 class Answered:
@@ -123,9 +125,9 @@ def prepare(block: pa.Table, spec: Spec, answered: Any) -> pa.Table:
         assert isinstance(hits, pl.DataFrame)
         full = full.join(hits.with_columns(pl.Series("__row", rows)), on="__row", how="left", maintain_order="left")
     else:
-        full = full.with_columns([pl.lit(None, dtype=dtype).alias(name) for name, dtype in RESULT_SCHEMA.items()])
+        full = full.with_columns([pl.lit(None, dtype=dtype).alias(name) for name, dtype in STORED_SCHEMA.items()])
     out = pl.concat(
-        [frame, rendered.select(PREPARED), full.select(RESULT_COLUMNS).rename({c: RESULT + c for c in RESULT_COLUMNS})],
+        [frame, rendered.select(PREPARED), full.select(STORED_COLUMNS).rename({c: RESULT + c for c in STORED_COLUMNS})],
         how="horizontal",
     )
     return out.to_arrow()
@@ -241,10 +243,11 @@ class _Results(Sink):
 
     def __init__(self) -> None:
         super().__init__()
+        self.inputs: pl.DataFrame | None = None
         self.results: pl.DataFrame | None = None
 
     def write(self, inputs: pl.DataFrame, results: pl.DataFrame) -> None:
-        self.results = results
+        self.inputs, self.results = inputs, results
 
 
 class Sender:
@@ -349,7 +352,7 @@ class Sender:
                     os.close(fd)
             self._seen_journals.add(path.name)
             for row in read_journal(path).filter(pl.col("status") == "ok").rows():
-                result = Result._make(row)
+                result = Result.stored(row)
                 assert result.request_key is not None
                 self._recovered[result.request_key] = result
 
@@ -387,7 +390,7 @@ class Sender:
         frame = pl.from_arrow(block)
         assert isinstance(frame, pl.DataFrame)
         inputs = frame.select([c for c in frame.columns if c not in PREPARED and not c.startswith(RESULT)])
-        given = frame.select([RESULT + c for c in RESULT_COLUMNS]).rename({RESULT + c: c for c in RESULT_COLUMNS})
+        given = frame.select([RESULT + c for c in STORED_COLUMNS]).rename({RESULT + c: c for c in STORED_COLUMNS})
         await self._ensure_started()
         prepared, to_send = await asyncio.to_thread(self._prepared, frame, inputs, given)
         if self._stopped is not None:  # this actor's governor admits nothing more: the block goes back unsent
@@ -406,6 +409,8 @@ class Sender:
             structured=self.spec.structured,
             answered=self._answered,
             cache=self.cache,
+            pricing=spend.pricing_for(self.spec.cfg, batch=False),
+            layout=self.spec.layout,
         )
         self._engines.add(engine)
         if to_send and self._first_block is None:
@@ -437,16 +442,17 @@ class Sender:
         self.checkpoint.sync()  # answered rows leave this actor only once they are durable
         await self.pace.flushed()  # and what they cost has reached the coordinator
         await self._report()
-        assert sink.results is not None
+        assert sink.results is not None and sink.inputs is not None  # the rows as written: one per sample with --explode
         if part is not None:
-            return await asyncio.to_thread(self._write_part, part, inputs, sink.results)
-        return self._block(inputs, sink.results)
+            return await asyncio.to_thread(self._write_part, part, sink.inputs, sink.results)
+        return self._block(sink.inputs, sink.results)
 
     def _write_part(self, part: int, inputs: pl.DataFrame, results: pl.DataFrame) -> pa.Table:
         """A folder output: this block as its part, written here; only its counts go back to the driver."""
         assert self.spec.parts is not None
         prefix = self.spec.cfg.result_prefix
-        out = inputs.hstack(results.rename({c: prefix + c for c in RESULT_COLUMNS}) if prefix else results)
+        names = {c: prefix + c for c in (*RESULT_COLUMNS, *ADDED)}
+        out = inputs.hstack(results.rename(names, strict=False) if prefix else results)
         write_part(out, Path(self.spec.parts) / PART.format(part))
         ok = int((results.get_column("status") == "ok").sum())
         return pa.table({COUNTS[0]: [results.height], COUNTS[1]: [ok], COUNTS[2]: pa.array([None], pa.string())})
@@ -460,8 +466,8 @@ class Sender:
         rows: list[tuple[object, ...]] = [
             prepared.cached.get(row, failed._replace(request_key=key)) for row, key in enumerate(prepared.keys)
         ]
-        results = result_frame(rows)
-        return self._block(inputs, self.spec.structured.add_columns(results) if self.spec.structured else results)
+        layout = self.spec.layout or Layout(structured=self.spec.structured)
+        return self._block(*layout.shape(inputs, result_frame(rows)))
 
     @staticmethod
     def _block(inputs: pl.DataFrame, results: pl.DataFrame) -> pa.Table:
@@ -473,7 +479,7 @@ class Sender:
         keys = frame.get_column(KEY).to_list()
         skip = frame.get_column(SKIP_REASON).to_list()
         answered = given.get_column("status").is_not_null()  # rows the look-up stage completed: only those are read
-        cached = dict(zip(answered.arg_true().to_list(), map(Result._make, given.filter(answered).rows()), strict=True))
+        cached = dict(zip(answered.arg_true().to_list(), map(Result.stored, given.filter(answered).rows()), strict=True))
         if self._recovered:
             cached.update({row: self._recovered[k] for row, k in enumerate(keys) if k in self._recovered and row not in cached})
         from_cache: frozenset[int] = frozenset()

@@ -27,7 +27,7 @@ from pipeline.limits.spend import Budget, Verdict
 SUMMED = (
     "rows_done", "ok", "errors", "from_checkpoint", "from_cache", "shared", "rows_sent", "requests_sent", "retries",
     "prompt_tokens", "completion_tokens", "estimated_rows", "limited_rate", "limited_concurrency",
-    "breaker_opened", "spent_tokens_in", "spent_tokens_out",
+    "breaker_opened", "spent_tokens_in", "spent_tokens_out", "spent_usd",
 )  # fmt: skip
 
 

@@ -220,7 +220,8 @@ async def send(job: Job, *, sink: Sink, done: pl.DataFrame, base_url: str, progr
     try:
         parts = sink.pending if isinstance(sink, PartsSink) else None
         work = plan_work(ray, cfg, stats.total_rows)
-        shared = start_shared(ray, cfg, job.plan.renderer, job.plan.structured, base_url, job.checkpoint_path, work, parts)
+        shared = start_shared(ray, cfg, job.plan.renderer, job.plan.structured, base_url, job.checkpoint_path, work, parts,
+                              job.plan.layout)  # fmt: skip
         pool = Pool(ray, shared, work, ray.put(Answered(done)))
         if (ceiling := spend.budget_for(cfg)) is not None:  # held by the coordinator; said by the summary here
             stats.ceiling_what = spend.describe_ceiling(ceiling)

@@ -161,6 +161,8 @@ def build_engine(
         system_prompt=cfg.system,
         structured=plan.structured,
         cache=cache,
+        pricing=spend.pricing_for(cfg, batch=False),  # batch mode's online fallback pays the online price
+        layout=plan.layout,
     )
 
 

@@ -18,6 +18,7 @@ import polars as pl
 
 from pipeline.errors import InputError
 from pipeline.tables.checkpoint import RESULT_COLUMNS, read_results
+from pipeline.tables.columns import ADDED
 from pipeline.tables.sink import FORMATS, is_stdout
 
 ROW = "__row"  # the position in the output, kept through filters to number the rows shown
@@ -146,7 +147,8 @@ def _output_view(path: Path, result_prefix: str | None = None) -> View:
         )
     # The first input column (often an id), what the model gave (extracted fields if a schema was used), the outcome.
     last = prefix + RESULT_COLUMNS[-1]
-    extracted = names[names.index(last) + 1 :] if last in names else []
+    added = {prefix + c for c in ADDED}  # cost_usd, tool_calls...: result columns too, not extracted fields
+    extracted = [n for n in names[names.index(last) + 1 :] if n not in added] if last in names else []
     first = [names[0]] if names[0] != prefix + "completion" else []
     default = [*first, *(extracted or [prefix + "completion"]), *(prefix + c for c in ("status", "error", "total_tokens"))]
     return View(frame, names, prefix, [c for c in dict.fromkeys(default) if c in names], str(path), "row")

@@ -24,7 +24,8 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import FatalError, InputError
 from pipeline.tables import storage
-from pipeline.tables.checkpoint import RESULT_COLUMNS, RESULT_SCHEMA
+from pipeline.tables.checkpoint import RESULT_COLUMNS, STORED_SCHEMA
+from pipeline.tables.columns import ADDED
 
 STDOUT = "-"
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -43,9 +44,9 @@ def describe(path: Path | storage.Url) -> str:
     return "stdout (JSON Lines)" if is_stdout(path) else str(path)
 
 
-def result_names(prefix: str) -> list[str]:
-    """The result columns as written to the output."""
-    return [prefix + c for c in RESULT_COLUMNS]
+def result_names(prefix: str, added: Sequence[str] = ()) -> list[str]:
+    """The result columns as written to the output: the base ones and those the job's settings add."""
+    return [prefix + c for c in (*RESULT_COLUMNS, *added)]
 
 
 def check_output(
@@ -54,9 +55,11 @@ def check_output(
     input_columns: list[str],
     extracted: Sequence[str] = (),
     result_prefix: str = "",
+    added: Sequence[str] = (),
 ) -> None:
-    """Refuse, before any request, an output we could not write, one that is an input, or columns that clash."""
-    results = result_names(result_prefix)
+    """Refuse, before any request, an output we could not write, one that is an input, or columns that clash.
+    `added` are the result columns the job's settings add (cost_usd, tool_calls...)."""
+    results = result_names(result_prefix, added)
     clash = [c for c in input_columns if c in results]
     if clash:
         several = len(clash) > 1
@@ -73,7 +76,7 @@ def check_output(
             f"({', '.join(results)}). {fix}"
         )
     # The extracted columns are made beside the unprefixed result columns, so those names are taken too.
-    taken = [c for c in extracted if c in input_columns or c in results or c in RESULT_COLUMNS]
+    taken = [c for c in extracted if c in input_columns or c in results or c in (*RESULT_COLUMNS, *added)]
     if taken:
         raise InputError(
             f"The schema's output column{'s' if len(taken) > 1 else ''} {', '.join(repr(c) for c in taken)} would clash with "
@@ -138,12 +141,12 @@ class Sink:
     def __init__(self, result_prefix: str = "") -> None:
         # The checkpoint and the engine know the result columns by their own names;
         # the prefix exists only in what the user reads.
-        self._rename = {c: result_prefix + c for c in RESULT_COLUMNS} if result_prefix else {}
+        self._rename = {c: result_prefix + c for c in (*RESULT_COLUMNS, *ADDED)} if result_prefix else {}
 
     def write(self, inputs: pl.DataFrame, results: pl.DataFrame) -> None:
         """Append rows: the input's columns and their results (result columns by their own names,
         then any extracted by a schema)."""
-        self._append(inputs.hstack(results.rename(self._rename) if self._rename else results))
+        self._append(inputs.hstack(results.rename(self._rename, strict=False) if self._rename else results))
 
     def _append(self, frame: pl.DataFrame) -> None:
         raise NotImplementedError
@@ -386,4 +389,4 @@ def as_flat(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def result_frame(results: list[tuple[object, ...]]) -> pl.DataFrame:
-    return pl.DataFrame(results, schema=RESULT_SCHEMA, orient="row")
+    return pl.DataFrame(results, schema=STORED_SCHEMA, orient="row")
