@@ -593,3 +593,32 @@ def test_batch_spend_counts_in_the_run_that_collects_it(batches: FakeBatchServer
     again = run_cli(*job(batches, *priced))  # nothing new: this run spent nothing
     assert json.loads(Path("out/r.metrics.json").read_text())["cost"]["this_run"] == 0
     assert again.exit_code == 0
+
+
+def test_status_and_cancel_of_a_job_whose_checkpoint_is_in_a_bucket(
+    batches: FakeBatchServer, s3: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An s3:// job's ledger lives in its bucket: status and cancel from a fresh disk (another folder, another
+    state folder) see the batches the run submitted, and cancel's answers reach the bucket."""
+    write_table("in.csv", texts(10))
+    out = "s3://lake/out/r.parquet"
+    assert run_cli(*job(batches, out=out)).exit_code == 3
+    fresh = tmp_path / "another-worker"
+    (fresh / "in.csv").parent.mkdir()
+    (fresh / "in.csv").write_bytes(Path("in.csv").read_bytes())
+    monkeypatch.chdir(fresh)
+    monkeypatch.setenv("PIPELINE_STATE_DIR", str(fresh / "state"))
+    status_args = job(batches, out=out)[1:]
+    shown = run_cli("batch", "status", *status_args)
+    assert shown.exit_code == 0, shown.output
+    assert ": in_progress (0 done, 0 failed of 10); open" in shown.output
+    assert "10 requests in open batches, 0 waiting to be submitted, 0 refused, 0 answered" in shown.output
+    cancelled = run_cli("batch", "cancel", *status_args)
+    assert cancelled.exit_code == 0, cancelled.output
+    assert "cancelled: 5 answered, 0 refused, 5 to send again" in cancelled.output
+    assert batches.stats["cancels"] == 1
+    monkeypatch.setenv("PIPELINE_STATE_DIR", str(tmp_path / "a-third-worker"))
+    assert run_cli(*job(batches, out=out)).exit_code == 3  # the 5 cancel kept are not submitted again
+    assert batches.stats["batches_created"] == 2 and sorted(batches.lines_seen.values()) == [1] * 5 + [2] * 5
+    after = run_cli("batch", "status", *status_args)
+    assert "5 requests in open batches, 0 waiting to be submitted, 0 refused, 5 answered" in after.output, after.output
