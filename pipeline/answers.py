@@ -12,6 +12,12 @@ when a call ends. Cleared by `pipeline state clear` or `pipeline.clear_answers()
 
 A call stopped by Ctrl-C (the notebook's stop button) raises `Interrupted`,
 whose `partial` is the table of the rows answered so far (`answered_so_far`).
+
+In batch mode (`wait=True`), the batches submitted go on at the provider after
+an interrupt: the call's checkpoint, with the ledger of what was submitted, is a
+folder per job in the state folder (`batch_checkpoint`), so the same call made
+again collects them instead of submitting and paying again. It is removed once a
+call has collected everything (the answers are in the store by then).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from pipeline.tables import source
 from pipeline.tables.cache import FILE, AnswerCache, scope_for
 from pipeline.tables.checkpoint import read_done
 from pipeline.tables.sink import result_frame
-from pipeline.tables.statedir import answers_dir
+from pipeline.tables.statedir import answers_dir, batches_dir
 
 if TYPE_CHECKING:
     from pipeline.job import Job
@@ -55,8 +61,22 @@ def with_default_store(cfg: RunConfig) -> RunConfig:
     return cfg.model_copy(update={"cache_dir": str(folder)})
 
 
+def batch_checkpoint(cfg: RunConfig) -> Path:
+    """The checkpoint of a batch-mode call given no checkpoint_dir: one folder per job (the server, the
+    model and how rows become requests), so the same call made again finds the batches it submitted."""
+    import hashlib
+
+    import orjson
+
+    job = cfg.model_dump(mode="json", include={"provider", "base_url", "model", "prompt", "prompt_column", "system"})
+    digest = hashlib.sha256(orjson.dumps(job, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+    return batches_dir() / digest
+
+
 def where(cfg: RunConfig) -> str:
     """Where a call's answers are kept, as the interrupt message names it."""
+    if cfg.mode == "batch" and not cfg.checkpoint_dir:
+        return f"the default answer store and, for batches still open, {batch_checkpoint(cfg)}"
     if cfg.checkpoint_dir:
         return f"the checkpoint {cfg.checkpoint_dir}"
     if cfg.cache_dir:
@@ -70,6 +90,8 @@ def resume_hint(cfg: RunConfig) -> str:
     given = cfg.cache_dir is not None and cfg.cache_dir != str(answers_dir())
     again = "with the same checkpoint_dir" if cfg.checkpoint_dir else "with the same cache_dir" if given else ""
     kept = "the rows answered are not sent again. " if cfg.checkpoint_dir or cfg.cache_dir else ""
+    if cfg.mode == "batch":
+        kept = "the batches submitted are collected, not submitted again, and the rows answered are not sent again. "
     return (
         f"Call the same complete() again{' ' + again if again else ''}: {kept}The rows answered so far are on the "
         "exception: `except pipeline.Interrupted as stop: stop.partial`."

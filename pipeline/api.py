@@ -23,6 +23,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import shutil
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -92,7 +93,12 @@ async def acomplete(table: Any, **settings: Any) -> Any:
     cfg = answers.with_default_store(cfg)  # without a place of the caller's, the answers outlive the call
     sink = MemorySink(cfg.result_prefix)
     with Scratch("pipeline-answers-") as scratch:  # a killed kernel's folder is removed by the next call
-        checkpoint = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else Path(scratch) / "answers.checkpoint"
+        if cfg.checkpoint_dir:
+            checkpoint = Path(cfg.checkpoint_dir)
+        elif cfg.mode == "batch":  # open batches outlive an interrupt: their ledger must too
+            checkpoint = answers.batch_checkpoint(cfg)
+        else:
+            checkpoint = Path(scratch) / "answers.checkpoint"
         job = await asyncio.to_thread(
             prepare_job,
             cfg,
@@ -106,6 +112,8 @@ async def acomplete(table: Any, **settings: Any) -> Any:
         )
         job.checkpoint_shown, job.resume_hint = answers.where(cfg), answers.resume_hint(cfg)
         result = await _execute(job, partial=lambda: answers.answered_so_far(job, MemorySink(cfg.result_prefix)))
+        if cfg.mode == "batch" and not cfg.checkpoint_dir and result.outcome in ("completed", "empty_input"):
+            shutil.rmtree(checkpoint, ignore_errors=True)  # all collected: the answers are in the default store
     if result.outcome in ("completed", "empty_input", "error_rate", "spend_ceiling") and sink.frame is not None:
         # The rows carry their status: failed or unsent rows are rows, not an exception. In the kind given.
         return frames.like(table, sink.frame, len(frame.collect_schema()))
