@@ -48,9 +48,9 @@ _pruning = threading.Lock()
 
 def with_default_store(cfg: RunConfig) -> RunConfig:
     """The call's settings with the default store as its answer cache, where it can have one: not when the
-    caller chose a place (`checkpoint_dir`, `cache_dir`), asked for `fresh` answers, or runs on Ray (whose
-    actors share no cache yet)."""
-    if cfg.checkpoint_dir or cfg.cache_dir or cfg.fresh or cfg.engine == "ray":
+    caller chose a place (`checkpoint_dir`, `cache_dir`) or asked for `fresh` answers. On Ray the store is
+    kept by one actor on the driver's node, as a run's `--cache` is."""
+    if cfg.checkpoint_dir or cfg.cache_dir or cfg.fresh:
         return cfg
     folder = answers_dir()
     with _pruning:
@@ -82,7 +82,7 @@ def where(cfg: RunConfig) -> str:
     if cfg.cache_dir:
         default = "default " if cfg.cache_dir == str(answers_dir()) else ""
         return f"the {default}answer store {Path(cfg.cache_dir) / FILE}"
-    return "a temporary folder, gone when the call returns (fresh=True and the Ray engine keep no answers)"
+    return "a temporary folder, gone when the call returns (fresh=True keeps no answers)"
 
 
 def resume_hint(cfg: RunConfig) -> str:
