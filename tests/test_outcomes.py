@@ -145,6 +145,28 @@ def test_a_server_failing_every_request_stops_within_max_wait() -> None:
     assert not Path("out/result.parquet").exists()  # nothing was answered: no output of errors only
 
 
+def test_a_server_that_takes_requests_and_never_answers_stops_within_max_wait() -> None:
+    """A hung server (it accepts the connection, reads the request, never replies): every row used to
+    time out attempt after attempt, hours for a big table. A timeout says a server is there, so the
+    breaker governs from the first one, and the run ends once --max-wait passes without an answer."""
+    with FakeLLMServer(latency=600.0) as server:
+        write_table("in.csv", texts(2000))
+        started = time.monotonic()
+        code, shown = run_in_terminal(
+            "run", "-i", "in.csv", "-o", "out/result.parquet", "-p", "{text}", "-m", "m", "--max-wait", "10",
+            "--timeout", "2", "--base-url", f"{server.url}/v1", columns=140,
+        )  # fmt: skip
+        wall = time.monotonic() - started
+        sent = len(chat_requests(server))
+    assert code == 8, shown
+    assert wall < 60, f"{wall:.0f} s"  # --max-wait, plus the first timeouts and one probe's
+    assert sent < 100, sent  # not 2,000 rows times their attempts
+    assert "longer than --max-wait 10 s" in shown and "no answer within 2 s" in shown
+    m = json.loads(METRICS.read_text())
+    assert (m["run"]["outcome"], m["run"]["exit_code"]) == ("server_unavailable", 8)
+    assert m["requests"]["outage_holds"] == 1
+
+
 def test_an_outage_after_answers_writes_the_output_with_the_unsent_rows_marked() -> None:
     with FakeLLMServer() as server:
         write_table("in.csv", texts(300))
