@@ -167,6 +167,31 @@ def test_a_server_that_takes_requests_and_never_answers_stops_within_max_wait() 
     assert m["requests"]["outage_holds"] == 1
 
 
+def test_a_server_answering_what_is_not_a_chat_answer_stops_at_the_first_row() -> None:
+    """A --base-url that reaches a web page or another API answers 200 with something else: every row
+    was tried six times (3,000 rows: 18,000 requests, exit 4). The same unreadable answer to five
+    requests in a row, before anything was answered, stops the run with what came back and what to check."""
+    with FakeLLMServer() as server:
+        write_table("in.csv", [{"id": i, "text": f"row {i} [[fault:malformed]]"} for i in range(3000)])
+        result = run_cli(*base_args(server), "--max-attempts", "3")
+        sent = len(chat_requests(server))
+    assert result.exit_code == 9, result.output  # requests_refused
+    assert "all got the same answer (reply is not valid JSON" in result.output
+    assert "Check the model, the parameters (--param/params) and --base-url" in result.output
+    assert sent < 100, sent
+    assert not Path("out/result.parquet").exists()  # nothing answered: no output of errors only
+
+
+def test_a_malformed_answer_after_good_ones_fails_only_its_row() -> None:
+    with FakeLLMServer() as server:
+        rows = [*texts(20), {"id": 20, "text": "odd one [[fault:malformed]]"}, *texts(20, prefix="more")]
+        write_table("in.csv", rows)
+        result = run_cli(*base_args(server), "--concurrency", "1", "--max-attempts", "2", "--max-error-rate", "0.5")
+    assert result.exit_code == 0, result.output
+    out = pl.read_parquet("out/result.parquet")
+    assert out["status"].to_list().count("error") == 1 and out["status"][20] == "error"
+
+
 def test_an_outage_after_answers_writes_the_output_with_the_unsent_rows_marked() -> None:
     with FakeLLMServer() as server:
         write_table("in.csv", texts(300))

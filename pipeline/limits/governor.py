@@ -315,7 +315,10 @@ class Governor:
             kind = "timeout" if isinstance(err, errors.RequestTimeout) else "overloaded"
             if self.concurrency.on_overload(ticket, kind):
                 self._show_concurrency()
-        if not err.transient and not err.fatal and self.repeat.failure(err.kind, err.message):
+        # The same refusal on every request, or the same thing that is no answer at all (a web page, another
+        # API: a malformed reply is retried, but one on every request is the address, not the row).
+        permanent = not err.transient or err.kind == "malformed_reply"
+        if permanent and not err.fatal and self.repeat.failure(err.kind, err.message):
             raise errors.FatalError(
                 f"the last {self.repeat.count} requests all got the same answer ({err.message}); every row would fail "
                 "the same way. Check the model, the parameters (--param/params) and --base-url",
