@@ -16,6 +16,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.errors import ConfigError
+from pipeline.models import ModelEntry, parse_entries
+from pipeline.models import configs as model_configs
 
 Provider = Literal["openai", "modelslab", "anthropic", "local"]
 
@@ -93,7 +95,20 @@ class RunConfig(BaseModel):
     id_column: str | None = opt(None, "Column identifying a row; identical prompts on different ids are sent separately.")
     provider: Provider = opt("openai", "API to speak. Default: openai.")
     base_url: str | None = opt(None, "Server base URL, e.g. http://127.0.0.1:8080/v1.")
-    model: str | None = opt(None, "Model name (model_id for ModelsLab).", short="-m")
+    model: str | None = opt(
+        None,
+        "Model name (model_id for ModelsLab). Repeat for several models in one run: one output row per row and model.",
+        short="-m",
+        repeatable=True,
+    )
+    # Several models in one run (pipeline/models.py): names, or mappings with their own server, parameters, prices.
+    models: tuple[ModelEntry, ...] = Field(
+        default=(),
+        description="Several models in one run, each a name or a mapping with its own provider, base_url, "
+        "api_key_env, parameters, prices and limits: one output row per input row and model, in a requested_model "
+        "column. In a config or the Python API; on the command line, repeat --model.",
+        json_schema_extra={"cli": False},
+    )
     api_key_env: str | None = opt(None, "Environment variable holding the API key.")
     headers: dict[str, str] = opt(
         dict,
@@ -278,6 +293,32 @@ class RunConfig(BaseModel):
     cache_max_mb: float = Field(
         default=1024, gt=0, description="Most answers the cache keeps, in MB; the least recently used go first. Default: 1024."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_list(cls, data: Any) -> Any:
+        """`model: [a, b]` (a repeated --model, the API's model=[...]) means `models: [a, b]`; a list of one, `model: a`."""
+        if isinstance(data, dict) and isinstance(data.get("model"), list | tuple):
+            names, data = list(data["model"]), dict(data)
+            if data.get("models"):
+                raise ValueError("give the models once: a list in 'model' or in 'models', not both")
+            data["model"] = names[0] if len(names) == 1 else None
+            if len(names) > 1:
+                data["models"] = names
+        return data
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _model_entries(cls, value: Any) -> Any:
+        return parse_entries(value, tuple(PROVIDER_DEFAULTS))
+
+    @model_validator(mode="after")
+    def _each_model_holds(self) -> RunConfig:
+        if self.models:
+            if self.model is not None:
+                raise ValueError(f"give 'model' ({self.model}) or 'models', not both: put it in the models list")
+            model_configs(self)  # each model's settings, validated as a run's
+        return self
 
     @field_validator("input", "null_values", mode="before")
     @classmethod
@@ -633,7 +674,7 @@ def answers_refusal(cfg: RunConfig) -> str | None:
 def ceiling_refusal(cfg: RunConfig) -> str | None:
     """Why a ceiling cannot be kept with these settings (exit 2 before anything is sent), or None."""
     flag = "--max-cost" if cfg.max_cost is not None else "--max-tokens-total" if cfg.max_tokens_total is not None else None
-    if flag is None:
+    if flag is None or cfg.models:  # with several models, each model's own settings are checked (models.configs)
         return None
     if cfg.max_cost is not None and (cfg.price_in is None or cfg.price_out is None):
         return (
