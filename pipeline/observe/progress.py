@@ -205,6 +205,7 @@ def duration(seconds: float) -> str:
 
 def summary(stats: RunStats, wall: float, output: str | None, checkpoint: str) -> str:
     s = stats
+    s.roll_up()  # several models: their 429s and limits as of now, not of the last sample
     sent = s.rows_sent
     reused = [f"{s.from_checkpoint:,} ok from the checkpoint" if s.from_checkpoint else "",
               f"{s.from_cache:,} from the answer cache" if s.from_cache else ""]  # fmt: skip
