@@ -293,3 +293,13 @@ def test_the_api_takes_a_list_of_models(server: FakeLLMServer) -> None:
     again = pipeline.complete(table, prompt="{text}", base_url=f"{server.url}/v1", models=["m1", "m2"], progress=False)
     assert again["completion"].to_list() == out["completion"].to_list()
     assert len(chat_requests(server)) == 4  # the second call's answers came from the default answer store
+
+
+def test_estimate_reports_each_model_and_the_total(server: FakeLLMServer, anthropic: FakeLLMServer) -> None:
+    write_table("in.csv", texts(3))
+    result = run_cli("estimate", two_servers_config(server, anthropic), "--samples", "1")
+    assert result.exit_code == 0, result.output
+    assert "== model 1 of 2: gpt-fake (openai) ==" in result.output
+    assert "== model 2 of 2: claude-fake (anthropic) ==" in result.output
+    assert "All 2 models together: at most $" in result.output
+    assert chat_requests(server) == [] and chat_requests(anthropic) == []  # no generation request
