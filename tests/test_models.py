@@ -15,6 +15,7 @@ import polars as pl
 import pytest
 import yaml
 
+from pipeline.limits.spend import money
 from pipeline.tables.checkpoint import RESULT_COLUMNS
 from tests.conftest import base_args, chat_requests, run_cli, spawn, texts, write_table
 from tests.fakeserver import FakeLLMServer
@@ -96,6 +97,7 @@ def test_two_servers_in_one_run_a_row_per_row_and_model_in_order(server: FakeLLM
     assert m["cost"]["price_in"] is None  # each model has its own prices
     assert KEY not in Path("out/result.metrics.json").read_text()
     # The summary and the report compare them; `pipeline show` counts each.
+    assert f"spend: {money(m['cost']['this_run'])} this run" in result.output
     assert "model gpt-fake: 4 ok, 0 errors; 4 requests" in result.output
     assert "model claude-fake: 4 ok, 0 errors; 4 requests" in result.output
     page = Path("out/result.report.html").read_text()
@@ -303,3 +305,27 @@ def test_estimate_reports_each_model_and_the_total(server: FakeLLMServer, anthro
     assert "== model 2 of 2: claude-fake (anthropic) ==" in result.output
     assert "All 2 models together: at most $" in result.output
     assert chat_requests(server) == [] and chat_requests(anthropic) == []  # no generation request
+
+
+def test_the_spend_ceiling_bounds_every_model_together(server: FakeLLMServer) -> None:
+    """--max-tokens-total is one budget for the whole run: what the server billed for both models stays
+    under it, the rows it left are marked, and the exit code is the ceiling's."""
+    from pipeline.outcomes import EXIT_CODES
+
+    write_table("in.csv", texts(40))
+    result = run_cli(*base_args(server), "--model", "b-model", "--max-tokens", "20", "--max-tokens-total", "1500")
+    assert result.exit_code == EXIT_CODES["spend_ceiling"], result.output
+    s = server.stats()
+    assert s["billed_prompt_tokens"] + s["billed_completion_tokens"] <= 1500
+    sent = Counter(r.body["model"] for r in chat_requests(server))
+    assert sent["fake-model"] > 0 and sent["b-model"] > 0  # both models spent from the one budget
+    out = pl.read_parquet("out/result.parquet")
+    assert out.height == 80 and out.filter(pl.col("error").str.starts_with("not sent: spend ceiling")).height > 0
+
+
+def test_max_cost_needs_one_price_for_every_model(server: FakeLLMServer, anthropic: FakeLLMServer) -> None:
+    write_table("in.csv", texts(2))
+    result = run_cli("run", two_servers_config(server, anthropic), "--max-cost", "1")
+    assert result.exit_code == 2, result.output
+    assert "--max-cost with several models needs one price for all of them" in result.output
+    assert server.requests == [] and anthropic.requests == []

@@ -166,9 +166,9 @@ def _models(cfg: RunConfig, stats: RunStats) -> list[dict[str, Any]]:
 
 
 def _cost(cfg: RunConfig, stats: RunStats, earlier_cost: float | None) -> dict[str, Any] | None:
-    from pipeline.limits.spend import prices  # here: spend imports this module's neighbours
+    from pipeline.limits.spend import priced  # here: spend imports this module's neighbours
 
-    if all(prices(c) is None for c in configs(cfg)):  # with several models, each may have its own prices
+    if not priced(cfg):  # with several models, each may have its own prices
         return None
     # What this run's requests were billed, as the engines priced them row by row: the output's cost_usd
     # of the rows sent by this run adds up to it. Counted live, so a run stopped early has it too.
