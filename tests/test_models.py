@@ -329,3 +329,19 @@ def test_max_cost_needs_one_price_for_every_model(server: FakeLLMServer, anthrop
     assert result.exit_code == 2, result.output
     assert "--max-cost with several models needs one price for all of them" in result.output
     assert server.requests == [] and anthropic.requests == []
+
+
+def test_a_forced_tools_columns_from_an_openai_and_an_anthropic_model(server: FakeLLMServer, anthropic: FakeLLMServer) -> None:
+    from tests.test_tools import SENTIMENT
+
+    Path("tools.json").write_text(json.dumps([SENTIMENT]))
+    write_table("in.csv", texts(2))
+    args = ["--tools", "tools.json", "--tool-choice", "record_sentiment", "--tool-columns"]
+    result = run_cli("run", two_servers_config(server, anthropic), *args)
+    assert result.exit_code == 0, result.output
+    out = pl.read_parquet("out/result.parquet")
+    assert out.columns == ["id", "text", *RESULT_COLUMNS, "cost_usd", "tool_calls", "requested_model", "sentiment", "stars"]
+    assert out["sentiment"].to_list() == ["positive"] * 4 and out["stars"].null_count() == 0
+    # Each server was asked in its own dialect: OpenAI's function tool, Anthropic's input_schema.
+    assert chat_requests(server)[0].body["tool_choice"] == {"type": "function", "function": {"name": "record_sentiment"}}
+    assert chat_requests(anthropic)[0].body["tool_choice"] == {"type": "tool", "name": "record_sentiment"}
