@@ -107,7 +107,8 @@ class RunConfig(BaseModel):
         description="Several models in one run, each a name or a mapping with its own provider, base_url, "
         "api_key_env, parameters, prices and limits: one output row per input row and model, in a requested_model "
         "column. In a config or the Python API; on the command line, repeat --model.",
-        json_schema_extra={"cli": False},
+        # Its flag form is the repeated --model (names only); mappings are for a config and the API.
+        json_schema_extra={"cli": False, "flag": "--model"},
     )
     api_key_env: str | None = opt(None, "Environment variable holding the API key.")
     headers: dict[str, str] = opt(

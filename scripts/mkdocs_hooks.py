@@ -132,7 +132,7 @@ def config_rows() -> list[tuple[str, str, str, str, str]]:
         if extra.get("metavar") == "DURATION":
             kind += " or a duration (15m, 1h)"
         default = _default(field.default_factory, field.default)
-        shown = "config and API only" if extra.get("cli") is False else f"`{flag}`"
+        shown = f"`{flag}` repeated (mappings: config and API only)" if extra.get("cli") is False else f"`{flag}`"
         rows.append((f"`{key}`", shown, kind, default, _cell(field.description or "")))
     return rows
 

@@ -345,3 +345,17 @@ def test_a_forced_tools_columns_from_an_openai_and_an_anthropic_model(server: Fa
     # Each server was asked in its own dialect: OpenAI's function tool, Anthropic's input_schema.
     assert chat_requests(server)[0].body["tool_choice"] == {"type": "function", "function": {"name": "record_sentiment"}}
     assert chat_requests(anthropic)[0].body["tool_choice"] == {"type": "tool", "name": "record_sentiment"}
+
+
+def test_the_example_config_names_two_servers() -> None:
+    from pipeline.models import configs
+    from pipeline.settings import build_config, load_yaml
+    from tests.conftest import ROOT
+
+    cfg = build_config(load_yaml(str(ROOT / "configs" / "compare-models.yaml")), {})
+    each = configs(cfg)
+    assert [(c.model, c.provider, c.key_env()) for c in each] == [
+        ("gpt-4o-mini", "openai", "OPENAI_API_KEY"),
+        ("claude-3-5-haiku-latest", "anthropic", "ANTHROPIC_API_KEY"),
+    ]
+    assert Path(cfg.input[0]).is_file()
