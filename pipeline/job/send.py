@@ -33,7 +33,6 @@ from pipeline.providers import Provider, make_provider
 from pipeline.providers.local_model import LocalServer
 from pipeline.providers.ratelimit import dialect_for
 from pipeline.providers.transport import AiohttpTransport, Transport
-from pipeline.requests.prompts import Renderer
 from pipeline.tables import source
 from pipeline.tables.cache import AnswerCache, scope_for
 from pipeline.tables.checkpoint import Checkpoint
@@ -68,7 +67,11 @@ async def send(
     if job.plan.models:
         return await _send_models(job, stack, checkpoint=checkpoint, sink=sink, done=done)
     base_url = cfg.setting("base_url")
-    if base_url is None and (done.height or cache) and not _anything_to_send(table, cfg, renderer, done, cache):
+
+    def prep(frame: pl.DataFrame) -> Prepared:
+        return prepare(frame, renderer, done, cache)
+
+    if base_url is None and (done.height or cache) and not _anything_to_send(table, cfg, prep):
         job.say("pipeline: every row is already answered; the embedded model is not needed this time")
         base_url = NOWHERE
     if base_url is None:
@@ -88,7 +91,7 @@ async def send(
     progress = Progress(stats, enabled=cfg.progress, stream=job.stream, notebook=job.notebook)
     engine = build_engine(cfg, job.plan, provider=provider, transport=transport, base_url=base_url, checkpoint=checkpoint,
                           sink=sink, stats=stats, notice=progress.notice, cache=cache)  # fmt: skip
-    return await _drive(job, engine, progress, checkpoint, done, lambda f: prepare(f, renderer, done, cache))
+    return await _drive(job, engine, progress, checkpoint, done, prep)
 
 
 async def _drive(
@@ -145,17 +148,31 @@ async def _send_models(
     over the input widened to a row per input row and model, one checkpoint, one output."""
     cfg, stats, models = job.cfg, job.stats, job.plan.models
     progress = Progress(stats, enabled=cfg.progress, stream=job.stream, notebook=job.notebook)
+    caches: list[AnswerCache | None] = []
+    for m in models:  # each model's answers under its own server's scope
+        c = m.cfg
+        scope = scope_for(c.provider, c.setting("base_url"))
+        caches.append(stack.enter_context(AnswerCache(c.cache_dir, scope, max_mb=c.cache_max_mb).open()) if c.cache_dir else None)
+    renderers = [m.renderer for m in models]
+
+    def prep(frame: pl.DataFrame) -> Prepared:
+        return prepare_models(frame, renderers, done, caches)
+
     local: str | None = None
     if any(m.cfg.setting("base_url") is None for m in models):
-        job.say("pipeline: starting the embedded model server (SmolLM2-135M-Instruct on 127.0.0.1)")
-        local = (await stack.enter_async_context(LocalServer())).base_url
+        if (done.height or any(caches)) and not _anything_to_send(job.plan.table, cfg, prep):
+            job.say("pipeline: every row is already answered; the embedded model is not needed this time")
+            local = NOWHERE
+        else:
+            job.say("pipeline: starting the embedded model server (SmolLM2-135M-Instruct on 127.0.0.1)")
+            local = (await stack.enter_async_context(LocalServer())).base_url
     # One spend ceiling for the whole run: every model's requests count against the same budget.
     budget = spend.budget_for(models[0].cfg)
     if budget is not None:
         budget.max_out = max(worst_out(m.cfg) or 0 for m in models)
     settled = asyncio.Event()
     lanes = []
-    for model, (api_key, headers) in zip(models, job.access, strict=True):
+    for model, (api_key, headers), cache in zip(models, job.access, caches, strict=True):
         c = model.cfg
         base_url = c.setting("base_url") or local
         assert base_url is not None
@@ -164,10 +181,6 @@ async def _send_models(
         provider = make_provider(c.provider, base_url, model.renderer.spec, api_key, headers, job.secrets)
         transport = AiohttpTransport(concurrency=concurrency, timeout=float(c.setting("timeout")))
         stack.push_async_callback(transport.close)
-        cache = None
-        if c.cache_dir is not None:
-            scope = scope_for(c.provider, c.setting("base_url"))
-            cache = stack.enter_context(AnswerCache(c.cache_dir, scope, max_mb=c.cache_max_mb).open())
 
         def notice(message: str, name: str = model.name) -> None:
             progress.notice(message.replace("pipeline: ", f"pipeline: {name}: ", 1))
@@ -194,9 +207,7 @@ async def _send_models(
         layout=job.plan.layout,
         lanes=lanes,
     )
-    renderers = [m.renderer for m in models]
-    caches = [lane.cache for lane in lanes]
-    return await _drive(job, engine, progress, checkpoint, done, lambda f: prepare_models(f, renderers, done, caches))
+    return await _drive(job, engine, progress, checkpoint, done, prep)
 
 
 def build_engine(
@@ -243,12 +254,10 @@ def build_engine(
     )
 
 
-def _anything_to_send(
-    table: source.Table, cfg: RunConfig, renderer: Renderer, done: pl.DataFrame, cache: AnswerCache | None
-) -> bool:
+def _anything_to_send(table: source.Table, cfg: RunConfig, prep: Callable[[pl.DataFrame], Prepared]) -> bool:
     """Whether any row still needs a request (a quick pass, used before starting the local model)."""
     for frame in source.batches(table, cfg.batch_size, cfg.limit):
-        p = prepare(frame, renderer, done, cache)
+        p = prep(frame)
         if any(
             key is not None and skip is None and row not in p.cached
             for row, (key, skip) in enumerate(zip(p.keys, p.skip, strict=True))
