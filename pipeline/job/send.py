@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from pipeline import errors
-from pipeline.config import RunConfig, worst_out
+from pipeline.config import RunConfig
 from pipeline.engines.online import Engine
 from pipeline.engines.prepared import Lane, Prepared, prepare, prepare_models
 from pipeline.limits import spend
@@ -33,6 +33,7 @@ from pipeline.providers import Provider, make_provider
 from pipeline.providers.local_model import LocalServer
 from pipeline.providers.ratelimit import dialect_for
 from pipeline.providers.transport import AiohttpTransport, Transport
+from pipeline.rules import worst_out
 from pipeline.tables import source
 from pipeline.tables.cache import AnswerCache, scope_for
 from pipeline.tables.checkpoint import Checkpoint

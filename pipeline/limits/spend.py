@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from pipeline.config import BATCH_DISCOUNT, worst_out
+from pipeline.config import BATCH_DISCOUNT
 from pipeline.models import configs
+from pipeline.rules import worst_out
 
 if TYPE_CHECKING:
     import polars as pl

@@ -27,7 +27,7 @@ import orjson
 import polars as pl
 
 from pipeline import errors
-from pipeline.config import BATCH_DISCOUNT, RunConfig, worst_out
+from pipeline.config import BATCH_DISCOUNT, RunConfig
 from pipeline.engines.prepared import Prepared, prepare
 from pipeline.limits import spend
 from pipeline.models import configs as model_configs
@@ -38,6 +38,7 @@ from pipeline.providers.base import decode, endpoint, http_error
 from pipeline.providers.openai import chat_messages
 from pipeline.providers.transport import AiohttpTransport
 from pipeline.requests.prompts import Renderer
+from pipeline.rules import worst_out
 from pipeline.tables import source
 from pipeline.tables.checkpoint import RESULT_COLUMNS, STORED_SCHEMA, read_done
 
@@ -293,7 +294,7 @@ def figures(cfg: RunConfig, scan: Scan, tokens: tuple[int, str], latency: tuple[
     `base_bytes`: the request body around an empty prompt, as the run's spend ceiling counts it."""
     per_out = worst_out(cfg)
     if {"max_tokens", "max_completion_tokens"} & cfg.param_columns.keys():
-        per_out = None  # taken per row from a column: no one worst case (and no ceiling either, see config.ceiling_refusal)
+        per_out = None  # taken per row from a column: no one worst case (and no ceiling either, see rules.ceiling_refusal)
     out = None if per_out is None else scan.requests * per_out
     exact = tokens[1] == EXACT or scan.requests == 0
     # The bound the run reserves by: every request's body around an empty prompt plus its prompt, a token a byte.
