@@ -25,8 +25,10 @@ KEY = "sk-ant-test-0123456789"  # the Anthropic-style server's key, read from AN
 
 
 def metrics(path: str = "out/result.metrics.json") -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(Path(path).read_text())
-    return data
+    """The run's metrics file, checked against the schema the package ships."""
+    from tests.test_metrics import load
+
+    return load(Path(path))
 
 
 def two_servers_config(openai: FakeLLMServer, anthropic: FakeLLMServer, **extra: Any) -> str:
