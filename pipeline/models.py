@@ -2,9 +2,10 @@
 
 An entry is a model's name, or a mapping with its name and what differs for it: its server
 (`provider`, `base_url`, `api_key_env`, `headers`), its generation parameters, its prices and its
-limits. An entry without a `provider` speaks to the run's server; one that names a provider takes
-nothing of the run's server settings (the OpenAI server's URL is no address for an Anthropic
-model), only what the entry itself gives and the provider's defaults.
+limits. An entry without a `provider` or `base_url` speaks to the run's server. One that names
+another provider takes nothing of the run's server settings (the OpenAI server's URL is no
+address for an Anthropic model); one that names another `base_url` keeps the provider but not
+the run's `api_key_env` or `headers`: a key goes only to the server it was named for.
 
 Each model runs under a RunConfig of its own (`configs`), validated as any run's settings are,
 so a mistake in one entry is refused before anything is sent, naming the entry.
@@ -21,8 +22,10 @@ from pipeline.errors import ConfigError
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
 
-# Settings of the run's server: an entry that names another provider does not inherit them.
+# Settings of the run's server: an entry that names another provider does not inherit them, and
+# one that names another server does not inherit its credentials.
 SERVER_SETTINGS = ("base_url", "api_key_env", "headers")
+CREDENTIALS = ("api_key_env", "headers")
 
 
 class ModelEntry(BaseModel):
@@ -49,7 +52,7 @@ class ModelEntry(BaseModel):
 
     def given(self) -> dict[str, Any]:
         """The settings this entry sets itself."""
-        return self.model_dump(exclude_unset=True)
+        return {k: v for k, v in self.model_dump(exclude_unset=True).items() if v is not None}
 
 
 ENTRY_KEYS = tuple(ModelEntry.model_fields)
@@ -117,6 +120,9 @@ def configs(cfg: RunConfig) -> tuple[RunConfig, ...]:
         values = dict(base)
         if given.get("provider") not in (None, cfg.provider):
             for name in SERVER_SETTINGS:
+                values.pop(name, None)
+        elif given.get("base_url") not in (None, cfg.base_url):
+            for name in CREDENTIALS:
                 values.pop(name, None)
         values.update(given)
         try:

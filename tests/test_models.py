@@ -386,3 +386,20 @@ def test_the_embedded_model_beside_a_server_and_not_started_again_once_answered(
     assert again.exit_code == 0, again.output
     assert "the embedded model is not needed this time" in again.output
     assert len(chat_requests(server)) == 2
+
+
+def test_a_key_goes_only_to_the_server_it_was_named_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's api_key_env is for the run's server: an entry on another server does not send it there."""
+    monkeypatch.setenv("RUN_KEY", "run-key-0123456789")
+    with FakeLLMServer(api_key="run-key-0123456789") as own, FakeLLMServer() as other:
+        write_table("in.csv", texts(2))
+        config = {
+            "input": "in.csv", "output": "out/result.parquet", "prompt": "{text}", "progress": False,
+            "base_url": f"{own.url}/v1", "api_key_env": "RUN_KEY",
+            "models": ["a-model", {"model": "b-model", "base_url": f"{other.url}/v1", "provider": None}],
+        }  # fmt: skip
+        Path("job.yaml").write_text(yaml.safe_dump(config))
+        result = run_cli("run", "job.yaml")
+        assert result.exit_code == 0, result.output
+        assert {r.headers.get("authorization") for r in chat_requests(own)} == {"Bearer run-key-0123456789"}
+        assert [r.headers.get("authorization") for r in chat_requests(other)] == [None, None]
