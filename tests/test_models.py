@@ -403,3 +403,16 @@ def test_a_key_goes_only_to_the_server_it_was_named_for(monkeypatch: pytest.Monk
         assert result.exit_code == 0, result.output
         assert {r.headers.get("authorization") for r in chat_requests(own)} == {"Bearer run-key-0123456789"}
         assert [r.headers.get("authorization") for r in chat_requests(other)] == [None, None]
+
+
+def test_the_apis_key_in_memory_goes_only_to_the_runs_own_server() -> None:
+    import pipeline
+
+    with FakeLLMServer(api_key="mem-key-0123456789") as own, FakeLLMServer() as other:
+        table = pl.DataFrame({"text": ["one", "two"]})
+        entries = ["a-model", {"model": "b-model", "base_url": f"{other.url}/v1"}]
+        out = pipeline.complete(table, prompt="{text}", base_url=f"{own.url}/v1", models=entries, api_key="mem-key-0123456789",
+                                progress=False, fresh=True)  # fmt: skip
+        assert set(out["status"]) == {"ok"} and out["requested_model"].to_list() == ["a-model", "b-model"] * 2
+        assert {r.headers.get("authorization") for r in chat_requests(own)} == {"Bearer mem-key-0123456789"}
+        assert {r.headers.get("authorization") for r in chat_requests(other)} == {None}

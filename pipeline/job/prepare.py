@@ -87,11 +87,13 @@ def _access(
     cfg: RunConfig, plan: Plan, api_key: str | None
 ) -> tuple[tuple[tuple[str | None, dict[str, str]], ...], tuple[str, ...]]:
     """Each model's key and headers, and every secret among them. A key given in memory (the API's) goes
-    only to the models that speak to the run's own provider and name no variable of their own."""
+    only to the models on the run's own server (its provider and base_url) that name no variable of their own."""
     access, secrets = [], []
     for m in plan.models:
+        c = m.cfg
+        same_server = (c.provider, c.base_url, c.api_key_env) == (cfg.provider, cfg.base_url, cfg.api_key_env)
         try:
-            own = api_key if api_key and m.cfg.provider == cfg.provider and m.cfg.api_key_env == cfg.api_key_env else None
+            own = api_key if api_key and same_server else None
             key = own or m.cfg.api_key()
             headers, hidden = m.cfg.request_headers()
         except errors.ConfigError as exc:
