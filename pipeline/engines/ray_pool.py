@@ -95,7 +95,7 @@ class Pool:
             .options(num_cpus=self.work.actor_cpus, max_restarts=0)
             .remote(spec, self.shared.coordinator, self.shared.keeper, self.answered)
         )
-        return _Actor(handle, asyncio.wrap_future(handle.ready.remote().future()))
+        return _Actor(handle, _awaited(handle.ready.remote()))
 
     def _least_busy(self) -> _Actor | None:
         ready = [a for a in self.actors if not a.dead and a.ready.done() and len(a.blocks) < OVERLAP]
@@ -104,7 +104,7 @@ class Pool:
     def _hand(self, block: _Block, actor: _Actor) -> None:
         parts = block.index if self.shared.spec.parts is not None else None
         sent = actor.handle.run_block.remote(block.table, parts, self.dead)
-        block.actor, block.result = actor, asyncio.wrap_future(sent.future())
+        block.actor, block.result = actor, _awaited(sent)
         actor.blocks.add(block.index)
         self.blocks[block.index] = block
 
@@ -190,6 +190,15 @@ class Pool:
             if shared is not None:
                 with contextlib.suppress(Exception):
                     self.ray.kill(shared)
+
+
+def _awaited(ref: Any) -> asyncio.Future[Any]:
+    """An actor call's answer as an asyncio future whose failure counts as seen even if nobody awaits it: an
+    actor killed at the end of a run (one never needed, still starting) fails its calls, and asyncio would
+    print "Future exception was never retrieved ... ActorDiedError" on the run's stderr."""
+    future = asyncio.wrap_future(ref.future())
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return future
 
 
 def _split(block: pa.Table) -> tuple[pl.DataFrame, pl.DataFrame]:
