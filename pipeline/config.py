@@ -91,6 +91,19 @@ class RunConfig(BaseModel):
     messages_column: str | None = opt(None, "Column holding each row's conversation: a list of {role, content}.")
     system: str | None = opt(None, "System prompt sent with every row.")
     id_column: str | None = opt(None, "Column identifying a row; identical prompts on different ids are sent separately.")
+    image_columns: tuple[str, ...] = opt(
+        (),
+        "Column holding an image or a PDF per row, sent with the prompt: a file's path (relative to the input's "
+        "folder, else the current one), an http(s):// URL, an s3:// address, a data: URL or bytes. Repeatable.",
+        flag="--image-column",
+        metavar="COLUMN",
+    )
+    inline_images: bool = opt(
+        False, "Fetch http(s) images and send their bytes, keyed by them, instead of sending the URL for the provider to fetch."
+    )
+    image_detail: Literal["low", "high", "auto"] | None = opt(
+        None, "OpenAI's image detail: low (a flat 85 tokens an image), high or auto. Default: not sent (the model's auto)."
+    )
     provider: Provider = opt("openai", "API to speak. Default: openai.")
     base_url: str | None = opt(None, "Server base URL, e.g. http://127.0.0.1:8080/v1.")
     model: str | None = opt(None, "Model name (model_id for ModelsLab).", short="-m")
@@ -251,7 +264,7 @@ class RunConfig(BaseModel):
         default=1024, gt=0, description="Most answers the cache keeps, in MB; the least recently used go first. Default: 1024."
     )
 
-    @field_validator("input", "null_values", mode="before")
+    @field_validator("input", "null_values", "image_columns", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return (value,) if isinstance(value, str) else value
@@ -323,6 +336,12 @@ class RunConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _images_have_a_way_in(self) -> RunConfig:
+        if (why := image_refusal(self)) is not None:
+            raise ValueError(why)
+        return self
+
+    @model_validator(mode="after")
     def _bom_is_for_csv(self) -> RunConfig:
         if self.csv_bom and self.output is not None and not self.output.lower().endswith(".csv"):
             raise ValueError(f"--csv-bom (csv_bom) is for a .csv output, and the output is {self.output}; drop it")
@@ -355,6 +374,7 @@ class RunConfig(BaseModel):
                 ("--max-cost", self.max_cost is not None),
                 ("--max-tokens-total", self.max_tokens_total is not None),
                 ("--cache", self.cache_dir is not None),
+                ("--image-column", bool(self.image_columns)),
             )
             if given
         ]
@@ -550,6 +570,42 @@ def _is_request_line(raw: bytes) -> bool:
     except orjson.JSONDecodeError:
         return False
     return isinstance(first, dict) and "custom_id" in first and isinstance(first.get("body"), dict)
+
+
+# The most images one request may hold (OpenAI: 500; Anthropic: 100 for models with a 200k context): see
+# pipeline/requests/media/rules.py for where these are published.
+MOST_IMAGE_COLUMNS = {"anthropic": 100}
+
+
+def image_refusal(cfg: RunConfig) -> str | None:
+    """Why the image settings cannot be kept (exit 2 before anything is sent), or None."""
+    columns = cfg.image_columns
+    if not columns:
+        given = [f for f, on in (("--inline-images", cfg.inline_images), ("--image-detail", cfg.image_detail)) if on]
+        if given:
+            return f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for image columns: add --image-column COLUMN, or drop {' and '.join(given)}"
+        return None
+    if len(set(columns)) < len(columns):
+        twice = next(c for c in columns if columns.count(c) > 1)
+        return f"image_columns names {twice!r} twice; give each image column once"
+    if cfg.provider == "local" and cfg.base_url is None:
+        return (
+            f"the embedded model ({PROVIDER_DEFAULTS['local']['model']}) reads text only, so it cannot take the image "
+            f"column{'s' if len(columns) > 1 else ''} {', '.join(repr(c) for c in columns)}. Point --base-url at a server with "
+            "a vision model (llama.cpp's llama-server with its --mmproj file, vLLM with a vision model), or use a provider "
+            "whose model reads images (--provider openai or anthropic with --model)"
+        )
+    if cfg.messages_column is not None:
+        return (
+            "--image-column goes with --prompt or --prompt-column; a conversation (--messages-column) carries its own "
+            "images: put image_url parts in its messages' content"
+        )
+    if cfg.image_detail is not None and cfg.provider == "anthropic":
+        return "--image-detail is OpenAI's setting; Anthropic sizes images by their pixels (drop --image-detail)"
+    most = MOST_IMAGE_COLUMNS.get(cfg.provider, 500)
+    if len(columns) > most:
+        return f"{len(columns)} image columns, but the {cfg.provider} provider takes at most {most} images a request"
+    return None
 
 
 ANTHROPIC_DEFAULT_MAX_TOKENS = 1024  # as providers.anthropic.DEFAULT_MAX_TOKENS (not imported: that package is heavy)

@@ -7,11 +7,13 @@ first request.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline import errors
 from pipeline.config import RunConfig
+from pipeline.requests.media import MediaColumns, rules_for
+from pipeline.requests.media.columns import bases_for
 from pipeline.requests.prompts import Renderer, RequestSpec, parse_template
 from pipeline.requests.structured import Structured, load_schema
 from pipeline.tables import source, storage
@@ -55,6 +57,7 @@ def renderer_for(cfg: RunConfig, structured: Structured | None = None) -> Render
         conversation=cfg.messages_column is not None,
         schema=structured.schema if structured else None,
         json_mode=cfg.setting("json_mode"),
+        image_detail=cfg.image_detail,
     )
     template = parse_template(cfg.prompt) if cfg.prompt is not None else None
     return Renderer(
@@ -66,6 +69,20 @@ def renderer_for(cfg: RunConfig, structured: Structured | None = None) -> Render
         param_columns=dict(cfg.param_columns),
         null_as_empty=cfg.null_as_empty,
         list_join=cfg.list_join,
+    )
+
+
+FIRST_ROWS = 20  # rows whose images are read before anything is sent: not one readable means a wrong setting
+
+
+def media_for(cfg: RunConfig, table: source.Table, model: str) -> MediaColumns:
+    """The job's image columns: the provider's rules, and where relative paths are read from."""
+    return MediaColumns(
+        columns=cfg.image_columns,
+        rules=rules_for(cfg.provider, model, cfg.image_detail),
+        bases=bases_for(table.files),
+        inline=cfg.inline_images,
+        null_as_empty=cfg.null_as_empty,
     )
 
 
@@ -96,7 +113,13 @@ def preflight(cfg: RunConfig, *, writes: bool = True, table: source.Table | None
         )  # fmt: skip
     elif cfg.null_values or cfg.dtypes:  # a table in memory (the API): the same reading of its cells
         table = source.in_memory(table.frame if table.frame is not None else source.lazy(table), cfg.null_values, cfg.dtypes)
+    if cfg.image_columns:
+        renderer = replace(renderer, media=media_for(cfg, table, renderer.spec.model))
     renderer.check(table.schema, table.label, hint=source.separator_hint(table))
+    if renderer.media is not None:
+        first = next(source.batches(table, FIRST_ROWS, min(FIRST_ROWS, cfg.limit or FIRST_ROWS)), None)
+        if first is not None:
+            renderer.media.check_first(first, table.label)
     output = storage.location(cfg.output) if cfg.output is not None else None
     extracted = structured.output_columns() if structured else []
     # With no file to write, only the column checks apply: they are the ones an output to stdout gets.
@@ -116,6 +139,11 @@ def _requests_plan(cfg: RunConfig, structured: Structured | None) -> Plan:
     if structured is not None:
         raise errors.ConfigError(
             f"{cfg.input[0]} holds whole requests, so --schema cannot be added to them: put response_format in the bodies."
+        )
+    if cfg.image_columns:
+        raise errors.ConfigError(
+            f"{cfg.input[0]} holds whole requests, so --image-column cannot add images to them: put image_url parts in "
+            "the bodies' messages."
         )
     table = interchange.open_requests(cfg.input[0])
     spec = RequestSpec(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
@@ -18,6 +19,7 @@ import polars as pl
 from pipeline import errors, outcomes
 from pipeline.config import RunConfig
 from pipeline.engines.batch import BatchStep, Ledger, batch_api
+from pipeline.engines.batch.step import Pending
 from pipeline.engines.online import prepare
 from pipeline.observe import metrics
 from pipeline.observe.progress import plural
@@ -63,7 +65,9 @@ async def batch_step(
         responses=job.responses,
     )
 
-    def pending(exclude: set[str], failed: dict[str, str]) -> Iterator[tuple[str, str, str | None]]:
+    media = renderer.media
+
+    def pending(exclude: set[str], failed: dict[str, str]) -> Iterator[Pending]:
         for frame in source.batches(table, cfg.batch_size, cfg.limit):
             p = prepare(frame, renderer, done, cache)  # an answer the cache holds is not paid for again
             for row, key in enumerate(p.keys):
@@ -71,7 +75,10 @@ async def batch_step(
                     continue
                 prompt = p.prompts[row]
                 assert prompt is not None
-                yield key, prompt, p.extra[row]
+                described = p.media[row] if p.media is not None else None
+                # A row's images are read again as its line is written (into the request file: batches take no URLs of ours).
+                load = partial(media.load, described, frame, row) if media is not None and described is not None else None
+                yield key, prompt, p.extra[row], load
 
     try:
         outcome = await step.run(pending, cfg.wait)

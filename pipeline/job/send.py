@@ -161,6 +161,7 @@ def build_engine(
         system_prompt=cfg.system,
         structured=plan.structured,
         cache=cache,
+        media=plan.renderer.media,
     )
 
 
