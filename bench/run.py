@@ -639,33 +639,9 @@ class Bench:
     def s3(self) -> None:
         """Reading 1M rows from a local S3-compatible server (moto, its own process) against the same
         file on disk, through the source module as a run reads it (issue 11: memory flat, time within 2x)."""
-        try:
-            import boto3  # moto's server and this client come with the dev tools
-        except ImportError:
-            raise BenchError("moto[server] is not installed (pip install -e '.[dev]')") from None
         n = self.n(1_000_000)
         inp = self.table(n)
-        from pipeline.providers.local_model import free_port
-
-        port = free_port()
-        moto = subprocess.Popen(pinned(SERVER_CORE, [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-        LIVE.add(moto)
-        url = f"http://127.0.0.1:{port}"
-        env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": url}
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    urllib.request.urlopen(url, timeout=1).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise BenchError("moto's server did not start") from None
-                    time.sleep(0.2)
-            client = boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="bench",
-                                  aws_secret_access_key="bench")  # fmt: skip
-            client.create_bucket(Bucket="bench")
+        with _moto() as (env, client):
             client.upload_file(str(inp), "bench", "in.parquet")
             script = (
                 "import sys\nfrom pipeline.tables import source\n"
@@ -679,11 +655,6 @@ class Bench:
                     if r.rc != 0:
                         raise BenchError(f"reading from {who} exited {r.rc}: {r.stderr.strip()[-800:]}")
                     runs[who].append(r)
-        finally:
-            with suppress(ProcessLookupError):
-                os.killpg(moto.pid, signal.SIGKILL)
-            moto.wait()
-            LIVE.discard(moto)
         s3, disk = min(runs["s3"], key=lambda r: r.wall), min(runs["disk"], key=lambda r: r.wall)
         scn = f"10 object storage, read {n:,} rows of Parquet"
         self.add(scn, "wall s, s3:// (local moto server) / disk", s3.wall, disk.wall)
@@ -808,95 +779,14 @@ class Bench:
         self.figures["reader"] = dict(rows=n, bytes=path.stat().st_size, walls={k: [r.wall for r in v] for k, v in runs.items()},
                                       rss={k: [r.rss_mb for r in v] for k, v in runs.items()})  # fmt: skip
 
-    # ---- issue 13: the Ray engine -------------------------------------------------------------------
+    # ---- issues 13 and 22: the Ray engine ---------------------------------------------------------------
 
     def ray(self) -> None:
-        """`--engine ray` (a local Ray started by each run, on the client core like every client here;
-        the server on the other): the shared budget, SIGKILL of the driver, speed against the local
-        engine, and peak RSS of the driver and of each actor, read from /proc while the run goes."""
-        try:
-            import ray  # noqa: F401  # the extra: pip install -e '.[ray]'
-        except ImportError:
-            raise BenchError("ray is not installed (pip install -e '.[ray]')") from None
-        fig: dict[str, Any] = self.figures.setdefault("ray", {})
-        fig["targets"] = []
-        workers = ("--engine", "ray", "--workers", "4", "--no-report")
-        # The budget: 4 actors against 6,000/min enforced per wall-clock second.
-        n = self.n(6_000)
-        for how, extra in (("--rpm 6000", ("--rpm", "6000")), ("learned from headers", ())):
-            with closing(Server(rpm=6000, window="second")) as srv:
-                r = self.ours(self.table(n), srv.url, 64, *workers, *extra)
-                tl, st = srv.timeline(), srv.stats()
-            span = tl.span(5)
-            scn = f"11 ray budget, 4 actors, {n:,} rows, 6,000/min per s, {how}"
-            self.metric(fig, scn, "T1", f"{how}: steady share of 6,000/min", tl.per_min(span) / 6000, lo=0.97, span=span)
-            self.metric(fig, scn, "T1", f"{how}: 429s", st.get("429", 0), hi=0 if extra else None)
-            fig[how] = self._record(r, tl, st, span)
-        # SIGKILL of the driver at 50%, then the same command again.
-        n, conc = self.n(20_000), 64
-        inp, out = self.table(n), self.tmp / "ray-resume" / "out.parquet"
-        journal_lines, kill_at_half = _killer(out.with_name("out.checkpoint"), n // 2)
+        """Scenario 11 (bench/raybench.py): the Ray engine's bars against the local engine, side by side
+        with Ray Data LLM on a two-node cluster, SIGKILL of the driver, memory."""
+        import raybench  # beside this file
 
-        with closing(Server(latency=0.02)) as srv:
-            self.ours(inp, srv.url, conc, *workers, out=out, tick=kill_at_half, expect=-signal.SIGKILL)
-            time.sleep(3)  # what the actors still had in flight lands at the server, counted in the first run
-            first, saved = srv.stats()["requests"], journal_lines()
-            r = self.ours(inp, srv.url, conc, *workers, out=out)
-            total = srv.stats()["requests"]
-        ok = pl.scan_parquet(out).filter(pl.col("status") == "ok").select(pl.len()).collect().item()
-        if ok != n:
-            raise BenchError(f"ray resume: the output has {ok} ok rows, expected {n}")
-        scn = f"11 ray resume {n:,} req c{conc}, SIGKILL of the driver at 50%"
-        self.metric(fig, scn, "T2", "requests sent twice", total - n, hi=conc)
-        self.add(scn, "rows in the journals at the kill", saved)
-        fig["resume"] = dict(requests=n, concurrency=conc, first_run_requests=first, journal_at_kill=saved,
-                             total_requests=total, sent_twice=total - n, rerun=r.summary())  # fmt: skip
-        # Speed: the same server and concurrency, local engine and Ray, alternated.
-        n, conc = self.n(50_000), 256
-        inp = self.table(n)
-        runs: dict[str, list[Run]] = {"local": [], "ray": []}
-        steady: dict[str, list[float]] = {"local": [], "ray": []}
-        with closing(Server(latency=0.02)) as srv:
-            for _ in range(1 if self.quick else 2):
-                for who, extra in (("local", ("--no-report",)), ("ray", workers)):
-                    srv.reset()
-                    runs[who].append(self.ours(inp, srv.url, conc, *extra))
-                    # Answers a second at the server from the first second with one to the last whole one: the
-                    # engine's pace once running, apart from start-up (Ray's is seconds of process starts on one core).
-                    tl = srv.timeline()
-                    steady[who].append(tl.per_min(tl.span(1)) / 60)
-        best = {who: min(rs, key=lambda r: r.wall) for who, rs in runs.items()}
-        scn = f"11 ray speed {n:,} req c{conc} 20ms, 4 actors, one core"
-        self.add(scn, "requests/s spawn to exit, ray / local", n / best["ray"].wall, n / best["local"].wall)
-        summary_rate = {who: r.summary().get("rows_per_s") for who, r in best.items()}
-        self.add(scn, "rows/s of the summary (Ray's start included), ray / local", summary_rate["ray"], summary_rate["local"])
-        self.add(scn, "steady answers/s at the server, ray / local", max(steady["ray"]), max(steady["local"]))
-        fig["steady"] = steady
-        fig["speed"] = {who: [dict(wall_s=r.wall, cpu_s=r.cpu, summary=r.summary()) for r in rs] for who, rs in runs.items()}
-        # Memory: the driver's and the largest actor's peak RSS at 100k and 1M rows, in a full streaming pass
-        # (every text null: each row goes through read, render, look-up, an actor and the ordered writer, and
-        # none is sent, so the figure is the engine's, not the fake server's time).
-        sizes = [self.n(100_000), self.n(1_000_000)]
-        peaks: dict[int, dict[str, float]] = {}
-        for rows in sizes:
-            seen: dict[str, float] = {"driver": 0.0, "actor": 0.0}
-            last = [0.0]
-
-            def sample(proc: subprocess.Popen[bytes], seen: dict[str, float] = seen, last: list[float] = last) -> None:
-                if time.monotonic() - last[0] < 0.5:
-                    return
-                last[0] = time.monotonic()
-                for who, mb in _ray_peaks(proc.pid).items():
-                    seen[who] = max(seen[who], mb)
-
-            with closing(Server(latency=0.0)) as srv:
-                self.ours(self.table(rows, empty=True), srv.url, 256, *workers, "--max-error-rate", "1", tick=sample)
-            peaks[rows] = seen
-        scn = f"11 ray memory, full streaming pass, {sizes[0]:,} and {sizes[1]:,} rows"
-        for who in ("driver", "actor"):
-            big, small = peaks[sizes[1]][who], peaks[sizes[0]][who]
-            self.add(scn, f"{who} peak RSS MB, {sizes[1]:,} / {sizes[0]:,} rows", big, small)
-        fig["memory"] = {str(k): v for k, v in peaks.items()}
+        raybench.scenario(self, sys.modules[__name__])
 
     # ---- issue 8: the client learns the server's limits --------------------------------------------
 
@@ -1207,26 +1097,6 @@ def _keys(client: Any, prefix: str) -> list[str]:
 
 def _lines(client: Any, key: str) -> int:
     return int(client.get_object(Bucket="bench", Key=key)["Body"].read().count(b"\n"))
-
-
-def _ray_peaks(root: int) -> dict[str, float]:
-    """Peak RSS (VmHWM) in MB of the `pipeline run` under `root` (a GNU time wrapper or itself), and the
-    largest of the Ray actors running our engine (their process title names the stage)."""
-    peaks = {"driver": 0.0, "actor": 0.0}
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            text = status.read_text()
-            cmdline = (status.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-        hwm = fields.get("VmHWM", "0 kB").split()[0]
-        mb = int(hwm) / 1024 if hwm.isdigit() else 0.0
-        if "MapBatches(_Sender)" in cmdline or "MapBatches(_prepare)->MapBatches(_Sender)" in cmdline:
-            peaks["actor"] = max(peaks["actor"], mb)
-        elif " run " in cmdline and "pipeline" in cmdline and int(fields.get("PPid", "0").strip() or 0) in (root, os.getpid()):
-            peaks["driver"] = max(peaks["driver"], mb)
-    return peaks
 
 
 def target_text(lo: float | None, hi: float | None) -> str:

@@ -91,9 +91,7 @@ def answered_so_far(job: Job, sink: Sink) -> pl.DataFrame:
             rows = sorted(row for row, result in p.cached.items() if result.status == "ok")
             if rows or first:
                 results = result_frame([p.cached[r] for r in rows])
-                sink.write(
-                    frame[rows] if rows else frame.clear(), plan.structured.add_columns(results) if plan.structured else results
-                )
+                sink.write(*plan.layout.shape(frame[rows] if rows else frame.clear(), results))
                 first = False
     finally:
         if store is not None:

@@ -143,6 +143,33 @@ class RunConfig(BaseModel):
         "How the schema is asked for: json_schema (OpenAI's response_format) or json_object (llama.cpp, and servers "
         "that refuse json_schema; chosen by itself when a server refuses json_schema).",
     )
+    # Tools, and several answers per row (pipeline/requests/tools.py, pipeline/tables/columns.py).
+    tools: tuple[dict[str, Any], ...] | str | None = Field(
+        default=None,
+        description="OpenAI tool definitions: a JSON or YAML file, inline JSON, or a tools: list in the config. "
+        "Each answer's calls go in a tool_calls column.",
+        json_schema_extra={"metavar": "FILE"},
+    )
+    tool_choice: str | None = opt(
+        None,
+        "auto, none, required, or a tool's name (that tool must be called). Default: the server's (auto).",
+        metavar="CHOICE",
+    )
+    tool_columns: bool = opt(
+        False,
+        "With one tool forced (--tool-choice NAME): its arguments become typed columns, as --schema's fields do "
+        "(--schema-output, --schema-prefix and --schema-column apply).",
+    )
+    n: int | None = Field(
+        default=None,
+        ge=1,
+        le=128,
+        description="Answers per row, samples of one model (OpenAI's n): every answer in a completions list column, "
+        "or one row each with --explode. Tokens and cost count once per request.",
+    )
+    explode: bool = opt(
+        False, "With --n: one output row per answer (sample_index 0..n-1) instead of lists; rows out are rows in times n."
+    )
     rpm: float | None = Field(
         default=None, gt=0, description="Most requests per minute, paced evenly; a hard cap over what the server announces."
     )
@@ -252,6 +279,7 @@ class RunConfig(BaseModel):
     workers: int | None = Field(
         default=None, ge=1, le=1024, description="With --engine ray: engine actors (default: the cluster's CPUs, at most 8)."
     )
+    verbose: bool = opt(False, "Show the engine's own log lines (Ray's workers and warnings); also PIPELINE_VERBOSE=1.")
     # Answers shared across outputs, jobs and calls; off unless asked for (sampling users may want fresh ones).
     cache_dir: str | None = opt(
         None,
@@ -291,6 +319,30 @@ class RunConfig(BaseModel):
             except orjson.JSONDecodeError as exc:
                 raise ValueError(f"the inline schema is not valid JSON ({exc}); give JSON text or a .json file") from None
         return value
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _inline_tools(cls, value: Any) -> Any:
+        """Tools given as JSON text on the command line, or as {tools: [...]} (a file's top level, pasted)."""
+        if isinstance(value, str) and value.lstrip().startswith(("[", "{")):
+            try:
+                value = orjson.loads(value)
+            except orjson.JSONDecodeError as exc:
+                raise ValueError(f"the inline tools are not valid JSON ({exc}); give JSON text or a file") from None
+        if isinstance(value, dict):
+            value = value.get("tools", [value])
+        return value
+
+    @model_validator(mode="after")
+    def _tools_and_samples(self) -> RunConfig:
+        if (why := answers_refusal(self)) is not None:
+            raise ValueError(why)
+        return self
+
+    def samples(self) -> int:
+        """Answers asked per request: --n, or an n given with --param."""
+        n = self.n if self.n is not None else self.params.get("n")
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
 
     @field_validator("api_key_env")
     @classmethod
@@ -362,28 +414,9 @@ class RunConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _ray_takes_what_it_shares(self) -> RunConfig:
-        if self.engine != "ray":
-            if self.ray_address is not None or self.workers is not None:
-                raise ValueError("--ray-address and --workers are for --engine ray; add --engine ray, or drop them")
-            return self
-        unsupported = [
-            name
-            for name, given in (
-                ("--mode batch", self.mode == "batch"),
-                ("--max-cost", self.max_cost is not None),
-                ("--max-tokens-total", self.max_tokens_total is not None),
-                ("--cache", self.cache_dir is not None),
-                ("--image-column", bool(self.image_columns)),
-            )
-            if given
-        ]
-        if unsupported:
-            raise ValueError(
-                f"{', '.join(unsupported)} {'is' if len(unsupported) == 1 else 'are'} not shared across Ray actors yet, so "
-                "--engine ray refuses rather than apply it once per actor. Run with the local engine (drop --engine ray), "
-                "or without " + " and ".join(unsupported)
-            )
+    def _ray_options_need_ray(self) -> RunConfig:
+        if self.engine != "ray" and (self.ray_address is not None or self.workers is not None):
+            raise ValueError("--ray-address and --workers are for --engine ray; add --engine ray, or drop them")
         return self
 
     @model_validator(mode="after")
@@ -600,6 +633,11 @@ def image_refusal(cfg: RunConfig) -> str | None:
             "--image-column goes with --prompt or --prompt-column; a conversation (--messages-column) carries its own "
             "images: put image_url parts in its messages' content"
         )
+    if cfg.engine == "ray":
+        return (
+            "--image-column is not shared across Ray actors yet, so --engine ray refuses it. Run with the local "
+            "engine (drop --engine ray), or without --image-column"
+        )
     if cfg.image_detail is not None and cfg.provider == "anthropic":
         return "--image-detail is OpenAI's setting; Anthropic sizes images by their pixels (drop --image-detail)"
     most = MOST_IMAGE_COLUMNS.get(cfg.provider, 500)
@@ -619,8 +657,37 @@ def worst_out(cfg: RunConfig) -> int | None:
         given = [ANTHROPIC_DEFAULT_MAX_TOKENS]
     if not given:
         return None
-    n = params.get("n")
-    return max(given) * (n if isinstance(n, int) and n > 1 else 1)  # n choices are each billed
+    return max(given) * cfg.samples()  # n choices are each billed
+
+
+def answers_refusal(cfg: RunConfig) -> str | None:
+    """Why --tools, --tool-choice, --tool-columns, --n and --explode cannot go together as given (exit 2), or None."""
+    if cfg.tools is None and (cfg.tool_choice is not None or cfg.tool_columns):
+        return f"{'--tool-choice' if cfg.tool_choice is not None else '--tool-columns'} is for --tools: give the tools too"
+    if cfg.tools is not None and cfg.schema_ is not None:
+        return (
+            "--schema and --tools both shape the answer; give one. For typed columns from a tool's arguments, force it "
+            "and add --tool-columns (--tool-choice NAME --tool-columns)"
+        )
+    given = cfg.params.get("n")
+    if cfg.n is not None and given is not None and given != cfg.n:
+        return f"--n {cfg.n} and --param n={given} disagree; give n once"
+    if cfg.explode and cfg.samples() == 1:
+        return "--explode makes one row per answer of --n N: give --n 2 or more, or drop --explode"
+    if cfg.samples() == 1:
+        return None
+    if cfg.provider == "anthropic":
+        return (
+            "--n asks for several answers in one request, which Anthropic's Messages API does not do. For several "
+            "samples, repeat each row with a column telling the copies apart and give it as --id-column (each copy is "
+            "its own request), or use an OpenAI-compatible server"
+        )
+    if cfg.tools is not None or cfg.schema_ is not None:
+        return (
+            f"--n with {'--tools' if cfg.tools is not None else '--schema'} is not supported yet: only the first answer "
+            "would be checked. Run without --n, or repeat each row with a column for --id-column"
+        )
+    return None
 
 
 def ceiling_refusal(cfg: RunConfig) -> str | None:

@@ -7,8 +7,9 @@ first request.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from pipeline import errors
 from pipeline.config import RunConfig
@@ -16,7 +17,9 @@ from pipeline.requests.media import MediaColumns, rules_for
 from pipeline.requests.media.columns import bases_for
 from pipeline.requests.prompts import Renderer, RequestSpec, parse_template
 from pipeline.requests.structured import Structured, load_schema
+from pipeline.requests.tools import check_choice, forced, load_tools, names
 from pipeline.tables import source, storage
+from pipeline.tables.columns import Layout
 from pipeline.tables.sink import STDOUT, check_output
 
 NOWHERE = "http://127.0.0.1:9/v1"  # stands in for a server that no request will reach
@@ -30,15 +33,53 @@ class Plan:
     renderer: Renderer
     table: source.Table
     output: Path | storage.Url | None  # None for a job that writes no file (estimate, the API's DataFrame out)
+    layout: Layout = field(default_factory=Layout)  # the result columns it writes
+
+
+def layout_for(cfg: RunConfig, structured: Structured | None) -> Layout:
+    return Layout(
+        structured=structured,
+        cost=cfg.price_in is not None and cfg.price_out is not None,
+        tools=cfg.tools is not None,
+        samples=cfg.samples() > 1,
+        explode=cfg.explode,
+    )
 
 
 def structured_for(cfg: RunConfig) -> Structured | None:
+    """What the answers are checked against and typed by: --schema, or the forced tool's parameters (--tool-columns)."""
+    layout, name = cfg.schema_output, cfg.schema_column if cfg.schema_output == "struct" else cfg.schema_prefix
+    if cfg.tool_columns:
+        tool = _forced_tool(cfg)
+        try:
+            schema = load_schema(tool["parameters"])
+        except errors.ConfigError as exc:
+            raise errors.ConfigError(f"--tool-columns makes the parameters of tool {tool['name']!r} columns: {exc}") from None
+        return Structured(schema=schema, layout=layout, name=name, tool=tool["name"])
     if cfg.schema_ is None:
         return None
-    layout = cfg.schema_output
-    return Structured(
-        schema=load_schema(cfg.schema_), layout=layout, name=cfg.schema_column if layout == "struct" else cfg.schema_prefix
-    )
+    return Structured(schema=load_schema(cfg.schema_), layout=layout, name=name)
+
+
+def tools_for(cfg: RunConfig) -> tuple[dict[str, Any], ...] | None:
+    """The job's tools, read and checked (and its --tool-choice against them); None without --tools."""
+    if cfg.tools is None:
+        return None
+    found = load_tools(cfg.tools if isinstance(cfg.tools, str) else list(cfg.tools))
+    check_choice(cfg.tool_choice, found)
+    return found
+
+
+def _forced_tool(cfg: RunConfig) -> dict[str, Any]:
+    tools = tools_for(cfg)
+    assert tools is not None  # the config refuses --tool-columns without --tools
+    fn = forced(tools, cfg.tool_choice)
+    if fn is None:
+        raise errors.ConfigError(
+            "--tool-columns makes one tool's arguments columns, so every answer must call that tool: force it with "
+            f"--tool-choice NAME (one of {', '.join(names(tools))}), or --tool-choice required with a single tool."
+        )
+    return fn
 
 
 def renderer_for(cfg: RunConfig, structured: Structured | None = None) -> Renderer:
@@ -47,17 +88,23 @@ def renderer_for(cfg: RunConfig, structured: Structured | None = None) -> Render
         raise errors.ConfigError(
             f"No model given. The {cfg.provider} provider needs one: set 'model' in the config or pass --model."
         )
+    params = dict(cfg.params)
+    if cfg.n is not None and cfg.n > 1:  # as --param n=N: the same request, the same key
+        params["n"] = cfg.n
     spec = RequestSpec(
         model=model,
         system=cfg.system,
         max_tokens=cfg.max_tokens,
         temperature=cfg.temperature,
         top_p=cfg.top_p,
-        params=dict(cfg.params),
+        params=params,
         conversation=cfg.messages_column is not None,
-        schema=structured.schema if structured else None,
+        schema=structured.schema if structured and structured.tool is None else None,
         json_mode=cfg.setting("json_mode"),
         image_detail=cfg.image_detail,
+        tools=tools_for(cfg),
+        tool_choice=cfg.tool_choice,
+        tool_columns=cfg.tool_columns,
     )
     template = parse_template(cfg.prompt) if cfg.prompt is not None else None
     return Renderer(
@@ -121,10 +168,12 @@ def preflight(cfg: RunConfig, *, writes: bool = True, table: source.Table | None
         if first is not None:
             renderer.media.check_first(first, table.label)
     output = storage.location(cfg.output) if cfg.output is not None else None
-    extracted = structured.output_columns() if structured else []
+    layout = layout_for(cfg, structured)
     # With no file to write, only the column checks apply: they are the ones an output to stdout gets.
-    check_output(output or Path(STDOUT), table.files, list(table.schema.names()), extracted, cfg.result_prefix)
-    return Plan(structured=structured, renderer=renderer, table=table, output=output)
+    check_output(
+        output or Path(STDOUT), table.files, list(table.schema.names()), layout.extracted, cfg.result_prefix, layout.added
+    )
+    return Plan(structured=structured, renderer=renderer, table=table, output=output, layout=layout)
 
 
 def _requests_plan(cfg: RunConfig, structured: Structured | None) -> Plan:
@@ -136,9 +185,11 @@ def _requests_plan(cfg: RunConfig, structured: Structured | None) -> Plan:
             f"{cfg.input[0]} holds OpenAI batch requests (chat completions bodies), which the {cfg.provider} provider "
             "does not speak. Use --provider openai (any OpenAI-compatible server) for this file."
         )
-    if structured is not None:
+    if structured is not None or cfg.tools is not None or cfg.samples() > 1:
+        given = "--schema" if cfg.schema_ is not None else "--tools" if cfg.tools is not None else "--n"
         raise errors.ConfigError(
-            f"{cfg.input[0]} holds whole requests, so --schema cannot be added to them: put response_format in the bodies."
+            f"{cfg.input[0]} holds whole requests, so {given} cannot be added to them: put response_format, tools "
+            "or n in the bodies."
         )
     if cfg.image_columns:
         raise errors.ConfigError(
@@ -156,5 +207,6 @@ def _requests_plan(cfg: RunConfig, structured: Structured | None) -> Plan:
     )
     renderer = Renderer(spec=spec, template=None, prompt_column=interchange.BODY, id_column=None)
     output = storage.location(cfg.output) if cfg.output is not None else None
-    check_output(output or Path(STDOUT), table.files, list(table.schema.names()), [], cfg.result_prefix)
-    return Plan(structured=None, renderer=renderer, table=table, output=output)
+    layout = layout_for(cfg, None)
+    check_output(output or Path(STDOUT), table.files, list(table.schema.names()), [], cfg.result_prefix, layout.added)
+    return Plan(structured=None, renderer=renderer, table=table, output=output, layout=layout)

@@ -48,7 +48,7 @@ def load_yaml(path: str) -> dict[str, Any]:
 
 
 # Settings that name a file or a folder: relative ones in a config file are read from the config file's folder.
-PATH_SETTINGS = ("input", "output", "schema", "checkpoint_dir", "metrics", "report", "cache_dir")
+PATH_SETTINGS = ("input", "output", "schema", "tools", "checkpoint_dir", "metrics", "report", "cache_dir")
 
 
 def resolve_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -92,7 +92,7 @@ def _joined(name: str, value: Any, folder: Path) -> Any:
 def _is_relative_path(name: str, value: str) -> bool:
     if not value or value == "-" or value.startswith("~") or _SCHEME.match(value) or Path(value).is_absolute():
         return False
-    return not (name == "schema" and value.lstrip().startswith("{"))  # an inline schema
+    return not (name in ("schema", "tools") and value.lstrip().startswith(("{", "[")))  # inline JSON
 
 
 def _found(name: str, path: str) -> bool:

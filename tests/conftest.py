@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -133,3 +135,64 @@ def run_in_terminal(*args: str, columns: int = 80, interrupt_after: float | None
         os.close(master)
         proc.wait(timeout=60)
     return proc.returncode, shown.decode("utf-8", "replace")
+
+
+# ---- a real S3-compatible server for the object-storage tests: moto's, on 127.0.0.1 -----------------
+
+
+def start_moto(extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """moto's S3 server on a free port of 127.0.0.1, in its own process; its address."""
+    from pipeline.providers.local_model import free_port
+
+    port = free_port()
+    env = {**os.environ, **(extra_env or {})}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "moto's server did not start"
+            time.sleep(0.1)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    proc, url = start_moto()
+    yield url
+    stop_process(proc)
+
+
+@pytest.fixture
+def s3(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    """A client for setting up and checking, and the environment a user would set; a fresh bucket."""
+    for var, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": moto_url}.items():  # fmt: skip
+        monkeypatch.setenv(var, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    boto3 = pytest.importorskip("boto3", reason="moto[server] (a dev dependency) brings boto3")
+    client = boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1")
+    client.create_bucket(Bucket="lake")
+    yield client
+    for upload in client.list_multipart_uploads(Bucket="lake").get("Uploads", []):
+        client.abort_multipart_upload(Bucket="lake", Key=upload["Key"], UploadId=upload["UploadId"])
+    for obj in client.list_objects_v2(Bucket="lake").get("Contents", []):
+        client.delete_object(Bucket="lake", Key=obj["Key"])
+    client.delete_bucket(Bucket="lake")

@@ -9,7 +9,8 @@ Time is the fake clock, not the wall: a batch is ``validating`` at creation, ``i
 retrieved, and ``completed`` when the clock passes ``created_at + duration`` (60 s unless set);
 ``POST /_fake/advance?s=N`` moves the clock, so 24 hours take milliseconds. Answers are built as
 the online fake server builds them: ``echo: <last user message>``, usage counted in words; a
-message's images and PDFs (OpenAI parts, Anthropic blocks) are echoed as the online fake labels them.
+message's images and PDFs (OpenAI parts, Anthropic blocks) are echoed as the online fake labels them;
+a request with tools gets a call to the tool it asks for, one with ``n`` gets n choices.
 
 Fault switches (``POST /_fake/faults`` with a JSON object, or the constructor's ``faults``):
 ``expire_after`` (the batch expires after that many lines; the rest are ``batch_expired``),
@@ -41,6 +42,11 @@ from typing import Any, Self
 import orjson
 from aiohttp import web
 
+try:
+    from tests.fakeserver import _instance, _tool_to_call
+except ImportError:  # run as a script: python tests/fakebatch.py
+    from fakeserver import _instance, _tool_to_call  # type: ignore[no-redef]
+
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 _ANTHROPIC_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 
@@ -70,21 +76,39 @@ def _shown(content: Any) -> str:
             continue
         head, _, data = where.partition(",")
         raw = base64.b64decode(data, validate=True)
-        labels.append(f"[{label} {head[5:].removesuffix(';base64')} {len(raw)} bytes sha256:{hashlib.sha256(raw).hexdigest()[:16]}]")
+        labels.append(
+            f"[{label} {head[5:].removesuffix(';base64')} {len(raw)} bytes sha256:{hashlib.sha256(raw).hexdigest()[:16]}]"
+        )
     return " ".join(["\n".join(texts), *labels])
 
 
 def _answer(body: dict[str, Any]) -> dict[str, Any]:
+    """A chat.completion for a request body (OpenAI's, or an Anthropic request's params): as the online fake
+    answers, a call to the tool the request asks for (arguments a deterministic instance of its parameters),
+    and n choices where n is asked (choice i says " #i" after choice 0's text)."""
     users = [m for m in body.get("messages", []) if m.get("role") == "user"]
     content = _shown(users[-1]["content"]) if users else ""
-    text = f"echo: {content}"
+    anthropic = any(isinstance(t, dict) and "input_schema" in t for t in body.get("tools") or [])
+    tool = _tool_to_call(body, "anthropic" if anthropic else "openai")
+    n = body.get("n") if isinstance(body.get("n"), int) and body["n"] > 1 else 1
     prompt = sum(len(_shown(m.get("content", "")).split()) for m in body.get("messages", []))
-    out = len(text.split())
+    choices: list[dict[str, Any]] = []
+    for i in range(n):
+        if tool is not None:
+            arguments = orjson.dumps(_instance(tool[1], "", len(str(content).split()))).decode()
+            call = {"id": f"call_{i}", "type": "function", "function": {"name": tool[0], "arguments": arguments}}
+            message: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": [call]}
+            choices.append({"index": i, "message": message, "finish_reason": "tool_calls", "_words": len(arguments.split())})
+        else:
+            text = f"echo: {content}" + (f" #{i}" if i else "")
+            choices.append({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop",
+                            "_words": len(text.split())})  # fmt: skip
+    out = sum(c.pop("_words") for c in choices)
     return {
         "id": "chatcmpl-fake",
         "object": "chat.completion",
         "model": body.get("model"),
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "choices": choices,
         "usage": {"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out},
     }
 
@@ -438,10 +462,16 @@ class FakeBatchServer:
 
 
 def _anthropic_message(chat: dict[str, Any]) -> dict[str, Any]:
-    """The chat.completion the fake built, as an Anthropic message."""
+    """The chat.completion the fake built, as an Anthropic message (a tool call as a tool_use block)."""
     usage = chat.get("usage") or {}
-    return {"id": "msg_fake", "type": "message", "role": "assistant", "model": chat.get("model"),
-            "content": [{"type": "text", "text": chat["choices"][0]["message"]["content"]}], "stop_reason": "end_turn",
+    message = chat["choices"][0]["message"]
+    calls = message.get("tool_calls") or []
+    content: list[dict[str, Any]] = [
+        {"type": "tool_use", "id": f"toolu_{i}", "name": c["function"]["name"], "input": orjson.loads(c["function"]["arguments"])}
+        for i, c in enumerate(calls)
+    ] or [{"type": "text", "text": message["content"]}]
+    return {"id": "msg_fake", "type": "message", "role": "assistant", "model": chat.get("model"), "content": content,
+            "stop_reason": "tool_use" if calls else "end_turn",
             "usage": {"input_tokens": usage.get("prompt_tokens", 0), "output_tokens": usage.get("completion_tokens", 0)}}  # fmt: skip
 
 

@@ -66,7 +66,14 @@ whose first field has the wrong type).  A request with a schema (OpenAI ``respon
 json_schema/json_object with ``schema``, or an Anthropic forced tool) is answered with a
 deterministic instance of it: strings ``"<field>-value"``, integers the word count of the
 content, numbers half that, booleans true, enums their first value, arrays two items,
-anyOf/oneOf their first choice.  ``@S`` is seconds
+anyOf/oneOf their first choice.  A request that offers tools (OpenAI ``tools`` with ``function.parameters``,
+Anthropic ``tools`` with ``input_schema``) is answered with a call to one, its arguments such an instance
+of the tool's parameters: the tool ``tool_choice`` names, else the first; none with ``tool_choice`` none.
+OpenAI sends the call as ``message.tool_calls`` with ``content`` null and the arguments as JSON text,
+finish reason ``tool_calls``; Anthropic as a ``tool_use`` block, stop reason ``tool_use``.  ``notool``
+answers in text even so (a model that chose not to call), ``badjson`` too.  ``n`` (OpenAI dialects) gives
+n choices: choice i is choice 0's text with `` #i`` after it, each cut to max_tokens alone, the
+completion tokens their sum; Anthropic answers ``n`` with a 400, as its API does.  ``@S`` is seconds
 (float) for ``slow`` and the Retry-After of ``429`` (default 1).  ``xN`` limits a directive
 to N attempts; without it the directive covers every remaining attempt.  Directives form a
 queue consumed in order: with ``[[fault:500x1]][[fault:503x1]]`` attempt 1 gets 500,
@@ -127,7 +134,7 @@ _Reply = tuple[int, bytes, dict[str, str] | None, bool]
 _DIRECTIVE = re.compile(r"\[\[fault:([^\]]*)\]\]")
 _NAMED_KINDS = (
     "quota", "reset", "hang", "slow", "malformed", "error200", "nochoices", "nousage", "empty", "badjson", "wrongtype",
-    "oddretry", "oddusage", "ratelink",
+    "oddretry", "oddusage", "ratelink", "notool",
 )  # fmt: skip
 # Kinds are spelled out: a generic [a-z]+ would swallow the "x" of "resetx2".
 _SPEC = re.compile(rf"(?P<kind>\d{{3}}|{'|'.join(_NAMED_KINDS)})(?:@(?P<arg>\d+(?:\.\d*)?))?(?:x(?P<n>\d+))?")
@@ -373,6 +380,8 @@ def _validate(body: object, dialect: Dialect, kind: Kind) -> str | None:
         return "You must provide a model parameter."
     if body.get("stream"):
         return "The fake server does not support streaming."
+    if dialect == "anthropic" and "n" in body:  # as the Messages API answers a parameter it does not have
+        return "n: Extra inputs are not permitted"
     limit = body.get("max_tokens", body.get("max_completion_tokens"))
     if kind == "chat" and dialect == "anthropic" and limit is None:
         return "max_tokens: Field required"
@@ -1037,7 +1046,9 @@ class FakeLLMServer:
         self, dialect: Dialect, body: dict[str, Any], content: str, *, fault: str, usage: bool, media: list[_Media]
     ) -> _Reply:
         cleaned = _DIRECTIVE.sub("", content).strip() if "[[fault:" in content else content
-        schema = _requested_schema(body, dialect)
+        tool = None if fault in ("notool", "badjson") else _tool_to_call(body, dialect)
+        # Anthropic's structured output is a forced tool: a tool call or nothing (tool_choice none, badjson).
+        schema = tool[1] if tool is not None else None if dialect == "anthropic" else _requested_schema(body, dialect)
         tool_input: Any = None
         if fault == "empty":
             reply = ""
@@ -1050,43 +1061,72 @@ class FakeLLMServer:
             reply = "Sure! Here are the fields: {not json"
         else:
             reply = "echo: " + cleaned + "".join(" " + m.label() for m in media)
-        words = reply.split()
         limit = body.get("max_tokens", body.get("max_completion_tokens"))
-        truncated = limit is not None and len(words) > limit
-        if truncated:
-            words = words[:limit]
-            reply = " ".join(words)
-        prompt, completion = _prompt_tokens(body, dialect, media), len(words)
+        n = body.get("n") if dialect != "anthropic" and isinstance(body.get("n"), int) else 1
+        # Choice i of n says the same with " #i" after it (choice 0 as without n), each cut to max_tokens alone.
+        texts, cut = [], []
+        for i in range(max(1, n)):
+            words = (reply + (f" #{i}" if i else "")).split()
+            cut.append(limit is not None and len(words) > limit)
+            texts.append(" ".join(words[:limit]) if cut[-1] else (reply + (f" #{i}" if i else "")))
+        truncated = cut[0]
+        prompt, completion = _prompt_tokens(body, dialect, media), sum(len(t.split()) for t in texts)
         if usage:  # what a provider would invoice, for spend tests: only answers that carry usage are billed
             with self._lock:
                 self._stats["billed_prompt_tokens"] = self._stats.get("billed_prompt_tokens", 0) + prompt
                 self._stats["billed_completion_tokens"] = self._stats.get("billed_completion_tokens", 0) + completion
-        n = next(self._ids)
+        k = next(self._ids)
         out: dict[str, Any]
         if dialect == "anthropic":
-            out = {"id": f"msg_{n}", "type": "message", "role": "assistant", "model": body.get("model")}
-            if tool_input is not None:  # structured output arrives as the forced tool's input
-                out["content"] = [{"type": "tool_use", "id": f"toolu_{n}", "name": body["tools"][0]["name"], "input": tool_input}]
+            out = {"id": f"msg_{k}", "type": "message", "role": "assistant", "model": body.get("model")}
+            if tool_input is not None:  # structured output and tool calls arrive as a tool_use block
+                name = tool[0] if tool is not None else body["tools"][0]["name"]
+                out["content"] = [{"type": "tool_use", "id": f"toolu_{k}", "name": name, "input": tool_input}]
             else:
-                out["content"] = [{"type": "text", "text": reply}]
-            out["stop_reason"], out["stop_sequence"] = "max_tokens" if truncated else "end_turn", None
+                out["content"] = [{"type": "text", "text": texts[0]}]
+            stop = "tool_use" if tool is not None and tool_input is not None else "end_turn"
+            out["stop_reason"], out["stop_sequence"] = "max_tokens" if truncated else stop, None
             if usage:
                 out["usage"] = {"input_tokens": prompt, "output_tokens": completion}
         else:
             model = (body.get("model_id") if dialect == "modelslab" else None) or body.get("model")
-            out = {"id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()), "model": model}
-            message = {"role": "assistant", "content": reply}
-            out["choices"] = [{"index": 0, "message": message, "finish_reason": "length" if truncated else "stop"}]
+            out = {"id": f"chatcmpl-{k}", "object": "chat.completion", "created": int(time.time()), "model": model}
+            out["choices"] = []
+            for i, text in enumerate(texts):
+                if tool is not None and tool_input is not None:  # the call's arguments as JSON text, as OpenAI sends them
+                    call = {"id": f"call_{k}_{i}", "type": "function", "function": {"name": tool[0], "arguments": text}}
+                    message: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": [call]}
+                    reason = "tool_calls"
+                else:
+                    message, reason = {"role": "assistant", "content": text}, "stop"
+                out["choices"].append({"index": i, "message": message, "finish_reason": "length" if cut[i] else reason})
             if usage:
                 out["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
         return 200, orjson.dumps(out), None, True
 
 
-def _requested_schema(body: dict[str, Any], dialect: Dialect) -> dict[str, Any] | None:
-    """The JSON Schema a request asks its reply to follow, if any."""
+def _tool_to_call(body: dict[str, Any], dialect: Dialect) -> tuple[str, dict[str, Any]] | None:
+    """The tool a request that offers tools is answered with a call to: the one its tool_choice names, else
+    the first (a model that chose to call one); None for tool_choice none, or no tools."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if not isinstance(tools, list) or not tools:
+        return None
     if dialect == "anthropic":
-        tools = body.get("tools") or []
-        return tools[0].get("input_schema") if tools and body.get("tool_choice") else None
+        if isinstance(choice, dict) and choice.get("type") == "none":
+            return None
+        named = choice.get("name") if isinstance(choice, dict) and choice.get("type") == "tool" else None
+        defs = [(t.get("name"), t.get("input_schema") or {}) for t in tools if isinstance(t, dict)]
+    else:
+        if choice == "none":
+            return None
+        named = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+        fns = [t.get("function") or {} for t in tools if isinstance(t, dict)]
+        defs = [(f.get("name"), f.get("parameters") or {"type": "object", "properties": {}}) for f in fns]
+    return next(((str(name), schema) for name, schema in defs if named is None or name == named), None)
+
+
+def _requested_schema(body: dict[str, Any], dialect: Dialect) -> dict[str, Any] | None:
+    """The JSON Schema an OpenAI-dialect request asks its reply to follow in response_format, if any."""
     fmt = body.get("response_format") or {}
     if fmt.get("type") == "json_schema":
         return (fmt.get("json_schema") or {}).get("schema")

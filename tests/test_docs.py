@@ -115,3 +115,11 @@ def test_every_page_in_the_navigation_exists_and_every_page_is_in_it() -> None:
 def test_make_help_lists_docs() -> None:
     out = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert re.search(r"^\s+make docs\s+build the documentation site", out, re.MULTILINE)
+
+
+def test_the_output_reference_names_every_column_a_setting_adds() -> None:
+    from pipeline.tables.columns import ADDED
+
+    page = (DOCS / "reference" / "output.md").read_text()
+    named = re.findall(r"^\| `(\w+)` \|", page, re.MULTILINE)
+    assert [c for c in named if c in ADDED] == list(ADDED)  # after the base columns, in the order they are written

@@ -267,3 +267,83 @@ def test_show_while_a_run_holds_the_lock_reads_without_disturbing_it() -> None:
             proc.send_signal(signal.SIGTERM)
             _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130, stderr
+
+
+# --- a folder of Parquet parts (--output DIR/) -----------------------------------------------------
+
+
+def read_parts(folder: str) -> dict[str, pl.DataFrame]:
+    """The folder as one table, by every reader that is installed."""
+    import pyarrow.parquet as pq
+
+    tables = {"polars": pl.read_parquet(folder), "pyarrow": pl.DataFrame(pl.from_arrow(pq.read_table(folder)))}
+    try:
+        import duckdb
+    except ImportError:
+        return tables
+    tables["duckdb"] = duckdb.sql(f"SELECT * FROM read_parquet('{folder}/*.parquet')").pl()  # files in name order
+    return tables
+
+
+def test_a_folder_output_is_parts_in_input_order_that_readers_take_as_one_table(server: FakeLLMServer) -> None:
+    write_table("in.csv", texts(230))
+    result = run_cli(*base_args(server, out="out/parts/"), "--batch-size", "50", "--no-report")
+    assert result.exit_code == 0, result.output
+    assert "output: out/parts/ (Parquet parts" in result.output
+    names = sorted(p.name for p in Path("out/parts").iterdir())
+    assert names == [f"part-{i:05d}.parquet" for i in range(5)]  # one a batch
+    assert Path("out/parts.checkpoint").is_dir() and Path("out/parts.metrics.json").exists()
+    assert not list(Path("out").glob(".parts.pending-*"))
+    single = run_cli(*base_args(server, out="out/single.parquet"), "--batch-size", "50", "--no-report")
+    assert single.exit_code == 0
+    expected = pl.read_parquet("out/single.parquet").drop("latency_ms")
+    for reader, table in read_parts("out/parts").items():
+        assert table.drop("latency_ms").equals(expected), reader
+    shown = run_cli("show", "out/parts/")
+    assert shown.exit_code == 0 and "ok: 230 rows" in shown.output
+
+
+def test_a_folder_output_rerun_replaces_its_parts_and_leaves_other_files(server: FakeLLMServer) -> None:
+    Path("out/parts").mkdir(parents=True)
+    Path("out/parts/README.txt").write_text("mine")
+    write_table("in.csv", texts(120))
+    # An existing folder is a folder output, with or without the slash.
+    assert run_cli(*base_args(server, out="out/parts"), "--batch-size", "50").exit_code == 0
+    assert len(list(Path("out/parts").glob("part-*.parquet"))) == 3
+    assert "120" in Path("out/parts.report.html").read_text()  # the report beside it, read from the parts
+    report = run_cli("report", "out/parts/", "--report", "out/again.html")
+    assert report.exit_code == 0, report.output
+    assert "no metrics file" not in Path("out/again.html").read_text()
+    write_table("in.csv", texts(40))
+    server.reset()
+    assert run_cli(*base_args(server, out="out/parts"), "--batch-size", "50").exit_code == 0
+    assert sorted(p.name for p in Path("out/parts").iterdir()) == ["README.txt", "part-00000.parquet"]
+    assert pl.read_parquet("out/parts/*.parquet")["id"].to_list() == list(range(40))
+    assert chat_requests(server) == []  # resumed from the checkpoint beside the folder
+
+
+def test_a_killed_run_leaves_no_parts_and_the_rerun_resumes(server: FakeLLMServer) -> None:
+    write_table("in.csv", texts(300))
+    slow = FakeLLMServer(latency=0.05)
+    with slow:
+        proc = spawn(*base_args(slow, out="out/parts/"), "--batch-size", "20", "--concurrency", "4")
+        wait_for_answers(Path("out/parts.checkpoint"), 40, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+        assert not Path("out/parts").exists() or not list(Path("out/parts").glob("part-*"))  # nothing half done
+        first = len(chat_requests(slow))
+        again = run_cli(*base_args(slow, out="out/parts/"), "--batch-size", "20", "--concurrency", "4")
+        assert again.exit_code == 0, again.output
+        assert len(chat_requests(slow)) - first <= 300 - 40 + 4
+    assert pl.read_parquet("out/parts/")["id"].to_list() == list(range(300))
+    assert not list(Path("out").glob(".parts.pending-*"))
+
+
+def test_folder_outputs_that_cannot_be_are_refused_before_anything_is_sent(server: FakeLLMServer) -> None:
+    write_table("in.csv", texts(5))
+    Path("out").mkdir()
+    Path("out/file").write_text("x")
+    for out, said in (("out/file/", "is a file"), ("s3://bucket/parts/", "s3://bucket/parts/ is")):
+        result = run_cli(*base_args(server, out=out))
+        assert result.exit_code == 2 and said in result.output, result.output
+    assert chat_requests(server) == []

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -22,36 +21,12 @@ import pytest
 from pipeline.tables import remote_state
 from tests.conftest import ROOT, chat_requests, run_cli, texts
 from tests.fakeserver import FakeLLMServer
-from tests.test_s3 import _start_moto, _stop, args, get_parquet, keys, put_table
+from tests.test_s3 import args, get_parquet, keys, put_table
 
 boto3 = pytest.importorskip("boto3", reason="moto[server] (a dev dependency) brings boto3")
 
 SHIP_ROWS = 40  # the journal's count trigger in these tests, so a kill at 200 answers has shipped some of them
 CONCURRENCY = 8
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    proc, url = _start_moto()
-    yield url
-    _stop(proc)
-
-
-@pytest.fixture
-def s3(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
-    for var, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_REGION": "us-east-1",
-                       "AWS_ENDPOINT_URL": moto_url}.items():  # fmt: skip
-        monkeypatch.setenv(var, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-    client = boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1")
-    client.create_bucket(Bucket="lake")
-    yield client
-    for upload in client.list_multipart_uploads(Bucket="lake").get("Uploads", []):
-        client.abort_multipart_upload(Bucket="lake", Key=upload["Key"], UploadId=upload["UploadId"])
-    for obj in client.list_objects_v2(Bucket="lake").get("Contents", []):
-        client.delete_object(Bucket="lake", Key=obj["Key"])
-    client.delete_bucket(Bucket="lake")
 
 
 def machine(root: Path) -> dict[str, str]:

@@ -9,10 +9,6 @@ import io
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,64 +16,11 @@ import polars as pl
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.providers.local_model import free_port
 from pipeline.tables import storage
-from tests.conftest import chat_requests, run_cli, texts
+from tests.conftest import chat_requests, run_cli, start_moto, stop_process, texts
 from tests.fakeserver import FakeLLMServer
 
 boto3 = pytest.importorskip("boto3", reason="moto[server] (a dev dependency) brings boto3")
-
-
-def _start_moto(extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = {**os.environ, **(extra_env or {})}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "moto's server did not start"
-            time.sleep(0.1)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    proc, url = _start_moto()
-    yield url
-    _stop(proc)
-
-
-@pytest.fixture
-def s3(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
-    """A client for setting up and checking, and the environment a user would set; a fresh bucket."""
-    for var, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_REGION": "us-east-1",
-                       "AWS_ENDPOINT_URL": moto_url}.items():  # fmt: skip
-        monkeypatch.setenv(var, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-    client = boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1")
-    client.create_bucket(Bucket="lake")
-    yield client
-    for obj in client.list_objects_v2(Bucket="lake").get("Contents", []):
-        client.delete_object(Bucket="lake", Key=obj["Key"])
-    client.delete_bucket(Bucket="lake")
 
 
 def put_table(client: object, key: str, df: pl.DataFrame) -> None:
@@ -222,7 +165,7 @@ def test_an_s3_compatible_server_needs_no_region(server: FakeLLMServer, s3: obje
 
 def test_access_denied_is_refused_without_showing_the_key(server: FakeLLMServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """A server that checks credentials (moto with authentication on): an unknown key is refused."""
-    proc, url = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    proc, url = start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
     try:
         monkeypatch.setenv("AWS_ENDPOINT_URL", url)
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUNKNOWNKEY000000")
@@ -230,7 +173,7 @@ def test_access_denied_is_refused_without_showing_the_key(server: FakeLLMServer,
         monkeypatch.setenv("AWS_REGION", "us-east-1")
         result = run_cli(*args(server, "s3://lake/in.csv", "out/r.parquet"))
     finally:
-        _stop(proc)
+        stop_process(proc)
     assert result.exit_code == 2, result.output
     assert "access denied" in result.output and "s3://lake/in.csv" in result.output
     assert "a-secret-nobody-knows" not in result.output

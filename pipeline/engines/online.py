@@ -16,6 +16,7 @@ import asyncio
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import orjson
 import polars as pl
@@ -26,6 +27,7 @@ from pipeline.limits.learn import Ticket
 from pipeline.limits.retry import RetryPolicy
 from pipeline.limits.room import Room
 from pipeline.limits.spend import NOT_SENT as NOT_SENT_CEILING
+from pipeline.limits.spend import Pricing
 from pipeline.observe.stats import RunStats
 from pipeline.providers import Completion, Provider, SchemaFormatRefused, read_reply
 from pipeline.providers.base import clip
@@ -33,8 +35,10 @@ from pipeline.providers.transport import Transport
 from pipeline.requests.media import MEDIA, MEDIA_BYTES, MEDIA_KIND, MEDIA_MOST, MEDIA_TOKENS, MediaColumns, Unreadable
 from pipeline.requests.prompts import EST_TOKENS, EXTRA, KEY, PROMPT, SKIP_REASON, Renderer, estimate_tokens
 from pipeline.requests.structured import Structured, check_reply, correction
-from pipeline.tables.cache import AnswerCache
+from pipeline.requests.tools import arguments_text
+from pipeline.tables.cache import Answers
 from pipeline.tables.checkpoint import Checkpoint, Result, lookup
+from pipeline.tables.columns import Layout
 from pipeline.tables.responses import ResponseLog
 from pipeline.tables.sink import Sink, result_frame
 
@@ -70,6 +74,8 @@ class Work:
     media: str | None = None  # the row's images and documents (a descriptor; their bytes are read to send)
     media_bytes: int = 0  # what reading them takes
     media_most: int = 0  # the most tokens they may cost, for the spend ceiling
+    billed_in: int = 0  # tokens its attempts were billed (or, under a ceiling, counted against it), for its cost
+    billed_out: int = 0
 
 
 @dataclass(frozen=True)
@@ -91,26 +97,22 @@ class Prepared:
     skip_kinds: list[str | None] | None = None  # per row held back by its images: the kind counted (image_missing...)
 
 
-def prepare(frame: pl.DataFrame, renderer: Renderer, done: pl.DataFrame, cache: AnswerCache | None = None) -> Prepared:
+def prepare(frame: pl.DataFrame, renderer: Renderer, done: pl.DataFrame, cache: Answers | None = None) -> Prepared:
     """Render a batch and look its keys up: in the checkpoint, then in the answer cache, if any.
 
     An answer from the cache is the stored answer (text, tokens, model, finish reason) with
-    `attempts` 0 and `latency_ms` null: no request was made for it by this output, so the output's
-    attempts add up to the requests it paid for and its latencies are its own requests'."""
+    `attempts` 0, `latency_ms` null and `cost_usd` 0: no request was made for it by this output, so the
+    output's attempts and costs add up to the requests it paid for and its latencies are its own requests'."""
     rendered = renderer.render(frame)
     keys = rendered.get_column(KEY)
     cached: dict[int, Result] = {}
     if done.height:
         hit, rows = lookup(done, keys)
-        cached = dict(zip(hit.arg_true().to_list(), map(Result._make, rows.rows()), strict=True))
+        cached = dict(zip(hit.arg_true().to_list(), map(Result.stored, rows.rows()), strict=True))
     key_list, skip = keys.to_list(), rendered.get_column(SKIP_REASON).to_list()
     from_cache: frozenset[int] = frozenset()
     if cache is not None:
-        wanted = {row: k for row, k in enumerate(key_list) if k is not None and skip[row] is None and row not in cached}
-        stored = cache.get_many(list(wanted.values())) if wanted else {}
-        answered = {
-            row: Result._make(stored[k])._replace(attempts=0, latency_ms=None) for row, k in wanted.items() if k in stored
-        }
+        answered = cache_hits(cache, key_list, skip, cached)
         cached.update(answered)
         from_cache = frozenset(answered)
     return Prepared(
@@ -139,6 +141,17 @@ def prepare(frame: pl.DataFrame, renderer: Renderer, done: pl.DataFrame, cache: 
     )
 
 
+def cache_hits(cache: Answers, keys: list[str | None], skip: list[str | None], cached: dict[int, Result]) -> dict[int, Result]:
+    """The rows the answer cache answers, of those with a request and no answer yet."""
+    wanted = {row: k for row, k in enumerate(keys) if k is not None and skip[row] is None and row not in cached}
+    stored = cache.get_many(list(wanted.values())) if wanted else {}
+    return {
+        row: Result.stored(stored[k])._replace(attempts=0, latency_ms=None, cost_usd=0.0)
+        for row, k in wanted.items()
+        if k in stored
+    }
+
+
 error_result = Result.failed
 
 
@@ -157,9 +170,11 @@ class Engine:
         system_prompt: str | None = None,
         structured: Structured | None = None,
         window_rows: int | None = None,
-        cache: AnswerCache | None = None,
+        cache: Answers | None = None,
         answered: OrderedDict[str, Result] | None = None,
         media: MediaColumns | None = None,
+        pricing: Pricing | None = None,
+        layout: Layout | None = None,
     ) -> None:
         self._provider = provider
         self._media = media  # reads a row's images again to build its request
@@ -178,6 +193,7 @@ class Engine:
         self._stats = stats
         self._system = system_prompt or ""
         self._structured = structured
+        self._layout = layout or Layout(structured=structured)  # the result columns the output gets
         self._validator = structured.validator() if structured else None
         self._dtype = structured.dtype if structured else None
         self._window = window_rows or max(20_000, 64 * concurrency)
@@ -187,6 +203,9 @@ class Engine:
         # Answers of this run, newest last, bounded: a duplicate of a recent row is not sent again.
         # (Given: the Ray engine's engines of one actor share it across blocks.)
         self._answered: OrderedDict[str, Result] = OrderedDict() if answered is None else answered
+        # Each row's cost_usd: its requests' billed tokens at these prices, on the first row that uses the answer.
+        self._pricing = pricing
+        self._costed: OrderedDict[str, None] = OrderedDict()  # keys whose checkpoint answer a row of this run carries
         self._outstanding = 0
         self._room = asyncio.Condition()
         self._any_success = False
@@ -201,6 +220,11 @@ class Engine:
         self._halted: str | None = None  # after a stop has drained: why the rows left are not sent
         self._halt_kind = ""  # ...and the outcome it counts under in the errors by kind
         self._base_bytes: dict[str | None, int] = {}  # the body around an empty prompt, by JSON form
+
+    @property
+    def unsettled(self) -> int:
+        """Requests of rows admitted that have no final answer yet: queued, in flight or waiting to retry."""
+        return len(self._inflight)
 
     async def run(self, batches: Iterator[pl.DataFrame], prep: Callable[[pl.DataFrame], Prepared]) -> None:
         """Send every row; returns when every batch is written.
@@ -238,6 +262,10 @@ class Engine:
             await asyncio.sleep(CACHE_FLUSH_EVERY)
             if self._cache.pending:
                 await asyncio.to_thread(self._cache.flush)
+
+    def stop(self, err: errors.FatalError) -> None:
+        """Stop this run early from outside (another engine sharing its governor stopped)."""
+        self._stop(err)
 
     def _stop(self, err: errors.FatalError) -> None:
         """Stop early: send nothing more, let the requests in flight come back (their answers
@@ -312,10 +340,11 @@ class Engine:
                         self._checkpoint.append(hit)
                     else:
                         self._stats.from_checkpoint += 1
+                        hit = self._earlier_cost(hit)
                     self._finish_row(batch, row, hit)
                 elif (answer := self._answered.get(key)) is not None:
                     self._stats.shared += 1
-                    self._finish_row(batch, row, answer)
+                    self._finish_row(batch, row, _free(answer))
                 elif (work := self._inflight.get(key)) is not None:
                     self._stats.shared += 1
                     work.waiters.append((batch, row))  # same request already on its way: share the answer
@@ -343,10 +372,27 @@ class Engine:
                 self._outstanding -= batch.frame.height
                 self._room.notify_all()
 
+    def _earlier_cost(self, hit: Result) -> Result:
+        """A checkpoint answer's cost, as a row of this output carries it: what it cost when it was bought
+        (tokens at this run's prices for one kept by a run without prices), on the first row of this run
+        that uses it; the rows after it that share it carry 0, as rows sharing a request do."""
+        if self._pricing is None:
+            return hit
+        key = hit.request_key
+        assert key is not None
+        if key in self._costed:
+            self._costed.move_to_end(key)
+            return hit._replace(cost_usd=0.0)
+        self._costed[key] = None
+        if len(self._costed) > ANSWER_MEMORY:
+            self._costed.popitem(last=False)
+        if hit.cost_usd is None:
+            return hit._replace(cost_usd=self._pricing.of(hit.prompt_tokens or 0, hit.completion_tokens or 0))
+        return hit
+
     def _write_batch(self, batch: Batch) -> None:
-        results = result_frame(batch.results)  # type: ignore[arg-type]  # all settled
         # Apart from the input's columns: an input may have its own 'status' (written with --result-prefix).
-        self._sink.write(batch.frame, self._structured.add_columns(results) if self._structured else results)
+        self._sink.write(*self._layout.shape(batch.frame, result_frame(batch.results)))  # type: ignore[arg-type]  # all settled
 
     async def _worker(self) -> None:
         while (work := await self._queue.get()) is not None:
@@ -421,22 +467,23 @@ class Engine:
                 work.reply = (status, headers.get("x-request-id"), reply)
             governor.answered(headers)
             completion = read_reply(self._provider, status, headers, reply)
-            if held is not None:  # billed, whatever the checks below make of the answer
-                self._settle(held, completion)
+            self._bill(work, held, completion)  # billed, whatever the checks below make of the answer
             latency = loop.time() - started
             governor.succeeded(ticket, latency, completion.completion_tokens)
             if self._validator is not None:
-                completion = replace(completion, text=check_reply(completion.text, self._validator, self._dtype))
+                answer = completion.text
+                if self._structured is not None and self._structured.tool is not None:  # --tool-columns
+                    answer = arguments_text(completion.tool_calls, self._structured.tool, completion.text)
+                completion = replace(completion, text=check_reply(answer, self._validator, self._dtype))
         except SchemaFormatRefused as err:
-            if held is not None:
-                self._settle(held, None, err)
+            self._bill(work, held, None, err)
             if form == "json_schema" and self._provider.use_json_object():
                 self._resend_as_json_object(work, err)
             else:  # refused in json_object form too: the row fails like any other refusal
                 self._failed(work, err, ticket)
         except errors.RequestError as err:
-            if held is not None and completion is None:  # an answer that failed the checks was settled above
-                self._settle(held, None, err)
+            if completion is None:  # an answer that failed the checks was billed above
+                self._bill(work, held, None, err)
             self._failed(work, err, ticket)
         else:
             self._any_success = True
@@ -459,20 +506,49 @@ class Engine:
             size += len(orjson.dumps(work.followup))
         return size
 
-    def _settle(self, held: tuple[int, int], completion: Completion | None, err: errors.RequestError | None = None) -> None:
-        """Settle a reservation to what the server billed. Its usage when it sent one (an answer that
-        fails validation was billed too); the worst case when it may have billed without saying (no
-        usage, a timeout or a broken connection after sending, a garbled 200); nothing for an error
-        status, which carries no usage and bills nothing."""
-        if completion is not None:
-            pt, ct = completion.prompt_tokens, completion.completion_tokens
-            self.governor.settle(held, held[0] if pt is None else pt, held[1] if ct is None else ct)
-        elif isinstance(err, errors.RequestTimeout | errors.MalformedReply) or (
-            isinstance(err, errors.TransportError) and err.kind != "connect"
-        ):
-            self.governor.settle(held, *held)
+    def _bill(
+        self, work: Work, held: tuple[int, int] | None, completion: Completion | None, err: errors.RequestError | None = None
+    ) -> None:
+        """Count what one attempt was billed: against the spend ceiling (settling its reservation), in this
+        run's spend, and in the request's own tally, which becomes its row's cost_usd. An answer's usage (one
+        that fails the checks was billed too), estimated where the server sent none; nothing for an error
+        status, which carries no usage and bills nothing. Under a ceiling, an attempt that may have been
+        billed without saying so (no usage, a timeout or a broken connection after sending, a garbled 200)
+        counts at its worst case, so that the ceiling holds; without one it counts nothing, as nothing is known."""
+        if held is not None:
+            if completion is not None:
+                pt, ct = completion.prompt_tokens, completion.completion_tokens
+                billed = (held[0] if pt is None else pt, held[1] if ct is None else ct)
+            elif isinstance(err, errors.RequestTimeout | errors.MalformedReply) or (
+                isinstance(err, errors.TransportError) and err.kind != "connect"
+            ):
+                billed = held
+            else:
+                billed = (0, 0)
+            self.governor.settle(held, *billed)  # the governor keeps the run's spent tokens under a ceiling
+        elif completion is not None:
+            billed = self._tokens(work, completion)[:2]
+            self._stats.spent_tokens_in += billed[0]
+            self._stats.spent_tokens_out += billed[1]
         else:
-            self.governor.settle(held, 0, 0)
+            return
+        work.billed_in += billed[0]
+        work.billed_out += billed[1]
+        if self._pricing is not None:
+            self._stats.spent_usd += self._pricing.of(*billed)
+
+    def _tokens(self, work: Work, c: Completion) -> tuple[int, int, bool]:
+        """An answer's prompt and completion tokens, estimated where the server sent no usage (and whether they were)."""
+        pt, ct = c.prompt_tokens, c.completion_tokens
+        estimated = pt is None or ct is None
+        if pt is None:
+            pt = estimate_tokens(self._system + work.prompt) + work.media_most
+        if ct is None:
+            ct = sum(estimate_tokens(text) for text, _ in c.choices) if c.choices else estimate_tokens(c.text)
+        return pt, ct, estimated
+
+    def _cost(self, work: Work) -> float | None:
+        return None if self._pricing is None else self._pricing.of(work.billed_in, work.billed_out)
 
     def _not_sent(self, work: Work, message: str, kind: str) -> None:
         """The row (and every identical row sharing its request) is not sent: the ceiling is reached, or
@@ -480,10 +556,10 @@ class Engine:
         del self._inflight[work.key]
         if work.attempts:
             message += f" (after {work.attempts} failed attempt{'s' if work.attempts > 1 else ''})"
-        result = error_result(message, work.attempts, work.key)
+        result = error_result(message, work.attempts, work.key, self._cost(work))
         self._stats.error_kinds[kind] += len(work.waiters)
-        for batch, row in work.waiters:
-            self._finish_row(batch, row, result)
+        for i, (batch, row) in enumerate(work.waiters):
+            self._finish_row(batch, row, result if i == 0 else _free(result))
 
     def _resend_as_json_object(self, work: Work, err: SchemaFormatRefused) -> None:
         """The server refused the json_schema form (llama-cpp-python, TGI): the run asks for json_object
@@ -500,12 +576,7 @@ class Engine:
         self._queue.put_nowait(work)
 
     def _ok_result(self, work: Work, c: Completion, latency: float) -> Result:
-        pt, ct = c.prompt_tokens, c.completion_tokens
-        estimated = pt is None or ct is None
-        if pt is None:
-            pt = estimate_tokens(self._system + work.prompt) + work.media_most
-        if ct is None:
-            ct = estimate_tokens(c.text)
+        pt, ct, estimated = self._tokens(work, c)
         self._stats.prompt_tokens += pt
         self._stats.completion_tokens += ct
         self._stats.estimated_rows += estimated
@@ -522,6 +593,8 @@ class Engine:
             latency_ms=round(latency, 2),
             request_key=work.key,
             tokens_estimated=estimated,
+            cost_usd=self._cost(work),
+            **answer_fields(c),
         )
 
     def _failed(self, work: Work, err: errors.RequestError, ticket: Ticket) -> None:
@@ -541,7 +614,7 @@ class Engine:
             self._stop(fatal)
             return
         if isinstance(err, errors.InvalidOutput):
-            work.followup = correction(err)  # ask again, saying what was wrong
+            work.followup = correction(err, self._structured.tool if self._structured else None)  # say what was wrong
         if delay is not None:
             self._stats.retries += 1
             asyncio.get_running_loop().call_later(delay, self._queue.put_nowait, work)
@@ -550,7 +623,7 @@ class Engine:
         if err.transient:  # failed for a reason that may pass: a re-run may answer it
             self._stats.retryable_errors += len(work.waiters)
         message = f"{err.message} (after {work.attempts} attempt{'s' if work.attempts > 1 else ''})"
-        result = error_result(message, work.attempts, work.key)
+        result = error_result(message, work.attempts, work.key, self._cost(work))
         if isinstance(err, errors.InvalidOutput):
             result = result._replace(completion=err.raw)  # keep what the model said, for a look
         self._finish(work, result)
@@ -578,8 +651,8 @@ class Engine:
             self._answered[work.key] = result
             if len(self._answered) > ANSWER_MEMORY:
                 self._answered.popitem(last=False)
-        for batch, row in work.waiters:
-            self._finish_row(batch, row, result)
+        for i, (batch, row) in enumerate(work.waiters):
+            self._finish_row(batch, row, result if i == 0 else _free(result))
 
     def _finish_row(self, batch: Batch, row: int, result: Result, kind: str = "not_sent") -> None:
         """`kind`: what a row held back before any request (no key) counts under."""
@@ -592,3 +665,17 @@ class Engine:
             if result.request_key is None:
                 stats.error_kinds[kind] += 1
         batch.settle(row, result)
+
+
+def answer_fields(c: Completion) -> dict[str, Any]:
+    """What an answer adds to its result besides text and tokens: its tool calls, every choice."""
+    return {
+        "tool_calls": None if c.tool_calls is None else orjson.dumps(list(c.tool_calls)).decode(),
+        "completions": None if c.choices is None else [text for text, _ in c.choices],
+        "finish_reasons": None if c.choices is None else [reason for _, reason in c.choices],
+    }
+
+
+def _free(result: Result) -> Result:
+    """A result as a row that shares another row's request carries it: the request's cost is on that row."""
+    return result if not result.cost_usd else result._replace(cost_usd=0.0)

@@ -21,6 +21,7 @@ from pipeline.config import RunConfig
 from pipeline.engines.batch import BatchStep, Ledger, batch_api
 from pipeline.engines.batch.step import Pending
 from pipeline.engines.online import prepare
+from pipeline.limits import spend
 from pipeline.observe import metrics
 from pipeline.observe.progress import plural
 from pipeline.outcomes import EXIT_OK
@@ -29,7 +30,7 @@ from pipeline.providers import make_provider
 from pipeline.providers.transport import AiohttpTransport
 from pipeline.tables import source
 from pipeline.tables.cache import AnswerCache
-from pipeline.tables.checkpoint import RESULT_SCHEMA, Checkpoint, Result, read_done
+from pipeline.tables.checkpoint import STORED_SCHEMA, Checkpoint, Result, read_done
 
 if TYPE_CHECKING:
     from pipeline.job.run import Job
@@ -63,6 +64,8 @@ async def batch_step(
         say=job.say,
         cache=cache,
         responses=job.responses,
+        pricing=spend.pricing_for(cfg, batch=True),
+        forced_tool=job.plan.structured.tool if job.plan.structured else None,
     )
 
     media = renderer.media
@@ -125,7 +128,7 @@ async def batch_step(
     failed = {**ledger.failed(), **outcome.failed}
     attempts = ledger.submissions(ledger.entries())
     refused = [Result.failed(why, attempts[key], key) for key, why in failed.items()]
-    extra = pl.DataFrame([*outcome.folded, *refused], schema=RESULT_SCHEMA, orient="row")
+    extra = pl.DataFrame([*outcome.folded, *refused], schema=STORED_SCHEMA, orient="row")
     job.attempts_before = attempts  # the online fallback's rows had these batch submissions
     return None, pl.concat([done, extra]).unique("request_key", keep="first", maintain_order=True).sort("request_key")
 
@@ -138,6 +141,9 @@ def _count_batch_spend(job: Job, outcome: Any) -> None:
     for r in outcome.folded[job.counted_folded :]:
         stats.prompt_tokens += r.prompt_tokens or 0
         stats.completion_tokens += r.completion_tokens or 0
+        stats.spent_tokens_in += r.prompt_tokens or 0
+        stats.spent_tokens_out += r.completion_tokens or 0
+        stats.spent_usd += r.cost_usd or 0.0
     job.counted_folded = len(outcome.folded)
     outcome.submitted_rows = 0  # counted once, whichever way the step ended
 

@@ -134,7 +134,7 @@ def empty_run(job: Job, sink: Sink) -> metrics.Ending:
     Nothing is sent, no model is started and no checkpoint is made: there is nothing to resume."""
     plan = job.plan
     results = result_frame([])
-    sink.write(pl.DataFrame(schema=plan.table.schema), plan.structured.add_columns(results) if plan.structured else results)
+    sink.write(*plan.layout.shape(pl.DataFrame(schema=plan.table.schema), results))
     sink.commit()
     where = f"\n  output: {describe(plan.output)}" if plan.output is not None else ""
     message = (

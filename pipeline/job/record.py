@@ -31,7 +31,7 @@ def finish(job: Job, ending: metrics.Ending) -> RunResult:
         job.stats,
         ending,
         job.clock,
-        earlier_tokens=job.earlier_tokens,
+        earlier_cost=job.earlier_cost,
         paths=(job.checkpoint_shown, shown(job, path, "metrics"), shown(job, report, "report")),
     )
     if path is not None:

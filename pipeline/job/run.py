@@ -30,13 +30,14 @@ from pipeline.job import record
 from pipeline.job.batch import batch_step, refuse_open_batches
 from pipeline.job.commit import commit, empty_run, stopped
 from pipeline.job.send import send
+from pipeline.limits import spend
 from pipeline.observe import metrics
 from pipeline.observe.stats import RunStats
 from pipeline.outcomes import RunResult
 from pipeline.plan import Plan
 from pipeline.tables import remote_state, storage
 from pipeline.tables.cache import AnswerCache, scope_for
-from pipeline.tables.checkpoint import RESULT_SCHEMA, Checkpoint
+from pipeline.tables.checkpoint import STORED_SCHEMA, Checkpoint
 from pipeline.tables.responses import ResponseLog
 from pipeline.tables.sink import Sink, open_sink
 
@@ -72,8 +73,8 @@ class Job:
         self._sink = sink  # the API's table out, else the output file is opened by the run
         self.holds_table = sink is not None  # the caller gets the rows back in memory, whatever the ending
         self.files = files
-        self.earlier_tokens: tuple[int, int] | None = None  # (prompt, completion) the checkpoint held, for the cost
-        self.done_before = pl.DataFrame(schema=RESULT_SCHEMA)  # the checkpoint's answers when this run began
+        self.earlier_cost: float | None = None  # what the answers the checkpoint held cost, for the cost across runs
+        self.done_before = pl.DataFrame(schema=STORED_SCHEMA)  # the checkpoint's answers when this run began
         self.result: RunResult | None = None
         self.attempts_before: dict[str, int] = {}  # batch submissions a row had, for the online fallback's attempts
         self.counted_folded = 0  # answers of batches already counted in this run's tokens
@@ -129,6 +130,8 @@ class Job:
                 scope = scope_for(cfg.provider, cfg.setting("base_url"))
                 cache = stack.enter_context(AnswerCache(cfg.cache_dir, scope, max_mb=cfg.cache_max_mb).open())
             if cfg.mode == "batch":
+                if cfg.engine == "ray":
+                    self.say("pipeline: batch mode: the provider's batch API runs the requests; no Ray actors are started")
                 early, done = await batch_step(self, checkpoint, done, stack, cache)
                 if early is not None:  # batches still running (exit 3), or a refusal
                     return early
@@ -145,7 +148,7 @@ class Job:
         """The answers earlier runs left (none with --fresh, but their cost is still counted)."""
         done = checkpoint.load()
         if done.height:
-            self.earlier_tokens = (int(done["prompt_tokens"].sum() or 0), int(done["completion_tokens"].sum() or 0))
+            self.earlier_cost = spend.answered_cost(self.cfg, done)
         if self.cfg.fresh:
             done = done.clear()
         elif done.height:

@@ -71,13 +71,13 @@ async def send(
     if base_url is None:
         job.say("pipeline: starting the embedded model server (SmolLM2-135M-Instruct on 127.0.0.1)")
         base_url = (await stack.enter_async_context(LocalServer())).base_url
-    if cfg.engine == "ray":
-        from pipeline.engines import ray as on_ray  # Ray is an optional extra, imported only here
+    if cfg.engine == "ray" and cfg.mode != "batch":  # batch mode: the provider runs the requests, no actors
+        from pipeline.engines import ray_pool as on_ray  # Ray is an optional extra, imported only here
 
         progress = Progress(stats, enabled=cfg.progress, stream=job.stream, notebook=job.notebook)
         stopped_by = await on_ray.send(job, sink=sink, done=done, base_url=base_url, progress=progress)
-        if stopped_by is not None:
-            return Sent(stop=errors.FatalError(stopped_by, kind="stopped"), whole=False, appended=stats.rows_sent)
+        if stopped_by is not None:  # the fatal answer an actor got, its kind kept for the exit code
+            return Sent(stop=stopped_by, whole=False, appended=stats.rows_sent)
         return Sent()
     provider = make_provider(cfg.provider, base_url, renderer.spec, job.api_key, job.headers, job.secrets)
     transport = AiohttpTransport(concurrency=int(cfg.setting("concurrency")), timeout=float(cfg.setting("timeout")))
@@ -162,6 +162,8 @@ def build_engine(
         structured=plan.structured,
         cache=cache,
         media=plan.renderer.media,
+        pricing=spend.pricing_for(cfg, batch=False),  # batch mode's online fallback pays the online price
+        layout=plan.layout,
     )
 
 

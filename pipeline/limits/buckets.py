@@ -114,12 +114,23 @@ class Gate:
     def __init__(self, limit: int) -> None:
         self._limit = max(1, limit)
         self._cap: int | None = None  # a temporary override (one probe at a time while the breaker is open)
+        self._share: int | None = None  # this engine's part of a budget shared with others (Ray actors); may be 0
         self.held = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
 
     @property
     def limit(self) -> int:
+        limit = self._limit if self._cap is None else min(self._limit, self._cap)
+        return limit if self._share is None else min(limit, self._share)
+
+    @property
+    def own_limit(self) -> int:
+        """The limit without the shared budget's part: what this engine would use on its own."""
         return self._limit if self._cap is None else min(self._limit, self._cap)
+
+    def share(self, share: int | None) -> None:
+        self._share = share
+        self._wake()
 
     def set_limit(self, limit: int) -> None:
         self._limit = max(1, limit)

@@ -114,6 +114,7 @@ class Governor:
         The hold is checked again after the pacers: a request that waited through a
         429's hold goes out at the pace, not in a burst when the hold lifts."""
         hold, gate = self.hold, self.gate
+        epoch: int | None = None
         while True:
             if not hold.is_open:
                 await hold.wait()
@@ -126,8 +127,10 @@ class Governor:
                     await self._requests.acquire()
                 if self._tokens:
                     await self._take_tokens(tokens)
-                if self._shared is not None and not await self._shared.take(tokens):
-                    self._block(errors.FatalError(ELSEWHERE + str(self._shared.stopped), kind="stopped"))
+                if self._shared is not None:
+                    epoch = await self._shared.take(tokens)
+                    if epoch is None:
+                        self._block(errors.FatalError(ELSEWHERE + str(self._shared.stopped), kind="stopped"))
             except BaseException:
                 gate.release()
                 raise
@@ -142,7 +145,7 @@ class Governor:
             sent_at=now,
             on_wire=self._on_wire,
             epoch=self.concurrency.epoch if self.concurrency else 0,
-            rate_epoch=self.rate.epoch,
+            rate_epoch=self.rate.epoch if epoch is None else epoch,
             probe=self.breaker.is_open,
             generation=self.concurrency.generation if self.concurrency else 0,
         )
@@ -154,6 +157,12 @@ class Governor:
         reserved at their worst case and are usually billed far less), woken by each settle."""
         spend = self.spend
         assert spend is not None
+        if self._shared is not None and self._shared.shares_spend:  # the cluster's ceiling, held by the coordinator
+            if not await self._shared.reserve(held):
+                self._stats.ceiling_reached = True
+                return False
+            spend.reserve(held)  # this engine's own tally, for its counters
+            return True
         while (verdict := spend.check(*held)) is Verdict.WAIT:
             if self._blocked is not None:  # the run stopped: nothing more settles, so stop waiting
                 raise self._blocked
@@ -171,6 +180,8 @@ class Governor:
         spend = self.spend
         assert spend is not None
         spend.settle(held, tokens_in, tokens_out)
+        if self._shared is not None and self._shared.shares_spend:
+            self._shared.settle(held, tokens_in, tokens_out)
         self._stats.spent_tokens_in, self._stats.spent_tokens_out = spend.spent_in, spend.spent_out
         self._settled.set()
 
@@ -184,6 +195,15 @@ class Governor:
     def in_flight(self) -> int:
         """Requests admitted whose answer has not been read yet."""
         return self._on_wire
+
+    def share(self, n: int | None) -> None:
+        """This engine's part of requests in flight shared with other engines (a Ray actor's grant)."""
+        self.gate.share(n)
+
+    @property
+    def own_limit(self) -> int:
+        """How many this engine would have in flight on its own: its learned limit, the breaker's cap."""
+        return self.gate.own_limit
 
     def block(self, err: errors.FatalError) -> None:
         """Refuse every further request with `err` (a stop decided elsewhere: another Ray actor's fatal answer)."""
@@ -323,7 +343,7 @@ class Governor:
         first = self._requests is None  # nothing paced us yet: this is a storm, not a nudge
         if self._shared is not None:  # the pace is the cluster's: the coordinator decreases it for every engine
             first = not self._shared.limited
-            self._shared.rate_limited(wait)
+            self._shared.rate_limited(wait, ticket.rate_epoch)
         elif self._adapt and self.rate.rate_limited(now, ticket, wait):
             self._apply_pace()
         if wait is not None and (not self._adapt or wait >= HOLD_ALL_FROM):

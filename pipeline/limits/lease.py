@@ -11,14 +11,20 @@ that finish early, so the budget is central and handed out as it is used:
   the cluster's sends one even pace, as the local engine's pacer does, so a
   server counting per second sees at most the pace plus one request.
 - `LeaseClient` lives in each engine: it keeps the slots leased and waits for
-  each request's slot, on its own clock from the moment the lease arrives; a
-  slot not used within GRACE of its time is dropped (a lost slot wastes
-  budget, a late one would bunch up with the next).
+  each request's slot. Slot times are the coordinator's clock, read on the
+  engine's through an offset measured on every lease call (`ClockSync`, the
+  NTP estimate from the quickest round trip): a lease that arrives late does
+  not shift its slots onto the next lease's. A slot not used within GRACE of
+  its time is dropped (a lost slot wastes budget, a late one would bunch up).
 
 With no limit known (no --rpm/--tpm, no header, no 429 yet) nothing is leased and
-each engine sends as fast as its concurrency allows. The first 429 reported
-sets a pace below the cluster's measured send rate (multiplicative decrease);
-quiet periods raise it again (additive increase) up to the ceiling.
+each engine sends as fast as its concurrency allows. After a 429 the budget
+recovers as the local engine's `RateController` does: one decrease per
+congestion event (a 429 of a request sent under an earlier epoch, or within
+the server's stated wait after the cut, is the same event seen again), then
+CUBIC growth back to the rate before the cut within seconds, and on to the
+ceiling (the user's cap, or the limit the headers name), where the adaptive
+pace is dropped.
 """
 
 from __future__ import annotations
@@ -31,30 +37,37 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pipeline.limits.learn import HEADROOM
+from pipeline.limits.learn import BETA_BLIND, BETA_KNOWN, CUBIC_C, HEADROOM, MAX_OVER_MEASURED
 
 HORIZON = 0.05  # seconds of budget a lease may reach ahead: bounds what one actor holds
-GRACE = 0.02  # seconds a slot stays usable after its time
-DECREASE = 0.7  # the pace after a 429, against the send rate measured before it
-INCREASE_EVERY = 2.0  # seconds without a 429 between additive steps up
-INCREASE_STEP = 0.05  # of the pace, per step
+# Seconds a slot stays usable after its time: the local pacer's bank (buckets.BANK, 10 ms of a second's
+# quota). A window of one second then sees at most the pace x 1.01 + 1 requests: under the limit at HEADROOM.
+GRACE = 0.01
 RATE_WINDOW = 2.0  # seconds over which the cluster's send rate is measured
+RATE_MIN_SPAN = 0.25  # ...and the least it is divided by at the start (a few sends in 10 ms are no rate)
 MIN_RATE = 1 / 60  # requests per second: the pace never goes to zero
+QUIET_MAX = 1.0  # seconds after a cut in which 429s are the same event (the server's stated wait, up to this)
+HOLD_ALL_FROM = 2.0  # a stale 429's Retry-After still holds everyone when it asks this long (as governor's)
 ELSEWHERE = "stopped on another worker: "  # how an engine's stop says the cause was another engine's answer
 MIN_WAIT = 1e-4  # seconds: a wait of float dust would find the same dust again, forever, on a clock that has not moved
+CLOCK_SAMPLES = 32  # lease round trips the clock offset is estimated from (the quickest wins)
 
 
 @dataclass
 class Lease:
     """What a lease call gets: send times, tokens, and whether leasing is needed at all.
 
-    `slots` are seconds after the grant, not clock readings: each engine adds them to its own
-    clock when the lease arrives, so nodes whose clocks disagree still keep one pace."""
+    `slots` are times on the coordinator's clock; `received` and `granted` are its clock when
+    the call arrived and when it was answered, for the engine's `ClockSync`. `epoch` counts the
+    budget's decreases: a 429 reported with an older epoch was sent before the last cut."""
 
     slots: list[float]
     tokens: float = 0.0
     limited: bool = True
     stopped: str | None = None  # the run was stopped (a fatal answer elsewhere): send nothing more
+    epoch: int = 0
+    received: float = 0.0
+    granted: float = 0.0
 
 
 @dataclass
@@ -66,15 +79,19 @@ class SlotBudget:
     adapt: bool = True
     header_rps: float | None = None  # learned from rate-limit headers (the account's limit)
     header_tpm: float | None = None
-    operating: float | None = None  # after 429s, per second
+    operating: float | None = None  # after 429s, per second; None at the ceiling (or with none known)
+    epoch: int = 0
     next_slot: float = 0.0
     hold_until: float = 0.0
     stopped: str | None = None
     _tokens: float = 0.0
     _tokens_at: float = 0.0
     _granted: deque[float] = field(default_factory=deque)  # slot times of the last RATE_WINDOW seconds
-    _last_decrease: float = -math.inf
-    _last_change: float = 0.0
+    _w_max: float = 0.0  # CUBIC: the rate before the last cut
+    _k: float = 0.0  # CUBIC: seconds from the cut back to _w_max
+    _since: float = 0.0  # when the last cut happened
+    _quiet_until: float = -math.inf
+    _first_send: float | None = None
 
     # ---- what the pace is ------------------------------------------------------------
 
@@ -109,12 +126,13 @@ class SlotBudget:
     def grant(self, now: float, want: int, tokens_each: float) -> tuple[Lease | None, float]:
         """A lease of up to `want` slots, or (None, seconds to wait before asking again)."""
         if self.stopped is not None:
-            return Lease([], stopped=self.stopped), 0.0
+            return Lease([], stopped=self.stopped, epoch=self.epoch), 0.0
         if now < self.hold_until:
             return None, max(MIN_WAIT, self.hold_until - now)
+        self.grow(now)
         rate, tpm = self.rate(), self.tpm()
         if rate is None and tpm is None:
-            return Lease([0.0] * want, tokens=tokens_each * want, limited=False), 0.0
+            return Lease([], limited=False, epoch=self.epoch, received=now, granted=now), 0.0
         start = max(now, self.next_slot)
         if start > now + HORIZON:
             return None, max(MIN_WAIT, start - now - HORIZON)
@@ -135,7 +153,7 @@ class SlotBudget:
         slots = [start + i * step for i in range(n)]
         self.next_slot = start + n * step
         self._granted.extend(slots)
-        return Lease([t - now for t in slots], tokens=tokens), 0.0
+        return Lease(slots, tokens=tokens, epoch=self.epoch, received=now, granted=now), 0.0
 
     # ---- what the engines learn -----------------------------------------------------------
 
@@ -148,20 +166,51 @@ class SlotBudget:
         if tokens_per_min:
             self.header_tpm = tokens_per_min
 
-    def rate_limited(self, now: float, retry_after: float | None) -> None:
-        """A 429 about the rate seen by some engine: one decrease per second, below what was sent."""
-        if retry_after:
-            self.hold_until = max(self.hold_until, now + min(retry_after, 60.0))
-            self.next_slot = max(self.next_slot, self.hold_until)
-        if not self.adapt or now - self._last_decrease < 1.0:
+    def rate_limited(self, now: float, epoch: int, retry_after: float | None) -> bool:
+        """A 429 about the rate, of a request sent under `epoch`; True when the pace was cut.
+
+        One cut per congestion event: a 429 of a request leased before the last cut, or
+        arriving within the wait the server named (up to QUIET_MAX) after it, is the
+        same event seen again. The cut is from the lower of the pace and the cluster's
+        measured send rate, by the local engine's factors."""
+        fresh = epoch == self.epoch and now >= self._quiet_until
+        if retry_after and (not self.adapt or retry_after >= HOLD_ALL_FROM):
+            self._hold(now, retry_after)  # the account is over its limit, not a row: everyone waits, as asked
+        elif fresh and not self.limited():
+            self._hold(now, min(retry_after or 1.0, 1.0))  # nothing paced us yet: the window is spent, a storm
+        if not self.adapt or not fresh:
+            return False
+        known = [r for r in (self.rate(), self._send_rate(now)) if r]
+        if not known:
+            return False  # nothing sent that says what rate this was: the hold alone
+        base = min(known)
+        beta = BETA_KNOWN if self.header_rps else BETA_BLIND
+        self._w_max, self._since = base, now
+        self._k = (base * (1 - beta) / CUBIC_C) ** (1 / 3)
+        self._quiet_until = now + min(retry_after or 0.0, QUIET_MAX)
+        self.operating = max(MIN_RATE, base * beta)
+        self.epoch += 1
+        return True
+
+    def _hold(self, now: float, seconds: float) -> None:
+        self.hold_until = max(self.hold_until, now + min(seconds, 60.0))
+        self.next_slot = max(self.next_slot, self.hold_until)
+
+    def grow(self, now: float) -> None:
+        """CUBIC growth since the last cut: back to the rate before it in about K seconds, gently
+        past it, then faster; capped at twice what the cluster actually sends, so an idle run does
+        not bank a rate it never tested. At the ceiling the adaptive pace is dropped."""
+        if self.operating is None:
             return
-        sent = self._send_rate(now)
-        current = self.rate()
-        base = min(x for x in (sent, current) if x) if (sent or current) else None
-        if base is None:
+        t = now - self._since
+        target = CUBIC_C * (t - self._k) ** 3 + self._w_max
+        measured = self._send_rate(now) or 0.0  # nothing sent lately: nothing learned about more
+        target = min(target, max(MAX_OVER_MEASURED * measured, self._w_max * BETA_BLIND))
+        ceiling = self.ceiling()
+        if ceiling is not None and target >= ceiling:
+            self.operating = None
             return
-        self.operating = max(MIN_RATE, base * DECREASE)
-        self._last_decrease = self._last_change = now
+        self.operating = max(MIN_RATE, target)
 
     def measured(self, now: float, requests: int) -> None:
         """Requests sent without leases (no pace yet), so that a first 429 knows the rate it came at."""
@@ -169,20 +218,41 @@ class SlotBudget:
         self._send_rate(now)
 
     def tick(self, now: float) -> None:
-        """Additive increase while quiet; the operating pace is dropped once it reaches the ceiling."""
-        if self.operating is None or now - self._last_change < INCREASE_EVERY:
-            return
-        self._last_change = now
-        self.operating += max(INCREASE_STEP * self.operating, MIN_RATE)
-        ceiling = self.ceiling()
-        if ceiling is not None and self.operating >= ceiling:
-            self.operating = None
+        """Time passes (an engine reported): the adaptive pace grows."""
+        self.grow(now)
 
     def _send_rate(self, now: float) -> float | None:
+        """Slots granted (or sends reported) a second over the last RATE_WINDOW; early on, over the time
+        since the first (but at least RATE_MIN_SPAN): a window not yet full would understate the rate."""
         granted = self._granted
+        if granted and self._first_send is None:
+            self._first_send = granted[0]
         while granted and granted[0] < now - RATE_WINDOW:
             granted.popleft()
-        return len(granted) / RATE_WINDOW if granted else None
+        if not granted or self._first_send is None:
+            return None
+        return len(granted) / min(RATE_WINDOW, max(now - self._first_send, RATE_MIN_SPAN))
+
+
+class ClockSync:
+    """The coordinator's clock read on ours: its offset, from the quickest recent round trip.
+
+    Per call, `sent`/`back` are our clock when the call left and its answer came; `received`/
+    `answered` the coordinator's when it arrived and was answered (a lease may wait there).
+    The NTP estimate: offset = ((received - sent) + (answered - back)) / 2, with an error of at
+    most half the round trip's time on the wire, so the quickest of the last few is kept."""
+
+    def __init__(self) -> None:
+        self._samples: deque[tuple[float, float]] = deque(maxlen=CLOCK_SAMPLES)  # (time on the wire, offset)
+        self.offset = 0.0
+
+    def sample(self, sent: float, received: float, answered: float, back: float) -> None:
+        wire = (back - sent) - (answered - received)
+        self._samples.append((wire, ((received - sent) + (answered - back)) / 2))
+        self.offset = min(self._samples)[1]
+
+    def local(self, remote: float) -> float:
+        return remote - self.offset
 
 
 class SharedPace(Protocol):
@@ -192,10 +262,14 @@ class SharedPace(Protocol):
     def limited(self) -> bool: ...
     @property
     def stopped(self) -> str | None: ...
+    @property
+    def shares_spend(self) -> bool: ...
 
-    async def take(self, tokens: int) -> bool: ...
+    async def take(self, tokens: int) -> int | None: ...
     def announce(self, requests_per_s: float | None, tokens_per_min: float | None) -> None: ...
-    def rate_limited(self, retry_after: float | None) -> None: ...
+    def rate_limited(self, retry_after: float | None, epoch: int) -> None: ...
+    async def reserve(self, held: tuple[int, int]) -> bool: ...
+    def settle(self, held: tuple[int, int], tokens_in: int, tokens_out: int) -> None: ...
 
 
 class LeaseClient:
@@ -207,44 +281,49 @@ class LeaseClient:
     def __init__(self, call: Callable[[int, float], Awaitable[Lease]], *, want: int = 64) -> None:
         self._call = call
         self._want = want
-        self._slots: deque[float] = deque()
+        self._slots: deque[tuple[float, int]] = deque()  # (time on our clock, epoch)
         self._tokens = 0.0
         self._lock = asyncio.Lock()
+        self.clock = ClockSync()
         self.limited = True  # until a lease says otherwise
         self.stopped: str | None = None
+        self.epoch = 0  # the budget's epoch as last heard
 
-    async def take(self, tokens: int) -> bool:
-        """Wait for this request's turn; False when the run was stopped elsewhere."""
+    async def take(self, tokens: int) -> int | None:
+        """Wait for this request's turn; returns the epoch it goes under, or None when the run was stopped."""
         while True:
             if self.stopped is not None:
-                return False
+                return None
             if not self.limited:
-                return True
+                return self.epoch
             now = time.monotonic()
             slots = self._slots
-            while slots and slots[0] < now - GRACE:
+            while slots and slots[0][0] < now - GRACE:
                 slots.popleft()  # too late to use without bunching with the next ones
             if slots and self._tokens >= tokens:
-                at = slots.popleft()
+                at, epoch = slots.popleft()
                 self._tokens -= tokens
                 if at > now:
                     await asyncio.sleep(at - now)
-                return True
+                return epoch
             async with self._lock:
                 if self._slots and self._tokens >= tokens:
                     continue  # another request's lease covered this one
+                sent = time.monotonic()
                 lease = await self._call(self._want, float(tokens))
-                arrived = time.monotonic()  # slot times are offsets from the grant: on this engine's own clock from now
-                lease.slots = [arrived + offset for offset in lease.slots]
-                self.stopped, self.limited = lease.stopped, lease.limited
-                if lease.tokens < tokens * len(lease.slots):  # no token budget: only slots count
-                    lease.tokens = float(tokens * len(lease.slots))
-                self._slots.extend(lease.slots)
-                self._tokens += lease.tokens
+                self.clock.sample(sent, lease.received, lease.granted, time.monotonic())
+                self.stopped, self.limited, self.epoch = lease.stopped, lease.limited, lease.epoch
+                if not lease.limited:
+                    continue
+                tokens_leased = max(lease.tokens, float(tokens * len(lease.slots)))  # no token budget: only slots count
+                self._slots.extend((self.clock.local(t), lease.epoch) for t in lease.slots)
+                self._tokens += tokens_leased
 
-    def relimit(self, limited: bool) -> None:
+    def relimit(self, limited: bool, epoch: int | None = None) -> None:
         """The coordinator's word on whether leases are needed (a 429 elsewhere, a header learned)."""
         if limited and not self.limited:
             self._slots.clear()
             self._tokens = 0.0
         self.limited = limited
+        if epoch is not None:
+            self.epoch = max(self.epoch, epoch)

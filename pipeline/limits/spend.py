@@ -121,6 +121,27 @@ def prices(cfg: RunConfig) -> tuple[float, float] | None:
     return cfg.price_in * factor, cfg.price_out * factor
 
 
+@dataclass(frozen=True)
+class Pricing:
+    """What a request costs, at prices per million tokens: the engines price each row's requests with it."""
+
+    per_million_in: float
+    per_million_out: float
+
+    def of(self, tokens_in: int, tokens_out: int) -> float:
+        # Divided last: 8 tokens at $1 and 20 at $2 are $0.000048, not 0.000047999999999999994.
+        return (tokens_in * self.per_million_in + tokens_out * self.per_million_out) / 1e6
+
+
+def pricing_for(cfg: RunConfig, *, batch: bool) -> Pricing | None:
+    """The prices of a request sent online (`batch` False: also batch mode's online fallback) or in a
+    batch (at the batch discount); None when the prices are not set."""
+    if cfg.price_in is None or cfg.price_out is None:
+        return None
+    factor = BATCH_DISCOUNT if batch else 1.0
+    return Pricing(cfg.price_in * factor, cfg.price_out * factor)
+
+
 def cost(cfg: RunConfig, tokens_in: int, tokens_out: int) -> float | None:
     paid = prices(cfg)
     if paid is None:
@@ -137,14 +158,29 @@ def answered_tokens(done: pl.DataFrame) -> tuple[int, int]:
     return int(pt or 0), int(ct or 0)
 
 
+def answered_cost(cfg: RunConfig, done: pl.DataFrame) -> float | None:
+    """What the answers a checkpoint holds cost when they were bought: each one's `cost_usd` (0 for an
+    answer the answer cache gave), or, for one kept by a run without prices, its tokens at this run's."""
+    paid = pricing_for(cfg, batch=cfg.mode == "batch")
+    if paid is None:
+        return None
+    if done.height == 0:
+        return 0.0
+    import polars as pl  # here: the spend module is imported by config-level code that needs no polars
+
+    tokens_in, tokens_out = pl.col("prompt_tokens").fill_null(0), pl.col("completion_tokens").fill_null(0)
+    priced = (tokens_in * paid.per_million_in + tokens_out * paid.per_million_out) / 1e6
+    return float(done.select(pl.coalesce(pl.col("cost_usd"), priced).sum()).item() or 0.0)
+
+
 def note_run(stats: RunStats, cfg: RunConfig, done: pl.DataFrame) -> None:
-    """Fill the spend figures of `stats` the summary and the metrics read, once the run is over.
-    Without a ceiling this run's spend is its answers' usage (a ceiling also counts billed retries)."""
-    if stats.ceiling_what is None:
-        stats.spent_tokens_in, stats.spent_tokens_out = stats.prompt_tokens, stats.completion_tokens
-    stats.spent_cost = cost(cfg, stats.spent_tokens_in, stats.spent_tokens_out)
+    """Fill the spend figures of `stats` the summary and the metrics read, once the run is over. This run's
+    spend is what its requests were billed (`spent_tokens_*`, `spent_usd`: every attempt, as the engines
+    count it, the answers' usage and an answer's that failed its checks; under a ceiling also the worst case
+    of an attempt that may have been billed without saying), which the rows' `cost_usd` add up to."""
+    stats.spent_cost = stats.spent_usd if prices(cfg) is not None else None
     stats.earlier_tokens_in, stats.earlier_tokens_out = answered_tokens(done)
-    stats.earlier_cost = cost(cfg, stats.earlier_tokens_in, stats.earlier_tokens_out)
+    stats.earlier_cost = answered_cost(cfg, done)
 
 
 def money(x: float) -> str:

@@ -40,7 +40,7 @@ from pipeline.providers.openai import chat_messages
 from pipeline.providers.transport import AiohttpTransport
 from pipeline.requests.prompts import Renderer
 from pipeline.tables import source
-from pipeline.tables.checkpoint import RESULT_SCHEMA, read_done
+from pipeline.tables.checkpoint import STORED_SCHEMA, read_done
 
 COUNTING_PROVIDERS = ("anthropic", "modelslab")  # both serve /v1/messages/count_tokens
 COUNT_CONCURRENCY, COUNT_TIMEOUT = 4, 30.0
@@ -417,7 +417,7 @@ def estimate(cfg: RunConfig, samples: int = 3, *, count_limit: int = 200, full: 
     if cfg.provider in COUNTING_PROVIDERS:
         with contextlib.suppress(errors.ConfigError):  # no key yet: price by the byte estimate, and say so
             api_key = cfg.api_key()
-    done = read_done(cfg.checkpoint_path) if cfg.output or cfg.checkpoint_dir else pl.DataFrame(schema=RESULT_SCHEMA)
+    done = read_done(cfg.checkpoint_path) if cfg.output or cfg.checkpoint_dir else pl.DataFrame(schema=STORED_SCHEMA)
     if (remote := cfg.checkpoint_remote) is not None:  # the job's answers are in the bucket, not on this disk
         from pipeline.tables import remote_state
 

@@ -51,7 +51,9 @@ class Facts:
 
 def default_metrics(output: str) -> Path | None:
     p = Path(output)
-    return None if p.is_dir() or output == "-" else p.with_name(p.stem + ".metrics.json")
+    if output == "-" or (p.is_dir() and not any(p.glob("part-*.parquet"))):
+        return None
+    return p.with_name(p.stem + ".metrics.json")  # a folder of parts too: out/parts.metrics.json
 
 
 def read_metrics(path: Path | None, *, explicit: bool) -> tuple[dict[str, Any] | None, str]:

@@ -132,24 +132,15 @@ def _config(cfg: RunConfig) -> dict[str, Any]:
     return data
 
 
-def _cost(cfg: RunConfig, stats: RunStats, earlier_tokens: tuple[int, int] | None) -> dict[str, Any] | None:
+def _cost(cfg: RunConfig, stats: RunStats, earlier_cost: float | None) -> dict[str, Any] | None:
     from pipeline.limits.spend import prices  # here: spend imports this module's neighbours
 
-    paid = prices(cfg)
-    if paid is None:
+    if prices(cfg) is None:
         return None
-
-    def price(prompt: int, completion: int) -> float:
-        return (prompt * paid[0] + completion * paid[1]) / 1e6
-
-    if stats.spent_cost is not None:  # the spend module's figures, once it has noted the run
-        this_run, earlier = stats.spent_cost, stats.earlier_cost or 0.0
-    else:  # a run that stopped before that: under a ceiling the governor's billed tokens (retries included)
-        billed = stats.ceiling_what is not None
-        this_run = price(
-            *((stats.spent_tokens_in, stats.spent_tokens_out) if billed else (stats.prompt_tokens, stats.completion_tokens))
-        )
-        earlier = price(*earlier_tokens) if earlier_tokens else 0.0
+    # What this run's requests were billed, as the engines priced them row by row: the output's cost_usd
+    # of the rows sent by this run adds up to it. Counted live, so a run stopped early has it too.
+    this_run = stats.spent_usd
+    earlier = stats.earlier_cost if stats.earlier_cost is not None else (earlier_cost or 0.0)
     all_runs = this_run + earlier
     return {
         "price_in": cfg.price_in,
@@ -174,13 +165,12 @@ def build(
     ending: Ending,
     clock: Clock,
     *,
-    earlier_tokens: tuple[int, int] | None = None,
+    earlier_cost: float | None = None,
     paths: tuple[Path | str, Path | str | None, Path | str | None] | None = None,
 ) -> dict[str, Any]:
     """The metrics of one run as a plain dict (schema `SCHEMA`).
 
-    `earlier_tokens` is (prompt, completion) of the answers the checkpoint held before this run, for the
-    cost across runs. `paths` is (checkpoint, metrics file, report) as the run used them, where they are
+    `earlier_cost` is what the answers the checkpoint held before this run cost, for the cost across runs. `paths` is (checkpoint, metrics file, report) as the run used them, where they are
     not the settings' defaults (the API's DataFrame out has no output to put them beside)."""
     wall = clock.elapsed()
     if not stats.timeline or stats.timeline[-1]["t"] < wall:
@@ -224,10 +214,10 @@ def build(
             "completion": stats.completion_tokens,
             "estimated_rows": stats.estimated_rows,
             # Under a spend ceiling, what the server billed: every attempt's usage, retries included.
-            "billed_prompt": stats.spent_tokens_in if stats.ceiling_what else stats.prompt_tokens,
-            "billed_completion": stats.spent_tokens_out if stats.ceiling_what else stats.completion_tokens,
+            "billed_prompt": stats.spent_tokens_in,
+            "billed_completion": stats.spent_tokens_out,
         },
-        "cost": _cost(cfg, stats, earlier_tokens),
+        "cost": _cost(cfg, stats, earlier_cost),
         "throughput": {
             "rows_per_s": round(worked / wall, 3) if wall > 0 else 0.0,
             "latency_ms": {"p50": _quantile(stats, 0.5), "p95": _quantile(stats, 0.95), "p99": _quantile(stats, 0.99)},

@@ -18,6 +18,7 @@ import polars as pl
 
 from pipeline.errors import InputError
 from pipeline.tables.checkpoint import RESULT_COLUMNS, read_results
+from pipeline.tables.columns import ADDED
 from pipeline.tables.sink import FORMATS, is_stdout
 
 ROW = "__row"  # the position in the output, kept through filters to number the rows shown
@@ -92,6 +93,8 @@ def _view(path: str, checkpoint_dir: str | None, result_prefix: str | None = Non
             )
         return _checkpoint_view(Path(checkpoint_dir), path)
     p = Path(path)
+    if p.is_dir() and any(p.glob("part-*.parquet")):  # an output folder of parts (--output DIR/)
+        return _output_view(p, result_prefix)
     if p.is_dir():
         if not _has_answers(p):
             raise InputError(
@@ -111,12 +114,12 @@ def _view(path: str, checkpoint_dir: str | None, result_prefix: str | None = Non
 
 
 def _output_view(path: Path, result_prefix: str | None = None) -> View:
-    kind = FORMATS.get(path.suffix.lower())
+    kind = "parquet" if path.is_dir() else FORMATS.get(path.suffix.lower())
     if kind is None:
         raise InputError(f"{path} is not a pipeline output: give a .parquet, .csv or .jsonl file written by `pipeline run`.")
     try:
         if kind == "parquet":
-            frame = pl.scan_parquet(path)
+            frame = pl.scan_parquet(path / "part-*.parquet" if path.is_dir() else path)
         elif kind == "csv":
             # As text: the answers' types need not guess right on a sample to be shown.
             frame = pl.scan_csv(path, infer_schema=False)
@@ -144,7 +147,8 @@ def _output_view(path: Path, result_prefix: str | None = None) -> View:
         )
     # The first input column (often an id), what the model gave (extracted fields if a schema was used), the outcome.
     last = prefix + RESULT_COLUMNS[-1]
-    extracted = names[names.index(last) + 1 :] if last in names else []
+    added = {prefix + c for c in ADDED}  # cost_usd, tool_calls...: result columns too, not extracted fields
+    extracted = [n for n in names[names.index(last) + 1 :] if n not in added] if last in names else []
     first = [names[0]] if names[0] != prefix + "completion" else []
     default = [*first, *(extracted or [prefix + "completion"]), *(prefix + c for c in ("status", "error", "total_tokens"))]
     return View(frame, names, prefix, [c for c in dict.fromkeys(default) if c in names], str(path), "row")

@@ -44,11 +44,13 @@ class RunStats:
     in_flight: int = 0  # requests admitted whose answer has not been read yet, for the timeline
     concurrency_ceiling: int = 0
     concurrency_named: int | None = None  # an in-flight limit the server named
-    # Spend: what the server billed this run (with a ceiling: usage of every billed attempt, worst case
-    # where an answer had no usage), and what the checkpoint's answers cost in earlier runs.
+    # Spend: what the server billed this run (usage of every billed attempt, an answer that failed its checks
+    # included; with a ceiling, the worst case of an attempt that may have been billed without a usage), and
+    # what the checkpoint's answers cost in earlier runs.
     spent_tokens_in: int = 0
     spent_tokens_out: int = 0
-    spent_cost: float | None = None  # None: no price configured
+    spent_usd: float = 0.0  # the same at the run's prices, summed request by request (batch and online prices may mix)
+    spent_cost: float | None = None  # spent_usd once the run is over; None: no price configured
     earlier_tokens_in: int = 0
     earlier_tokens_out: int = 0
     earlier_cost: float | None = None

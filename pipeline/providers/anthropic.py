@@ -26,6 +26,7 @@ from pipeline.providers.modelslab import classify_message
 from pipeline.providers.openai import row_params
 from pipeline.requests.media import Attachment
 from pipeline.requests.structured import TOOL_NAME
+from pipeline.requests.tools import anthropic_calls, anthropic_choice, anthropic_tools
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 1024  # the API requires max_tokens; used when the user sets none
@@ -67,6 +68,10 @@ class AnthropicMessages(Wire):
                 {"name": TOOL_NAME, "description": "Record the fields extracted from the input.", "input_schema": spec.schema}
             ]
             params["tool_choice"] = {"type": "tool", "name": TOOL_NAME}
+        if spec.tools is not None:
+            params["tools"] = anthropic_tools(spec.tools)
+            if spec.tool_choice is not None:
+                params["tool_choice"] = anthropic_choice(spec.tool_choice)
         params.update(spec.params)
         self._params = params
 
@@ -119,7 +124,7 @@ class AnthropicMessages(Wire):
         tool_inputs = [b.get("input") for b in blocks if isinstance(b, dict) and b.get("type") == "tool_use"]
         if self._spec.schema is not None and tool_inputs:
             text = orjson.dumps(tool_inputs[0]).decode()  # the structured answer is the tool call's input
-        else:
+        else:  # "" for an answer that only calls tools: an answer all the same
             text = "".join(b.get("text") or "" for b in blocks if isinstance(b, dict) and b.get("type") == "text")
         prompt_tokens, completion_tokens = usage_of(data, "input_tokens", "output_tokens")
         return Completion(
@@ -128,4 +133,5 @@ class AnthropicMessages(Wire):
             completion_tokens=completion_tokens,
             finish_reason=data.get("stop_reason") if isinstance(data.get("stop_reason"), str) else None,
             model=data.get("model") if isinstance(data.get("model"), str) else self._spec.model,
+            tool_calls=anthropic_calls(blocks) if self._spec.tools is not None else None,
         )

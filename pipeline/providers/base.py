@@ -27,11 +27,13 @@ from pipeline.requests.prompts import RequestSpec
 
 @dataclass(frozen=True, slots=True)
 class Completion:
-    text: str
+    text: str  # the first choice's text ("" for an answer that only calls tools)
     prompt_tokens: int | None
     completion_tokens: int | None
     finish_reason: str | None
     model: str | None
+    tool_calls: tuple[dict[str, Any], ...] | None = None  # {name, arguments} per call, when the request offered tools
+    choices: tuple[tuple[str, str | None], ...] | None = None  # (text, finish reason) of each choice, when n > 1 was asked
 
 
 class Provider(Protocol):

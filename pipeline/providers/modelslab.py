@@ -86,4 +86,4 @@ class ModelsLabChat(SchemaForms):
             raise classify_message(message, status, retry_after(headers, data.get("retry_after")))
         if status != 200:
             raise http_error(status, clip(data), wait=retry_after(headers))
-        return parse_choices(data, self._spec.model)
+        return parse_choices(data, self._spec)

@@ -25,6 +25,7 @@ from pipeline.providers.base import (
 from pipeline.requests.media import Attachment
 from pipeline.requests.prompts import RequestSpec
 from pipeline.requests.structured import schema_instruction
+from pipeline.requests.tools import openai_calls, openai_choice
 
 
 def chat_messages(
@@ -91,32 +92,50 @@ def generation_params(spec: RequestSpec) -> dict[str, Any]:
             params["response_format"] = {"type": "json_object", "schema": spec.schema}
         else:
             params["response_format"] = {"type": "json_schema", "json_schema": {"name": "fields", "schema": spec.schema}}
+    if spec.tools is not None:
+        params["tools"] = list(spec.tools)
+        if spec.tool_choice is not None:
+            params["tool_choice"] = openai_choice(spec.tool_choice)
     params.update(spec.params)
     return params
 
 
-def parse_choices(data: Any, fallback_model: str) -> Completion:
-    """Read an OpenAI-shaped success body; anything else is an error reply."""
+def parse_choices(data: Any, spec: RequestSpec) -> Completion:
+    """Read an OpenAI-shaped success body; anything else is an error reply. An answer that calls tools and
+    says nothing is an answer (its text ""); with n > 1, every choice is read, in the order of their index."""
     if not isinstance(data, dict):
         raise errors.ErrorReply(f"reply is not a JSON object: {clip(data, 120)}", kind="error_reply")
     choices = data.get("choices")
-    if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
+    if not choices or not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
         raise errors.ErrorReply(f"reply has no choices: {clip(orjson.dumps(data).decode(), 200)}", kind="no_choices")
-    choice = choices[0]
-    message = choice.get("message") or {}
-    text = message.get("content") if isinstance(message, dict) else None
-    if text is None:
-        text = choice.get("text")  # some servers answer in the legacy completions shape
-    if not isinstance(text, str):
-        raise errors.ErrorReply("reply's first choice has no text content", kind="no_content")
+    if spec.n > 1:
+        choices = sorted(choices, key=lambda c: c.get("index") if isinstance(c.get("index"), int) else 0)
+    read = [_choice(c, spec) for c in choices]
+    text, calls, reason = read[0]
     prompt_tokens, completion_tokens = usage_of(data, "prompt_tokens", "completion_tokens")
     return Completion(
         text=text,
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
-        finish_reason=_text_or_none(choice.get("finish_reason")),
-        model=_text_or_none(data.get("model")) or fallback_model,
+        finish_reason=reason,
+        model=_text_or_none(data.get("model")) or spec.model,
+        tool_calls=calls,
+        choices=tuple((t, r) for t, _, r in read) if spec.n > 1 else None,
     )
+
+
+def _choice(choice: dict[str, Any], spec: RequestSpec) -> tuple[str, tuple[dict[str, Any], ...] | None, str | None]:
+    """One choice's text, tool calls (None when the request offered no tools) and finish reason."""
+    message = choice.get("message") or {}
+    text = message.get("content") if isinstance(message, dict) else None
+    calls = openai_calls(message) if spec.tools is not None else None
+    if text is None:
+        text = choice.get("text")  # some servers answer in the legacy completions shape
+    if text is None and calls:
+        text = ""  # the answer is its calls
+    if not isinstance(text, str):
+        raise errors.ErrorReply("reply's first choice has no text content", kind="no_content")
+    return text, calls, _text_or_none(choice.get("finish_reason"))
 
 
 def _text_or_none(value: Any) -> str | None:
@@ -179,4 +198,4 @@ class OpenAIChat(SchemaForms):
         data = decode(body)
         if isinstance(data, dict) and data.get("error"):
             raise errors.ErrorReply(f"HTTP 200 with an error: {clip(data['error'])}", kind="error_reply")
-        return parse_choices(data, self._spec.model)
+        return parse_choices(data, self._spec)

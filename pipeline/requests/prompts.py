@@ -152,6 +152,15 @@ class RequestSpec:
     json_mode: str = "json_schema"
     verbatim: bool = False  # each row's payload is a whole request body (an OpenAI batch-request line's), sent as it is
     image_detail: str | None = None  # OpenAI's image detail (low, high, auto); None: not sent
+    tools: tuple[dict[str, Any], ...] | None = None  # OpenAI tool definitions offered with every request
+    tool_choice: str | None = None  # auto, none, required or a tool's name; None: the server's default
+    tool_columns: bool = False  # the forced tool's arguments are the answer (checked, typed columns)
+
+    @property
+    def n(self) -> int:
+        """Answers asked per request."""
+        n = self.params.get("n")
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
 
     def fingerprint(self) -> bytes:
         """Canonical bytes of the shared part; any change re-keys every row."""
@@ -172,6 +181,10 @@ class RequestSpec:
             shared["schema"], shared["json_mode"] = self.schema, self.json_mode
         if self.image_detail is not None:
             shared["image_detail"] = self.image_detail
+        if self.tools is not None:
+            shared["tools"], shared["tool_choice"] = list(self.tools), self.tool_choice
+            if self.tool_columns:  # the answer kept is the call's arguments, checked: not what a plain run keeps
+                shared["tool_columns"] = True
         return orjson.dumps(shared, option=orjson.OPT_SORT_KEYS)
 
 

@@ -87,6 +87,7 @@ class Structured:
     schema: dict[str, Any]
     layout: Literal["columns", "struct"]
     name: str  # the struct column's name, or the columns' prefix
+    tool: str | None = None  # --tool-columns: the forced tool whose call's arguments are the answer (schema: its parameters)
 
     @property
     def dtype(self) -> pl.Struct:
@@ -177,9 +178,11 @@ def _too_big(value: Any, dtype: Any) -> int | float | None:
     return None
 
 
-def correction(err: InvalidOutput) -> list[dict[str, str]]:
-    """The turns appended when a reply was invalid: what it said, and what was wrong."""
+def correction(err: InvalidOutput, tool: str | None = None) -> list[dict[str, str]]:
+    """The turns appended when a reply was invalid: what it said, and what was wrong (`tool`: the forced
+    tool whose arguments did not fit, for --tool-columns)."""
+    again = f"Call {tool} again with corrected arguments." if tool else "Answer again with only the corrected JSON object."
     return [
         {"role": "assistant", "content": err.raw},
-        {"role": "user", "content": f"That {err.message}. Answer again with only the corrected JSON object."},
+        {"role": "user", "content": f"That {err.message}. {again}"},
     ]

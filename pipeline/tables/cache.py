@@ -31,7 +31,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -53,6 +53,16 @@ CREATE TABLE IF NOT EXISTS answers (
 CREATE INDEX IF NOT EXISTS answers_used ON answers (used);
 """
 _SIZE = "LENGTH(result) + LENGTH(key)"  # an answer's size, as the cap counts it
+
+
+class Answers(Protocol):
+    """What the engine needs of an answer cache: this file's, or (on Ray) one reached through an actor."""
+
+    @property
+    def pending(self) -> int: ...
+    def get_many(self, keys: Sequence[str]) -> dict[str, tuple[Any, ...]]: ...
+    def put(self, key: str, result: Iterable[Any]) -> None: ...
+    def flush(self) -> int: ...
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import fcntl
 import io
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -43,10 +44,19 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
     "request_key": pl.String(),
     "tokens_estimated": pl.Boolean(),
 }
+# What a checkpoint keeps of a result: the above, then what the columns a job's settings add are made of
+# (pipeline/tables/columns.py), kept whatever the settings; null in a checkpoint of an older version.
+STORED_SCHEMA: dict[str, pl.DataType] = {
+    **RESULT_SCHEMA,
+    "cost_usd": pl.Float64(),
+    "tool_calls": pl.String(),
+    "completions": pl.List(pl.String()),
+    "finish_reasons": pl.List(pl.String()),
+}
 
 
 class Result(NamedTuple):
-    """One row's result, in the order of the output's result columns and of the checkpoint's."""
+    """One row's result, as the checkpoint keeps it: the output's result columns first, in their order."""
 
     completion: str | None
     prompt_tokens: int | None
@@ -60,15 +70,42 @@ class Result(NamedTuple):
     latency_ms: float | None
     request_key: str | None  # None: no request could be made for the row
     tokens_estimated: bool | None
+    # Written only when the settings ask for them (pipeline/tables/columns.py); kept always, so that a
+    # resume with prices or samples finds what it needs.
+    cost_usd: float | None = None  # what the request(s) for this row were billed, at the run's prices
+    tool_calls: str | None = None  # JSON: [{"name": ..., "arguments": {...}}, ...]
+    completions: list[str] | None = None  # every choice's text, with n > 1
+    finish_reasons: list[str | None] | None = None  # ...and each one's finish reason
 
     @classmethod
-    def failed(cls, message: str, attempts: int, key: str | None) -> Result:
-        """A row with no answer: status error, the reason, nulls where no answer came."""
-        return cls(None, None, None, None, None, None, "error", message, attempts, None, key, False)
+    def failed(cls, message: str, attempts: int, key: str | None, cost: float | None = None) -> Result:
+        """A row with no answer: status error, the reason, nulls where no answer came (and what the
+        attempts that failed were billed, if any)."""
+        return cls(None, None, None, None, None, None, "error", message, attempts, None, key, False, cost)
+
+    @classmethod
+    def stored(cls, values: Sequence[Any]) -> Result:
+        """A result as a checkpoint, the answer cache or a Ray block gives it back: one written by an older
+        version lacks the fields added since (None), one by a newer version has more (dropped)."""
+        return cls(*values[: len(cls._fields)])
 
 
-RESULT_COLUMNS = Result._fields
-assert tuple(RESULT_SCHEMA) == RESULT_COLUMNS, "the record and the schema name the same columns in the same order"
+STORED_COLUMNS = Result._fields  # what a checkpoint keeps of a result, in this order
+# What every output has, in this order; the columns after them depend on the settings (tables/columns.py).
+RESULT_COLUMNS = STORED_COLUMNS[: len(RESULT_SCHEMA)]
+assert tuple(STORED_SCHEMA) == STORED_COLUMNS, "the record and the schema name the same columns in the same order"
+assert tuple(RESULT_SCHEMA) == RESULT_COLUMNS
+
+
+def conform(frame: pl.DataFrame) -> pl.DataFrame:
+    """Results read from a file as the current schema: columns an older version did not write are null."""
+    if frame.columns == list(STORED_COLUMNS):
+        return frame
+    return frame.select(
+        pl.col(c).cast(t) if c in frame.columns else pl.lit(None, dtype=t).alias(c) for c, t in STORED_SCHEMA.items()
+    )
+
+
 SYNC_EVERY = 1.0  # seconds between fsyncs: a kill loses nothing; a power cut at most this much
 
 
@@ -101,12 +138,12 @@ class Checkpoint:
         frames = []
         compacted = self.folder / "results.parquet"
         if compacted.exists():
-            frames.append(pl.read_parquet(compacted))
+            frames.append(conform(pl.read_parquet(compacted)))
         journals = sorted(self.folder.glob("journal-*.jsonl"))
         frames.extend(read_journal(j) for j in journals)
         frames = [f for f in frames if f.height]
         if not frames:
-            return pl.DataFrame(schema=RESULT_SCHEMA)
+            return pl.DataFrame(schema=STORED_SCHEMA)
         everything = newest(pl.concat(frames, how="vertical_relaxed"))
         if journals:
             tmp = compacted.with_suffix(".parquet.tmp")
@@ -130,7 +167,8 @@ class Checkpoint:
     def append(self, result: tuple[Any, ...]) -> None:
         """Record one result; called as soon as it is known."""
         assert self._fd is not None
-        os.write(self._fd, orjson.dumps(dict(zip(RESULT_COLUMNS, result, strict=True))) + b"\n")
+        # A tuple shorter than the record (an older caller's) leaves the later fields out: null when read.
+        os.write(self._fd, orjson.dumps(dict(zip(STORED_COLUMNS, result, strict=False))) + b"\n")
         self.appended += 1
         now = time.monotonic()
         if now - self._last_sync >= SYNC_EVERY:
@@ -188,10 +226,10 @@ def read_results(folder: Path) -> pl.DataFrame:
     frames = []
     for f in files:
         try:  # a running job may compact a journal away between glob and read
-            frames.append(pl.read_parquet(f) if f.suffix == ".parquet" else read_journal(f))
+            frames.append(conform(pl.read_parquet(f)) if f.suffix == ".parquet" else read_journal(f))
         except FileNotFoundError:
             continue
-    return newest(pl.concat([pl.DataFrame(schema=RESULT_SCHEMA), *frames], how="vertical_relaxed"))
+    return newest(pl.concat([pl.DataFrame(schema=STORED_SCHEMA), *frames], how="vertical_relaxed"))
 
 
 def read_done(folder: Path) -> pl.DataFrame:
@@ -203,9 +241,9 @@ def read_journal(path: Path) -> pl.DataFrame:
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1  # a torn last line (killed mid-write) is dropped
     if end == 0:
-        return pl.DataFrame(schema=RESULT_SCHEMA)
+        return pl.DataFrame(schema=STORED_SCHEMA)
     try:
-        return pl.read_ndjson(io.BytesIO(data[:end]), schema=RESULT_SCHEMA)
+        return pl.read_ndjson(io.BytesIO(data[:end]), schema=STORED_SCHEMA)
     except pl.exceptions.PolarsError:
         # A damaged line in the middle: keep every line that still parses.
         rows = []
@@ -214,7 +252,7 @@ def read_journal(path: Path) -> pl.DataFrame:
                 rows.append(orjson.loads(line))
             except orjson.JSONDecodeError:
                 continue
-        return pl.DataFrame(rows, schema=RESULT_SCHEMA)
+        return pl.DataFrame(rows, schema=STORED_SCHEMA)
 
 
 def _fsync_path(path: Path) -> None:

@@ -40,7 +40,7 @@ import polars as pl
 
 from pipeline.errors import InputError, JobBusy
 from pipeline.tables import objectstore, storage
-from pipeline.tables.checkpoint import RESULT_SCHEMA, Checkpoint, newest, read_journal
+from pipeline.tables.checkpoint import STORED_SCHEMA, Checkpoint, conform, newest, read_journal
 
 
 def _env_number(name: str, default: float) -> float:
@@ -132,7 +132,7 @@ class ShippedCheckpoint(Checkpoint):
             self._offsets.clear()
             self.say(f"pipeline: shipped the journal a stopped run left on this machine to {self}")
         frames = [f for f in frames if f.height]
-        everything = newest(pl.concat(frames, how="vertical_relaxed")) if frames else pl.DataFrame(schema=RESULT_SCHEMA)
+        everything = newest(pl.concat(frames, how="vertical_relaxed")) if frames else pl.DataFrame(schema=STORED_SCHEMA)
         if frames:
             self._keep_locally(everything)
         if len(results) + len(segments) > COMPACT_AT:
@@ -144,7 +144,7 @@ class ShippedCheckpoint(Checkpoint):
         def fetch(name: str) -> pl.DataFrame:
             local = into / name.replace("/", "-")
             self.bucket.download(self.key(name), local)
-            return pl.read_parquet(local) if name.endswith(".parquet") else read_journal(local)
+            return conform(pl.read_parquet(local)) if name.endswith(".parquet") else read_journal(local)
 
         try:
             with concurrent.futures.ThreadPoolExecutor(DOWNLOADS) as pool:
@@ -432,15 +432,15 @@ def read_done(remote: storage.Url) -> pl.DataFrame:
         name = key.removeprefix(f"{remote.key}/")
         body = bucket.get(key) if name.startswith(("results-", "journal/")) else None
         if body:
-            frames.append(pl.read_parquet(body) if name.endswith(".parquet") else _journal_bytes(body))
-    everything = newest(pl.concat([pl.DataFrame(schema=RESULT_SCHEMA), *frames], how="vertical_relaxed"))
+            frames.append(conform(pl.read_parquet(body)) if name.endswith(".parquet") else _journal_bytes(body))
+    everything = newest(pl.concat([pl.DataFrame(schema=STORED_SCHEMA), *frames], how="vertical_relaxed"))
     return everything.filter(pl.col("status") == "ok").sort("request_key")
 
 
 def _journal_bytes(body: bytes) -> pl.DataFrame:
     import io
 
-    return pl.read_ndjson(io.BytesIO(body), schema=RESULT_SCHEMA)
+    return pl.read_ndjson(io.BytesIO(body), schema=STORED_SCHEMA)
 
 
 def publish(local: Path, url: storage.Url, say: Callable[[str], None]) -> bool:

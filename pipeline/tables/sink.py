@@ -13,6 +13,7 @@ from __future__ import annotations
 import codecs
 import io
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,8 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import FatalError, InputError
 from pipeline.tables import storage
-from pipeline.tables.checkpoint import RESULT_COLUMNS, RESULT_SCHEMA
+from pipeline.tables.checkpoint import RESULT_COLUMNS, STORED_SCHEMA
+from pipeline.tables.columns import ADDED
 
 STDOUT = "-"
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -35,14 +37,16 @@ def is_stdout(path: Path | str | storage.Url) -> bool:
 
 def describe(path: Path | storage.Url) -> str:
     """The output as the summary names it."""
+    if isinstance(path, storage.Folder):
+        return f"{path}/ (Parquet parts, part-00000.parquet ... in input order)"
     if isinstance(path, storage.Url):
         return f"{path} (a local copy in {storage.local_copy(path)})"
     return "stdout (JSON Lines)" if is_stdout(path) else str(path)
 
 
-def result_names(prefix: str) -> list[str]:
-    """The result columns as written to the output."""
-    return [prefix + c for c in RESULT_COLUMNS]
+def result_names(prefix: str, added: Sequence[str] = ()) -> list[str]:
+    """The result columns as written to the output: the base ones and those the job's settings add."""
+    return [prefix + c for c in (*RESULT_COLUMNS, *added)]
 
 
 def check_output(
@@ -51,9 +55,11 @@ def check_output(
     input_columns: list[str],
     extracted: Sequence[str] = (),
     result_prefix: str = "",
+    added: Sequence[str] = (),
 ) -> None:
-    """Refuse, before any request, an output we could not write, one that is an input, or columns that clash."""
-    results = result_names(result_prefix)
+    """Refuse, before any request, an output we could not write, one that is an input, or columns that clash.
+    `added` are the result columns the job's settings add (cost_usd, tool_calls...)."""
+    results = result_names(result_prefix, added)
     clash = [c for c in input_columns if c in results]
     if clash:
         several = len(clash) > 1
@@ -70,13 +76,16 @@ def check_output(
             f"({', '.join(results)}). {fix}"
         )
     # The extracted columns are made beside the unprefixed result columns, so those names are taken too.
-    taken = [c for c in extracted if c in input_columns or c in results or c in RESULT_COLUMNS]
+    taken = [c for c in extracted if c in input_columns or c in results or c in (*RESULT_COLUMNS, *added)]
     if taken:
         raise InputError(
             f"The schema's output column{'s' if len(taken) > 1 else ''} {', '.join(repr(c) for c in taken)} would clash with "
             f"an input or result column. Pass --schema-prefix x_ (schema_prefix in YAML) or --schema-output struct."
         )
     if is_stdout(path):
+        return
+    if isinstance(path, storage.Folder):
+        _check_folder(path, inputs)
         return
     if isinstance(path, storage.Url):
         if any(str(path) == str(f) for f in inputs):
@@ -92,18 +101,32 @@ def check_output(
             f"Output {path} has no output format's extension: end it in .parquet, .csv or .jsonl "
             f"(or give --output - for JSON Lines on stdout)."
         )
-    if path.is_dir():
-        raise InputError(f"Output {path} is a folder. Give a file name such as {path}/results{path.suffix or '.parquet'}.")
     # Check without creating anything: `pipeline estimate` runs this too.
     existing = next(p for p in (path.parent, *path.parent.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         raise InputError(f"Cannot write the output {path}: {existing} is not a folder we may write to. Choose another --output.")
 
 
+def _check_folder(path: Path, inputs: Sequence[Path | storage.Url]) -> None:
+    if path.exists() and not path.is_dir():
+        raise InputError(f"Output {path}/ names a folder, but {path} is a file. Choose another --output.")
+    if any(not isinstance(f, storage.Url) and path.resolve() in f.resolve().parents for f in inputs):
+        raise InputError(
+            f"Output folder {path}/ holds an input of this run: its parts would be written beside it. Choose another --output."
+        )
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise InputError(
+            f"Cannot write the output folder {path}/: {existing} is not a folder we may write to. Choose another --output."
+        )
+
+
 def open_sink(path: Path | storage.Url, result_prefix: str = "", *, bom: bool = False) -> Sink:
     """The sink for an output checked by `check_output`; `bom` starts a CSV with a UTF-8 byte-order mark."""
     if is_stdout(path):
         return StdoutSink(result_prefix)
+    if isinstance(path, storage.Folder):
+        return PartsSink(Path(path), result_prefix)
     kind = FORMATS[path.suffix.lower()]
     if kind == "csv":
         return CsvSink(path, result_prefix, bom=bom)
@@ -118,12 +141,12 @@ class Sink:
     def __init__(self, result_prefix: str = "") -> None:
         # The checkpoint and the engine know the result columns by their own names;
         # the prefix exists only in what the user reads.
-        self._rename = {c: result_prefix + c for c in RESULT_COLUMNS} if result_prefix else {}
+        self._rename = {c: result_prefix + c for c in (*RESULT_COLUMNS, *ADDED)} if result_prefix else {}
 
     def write(self, inputs: pl.DataFrame, results: pl.DataFrame) -> None:
         """Append rows: the input's columns and their results (result columns by their own names,
         then any extracted by a schema)."""
-        self._append(inputs.hstack(results.rename(self._rename) if self._rename else results))
+        self._append(inputs.hstack(results.rename(self._rename, strict=False) if self._rename else results))
 
     def _append(self, frame: pl.DataFrame) -> None:
         raise NotImplementedError
@@ -220,6 +243,63 @@ class ParquetSink(_FileSink):
         super().abort()
 
 
+PART = "part-{:05d}.parquet"  # parts sort by name in input order (a 6th digit after 99,999 parts still sorts after)
+
+
+class PartsSink(Sink):
+    """A folder of Parquet parts: each batch a part, named in input order, readable as one table by
+    polars, pyarrow, DuckDB and Ray. Parts are written into a hidden folder beside it (not inside: polars
+    reads a folder's hidden subfolders too) and moved into place by `commit`, where they replace the
+    folder's old parts (other files in it are left alone): a reader never sees a part half written,
+    nor parts of a run that did not finish."""
+
+    def __init__(self, folder: Path, result_prefix: str = "", tag: str | None = None) -> None:
+        super().__init__(result_prefix)
+        self.folder = folder
+        # The checkpoint lock means no other run writes this output: pending parts left by a killed one can go.
+        for stale in folder.parent.glob(f".{folder.name}.pending-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        self.pending = folder.parent / f".{folder.name}.pending-{tag or os.getpid()}"
+        self.pending.mkdir(parents=True, exist_ok=True)
+        self.written = 0
+
+    def _append(self, frame: pl.DataFrame) -> None:
+        write_part(frame, self.pending / PART.format(self.written))
+        self.written += 1
+
+    def commit(self) -> None:
+        """Move the new parts into place; old parts beyond the new ones go."""
+        new = sorted(self.pending.glob("part-*.parquet"))
+        names = {p.name for p in new}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for old in self.folder.glob("part-*.parquet"):
+            if old.name not in names:
+                old.unlink()
+        for part in new:
+            os.replace(part, self.folder / part.name)
+        _fsync_dir(self.folder)
+        self.pending.rmdir()
+
+    def abort(self) -> None:
+        shutil.rmtree(self.pending, ignore_errors=True)
+
+
+def write_part(frame: pl.DataFrame, path: Path) -> None:
+    """One part, flushed to disk (its folder is fsynced when the parts are moved into place)."""
+    with open(path, "wb") as f:
+        frame.write_parquet(f, compression="zstd")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class _StreamSink(_FileSink):
     """A text format appended batch by batch: nothing is held back."""
 
@@ -309,4 +389,4 @@ def as_flat(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def result_frame(results: list[tuple[object, ...]]) -> pl.DataFrame:
-    return pl.DataFrame(results, schema=RESULT_SCHEMA, orient="row")
+    return pl.DataFrame(results, schema=STORED_SCHEMA, orient="row")

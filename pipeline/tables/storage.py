@@ -422,9 +422,24 @@ def prefix(text: str) -> Url:
     return Url(bucket, key)
 
 
+class Folder(type(Path())):  # type: ignore[misc]  # PosixPath on this platform: a subclass of Path's concrete class
+    """A local output that is a folder of Parquet parts (`--output DIR/`, or a folder that exists)."""
+
+
+def is_folder(text: str) -> bool:
+    return text.endswith(("/", os.sep)) or Path(text).is_dir()
+
+
 def location(text: str) -> Path | Url:
-    """An input or output as the user gave it: a local path, or an object's address."""
-    return Url.parse(text) if is_remote(text) else Path(text)
+    """An output as the user gave it: a local path (a `Folder` for a folder of parts), or an object's address."""
+    if is_remote(text):
+        if text.endswith("/"):
+            raise InputError(
+                f"Output {text} is a folder in object storage: a folder of Parquet parts is written to a local (or "
+                "shared) folder only. Give a file such as s3://bucket/results.parquet, or a local folder."
+            )
+        return Url.parse(text)
+    return Folder(text) if is_folder(text) else Path(text)
 
 
 def local_copy(url: Url) -> Path:

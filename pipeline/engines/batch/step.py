@@ -10,7 +10,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -18,9 +18,12 @@ import orjson
 from pipeline import errors
 from pipeline.engines.batch.endpoints import ENDPOINT, TERMINAL, OpenAIBatches
 from pipeline.engines.batch.ledger import Entry, Ledger
+from pipeline.engines.online import answer_fields
+from pipeline.limits.spend import Pricing
 from pipeline.providers import Provider, read_reply
 from pipeline.requests.media import Attachment, Unreadable
 from pipeline.requests.prompts import estimate_tokens
+from pipeline.requests.tools import arguments_text
 from pipeline.tables.checkpoint import Checkpoint, Result
 from pipeline.tables.responses import ResponseLog
 
@@ -62,12 +65,16 @@ class BatchStep:
         sleep: Callable[[float], Any] = asyncio.sleep,
         cache: Any = None,
         responses: ResponseLog | None = None,
+        pricing: Pricing | None = None,
+        forced_tool: str | None = None,
     ) -> None:
         self.api, self.provider, self.ledger, self.checkpoint = api, provider, ledger, checkpoint
         self.max_lines, self.max_attempts, self.system, self.say, self.sleep = max_lines, max_attempts, system or "", say, sleep
         self.resubmit = resubmit  # False (--fallback online): a line that failed in a batch is sent online instead
         self.cache = cache  # the answer cache (--cache): folded answers are kept there too
         self.responses = responses  # the lines' responses as received, for a batch-output output
+        self.pricing = pricing  # at the batch discount: each answer's cost_usd
+        self.forced_tool = forced_tool  # --tool-columns: the answer is this tool's call's arguments
         self.outcome = Outcome()
 
     async def run(self, pending: Callable[[set[str], dict[str, str]], Iterator[Pending]], wait: bool) -> Outcome:
@@ -264,13 +271,20 @@ class BatchStep:
         status = int(response["status_code"])
         try:
             c = read_reply(self.provider, status, {}, orjson.dumps(response.get("body")))
+            if self.forced_tool is not None:  # no call to it: sent again in the next batch, as an invalid answer is online
+                c = replace(c, text=arguments_text(c.tool_calls, self.forced_tool, c.text))
         except errors.RequestError as exc:
             return None, exc
         estimated = c.prompt_tokens is None or c.completion_tokens is None
         pt = c.prompt_tokens if c.prompt_tokens is not None else estimate_tokens(self.system)
-        ct = c.completion_tokens if c.completion_tokens is not None else estimate_tokens(c.text)
+        if c.completion_tokens is not None:
+            ct = c.completion_tokens
+        else:
+            ct = sum(estimate_tokens(t) for t, _ in c.choices) if c.choices else estimate_tokens(c.text)
         key = str(line["custom_id"])
-        return Result(c.text, pt, ct, pt + ct, c.finish_reason, c.model, "ok", None, attempts, None, key, estimated), None
+        cost = self.pricing.of(pt, ct) if self.pricing is not None else None
+        return Result(c.text, pt, ct, pt + ct, c.finish_reason, c.model, "ok", None, attempts, None, key, estimated, cost,
+                      **answer_fields(c)), None  # fmt: skip
 
     async def _submit(self, rows: Iterator[Pending], attempts: Counter[str], entries: dict[str, Entry]) -> None:
         """Write the rows still to answer into request files within the limits, one model per file (OpenAI
