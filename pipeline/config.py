@@ -633,11 +633,6 @@ def image_refusal(cfg: RunConfig) -> str | None:
             "--image-column goes with --prompt or --prompt-column; a conversation (--messages-column) carries its own "
             "images: put image_url parts in its messages' content"
         )
-    if cfg.engine == "ray":
-        return (
-            "--image-column is not shared across Ray actors yet, so --engine ray refuses it. Run with the local "
-            "engine (drop --engine ray), or without --image-column"
-        )
     if cfg.image_detail is not None and cfg.provider == "anthropic":
         return "--image-detail is OpenAI's setting; Anthropic sizes images by their pixels (drop --image-detail)"
     most = MOST_IMAGE_COLUMNS.get(cfg.provider, 500)

@@ -7,6 +7,7 @@ first request.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -122,12 +123,13 @@ def renderer_for(cfg: RunConfig, structured: Structured | None = None) -> Render
 FIRST_ROWS = 20  # rows whose images are read before anything is sent: not one readable means a wrong setting
 
 
-def media_for(cfg: RunConfig, table: source.Table, model: str) -> MediaColumns:
-    """The job's image columns: the provider's rules, and where relative paths are read from."""
+def media_for(cfg: RunConfig, files: Sequence[object], model: str) -> MediaColumns:
+    """The job's image columns: the provider's rules, and where relative paths are read from (the folder
+    of the input's `files`, then the current one)."""
     return MediaColumns(
         columns=cfg.image_columns,
         rules=rules_for(cfg.provider, model, cfg.image_detail),
-        bases=bases_for(table.files),
+        bases=bases_for(files),
         inline=cfg.inline_images,
         null_as_empty=cfg.null_as_empty,
     )
@@ -161,7 +163,7 @@ def preflight(cfg: RunConfig, *, writes: bool = True, table: source.Table | None
     elif cfg.null_values or cfg.dtypes:  # a table in memory (the API): the same reading of its cells
         table = source.in_memory(table.frame if table.frame is not None else source.lazy(table), cfg.null_values, cfg.dtypes)
     if cfg.image_columns:
-        renderer = replace(renderer, media=media_for(cfg, table, renderer.spec.model))
+        renderer = replace(renderer, media=media_for(cfg, table.files, renderer.spec.model))
     renderer.check(table.schema, table.label, hint=source.separator_hint(table))
     if renderer.media is not None:
         first = next(source.batches(table, FIRST_ROWS, min(FIRST_ROWS, cfg.limit or FIRST_ROWS)), None)

@@ -224,7 +224,6 @@ def without(cmd: list[str], flag: str) -> list[str]:
         ("not a column of paths", "Column 'id' of data/rows.csv holds Int64 values, but an image column holds"),
         ("embedded model", "the embedded model (SmolLM2-135M-Instruct) reads text only, so it cannot take the image column"),
         ("inline without images", "--inline-images is for image columns: add --image-column COLUMN"),
-        ("ray", "--image-column is not shared across Ray actors yet"),
         ("messages", "a conversation (--messages-column) carries its own images"),
         ("detail for anthropic", "--image-detail is OpenAI's setting"),
     ],
@@ -236,7 +235,6 @@ def test_bad_image_settings_are_refused_with_exit_2(server: FakeLLMServer, files
         "not a column of paths": [*without(base, "--image-column"), "--image-column", "id"],
         "embedded model": [*without(base, "--base-url"), "--provider", "local"],
         "inline without images": [*without(base, "--image-column"), "--inline-images"],
-        "ray": [*base, "--engine", "ray"],
         "messages": [*without(base, "-p"), "--messages-column", "text"],
         "detail for anthropic": [*base, "--provider", "anthropic", "--image-detail", "low"],
     }[case]

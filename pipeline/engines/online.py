@@ -97,6 +97,13 @@ class Prepared:
     skip_kinds: list[str | None] | None = None  # per row held back by its images: the kind counted (image_missing...)
 
 
+def media_lists(rendered: pl.DataFrame) -> dict[str, Any]:
+    """A rendered batch's image descriptors, sizes and tokens, as `Prepared` takes them."""
+    fields = {"media": MEDIA, "media_bytes": MEDIA_BYTES, "media_most": MEDIA_MOST, "media_tokens": MEDIA_TOKENS,
+              "skip_kinds": MEDIA_KIND}  # fmt: skip
+    return {k: rendered.get_column(c).to_list() for k, c in fields.items()}
+
+
 def prepare(frame: pl.DataFrame, renderer: Renderer, done: pl.DataFrame, cache: Answers | None = None) -> Prepared:
     """Render a batch and look its keys up: in the checkpoint, then in the answer cache, if any.
 
@@ -124,20 +131,7 @@ def prepare(frame: pl.DataFrame, renderer: Renderer, done: pl.DataFrame, cache: 
         tokens=rendered.get_column(EST_TOKENS).to_list(),
         cached=cached,
         from_cache=from_cache,
-        **(
-            {
-                k: rendered.get_column(c).to_list()
-                for k, c in (
-                    ("media", MEDIA),
-                    ("media_bytes", MEDIA_BYTES),
-                    ("media_most", MEDIA_MOST),
-                    ("media_tokens", MEDIA_TOKENS),
-                    ("skip_kinds", MEDIA_KIND),
-                )
-            }
-            if MEDIA in rendered.columns
-            else {}
-        ),
+        **(media_lists(rendered) if MEDIA in rendered.columns else {}),
     )
 
 

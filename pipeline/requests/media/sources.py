@@ -87,12 +87,9 @@ def resolve(cell: Any, bases: Sequence[Path]) -> Ref:
             return Ref("file", str(found), shown)
     if any(c.is_dir() for c in candidates):
         raise Unreadable(f"{shown} is a folder, not a file", kind="image_missing")
-    looked = "" if path.is_absolute() else f" (looked in {', '.join(_shown_folder(b) for b in bases)})"
+    # The folders by their full paths: the same message from a Ray actor (whose current folder is its own) as from here.
+    looked = "" if path.is_absolute() else f" (looked in {', '.join(str(b) for b in bases)})"
     raise Unreadable(f"file {shown} does not exist{looked}", kind="image_missing")
-
-
-def _shown_folder(base: Path) -> str:
-    return "the current folder" if base == Path.cwd() else str(base)
 
 
 def chunks(ref: Ref, cell: Any) -> Iterator[bytes]:
