@@ -455,8 +455,8 @@ def _age(text: str) -> float:
 
 def _config(config: str | None, flags: dict[str, Any]) -> RunConfig:
     """The config file (if any) with the flags laid over it, validated."""
-    flags["input"] = flags["input"] or None
-    flags["null_values"] = flags["null_values"] or None
+    # A repeatable flag not given comes as (): unset, so that the config's list (image_columns: [...]) stands.
+    flags = {k: None if v == () else v for k, v in flags.items()}
     flags["schema"] = flags.pop("schema_")
     for name, sep in _PAIR_SEPARATORS.items():
         flags[name] = _pairs(name, sep, flags[name])
