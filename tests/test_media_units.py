@@ -69,6 +69,9 @@ def test_openai_token_rule_matches_the_published_examples() -> None:
     assert rules_for("openai", "gpt-4o", "low").image_tokens((4000, 4000)) == 85
     assert rules_for("openai", "gpt-4o-mini-2024-07-18").image_tokens((1024, 1024)) == 2833 + 4 * 5667
     assert rules_for("openai", "o1").image_tokens((512, 512)) == 75 + 150
+    assert rules_for("openai", "gpt-5").image_tokens((1024, 1024)) == 70 + 4 * 140
+    assert rules_for("openai", "gpt-5", "low").image_tokens((1024, 1024)) == 70
+    assert rules_for("openai", "gpt-5-mini").image_tokens((1024, 1024)) == 1659  # a patch model, not gpt-5's tiles
     mini = rules_for("openai", "gpt-4.1-mini")
     assert mini.image_tokens((1024, 1024)) == 1659  # 1024 patches x 1.62, rounded up
     assert mini.image_tokens((1800, 2400)) == 2353  # 1452 patches after the scale-down, x 1.62

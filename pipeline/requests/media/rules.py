@@ -10,9 +10,10 @@ OpenAI (developers.openai.com, "Images and vision", image input requirements): P
 non-animated GIF; up to 20 MB per image, 500 images and 50 MB of image bytes per request. Tokens
 ("Calculating costs"): detail low is the base alone; high (and auto, counted as high) scales the image
 to fit 2048 x 2048, then its short side to 768, and adds a tile's tokens per 512 px tile: 85 + 170 a
-tile for gpt-4o, gpt-4.1 and most models, 75 + 150 for o1 and o3, 2833 + 5667 for gpt-4o-mini. The
-patch models (gpt-4.1-mini, gpt-4.1-nano, o4-mini, gpt-5-mini, gpt-5-nano) count 32 px patches, at
-most 1536 (a larger image is scaled down), times a multiplier of the model. PDFs ("File inputs"): Chat
+tile for gpt-4o, gpt-4.1 and most models, 70 + 140 for gpt-5, 75 + 150 for o1 and o3, 2833 + 5667 for
+gpt-4o-mini, 65 + 129 for computer-use-preview. The patch models (gpt-4.1-mini, gpt-4.1-nano, o4-mini,
+gpt-5-mini, gpt-5-nano) count 32 px patches, at most 1536 (a larger image is scaled down), times a
+multiplier of the model. PDFs ("File inputs"): Chat
 Completions takes them as `file` parts, base64 only, no URL; text and an image of each page go to the
 model; 32 MB of files and 100 pages a request is the limit that guide gave when last read.
 
@@ -151,7 +152,8 @@ def _mb(n: int) -> str:
 
 
 # OpenAI's models whose rule differs from gpt-4o's tiles; the longest matching prefix wins.
-_OPENAI_TILES = {"gpt-4o-mini": (2833, 5667), "o1": (75, 150), "o3": (75, 150)}
+_OPENAI_TILES = {"gpt-4o-mini": (2833, 5667), "o1": (75, 150), "o3": (75, 150), "gpt-5": (70, 140),
+                 "computer-use-preview": (65, 129)}  # fmt: skip
 _OPENAI_PATCHES = {"gpt-4.1-mini": 1.62, "gpt-4.1-nano": 2.46, "o4-mini": 1.72, "gpt-5-mini": 1.62, "gpt-5-nano": 2.46}
 
 
