@@ -118,7 +118,8 @@ def test_binary_and_data_url_cells(server: FakeLLMServer) -> None:
 
 
 def test_a_changed_image_is_sent_again_and_an_unchanged_one_never(files: dict[str, bytes]) -> None:
-    """Real processes: a first run killed part-way, a resume, then one image changed on disk."""
+    """Real processes: a first run killed part-way, an answered row's image changed before the resume,
+    then another image changed on disk."""
     for i in range(3, 21):
         Path(f"data/img/{i}.png").write_bytes(imagefiles.png(16, 16, seed=i))
     rows = [{"id": i, "photo": f"img/{i}.png", "text": f"row {i}"} for i in range(3, 21)]
@@ -133,13 +134,22 @@ def test_a_changed_image_is_sent_again_and_an_unchanged_one_never(files: dict[st
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
-        first = {user_content(r)[-1]["text"] for r in chat_requests(server)}
+        order = [user_content(r)[-1]["text"] for r in chat_requests(server)]
+        first = set(order)
+        # One at a time and 4 answers journaled: the first request's answer is kept. Its image changes
+        # while no process runs: the resumed run must send it again, with the new bytes.
+        answered = int(order[0].rsplit(" ", 1)[1])
+        redrawn = imagefiles.png(16, 16, seed=500)
+        Path(f"data/img/{answered}.png").write_bytes(redrawn)
         server.reset()
         resumed = run_cli(*args(server))
         assert resumed.exit_code == 0, resumed.output
         second = [user_content(r)[-1]["text"] for r in chat_requests(server)]
-        assert len(set(first) & set(second)) <= 1  # only the one in flight at the kill
+        assert order[0] in second
+        assert len(first & set(second) - {order[0]}) <= 1  # besides it, only the one in flight at the kill
         assert len(first | set(second)) == 18 and len(second) == len(set(second))
+        out = pl.read_parquet("out/result.parquet")
+        assert out.filter(pl.col("id") == answered)["completion"].item().endswith(label(redrawn))
 
         changed = imagefiles.png(16, 16, seed=99)
         Path("data/img/7.png").write_bytes(changed)
