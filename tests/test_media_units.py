@@ -190,3 +190,12 @@ def test_room_bounds_bytes_in_flight_first_come_first_served() -> None:
 
     # b waits for a; c, though small enough to fit beside a, waits its turn behind b; the huge one goes alone.
     assert asyncio.run(scenario()) == ["a", "b", "c", "huge"]
+
+
+def test_the_mmap_threshold_is_held_on_glibc() -> None:
+    """Runs with image columns keep glibc's mmap threshold fixed (memory flat in rows: see make bench, scenario 14)."""
+    import platform
+
+    from pipeline.limits.room import hold_mmap_threshold
+
+    assert hold_mmap_threshold() is (platform.libc_ver()[0] == "glibc")

@@ -25,7 +25,7 @@ from pipeline import errors, outcomes
 from pipeline.limits.governor import Governor
 from pipeline.limits.learn import Ticket
 from pipeline.limits.retry import RetryPolicy
-from pipeline.limits.room import Room
+from pipeline.limits.room import Room, hold_mmap_threshold
 from pipeline.limits.spend import NOT_SENT as NOT_SENT_CEILING
 from pipeline.limits.spend import Pricing
 from pipeline.observe.stats import RunStats
@@ -173,6 +173,8 @@ class Engine:
         self._provider = provider
         self._media = media  # reads a row's images again to build its request
         self._media_room = Room(MEDIA_ROOM)
+        if media is not None:
+            hold_mmap_threshold()  # large buffers given back as they are freed: memory flat in rows
         self._transport = transport
         self.governor = governor
         self._policy = policy

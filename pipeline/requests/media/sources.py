@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import threading
 import urllib.error
 import urllib.parse
@@ -100,8 +101,14 @@ def chunks(ref: Ref, cell: Any) -> Iterator[bytes]:
         yield _data_url(str(cell).strip(), ref)
     elif ref.scheme == "file":
         try:
-            with open(ref.where, "rb") as f:
-                while chunk := f.read(CHUNK):
+            with open(ref.where, "rb", buffering=0) as f:
+                # Reads of the file's own size (one byte more, to see its end), not of CHUNK: CPython
+                # allocates what read(n) asks before it shrinks to what came, a megabyte for every image.
+                left = os.fstat(f.fileno()).st_size
+                while chunk := f.read(min(CHUNK, left + 1)):
+                    left -= len(chunk)
+                    if left < 0:  # the file grew as it was read: on in whole chunks (its hash will say so)
+                        left = CHUNK
                     yield chunk
         except FileNotFoundError:
             raise Unreadable(f"file {ref.shown} no longer exists", kind="image_missing") from None
