@@ -10,7 +10,6 @@ larger than the whole room is let in alone, so nothing waits for ever.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import sys
 from collections import deque
 
@@ -68,6 +67,8 @@ def hold_mmap_threshold() -> bool:
     the adjustment off (mallopt(3)). A no-op off glibc."""
     if not sys.platform.startswith("linux"):
         return False
+    import ctypes  # here, not at the top: only runs with image columns need it
+
     try:
         return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
     except (OSError, AttributeError):  # not glibc (musl has the function and ignores it)
