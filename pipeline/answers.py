@@ -12,6 +12,12 @@ when a call ends. Cleared by `pipeline state clear` or `pipeline.clear_answers()
 
 A call stopped by Ctrl-C (the notebook's stop button) raises `Interrupted`,
 whose `partial` is the table of the rows answered so far (`answered_so_far`).
+
+In batch mode (`wait=True`), the batches submitted go on at the provider after
+an interrupt: the call's checkpoint, with the ledger of what was submitted, is a
+folder per job in the state folder (`batch_checkpoint`), so the same call made
+again collects them instead of submitting and paying again. It is removed once a
+call has collected everything (the answers are in the store by then).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from pipeline.tables import source
 from pipeline.tables.cache import FILE, AnswerCache, scope_for
 from pipeline.tables.checkpoint import read_done
 from pipeline.tables.sink import result_frame
-from pipeline.tables.statedir import answers_dir
+from pipeline.tables.statedir import answers_dir, batches_dir
 
 if TYPE_CHECKING:
     from pipeline.job import Job
@@ -42,9 +48,9 @@ _pruning = threading.Lock()
 
 def with_default_store(cfg: RunConfig) -> RunConfig:
     """The call's settings with the default store as its answer cache, where it can have one: not when the
-    caller chose a place (`checkpoint_dir`, `cache_dir`), asked for `fresh` answers, or runs on Ray (whose
-    actors share no cache yet)."""
-    if cfg.checkpoint_dir or cfg.cache_dir or cfg.fresh or cfg.engine == "ray":
+    caller chose a place (`checkpoint_dir`, `cache_dir`) or asked for `fresh` answers. On Ray the store is
+    kept by one actor on the driver's node, as a run's `--cache` is."""
+    if cfg.checkpoint_dir or cfg.cache_dir or cfg.fresh:
         return cfg
     folder = answers_dir()
     with _pruning:
@@ -55,14 +61,28 @@ def with_default_store(cfg: RunConfig) -> RunConfig:
     return cfg.model_copy(update={"cache_dir": str(folder)})
 
 
+def batch_checkpoint(cfg: RunConfig) -> Path:
+    """The checkpoint of a batch-mode call given no checkpoint_dir: one folder per job (the server, the
+    model and how rows become requests), so the same call made again finds the batches it submitted."""
+    import hashlib
+
+    import orjson
+
+    job = cfg.model_dump(mode="json", include={"provider", "base_url", "model", "prompt", "prompt_column", "system"})
+    digest = hashlib.sha256(orjson.dumps(job, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+    return batches_dir() / digest
+
+
 def where(cfg: RunConfig) -> str:
     """Where a call's answers are kept, as the interrupt message names it."""
+    if cfg.mode == "batch" and not cfg.checkpoint_dir:
+        return f"the default answer store and, for batches still open, {batch_checkpoint(cfg)}"
     if cfg.checkpoint_dir:
         return f"the checkpoint {cfg.checkpoint_dir}"
     if cfg.cache_dir:
         default = "default " if cfg.cache_dir == str(answers_dir()) else ""
         return f"the {default}answer store {Path(cfg.cache_dir) / FILE}"
-    return "a temporary folder, gone when the call returns (fresh=True and the Ray engine keep no answers)"
+    return "a temporary folder, gone when the call returns (fresh=True keeps no answers)"
 
 
 def resume_hint(cfg: RunConfig) -> str:
@@ -70,6 +90,8 @@ def resume_hint(cfg: RunConfig) -> str:
     given = cfg.cache_dir is not None and cfg.cache_dir != str(answers_dir())
     again = "with the same checkpoint_dir" if cfg.checkpoint_dir else "with the same cache_dir" if given else ""
     kept = "the rows answered are not sent again. " if cfg.checkpoint_dir or cfg.cache_dir else ""
+    if cfg.mode == "batch":
+        kept = "the batches submitted are collected, not submitted again, and the rows answered are not sent again. "
     return (
         f"Call the same complete() again{' ' + again if again else ''}: {kept}The rows answered so far are on the "
         "exception: `except pipeline.Interrupted as stop: stop.partial`."

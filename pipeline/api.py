@@ -23,7 +23,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import shutil
+import signal
 import sys
+import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, overload
@@ -31,7 +34,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import polars as pl
 
 from pipeline import answers, errors
-from pipeline.job import Job, prepare_job
+from pipeline.job import INTERRUPT_GRACE_S, Job, prepare_job
 from pipeline.outcomes import EXCEPTIONS, EXIT_INTERRUPTED, RunResult
 from pipeline.settings import ConfigLike, settings_config
 from pipeline.tables import frames, source
@@ -92,7 +95,12 @@ async def acomplete(table: Any, **settings: Any) -> Any:
     cfg = answers.with_default_store(cfg)  # without a place of the caller's, the answers outlive the call
     sink = MemorySink(cfg.result_prefix)
     with Scratch("pipeline-answers-") as scratch:  # a killed kernel's folder is removed by the next call
-        checkpoint = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else Path(scratch) / "answers.checkpoint"
+        if cfg.checkpoint_dir:
+            checkpoint = Path(cfg.checkpoint_dir)
+        elif cfg.mode == "batch":  # open batches outlive an interrupt: their ledger must too
+            checkpoint = answers.batch_checkpoint(cfg)
+        else:
+            checkpoint = Path(scratch) / "answers.checkpoint"
         job = await asyncio.to_thread(
             prepare_job,
             cfg,
@@ -106,6 +114,8 @@ async def acomplete(table: Any, **settings: Any) -> Any:
         )
         job.checkpoint_shown, job.resume_hint = answers.where(cfg), answers.resume_hint(cfg)
         result = await _execute(job, partial=lambda: answers.answered_so_far(job, MemorySink(cfg.result_prefix)))
+        if cfg.mode == "batch" and not cfg.checkpoint_dir and result.outcome in ("completed", "empty_input"):
+            shutil.rmtree(checkpoint, ignore_errors=True)  # all collected: the answers are in the default store
     if result.outcome in ("completed", "empty_input", "error_rate", "spend_ceiling") and sink.frame is not None:
         # The rows carry their status: failed or unsent rows are rows, not an exception. In the kind given.
         return frames.like(table, sink.frame, len(frame.collect_schema()))
@@ -176,6 +186,9 @@ class MemorySink(Sink):
 
 
 async def _execute(job: Job, partial: Callable[[], pl.DataFrame] | None = None) -> RunResult:
+    root = asyncio.current_task()
+    if root is not None and getattr(root, "_pipeline_sync", False):
+        root._pipeline_job = job  # type: ignore[attr-defined]  # what a Ctrl-C winds down (_on_interrupt)
     try:
         return await job.execute()
     except (asyncio.CancelledError, KeyboardInterrupt):
@@ -199,11 +212,14 @@ def _cancelled_by_caller() -> bool:
 
 def _sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run a coroutine to the end from sync code: on a new loop, or in a worker thread when this
-    thread already runs one (Jupyter). Ctrl-C cancels it, it saves what it has, and Interrupted follows."""
+    thread already runs one (Jupyter). A first Ctrl-C (the notebook's stop button) sends nothing more and
+    gives the requests in flight a few seconds to come back, as `pipeline run` does: they are paid for, and
+    their answers are kept. Then the run is cancelled, it saves what it has, and Interrupted follows. A
+    second Ctrl-C stops at once."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(_marked(make))
+        return asyncio.run(_marked(make, interrupts=threading.current_thread() is threading.main_thread()))
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pipeline") as pool:
         loop_and_task: list[tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]]] = []
 
@@ -213,33 +229,64 @@ def _sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
             loop_and_task.append((asyncio.get_running_loop(), task))
             return await _marked(make)
 
-        future = pool.submit(asyncio.run, main())
-        try:
-            # In short waits: a signal may reach any thread, and a thread blocked in one long wait only
-            # runs Python's handler (the KeyboardInterrupt) once that wait ends, after the whole run.
-            while not concurrent.futures.wait([future], timeout=0.2).done:
-                pass
-            return future.result()
-        except KeyboardInterrupt:  # the notebook's stop button: cancel the run, let it save, then stop
-            if future.done():
-                return future.result()
+        def interrupt() -> None:
             for loop, task in loop_and_task:
                 with contextlib.suppress(RuntimeError):  # its loop closed just now: the run has ended
-                    loop.call_soon_threadsafe(task.cancel)
-            try:
-                return future.result()
-            except errors.Interrupted:
-                raise
-            except (asyncio.CancelledError, KeyboardInterrupt):
-                raise KeyboardInterrupt from None
+                    loop.call_soon_threadsafe(_on_interrupt, loop, task)
+
+        future = pool.submit(asyncio.run, main())
+        presses = told = 0
+        while True:
+            try:  # a press may land anywhere in here: each is counted, and told to the run once
+                while told < min(presses, 2):
+                    told += 1
+                    interrupt()  # the first winds the run down, the second cancels it
+                if future.done():
+                    break
+                # In short waits: a signal may reach any thread, and a thread blocked in one long wait only
+                # runs Python's handler (the KeyboardInterrupt) once that wait ends, after the whole run.
+                concurrent.futures.wait([future], timeout=0.2)
+            except KeyboardInterrupt:
+                presses += 1
+        try:
+            return future.result()
+        except errors.Interrupted:
+            raise
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
 
 
-async def _marked(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """The coroutine as the root of its loop: a cancel it gets is an interrupt, not a caller's cancel."""
+def _on_interrupt(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any]) -> None:
+    """A Ctrl-C, on the call's loop: the first winds its run down (nothing more is sent; the requests in
+    flight get INTERRUPT_GRACE_S to come back), then cancels it; a second, or one before the run has
+    started sending, cancels at once."""
+    job = getattr(task, "_pipeline_job", None)
+    if job is None or getattr(task, "_pipeline_winding", None) is not None or task.done():
+        task.cancel()
+        return
+
+    async def wind_down() -> None:
+        await job.wind_down(INTERRUPT_GRACE_S)
+        if not task.done():  # every row may have come back in the meantime: then the call just returns
+            task.cancel()
+
+    task._pipeline_winding = loop.create_task(wind_down())  # type: ignore[attr-defined]  # held: not collected
+
+
+async def _marked(make: Callable[[], Coroutine[Any, Any, T]], *, interrupts: bool = False) -> T:
+    """The coroutine as the root of its loop: a cancel it gets is an interrupt, not a caller's cancel.
+    With `interrupts` (a loop of our own in the main thread), Ctrl-C goes through `_on_interrupt`."""
     task = asyncio.current_task()
     if task is not None:
         task._pipeline_sync = True  # type: ignore[attr-defined]
-    return await make()
+    if not interrupts or task is None:
+        return await make()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, _on_interrupt, loop, task)
+    try:
+        return await make()
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)  # Python's own handler again
 
 
 def _as_frame(table: Any) -> pl.DataFrame | pl.LazyFrame:

@@ -116,9 +116,6 @@ def run(config: str | None, **flags: Any) -> None:
     sys.exit(code)
 
 
-INTERRUPT_GRACE_S = 5.0  # how long a first Ctrl-C waits for the requests in flight
-
-
 def _run(cfg: RunConfig) -> int:
     """One job on a fresh event loop; the exit code. SIGTERM is an interrupt like Ctrl-C for the whole run
     (a scheduler's kill gets the same flush, message and exit 130), at once: a scheduler's own grace
@@ -126,7 +123,7 @@ def _run(cfg: RunConfig) -> int:
     answers are paid for, then stops; a second stops at once."""
     import asyncio  # with the run's heavy imports (polars, pyarrow, aiohttp): only when running
 
-    from pipeline.job import prepare_job
+    from pipeline.job import INTERRUPT_GRACE_S, prepare_job
 
     job = prepare_job(cfg)
 

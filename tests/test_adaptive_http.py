@@ -144,6 +144,18 @@ def _server_process(port: int) -> subprocess.Popen[str]:
     return proc
 
 
+def _wait_for_answers(folder: Path, count: int, timeout: float = 60.0) -> None:
+    """Until the run's journal holds `count` answers: a fixed sleep kills the server before the first
+    request on a loaded machine, and a server never reached is a wrong address, not an outage."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = sum(p.read_bytes().count(b"\n") for p in folder.glob("journal-*.jsonl"))
+        if lines >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run journaled fewer than {count} answers in {timeout:.0f} s")
+
+
 def test_a_server_that_dies_and_comes_back_costs_no_rows() -> None:
     """The new-user report: server killed 8 s in, 56 rows lost in 4 s. Now the run holds and goes on."""
     port = _free_port()
@@ -154,7 +166,7 @@ def test_a_server_that_dies_and_comes_back_costs_no_rows() -> None:
         "--model", "fake-model", "--rpm", "1200", "--no-progress",
     )  # fmt: skip
     try:
-        time.sleep(2.0)
+        _wait_for_answers(Path("out/result.checkpoint"), 10)  # killed mid-run, after the breaker is armed
         server.terminate()
         server.wait(10)
         time.sleep(4.0)  # down for 4 s: without the breaker every row's 6 attempts go in about 3 s

@@ -282,7 +282,7 @@ def test_ctrl_c_in_a_call_saves_answers_and_raises_interrupted() -> None:
                                       checkpoint_dir="answers")  # fmt: skip
         second = {r.content for r in chat_requests(server)}
     assert set(out_frame["status"]) == {"ok"} and out_frame.height == 400
-    assert len(first & second) <= 4  # at most the requests in flight at the interrupt are sent again
+    assert first & second == set()  # the requests in flight at the interrupt came back in its grace: none sent again
     assert len(second) <= 400 - int(ok)
 
 
@@ -331,6 +331,55 @@ def test_ctrl_c_inside_a_running_loop_saves_answers_and_raises_interrupted() -> 
     calling thread, which cancels the run there, waits for it to save, and raises Interrupted."""
     with FakeLLMServer(latency=0.05) as server:
         ok = interrupt_script(NOTEBOOK_SCRIPT, server)
+        sent = len(chat_requests(server))
     from pipeline.tables.checkpoint import read_done
 
     assert read_done(Path("answers")).height >= int(ok)  # every answer counted is in the checkpoint
+    assert read_done(Path("answers")).height == sent  # and every request sent: those in flight came back in the grace
+
+
+HANGING_CELL = textwrap.dedent(
+    """
+    import asyncio, logging, sys, polars as pl, pipeline
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the pipeline logger's lines, on stderr
+    df = pl.DataFrame({"text": [f"row {i}" for i in range(40)]})
+
+    async def cell():
+        try:
+            pipeline.complete(df, prompt="{text}", base_url=sys.argv[1], model="m", progress=False,
+                              checkpoint_dir="answers", concurrency=4, adapt=False)
+        except pipeline.Interrupted:
+            print("INTERRUPTED", flush=True)
+            return 130
+        return 0
+
+    sys.exit(asyncio.new_event_loop().run_until_complete(cell()))
+    """
+)
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_the_stop_button_waits_a_few_seconds_for_replies_or_not_at_all(presses: int) -> None:
+    """A server that does not answer: the first press waits the grace out and stops, the second stops at once."""
+    from tests.test_ctrl_c import read_until, wait_for_requests
+
+    Path("cell.py").write_text(HANGING_CELL)
+    with FakeLLMServer(latency=120.0) as server:
+        proc = subprocess.Popen([sys.executable, "cell.py", f"{server.url}/v1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+        wait_for_requests(server, 4, proc)
+        proc.send_signal(signal.SIGINT)
+        said = read_until(proc, "in flight to come back")
+        started = time.monotonic()
+        if presses == 2:
+            proc.send_signal(signal.SIGINT)
+        out, rest = proc.communicate(timeout=60)
+        waited = time.monotonic() - started
+        said += rest
+    assert proc.returncode == 130 and out.strip() == "INTERRUPTED", said
+    assert "waiting up to 5 s for the 4 requests in flight" in said
+    if presses == 1:
+        assert "4 requests did not come back in 5 s" in said
+        assert waited >= 4.5  # the grace was given
+    else:
+        assert "did not come back" not in said  # the second press did not wait for it

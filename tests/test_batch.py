@@ -593,3 +593,90 @@ def test_batch_spend_counts_in_the_run_that_collects_it(batches: FakeBatchServer
     again = run_cli(*job(batches, *priced))  # nothing new: this run spent nothing
     assert json.loads(Path("out/r.metrics.json").read_text())["cost"]["this_run"] == 0
     assert again.exit_code == 0
+
+
+def test_status_and_cancel_of_a_job_whose_checkpoint_is_in_a_bucket(
+    batches: FakeBatchServer, s3: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An s3:// job's ledger lives in its bucket: status and cancel from a fresh disk (another folder, another
+    state folder) see the batches the run submitted, and cancel's answers reach the bucket."""
+    write_table("in.csv", texts(10))
+    out = "s3://lake/out/r.parquet"
+    assert run_cli(*job(batches, out=out)).exit_code == 3
+    fresh = tmp_path / "another-worker"
+    (fresh / "in.csv").parent.mkdir()
+    (fresh / "in.csv").write_bytes(Path("in.csv").read_bytes())
+    monkeypatch.chdir(fresh)
+    monkeypatch.setenv("PIPELINE_STATE_DIR", str(fresh / "state"))
+    status_args = job(batches, out=out)[1:]
+    shown = run_cli("batch", "status", *status_args)
+    assert shown.exit_code == 0, shown.output
+    assert ": in_progress (0 done, 0 failed of 10); open" in shown.output
+    assert "10 requests in open batches, 0 waiting to be submitted, 0 refused, 0 answered" in shown.output
+    cancelled = run_cli("batch", "cancel", *status_args)
+    assert cancelled.exit_code == 0, cancelled.output
+    assert "cancelled: 5 answered, 0 refused, 5 to send again" in cancelled.output
+    assert batches.stats["cancels"] == 1
+    monkeypatch.setenv("PIPELINE_STATE_DIR", str(tmp_path / "a-third-worker"))
+    assert run_cli(*job(batches, out=out)).exit_code == 3  # the 5 cancel kept are not submitted again
+    assert batches.stats["batches_created"] == 2 and sorted(batches.lines_seen.values()) == [1] * 5 + [2] * 5
+    after = run_cli("batch", "status", *status_args)
+    assert "5 requests in open batches, 0 waiting to be submitted, 0 refused, 5 answered" in after.output, after.output
+
+
+WAIT_IN_A_NOTEBOOK = """
+import json, sys, polars as pl, pipeline
+df = pl.DataFrame({"text": [f"row {i}" for i in range(12)]})
+settings = dict(prompt="{text}", model="m", base_url=sys.argv[1], mode="batch", wait=True, progress=False,
+                api_key_env="BATCH_KEY")
+try:
+    out = pipeline.complete(df, **settings)
+except pipeline.Interrupted as stop:
+    print(json.dumps({"interrupted": str(stop)}), flush=True)
+    sys.exit(0)
+print(json.dumps({"rows": out.height, "ok": out["status"].unique().to_list(),
+                  "echoed": all(c == "echo: " + t for c, t in zip(out["completion"], out["text"]))}), flush=True)
+"""
+
+
+def test_complete_waiting_on_batches_interrupted_collects_them_in_the_next_call(batches: FakeBatchServer, tmp_path: Path) -> None:
+    """The notebook's stop button while complete(mode='batch', wait=True) waits: the batches go on at the
+    provider, and the same call made again, in a new process, collects them: nothing submitted twice."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k not in ("XDG_STATE_HOME", "PIPELINE_STATE_DIR")}
+    env.update(HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT), BATCH_KEY=KEY)
+
+    def call() -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-c", WAIT_IN_A_NOTEBOOK, f"{batches.url}/v1"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)  # fmt: skip
+
+    first = call()
+    deadline = time.monotonic() + 60
+    while batches.stats["batches_created"] < 1:
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.05)
+    time.sleep(0.5)  # waiting on the batch now
+    first.send_signal(signal.SIGINT)
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+    said = json.loads(out)["interrupted"]
+    assert "the batches submitted are collected, not submitted again" in said, said
+    ledger = tmp_path / "home/.local/state/pipeline/batches"
+    assert [p.name for p in ledger.glob("*/batches/ledger.jsonl")] == ["ledger.jsonl"]  # kept, with the open batch
+    batches.advance(120)  # the batch finished at the provider meanwhile
+    again = call()
+    out, err = again.communicate(timeout=60)
+    assert again.returncode == 0, err
+    assert json.loads(out) == {"rows": 12, "ok": ["ok"], "echoed": True}
+    assert batches.stats["batches_created"] == 1 and set(batches.lines_seen.values()) == {1}
+    assert not list(ledger.iterdir())  # all collected: the answers are in the default store, the ledger is gone
+    # Collected, the call made a third time is answered from the default store: nothing submitted.
+    third = call()
+    out, err = third.communicate(timeout=60)
+    assert third.returncode == 0 and json.loads(out)["rows"] == 12, err
+    assert batches.stats["batches_created"] == 1 and batches.stats["uploads"] == 1

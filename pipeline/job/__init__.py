@@ -14,7 +14,7 @@ exceptions shown to a person and exit codes belong to the callers: cli.py for
 
 from pipeline.job.batch import batch_command
 from pipeline.job.prepare import prepare_job
-from pipeline.job.run import Job
+from pipeline.job.run import INTERRUPT_GRACE_S, Job
 from pipeline.job.send import build_engine
 
-__all__ = ["Job", "batch_command", "build_engine", "prepare_job"]
+__all__ = ["INTERRUPT_GRACE_S", "Job", "batch_command", "build_engine", "prepare_job"]

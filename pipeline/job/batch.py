@@ -10,8 +10,10 @@ and the ledger are pipeline/engines/batch.py; this module wires them to a job.
 from __future__ import annotations
 
 import contextlib
+import tempfile
 from collections.abc import Callable, Iterator
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
@@ -19,6 +21,7 @@ import polars as pl
 from pipeline import errors, outcomes
 from pipeline.config import RunConfig
 from pipeline.engines.batch import BatchStep, Ledger, batch_api
+from pipeline.engines.batch.ledger import BATCHES
 from pipeline.engines.batch.step import Pending
 from pipeline.engines.online import prepare
 from pipeline.limits import spend
@@ -28,7 +31,7 @@ from pipeline.outcomes import EXIT_OK
 from pipeline.plan import preflight
 from pipeline.providers import make_provider
 from pipeline.providers.transport import AiohttpTransport
-from pipeline.tables import source
+from pipeline.tables import objectstore, remote_state, source
 from pipeline.tables.cache import AnswerCache
 from pipeline.tables.checkpoint import STORED_SCHEMA, Checkpoint, Result, read_done
 
@@ -167,58 +170,92 @@ async def batch_command(cfg: RunConfig, action: str, say: Callable[[str], None])
     plan = preflight(cfg)
     api_key = cfg.api_key()
     headers, secrets = cfg.request_headers()
-    ledger = Ledger(cfg.checkpoint_path)
-    if not ledger.path.exists():
-        say(f"pipeline: no batches yet for this job ({ledger.path} does not exist).")
-        return EXIT_OK
-    base_url = str(cfg.setting("base_url"))
-    provider = make_provider(cfg.provider, base_url, plan.renderer.spec, api_key, headers, secrets)
-    transport = AiohttpTransport(concurrency=4, timeout=BATCH_CALL_TIMEOUT)
-    all_secrets = (*secrets, *([api_key] if api_key else []))
-    try:
-        api = batch_api(cfg.provider, transport, base_url, provider.headers, all_secrets, ledger, max_wait=cfg.max_wait)
-        if action == "status":
-            step = BatchStep(api, provider, ledger, Checkpoint(cfg.checkpoint_path), max_lines=1, max_attempts=1,
-                             system=cfg.system, say=say)  # fmt: skip
-            rows_open = 0
-            for entry, live in await step.status():
-                state = (live or {}).get("status") or entry.status or "not created"
-                counts = (live or {}).get("request_counts") or entry.counts
-                done = (
-                    f"{counts.get('completed', 0):,} done, {counts.get('failed', 0):,} failed of {entry.n:,}"
-                    if counts
-                    else f"{entry.n:,} requests"
-                )
-                folded = "collected" if entry.folded else "lost" if entry.lost else "open"
-                say(f"  {entry.batch_id or entry.local}: {state} ({done}); {folded}")
-                rows_open += entry.n if entry.open else 0
-            entries = ledger.entries()
-            in_open = {k for e in entries.values() if e.open for k in ledger.keys_of(e.local)}
-            refused = ledger.failed()
-            answered = read_done(cfg.checkpoint_path)
-            waiting: set[str] = set()
-            for frame in source.batches(plan.table, cfg.batch_size, cfg.limit):
-                p = prepare(frame, plan.renderer, answered)
-                waiting.update(
-                    k for row, k in enumerate(p.keys)
-                    if k is not None and p.skip[row] is None and row not in p.cached and k not in in_open and k not in refused
-                )  # fmt: skip
-            say(
-                f"pipeline: {rows_open:,} requests in open batches, {len(waiting):,} waiting to be submitted, "
-                f"{len(refused):,} refused, {answered.height:,} answered; run the job to collect finished batches."
-            )
+    with _job_state(cfg, action, say) as (ledger, checkpoint):
+        if not ledger.path.exists():
+            where = f"{cfg.checkpoint_remote}/{BATCHES}/" if cfg.checkpoint_remote is not None else ledger.path
+            say(f"pipeline: no batches yet for this job ({where} does not exist).")
             return EXIT_OK
-        with contextlib.closing(Checkpoint(cfg.checkpoint_path)) as checkpoint:
-            checkpoint.open()
-            checkpoint.load()
+        base_url = str(cfg.setting("base_url"))
+        provider = make_provider(cfg.provider, base_url, plan.renderer.spec, api_key, headers, secrets)
+        transport = AiohttpTransport(concurrency=4, timeout=BATCH_CALL_TIMEOUT)
+        all_secrets = (*secrets, *([api_key] if api_key else []))
+        try:
+            api = batch_api(cfg.provider, transport, base_url, provider.headers, all_secrets, ledger, max_wait=cfg.max_wait)
+            if action == "status":
+                return await _status(cfg, plan, api, provider, ledger, say)
+            assert checkpoint is not None
             checkpoint.start_journal()
             step = BatchStep(api, provider, ledger, checkpoint, max_lines=1, max_attempts=cfg.max_attempts,
                              system=cfg.system, say=say)  # fmt: skip
             outcome = await step.cancel()
-        say(
-            f"pipeline: cancelled; {len(outcome.folded):,} answers they had finished are kept in {cfg.checkpoint_path}. "
-            "The other rows are pending: the next run submits them again."
-        )
-        return EXIT_OK
+        finally:
+            await transport.close()
+    say(
+        f"pipeline: cancelled; {len(outcome.folded):,} answers they had finished are kept in {checkpoint}. "
+        "The other rows are pending: the next run submits them again."
+    )
+    return EXIT_OK
+
+
+@contextlib.contextmanager
+def _job_state(cfg: RunConfig, action: str, say: Callable[[str], None]) -> Iterator[tuple[Ledger, Checkpoint | None]]:
+    """The job's ledger, and for `cancel` its checkpoint, opened (held: no run of the job goes on meanwhile).
+    A job whose checkpoint is in a bucket has its ledger there: `status` reads a copy of it, without the
+    job's lock (it changes nothing, and may look while a run goes on); `cancel` holds the job and ships
+    what it changes back to the bucket on the way out."""
+    remote = cfg.checkpoint_remote
+    if action == "status":
+        if remote is None:
+            yield Ledger(cfg.checkpoint_path), None
+            return
+        with tempfile.TemporaryDirectory(prefix="pipeline-batch-status-") as copy:
+            try:
+                remote_state.pull_ledger(remote, Path(copy))
+            except objectstore.StoreError as exc:
+                raise errors.InputError(f"Cannot read the batches of {remote}/: {exc}") from None
+            yield Ledger(Path(copy)), None
+        return
+    if remote is None and not Ledger(cfg.checkpoint_path).path.exists():
+        yield Ledger(cfg.checkpoint_path), None  # nothing to cancel, and nothing created
+        return
+    checkpoint = remote_state.open_checkpoint(cfg.checkpoint_path, remote, say)
+    checkpoint.open()
+    try:
+        checkpoint.load()  # from a bucket: its answers, and the ledger into the working folder
+        yield Ledger(cfg.checkpoint_path), checkpoint
     finally:
-        await transport.close()
+        checkpoint.close(discard_unused=True)
+
+
+async def _status(cfg: RunConfig, plan: Any, api: Any, provider: Any, ledger: Ledger, say: Callable[[str], None]) -> int:
+    step = BatchStep(api, provider, ledger, Checkpoint(ledger.folder.parent), max_lines=1, max_attempts=1,
+                     system=cfg.system, say=say)  # fmt: skip
+    rows_open = 0
+    for entry, live in await step.status():
+        state = (live or {}).get("status") or entry.status or "not created"
+        counts = (live or {}).get("request_counts") or entry.counts
+        done = (
+            f"{counts.get('completed', 0):,} done, {counts.get('failed', 0):,} failed of {entry.n:,}"
+            if counts
+            else f"{entry.n:,} requests"
+        )
+        folded = "collected" if entry.folded else "lost" if entry.lost else "open"
+        say(f"  {entry.batch_id or entry.local}: {state} ({done}); {folded}")
+        rows_open += entry.n if entry.open else 0
+    entries = ledger.entries()
+    in_open = {k for e in entries.values() if e.open for k in ledger.keys_of(e.local)}
+    refused = ledger.failed()
+    remote = cfg.checkpoint_remote
+    answered = remote_state.read_done(remote) if remote is not None else read_done(cfg.checkpoint_path)
+    waiting: set[str] = set()
+    for frame in source.batches(plan.table, cfg.batch_size, cfg.limit):
+        p = prepare(frame, plan.renderer, answered)
+        waiting.update(
+            k for row, k in enumerate(p.keys)
+            if k is not None and p.skip[row] is None and row not in p.cached and k not in in_open and k not in refused
+        )  # fmt: skip
+    say(
+        f"pipeline: {rows_open:,} requests in open batches, {len(waiting):,} waiting to be submitted, "
+        f"{len(refused):,} refused, {answered.height:,} answered; run the job to collect finished batches."
+    )
+    return EXIT_OK

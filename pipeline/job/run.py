@@ -41,6 +41,8 @@ from pipeline.tables.checkpoint import STORED_SCHEMA, Checkpoint
 from pipeline.tables.responses import ResponseLog
 from pipeline.tables.sink import Sink, open_sink
 
+INTERRUPT_GRACE_S = 5.0  # how long a first Ctrl-C waits for the requests in flight (the CLI and the Python API)
+
 
 class Job:
     """One checked job: `await job.execute()` sends it; `job.result` is set on every way out but a crash."""

@@ -437,6 +437,17 @@ def read_done(remote: storage.Url) -> pl.DataFrame:
     return everything.filter(pl.col("status") == "ok").sort("request_key")
 
 
+def pull_ledger(remote: storage.Url, into: Path) -> None:
+    """Batch mode's files as the bucket holds them, into `into` (a copy to read, without the job's lock:
+    `pipeline batch status`)."""
+    bucket = objectstore.Bucket(remote.bucket)
+    prefix = f"{remote.key}/"
+    for key in bucket.keys(f"{prefix}batches/"):
+        target = into.joinpath(*key.removeprefix(prefix).split("/"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        bucket.download(key, target)
+
+
 def _journal_bytes(body: bytes) -> pl.DataFrame:
     import io
 

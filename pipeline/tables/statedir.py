@@ -14,6 +14,9 @@ Paid answers are state, not cache: a cache folder may be wiped by the system
 or a cleaning tool, and what it held would be paid again. Inside it:
 
     answers/answers.sqlite    the default answer store of `pipeline.complete()`
+    batches/<job>/            the checkpoint of a `complete(mode="batch", wait=True)` call given no
+                              checkpoint_dir, while its batches are open (the ledger of what was
+                              submitted: a call interrupted and made again collects them)
     s3/<bucket>/<folder>/     the local side of jobs whose state lives in object storage:
                               the working copy of the checkpoint while a run goes on,
                               the output's local copy, the metrics file and the report
@@ -51,3 +54,8 @@ def answers_dir() -> Path:
 def objects_dir() -> Path:
     """The local side of jobs whose output or state is in object storage."""
     return state_dir() / "s3"
+
+
+def batches_dir() -> Path:
+    """The checkpoints of `complete()` calls in batch mode given no checkpoint_dir, one per job."""
+    return state_dir() / "batches"
