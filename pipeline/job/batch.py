@@ -82,7 +82,7 @@ async def batch_step(
                 prompt = p.prompts[row]
                 assert prompt is not None
                 described = p.media[row] if p.media is not None else None
-                # A row's images are read again as its line is written (into the request file: batches take no URLs of ours).
+                # A row's images are read again as its line is written: their bytes go into the request file as base64.
                 load = partial(media.load, described, frame, row) if media is not None and described is not None else None
                 yield key, prompt, p.extra[row], load
 
