@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from pipeline.config import RunConfig
-from pipeline.engines.online import prepare
+from pipeline.engines.prepared import prepare
 from pipeline.tables import source
 from pipeline.tables.cache import FILE, AnswerCache, scope_for
 from pipeline.tables.checkpoint import read_done

@@ -29,7 +29,7 @@ import polars as pl
 from multidict import CIMultiDict
 
 from pipeline import errors
-from pipeline.engines.online import prepare
+from pipeline.engines.prepared import prepare
 from pipeline.job import build_engine
 from pipeline.observe.stats import RunStats
 from pipeline.plan import preflight

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import pipeline
 from pipeline.config import RunConfig
-from pipeline.engines.online import prepare
+from pipeline.engines.prepared import prepare
 from pipeline.plan import renderer_for
 from pipeline.requests import prompts
 from tests.conftest import chat_requests, run_cli

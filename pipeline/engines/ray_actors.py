@@ -41,7 +41,8 @@ import pyarrow as pa
 
 from pipeline import errors
 from pipeline.config import RunConfig
-from pipeline.engines.online import Engine, Prepared, cache_hits, media_lists
+from pipeline.engines.online import Engine
+from pipeline.engines.prepared import Prepared, cache_hits, media_lists
 from pipeline.engines.ray_coordinator import SUMMED
 from pipeline.limits import spend
 from pipeline.limits.governor import Governor

@@ -23,7 +23,7 @@ from pipeline.config import RunConfig
 from pipeline.engines.batch import BatchStep, Ledger, batch_api
 from pipeline.engines.batch.ledger import BATCHES
 from pipeline.engines.batch.step import Pending
-from pipeline.engines.online import prepare
+from pipeline.engines.prepared import prepare
 from pipeline.limits import spend
 from pipeline.observe import metrics
 from pipeline.observe.progress import plural

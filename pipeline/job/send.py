@@ -20,7 +20,8 @@ import polars as pl
 
 from pipeline import errors
 from pipeline.config import RunConfig
-from pipeline.engines.online import Engine, prepare
+from pipeline.engines.online import Engine
+from pipeline.engines.prepared import prepare
 from pipeline.limits import spend
 from pipeline.limits.governor import Governor
 from pipeline.limits.retry import RetryPolicy

@@ -28,7 +28,7 @@ import polars as pl
 
 from pipeline import errors
 from pipeline.config import BATCH_DISCOUNT, RunConfig, worst_out
-from pipeline.engines.online import Prepared, prepare
+from pipeline.engines.prepared import Prepared, prepare
 from pipeline.limits import spend
 from pipeline.observe import estimate_media
 from pipeline.observe.estimate_media import MediaTotals
