@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pipeline import errors
+from pipeline import answers, errors
 from pipeline.engines.ray import (
     build_stages,
     connect,
@@ -38,7 +38,8 @@ def complete(ds: Any, **settings: Any) -> Any:
     `ds`: a `ray.data.Dataset`. `settings`: those of `pipeline.complete()` (prompt, provider,
     base_url, model, rpm, max_cost, cache_dir, ...), plus `workers=` (actors) and
     `checkpoint_dir=` (a folder every node can reach: answered rows are not sent again when
-    called again with it). Returns a Dataset, lazy as Ray's are: the requests are sent when it
+    called again with it). Without either folder, answers go to the user's default answer store
+    on the driver's node, as `pipeline.complete()`'s do. Returns a Dataset, lazy as Ray's are: the requests are sent when it
     is consumed (written, iterated, materialized), and then the run's summary is said (on
     stderr; with progress=False to the `pipeline` logger). Rows keep their order; a failed row
     has status error and the reason in `error`, as in `pipeline run`'s output.
@@ -46,6 +47,9 @@ def complete(ds: Any, **settings: Any) -> Any:
     ray = import_ray()
     config = settings.pop("config", None)
     cfg = settings_config(config, {**settings, "engine": "ray"}, api=True)
+    # As pipeline.complete(): without a place of the caller's, the answers go to the default store (kept by
+    # an actor on this node), so the same call made again pays for nothing it already has.
+    cfg = answers.with_default_store(cfg)
     if cfg.mode == "batch":
         raise errors.ConfigError(
             "pipeline.ray.complete() sends online: a batch job has no actors to run. Use pipeline.complete(table, "

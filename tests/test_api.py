@@ -361,21 +361,14 @@ HANGING_CELL = textwrap.dedent(
 @pytest.mark.parametrize("presses", [1, 2])
 def test_the_stop_button_waits_a_few_seconds_for_replies_or_not_at_all(presses: int) -> None:
     """A server that does not answer: the first press waits the grace out and stops, the second stops at once."""
-    from tests.test_ctrl_c import read_until, wait_for_requests
+    from tests.test_ctrl_c import press_ctrl_c, wait_for_requests
 
     Path("cell.py").write_text(HANGING_CELL)
     with FakeLLMServer(latency=120.0) as server:
         proc = subprocess.Popen([sys.executable, "cell.py", f"{server.url}/v1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
         wait_for_requests(server, 4, proc)
-        proc.send_signal(signal.SIGINT)
-        said = read_until(proc, "in flight to come back")
-        started = time.monotonic()
-        if presses == 2:
-            proc.send_signal(signal.SIGINT)
-        out, rest = proc.communicate(timeout=60)
-        waited = time.monotonic() - started
-        said += rest
+        out, said, waited = press_ctrl_c(proc, presses)
     assert proc.returncode == 130 and out.strip() == "INTERRUPTED", said
     assert "waiting up to 5 s for the 4 requests in flight" in said
     if presses == 1:

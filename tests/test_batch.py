@@ -186,18 +186,22 @@ def test_the_key_is_in_no_file_and_goes_only_in_the_header(batches: FakeBatchSer
     assert set(batches.received_keys) == {f"Bearer {KEY}"}
 
 
-def test_status_and_cancel(batches: FakeBatchServer) -> None:
-    write_table("in.csv", texts(10))
-    assert run_cli(*job(batches)).exit_code == 3
-    status_args = job(batches)[1:]  # the job's flags, without "run"
-    shown = run_cli("batch", "status", *status_args)
+def status_then_cancel(batches: FakeBatchServer, job_flags: list[str]) -> None:
+    """`batch status` shows the one open batch of 10 rows, then `batch cancel` cancels it (the fake has finished half)."""
+    shown = run_cli("batch", "status", *job_flags)
     assert shown.exit_code == 0, shown.output
     assert ": in_progress (0 done, 0 failed of 10); open" in shown.output
     assert "10 requests in open batches, 0 waiting to be submitted, 0 refused, 0 answered" in shown.output
-    cancelled = run_cli("batch", "cancel", *status_args)
+    cancelled = run_cli("batch", "cancel", *job_flags)
     assert cancelled.exit_code == 0, cancelled.output
-    assert "cancelled: 5 answered, 0 refused, 5 to send again" in cancelled.output  # the fake finishes half
+    assert "cancelled: 5 answered, 0 refused, 5 to send again" in cancelled.output
     assert batches.stats["cancels"] == 1
+
+
+def test_status_and_cancel(batches: FakeBatchServer) -> None:
+    write_table("in.csv", texts(10))
+    assert run_cli(*job(batches)).exit_code == 3
+    status_then_cancel(batches, job(batches)[1:])  # the job's flags, without "run"
     # The next run keeps the 5 answers and submits only the other 5.
     assert run_cli(*job(batches)).exit_code == 3
     assert batches.stats["batches_created"] == 2 and sorted(batches.lines_seen.values()) == [1] * 5 + [2] * 5
@@ -609,14 +613,7 @@ def test_status_and_cancel_of_a_job_whose_checkpoint_is_in_a_bucket(
     monkeypatch.chdir(fresh)
     monkeypatch.setenv("PIPELINE_STATE_DIR", str(fresh / "state"))
     status_args = job(batches, out=out)[1:]
-    shown = run_cli("batch", "status", *status_args)
-    assert shown.exit_code == 0, shown.output
-    assert ": in_progress (0 done, 0 failed of 10); open" in shown.output
-    assert "10 requests in open batches, 0 waiting to be submitted, 0 refused, 0 answered" in shown.output
-    cancelled = run_cli("batch", "cancel", *status_args)
-    assert cancelled.exit_code == 0, cancelled.output
-    assert "cancelled: 5 answered, 0 refused, 5 to send again" in cancelled.output
-    assert batches.stats["cancels"] == 1
+    status_then_cancel(batches, status_args)
     monkeypatch.setenv("PIPELINE_STATE_DIR", str(tmp_path / "a-third-worker"))
     assert run_cli(*job(batches, out=out)).exit_code == 3  # the 5 cancel kept are not submitted again
     assert batches.stats["batches_created"] == 2 and sorted(batches.lines_seen.values()) == [1] * 5 + [2] * 5

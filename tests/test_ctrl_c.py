@@ -75,20 +75,25 @@ def test_ctrl_c_lets_the_requests_in_flight_come_back_and_the_rerun_does_not_pay
     assert f"{len(first)} ok from the checkpoint" in again.output
 
 
+def press_ctrl_c(proc: subprocess.Popen[str], presses: int) -> tuple[str, str, float]:
+    """Ctrl-C once, then (presses == 2) again as soon as the wind-down is said; returns what the process
+    wrote to stdout and stderr, and how long it took to end after the first press was acknowledged."""
+    proc.send_signal(signal.SIGINT)
+    said = read_until(proc, "in flight to come back")
+    started = time.monotonic()
+    if presses == 2:
+        proc.send_signal(signal.SIGINT)
+    out, rest = proc.communicate(timeout=60)
+    return out, said + rest, time.monotonic() - started
+
+
 @pytest.mark.parametrize("presses", [1, 2])
 def test_replies_that_do_not_come_back_are_waited_for_a_few_seconds_or_not_at_all(presses: int) -> None:
     write_table("in.csv", texts(ROWS))
     with FakeLLMServer(latency=120.0) as server:  # replies that will not come in time
         proc = spawn(*job(server))
         wait_for_requests(server, 4, proc)
-        proc.send_signal(signal.SIGINT)
-        said = read_until(proc, "in flight to come back")
-        started = time.monotonic()
-        if presses == 2:
-            proc.send_signal(signal.SIGINT)
-        _, rest = proc.communicate(timeout=60)
-        waited = time.monotonic() - started
-        said += rest
+        _, said, waited = press_ctrl_c(proc, presses)
     assert proc.returncode == 130, said
     assert "pipeline: interrupted." in said and "Run the same command again to resume" in said
     assert journal_lines(Path("out/result.checkpoint")) == []  # nothing came back, nothing is kept

@@ -145,6 +145,53 @@ def test_a_server_failing_every_request_stops_within_max_wait() -> None:
     assert not Path("out/result.parquet").exists()  # nothing was answered: no output of errors only
 
 
+def test_a_server_that_takes_requests_and_never_answers_stops_within_max_wait() -> None:
+    """A hung server (it accepts the connection, reads the request, never replies): every row used to
+    time out attempt after attempt, hours for a big table. A timeout says a server is there, so the
+    breaker governs from the first one, and the run ends once --max-wait passes without an answer."""
+    with FakeLLMServer(latency=600.0) as server:
+        write_table("in.csv", texts(2000))
+        started = time.monotonic()
+        code, shown = run_in_terminal(
+            "run", "-i", "in.csv", "-o", "out/result.parquet", "-p", "{text}", "-m", "m", "--max-wait", "10",
+            "--timeout", "2", "--base-url", f"{server.url}/v1", columns=140,
+        )  # fmt: skip
+        wall = time.monotonic() - started
+        sent = len(chat_requests(server))
+    assert code == 8, shown
+    assert wall < 60, f"{wall:.0f} s"  # --max-wait, plus the first timeouts and one probe's
+    assert sent < 100, sent  # not 2,000 rows times their attempts
+    assert "longer than --max-wait 10 s" in shown and "no answer within 2 s" in shown
+    m = json.loads(METRICS.read_text())
+    assert (m["run"]["outcome"], m["run"]["exit_code"]) == ("server_unavailable", 8)
+    assert m["requests"]["outage_holds"] == 1
+
+
+def test_a_server_answering_what_is_not_a_chat_answer_stops_at_the_first_row() -> None:
+    """A --base-url that reaches a web page or another API answers 200 with something else: every row
+    was tried six times (3,000 rows: 18,000 requests, exit 4). The same unreadable answer to five
+    requests in a row, before anything was answered, stops the run with what came back and what to check."""
+    with FakeLLMServer() as server:
+        write_table("in.csv", [{"id": i, "text": f"row {i} [[fault:malformed]]"} for i in range(3000)])
+        result = run_cli(*base_args(server), "--max-attempts", "3")
+        sent = len(chat_requests(server))
+    assert result.exit_code == 9, result.output  # requests_refused
+    assert "all got the same answer (reply is not valid JSON" in result.output
+    assert "Check the model, the parameters (--param/params) and --base-url" in result.output
+    assert sent < 100, sent
+    assert not Path("out/result.parquet").exists()  # nothing answered: no output of errors only
+
+
+def test_a_malformed_answer_after_good_ones_fails_only_its_row() -> None:
+    with FakeLLMServer() as server:
+        rows = [*texts(20), {"id": 20, "text": "odd one [[fault:malformed]]"}, *texts(20, prefix="more")]
+        write_table("in.csv", rows)
+        result = run_cli(*base_args(server), "--concurrency", "1", "--max-attempts", "2", "--max-error-rate", "0.5")
+    assert result.exit_code == 0, result.output
+    out = pl.read_parquet("out/result.parquet")
+    assert out["status"].to_list().count("error") == 1 and out["status"][20] == "error"
+
+
 def test_an_outage_after_answers_writes_the_output_with_the_unsent_rows_marked() -> None:
     with FakeLLMServer() as server:
         write_table("in.csv", texts(300))

@@ -495,3 +495,22 @@ def test_image_columns_on_ray_match_the_local_engine(cluster: Any, server: FakeL
                                 model="fake-model", workers=2)  # fmt: skip
     done = pl.concat([pl.DataFrame(pl.from_arrow(ray.get(ref))) for ref in got.to_arrow_refs()])
     assert done["completion"][5] == f"echo: Describe: item 5 {label(Path('img/5.png').read_bytes())}"
+
+
+def test_ray_complete_on_a_dataset_keeps_its_answers_in_the_default_store(cluster: Any, server: FakeLLMServer) -> None:
+    """pipeline.ray.complete() without checkpoint_dir or cache_dir: consumed once, the answers are kept; the
+    same call made again (a new lazy dataset, consumed) sends nothing."""
+    import pipeline.ray
+
+    items = [{"id": i, "text": f"item {i}"} for i in range(80)]
+    settings = dict(prompt="Label: {text}", base_url=f"{server.url}/v1", model="fake-model", progress=False)
+
+    def consumed() -> pl.DataFrame:
+        out = pipeline.ray.complete(ray.data.from_items(items, override_num_blocks=4), workers=2, **settings)
+        return pl.concat([pl.DataFrame(pl.from_arrow(ray.get(ref))) for ref in out.to_arrow_refs()])
+
+    first = consumed()
+    assert first.height == 80 and set(first["status"]) == {"ok"} and len(chat_requests(server)) == 80
+    server.reset()
+    again = consumed()
+    assert chat_requests(server) == [] and again["completion"].to_list() == first["completion"].to_list()

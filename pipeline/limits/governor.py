@@ -93,7 +93,7 @@ class Governor:
         self.hold = Hold()
         self.breaker = Breaker()
         self.repeat = RepeatGuard()
-        self._any_reply = False  # an HTTP answer of any status came: the address is right, so failures are an outage
+        self._any_reply = False  # an HTTP answer of any status came: the address is right, so refusals are an outage
         self._requests: Pacer | None = None
         self._user_tpm = tpm
         self._token_ceiling: dict[str, float] = {}  # per minute, from headers
@@ -315,7 +315,10 @@ class Governor:
             kind = "timeout" if isinstance(err, errors.RequestTimeout) else "overloaded"
             if self.concurrency.on_overload(ticket, kind):
                 self._show_concurrency()
-        if not err.transient and not err.fatal and self.repeat.failure(err.kind, err.message):
+        # The same refusal on every request, or the same thing that is no answer at all (a web page, another
+        # API: a malformed reply is retried, but one on every request is the address, not the row).
+        permanent = not err.transient or err.kind == "malformed_reply"
+        if permanent and not err.fatal and self.repeat.failure(err.kind, err.message):
             raise errors.FatalError(
                 f"the last {self.repeat.count} requests all got the same answer ({err.message}); every row would fail "
                 "the same way. Check the model, the parameters (--param/params) and --base-url",
@@ -354,14 +357,15 @@ class Governor:
             self._hold_all(min(wait or 1.0, 1.0), "rate limited")
 
     def _outage(self, ticket: Ticket, err: errors.RequestError, now: float) -> bool:
-        # Armed from the first request, once any HTTP answer came: a server that answers 5xx to
-        # everything, or stops answering after it did, is an outage, and --max-wait bounds it. A
-        # server never reached at all is a wrong address, which the engine reports at once.
+        # Armed from the first request: a server that answers 5xx to everything, takes requests and
+        # never answers them (timeouts), or stops answering after it did, is an outage, and --max-wait
+        # bounds it. A server never connected to is a wrong address, which the engine reports after
+        # the row's attempts; connections dropped before any answer fail their rows as they come.
         if not outage_kind(err.kind):
             self.breaker.failure(now, err.kind)  # breaks the streak
             self._stats.failing_streak = 0
             return True
-        if not self._any_reply:
+        if not self._any_reply and err.kind != "timeout":
             return True
         self._stats.failing_streak += 1
         self._stats.failing_kind = err.kind
