@@ -64,7 +64,9 @@ def complete(table: Any, **settings: Any) -> Any:
     mapping they are laid over). Input and output files are not used: the table comes in and
     goes out. Output: every input column, then completion, prompt_tokens, ..., request_key,
     tokens_estimated (and the schema's fields), one row per input row, in order, as a CLI
-    run writes them.
+    run writes them. `model=["a", "b"]` (or `models=[...]`, whose entries may be mappings with
+    their own provider, base_url, api_key_env, parameters and prices) asks each model: a row per
+    input row and model, in that order, with a requested_model column.
 
     `checkpoint_dir`: a folder that keeps every answer as it comes; calling again with the same
     folder resumes (answered rows are not sent again). Without it (and without `cache_dir`) the

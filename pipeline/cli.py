@@ -70,7 +70,7 @@ def _option(name: str, field: FieldInfo) -> Callable[..., Any]:
         kw["type"] = click.Choice([str(a) for a in get_args(kind)])
     elif kind in (int, float) and not extra.get("text"):
         kw["type"] = kind
-    elif get_origin(kind) in (tuple, dict):
+    elif get_origin(kind) in (tuple, dict) or extra.get("repeatable"):
         kw.update(multiple=True, default=())
     return click.option(*decls, **kw)
 
@@ -86,6 +86,8 @@ def _bare(annotation: Any) -> Any:
 def run_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Every setting of RunConfig as a flag: the model is the one list of options."""
     for name, field in reversed(RunConfig.model_fields.items()):
+        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("cli") is False:
+            continue  # a config's (and the API's) only: `models:` entries are mappings, repeated --model its flag form
         f = _option(name, field)(f)
     return f
 
@@ -455,6 +457,8 @@ def _config(config: str | None, flags: dict[str, Any]) -> RunConfig:
     # A repeatable flag not given comes as (): unset, so that the config's list (image_columns: [...]) stands.
     flags = {k: None if v == () else v for k, v in flags.items()}
     flags["schema"] = flags.pop("schema_")
+    names = flags["model"]  # --model repeated: several models in one run
+    flags["model"] = None if not names else names[0] if len(names) == 1 else list(names)
     for name, sep in _PAIR_SEPARATORS.items():
         flags[name] = _pairs(name, sep, flags[name])
     values = load_yaml(config) if config else {}

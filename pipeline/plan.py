@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline import errors
 from pipeline.config import RunConfig
+from pipeline.models import configs as model_configs
 from pipeline.requests.media import MediaColumns, rules_for
 from pipeline.requests.media.columns import bases_for
 from pipeline.requests.prompts import Renderer, RequestSpec, parse_template
@@ -27,23 +28,36 @@ NOWHERE = "http://127.0.0.1:9/v1"  # stands in for a server that no request will
 
 
 @dataclass(frozen=True)
+class ModelPlan:
+    """One model of a run with several: its own settings (server, parameters, prices) and its requests."""
+
+    name: str
+    cfg: RunConfig
+    renderer: Renderer
+
+
+@dataclass(frozen=True)
 class Plan:
     """The checked job: how rows become requests, the table they come from, where results go."""
 
     structured: Structured | None
-    renderer: Renderer
+    renderer: Renderer  # the requests of the first (or only) model
     table: source.Table
     output: Path | storage.Url | None  # None for a job that writes no file (estimate, the API's DataFrame out)
     layout: Layout = field(default_factory=Layout)  # the result columns it writes
+    # With several models: each one's plan, in the order given; each input row becomes a row per model.
+    models: tuple[ModelPlan, ...] = ()
 
 
 def layout_for(cfg: RunConfig, structured: Structured | None) -> Layout:
+    each = model_configs(cfg)
     return Layout(
         structured=structured,
-        cost=cfg.price_in is not None and cfg.price_out is not None,
+        cost=any(c.price_in is not None and c.price_out is not None for c in each),
         tools=cfg.tools is not None,
         samples=cfg.samples() > 1,
         explode=cfg.explode,
+        models=tuple(c.model or "" for c in each) if len(each) > 1 else (),
     )
 
 
@@ -154,7 +168,9 @@ def preflight(cfg: RunConfig, *, writes: bool = True, table: source.Table | None
             "--output-format openai-batch writes answers to OpenAI batch requests: give an --input of such requests "
             "(JSONL lines with custom_id, method, url and body)."
         )
-    renderer = renderer_for(cfg, structured)
+    several = _several_refusal(cfg)
+    models = tuple(ModelPlan(c.model or "", c, renderer_for(c, structured)) for c in model_configs(cfg)) if several else ()
+    renderer = models[0].renderer if models else renderer_for(cfg, structured)
     if table is None:
         table = source.open_table(
             cfg.input, encoding=cfg.encoding, separator=cfg.separator, headerless=renderer.needed_columns(),
@@ -164,7 +180,8 @@ def preflight(cfg: RunConfig, *, writes: bool = True, table: source.Table | None
         table = source.in_memory(table.frame if table.frame is not None else source.lazy(table), cfg.null_values, cfg.dtypes)
     if cfg.image_columns:
         renderer = replace(renderer, media=media_for(cfg, table.files, renderer.spec.model))
-    renderer.check(table.schema, table.label, hint=source.separator_hint(table))
+    for r in [m.renderer for m in models] or [renderer]:
+        r.check(table.schema, table.label, hint=source.separator_hint(table))
     if renderer.media is not None:
         first = next(source.batches(table, FIRST_ROWS, min(FIRST_ROWS, cfg.limit or FIRST_ROWS)), None)
         if first is not None:
@@ -175,13 +192,32 @@ def preflight(cfg: RunConfig, *, writes: bool = True, table: source.Table | None
     check_output(
         output or Path(STDOUT), table.files, list(table.schema.names()), layout.extracted, cfg.result_prefix, layout.added
     )
-    return Plan(structured=structured, renderer=renderer, table=table, output=output, layout=layout)
+    return Plan(structured=structured, renderer=renderer, table=table, output=output, layout=layout, models=models)
+
+
+def _several_refusal(cfg: RunConfig) -> bool:
+    """Whether the run asks several models; refuses (exit 2, before anything is sent) what cannot run them yet."""
+    if len(cfg.models) < 2:
+        return False
+    fix = "run one model per invocation (the same command with one --model, or one models entry) and compare the outputs"
+    if cfg.mode == "batch":
+        raise errors.ConfigError(f"--mode batch takes one model per run, and this run asks {len(cfg.models)}: {fix}.")
+    if cfg.engine == "ray":
+        raise errors.ConfigError(f"--engine ray takes one model per run, and this run asks {len(cfg.models)}: {fix}.")
+    if cfg.image_columns:  # each model's rules (limits, tokens) and content parts would differ per lane: not yet
+        raise errors.ConfigError(f"--image-column takes one model per run, and this run asks {len(cfg.models)}: {fix}.")
+    return True
 
 
 def _requests_plan(cfg: RunConfig, structured: Structured | None) -> Plan:
     """An input of OpenAI batch requests: each line's body is the request, sent as it is."""
     from pipeline.tables import interchange
 
+    if cfg.models:
+        raise errors.ConfigError(
+            f"{cfg.input[0]} holds whole requests, each naming its model in its body, so --model cannot be repeated "
+            "for it: give one model, or a table and a prompt."
+        )
     if cfg.provider not in ("openai", "local"):
         raise errors.ConfigError(
             f"{cfg.input[0]} holds OpenAI batch requests (chat completions bodies), which the {cfg.provider} provider "

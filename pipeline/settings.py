@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from pipeline.config import _SCHEME, FIELDS, TABLE_SUFFIXES, RunConfig
 from pipeline.errors import ConfigError
+from pipeline.models import configs as model_configs
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -107,11 +108,17 @@ def _found(name: str, path: str) -> bool:
 
 def build_config(file_values: dict[str, Any], overrides: dict[str, Any], source: str = "config") -> RunConfig:
     """Merge the file with the flags (flags win) and validate the result."""
-    merged = {**file_values, **{k: v for k, v in overrides.items() if v is not None}}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "model" in given or "models" in given:  # the models given here replace the file's, whichever form either takes
+        file_values = {k: v for k, v in file_values.items() if k not in ("model", "models")}
+    merged = {**file_values, **given}
     try:
-        return RunConfig.model_validate(merged)
+        cfg = RunConfig.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, source)) from None
+    if len(cfg.models) == 1:  # a list of one model is a run of that model, exactly as `model:` makes it
+        return model_configs(cfg)[0]
+    return cfg
 
 
 def _explain(exc: ValidationError, source: str) -> str:

@@ -126,11 +126,14 @@ def config_rows() -> list[tuple[str, str, str, str, str]]:
         flag = str(extra.get("flag") or "--" + key.replace("_", "-"))
         if "short" in extra:
             flag = f"{extra['short']}, {flag}"
+        if extra.get("repeatable"):
+            flag += " (repeatable)"
         kind = _type_name(field.annotation) + _bounds(field)
         if extra.get("metavar") == "DURATION":
             kind += " or a duration (15m, 1h)"
         default = _default(field.default_factory, field.default)
-        rows.append((f"`{key}`", f"`{flag}`", kind, default, _cell(field.description or "")))
+        shown = f"`{flag}` repeated (mappings: config and API only)" if extra.get("cli") is False else f"`{flag}`"
+        rows.append((f"`{key}`", shown, kind, default, _cell(field.description or "")))
     return rows
 
 

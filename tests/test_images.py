@@ -42,10 +42,12 @@ def decoded(data_url: str) -> bytes:
     return base64.b64decode(data)
 
 
-def args(server: FakeLLMServer, *extra: str, inp: str = "data/rows.csv", out: str = "out/result.parquet") -> list[str]:
+def args(
+    server: FakeLLMServer, *extra: str, inp: str = "data/rows.csv", out: str = "out/result.parquet", model: str = "gpt-4o"
+) -> list[str]:
     return [
         "run", "-i", inp, "-o", out, "-p", "Describe: {text}", "--image-column", "photo", "--base-url",
-        f"{server.url}/v1", "-m", "gpt-4o", "--no-progress", "--max-attempts", "2", *extra,
+        f"{server.url}/v1", "-m", model, "--no-progress", "--max-attempts", "2", *extra,
     ]  # fmt: skip
 
 
@@ -88,7 +90,7 @@ def test_real_png_and_pdf_reach_an_openai_server_intact(server: FakeLLMServer, f
 
 
 def test_anthropic_gets_image_and_document_blocks(server: FakeLLMServer, files: dict[str, bytes]) -> None:
-    cmd = args(server, "--provider", "anthropic", "--api-key-env", "ANTHROPIC_KEY", "-m", "claude-sonnet-4-5")
+    cmd = args(server, "--provider", "anthropic", "--api-key-env", "ANTHROPIC_KEY", model="claude-sonnet-4-5")
     cmd[cmd.index("--base-url") + 1] = server.url
     result = run_cli(*cmd, env={"ANTHROPIC_KEY": "sk-ant-test-0123456789"})
     assert result.exit_code == 0, result.output
@@ -236,6 +238,7 @@ def without(cmd: list[str], flag: str) -> list[str]:
         ("inline without images", "--inline-images is for image columns: add --image-column COLUMN"),
         ("messages", "a conversation (--messages-column) carries its own images"),
         ("detail for anthropic", "--image-detail is OpenAI's setting"),
+        ("several models", "--image-column takes one model per run, and this run asks 2"),
     ],
 )
 def test_bad_image_settings_are_refused_with_exit_2(server: FakeLLMServer, files: dict[str, bytes], case: str, says: str) -> None:
@@ -247,6 +250,7 @@ def test_bad_image_settings_are_refused_with_exit_2(server: FakeLLMServer, files
         "inline without images": [*without(base, "--image-column"), "--inline-images"],
         "messages": [*without(base, "-p"), "--messages-column", "text"],
         "detail for anthropic": [*base, "--provider", "anthropic", "--image-detail", "low"],
+        "several models": [*base, "-m", "gpt-4o-mini"],
     }[case]
     result = run_cli(*cmd)
     assert result.exit_code == 2, result.output
@@ -293,7 +297,7 @@ def test_anthropic_size_and_pixel_limits_are_checked_before_sending(server: Fake
     Path("wide.png").write_bytes(imagefiles.png(9000, 4, noise=False))
     Path("fine.png").write_bytes(imagefiles.png(64, 64))
     write_table("rows.csv", [{"photo": p, "text": p} for p in ("big.png", "wide.png", "fine.png")])
-    cmd = args(server, "--provider", "anthropic", "--api-key-env", "K", "-m", "claude", "--max-error-rate", "1", inp="rows.csv")
+    cmd = args(server, "--provider", "anthropic", "--api-key-env", "K", "--max-error-rate", "1", inp="rows.csv", model="claude")
     cmd[cmd.index("--base-url") + 1] = server.url
     result = run_cli(*cmd, env={"K": "sk-ant-test-0123456789"})
     assert result.exit_code == 0, result.output
@@ -309,7 +313,7 @@ def test_anthropic_size_and_pixel_limits_are_checked_before_sending(server: Fake
 
 
 def test_modelslab_takes_openai_parts_with_its_key_in_the_body(server: FakeLLMServer, files: dict[str, bytes]) -> None:
-    cmd = args(server, "--provider", "modelslab", "-m", "llava")
+    cmd = args(server, "--provider", "modelslab", model="llava")
     cmd[cmd.index("--base-url") + 1] = f"{server.url}/api/v7/llm"
     result = run_cli(*cmd, env={"MODELSLAB_API_KEY": "ml-test-0123456789"})
     assert result.exit_code == 0, result.output

@@ -290,7 +290,9 @@ def test_complete_on_a_dataset_names_columns_as_the_local_api(cluster: Any, serv
 
     items = [{"id": i, "text": f"item {i}"} for i in range(60)]
     schema = {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]}
-    settings = dict(prompt="Label: {text}", base_url=f"{server.url}/v1", model="fake-model", schema=schema, result_prefix="llm_")
+    # fresh: both send (the default store would answer the second from the first, with attempts 0)
+    settings = dict(prompt="Label: {text}", base_url=f"{server.url}/v1", model="fake-model", schema=schema, result_prefix="llm_",
+                    fresh=True)  # fmt: skip
     local = pipeline.complete(pl.DataFrame(items), **settings)
     out = pipeline.ray.complete(ray.data.from_items(items, override_num_blocks=3), workers=2, **settings)
     on_ray = pl.concat([pl.DataFrame(pl.from_arrow(ray.get(ref))) for ref in out.to_arrow_refs()])

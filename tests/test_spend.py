@@ -8,9 +8,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from pipeline.config import RunConfig, worst_out
-from pipeline.config import ceiling_refusal as refusal
+from pipeline.config import RunConfig
 from pipeline.limits.spend import NOT_SENT, Budget, Ceiling, Verdict, money
+from pipeline.rules import ceiling_refusal as refusal
+from pipeline.rules import worst_out
 from pipeline.tables.checkpoint import read_done
 from tests.conftest import base_args, chat_requests, run_cli, texts, write_table
 from tests.fakeserver import FakeLLMServer

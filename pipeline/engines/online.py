@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -22,7 +22,7 @@ import orjson
 import polars as pl
 
 from pipeline import errors, outcomes
-from pipeline.engines.prepared import Prepared
+from pipeline.engines.prepared import Lane, Prepared
 from pipeline.limits.governor import Governor
 from pipeline.limits.learn import Ticket
 from pipeline.limits.retry import RetryPolicy
@@ -77,6 +77,7 @@ class Work:
     media_most: int = 0  # the most tokens they may cost, for the spend ceiling
     billed_in: int = 0  # tokens its attempts were billed (or, under a ceiling, counted against it), for its cost
     billed_out: int = 0
+    lane: int = 0  # the model it asks, with several: row % models
 
 
 error_result = Result.failed
@@ -102,18 +103,20 @@ class Engine:
         media: MediaColumns | None = None,
         pricing: Pricing | None = None,
         layout: Layout | None = None,
+        lanes: Sequence[Lane] = (),
     ) -> None:
-        self._provider = provider
+        # One lane a model: a run of one model sends on the lane these arguments make; with several,
+        # `lanes` (the first one's governor, provider and client are then also these arguments).
+        self._lanes = list(lanes) or [Lane(provider, transport, governor, concurrency, pricing, cache)]
+        self._models = len(self._lanes)
         self._media = media  # reads a row's images again to build its request
         self._media_room = Room(MEDIA_ROOM)
         if media is not None:
             hold_mmap_threshold()  # large buffers given back as they are freed: memory flat in rows
-        self._transport = transport
         self.governor = governor
         self._policy = policy
-        self._concurrency = concurrency
         self._checkpoint = checkpoint
-        self._cache = cache
+        self._caches = [c for c in dict.fromkeys(lane.cache for lane in self._lanes) if c is not None]
         # Responses as received, kept for an output that hands them back (batch-output lines); None: not kept.
         self.responses: ResponseLog | None = None
         # Attempts a row has had elsewhere (batch submissions, in batch mode's online fallback): `attempts` counts them.
@@ -125,15 +128,14 @@ class Engine:
         self._layout = layout or Layout(structured=structured)  # the result columns the output gets
         self._validator = structured.validator() if structured else None
         self._dtype = structured.dtype if structured else None
-        self._window = window_rows or max(20_000, 64 * concurrency)
-        self._queue: asyncio.Queue[Work | None] = asyncio.Queue()
+        self._window = window_rows or max(20_000, 64 * sum(lane.concurrency for lane in self._lanes))
+        self._queues: list[asyncio.Queue[Work | None]] = [asyncio.Queue() for _ in self._lanes]
         self._order: asyncio.Queue[Batch | None] = asyncio.Queue()
         self._inflight: dict[str, Work] = {}
         # Answers of this run, newest last, bounded: a duplicate of a recent row is not sent again.
         # (Given: the Ray engine's engines of one actor share it across blocks.)
         self._answered: OrderedDict[str, Result] = OrderedDict() if answered is None else answered
-        # Each row's cost_usd: its requests' billed tokens at these prices, on the first row that uses the answer.
-        self._pricing = pricing
+        # Each row's cost_usd: its requests' billed tokens at its lane's prices, on the first row that uses the answer.
         self._costed: OrderedDict[str, None] = OrderedDict()  # keys whose checkpoint answer a row of this run carries
         self._outstanding = 0
         self._room = asyncio.Condition()
@@ -148,7 +150,6 @@ class Engine:
         self.deliver_partial = False
         self._halted: str | None = None  # after a stop has drained: why the rows left are not sent
         self._halt_kind = ""  # ...and the outcome it counts under in the errors by kind
-        self._base_bytes: dict[str | None, int] = {}  # the body around an empty prompt, by JSON form
 
     @property
     def unsettled(self) -> int:
@@ -164,33 +165,39 @@ class Engine:
         can still commit a whole output; else the FatalError ends the run at once (in an
         ExceptionGroup, as any task's error)."""
         async with asyncio.TaskGroup() as group:
-            workers = [group.create_task(self._worker()) for _ in range(self._concurrency)]
+            # Each model's workers take only its requests: one model held back by its server's limits
+            # leaves the others' workers free.
+            for queue, lane in zip(self._queues, self._lanes, strict=True):
+                for _ in range(lane.concurrency):
+                    group.create_task(self._worker(queue))
             writer = group.create_task(self._writer())
             stopper = group.create_task(self._stop_when_drained())
-            lag = group.create_task(self.governor.watch_loop())
-            flusher = group.create_task(self._flush_cache()) if self._cache is not None else None
+            lags = [group.create_task(lane.governor.watch_loop()) for lane in self._lanes]
+            flusher = group.create_task(self._flush_cache()) if self._caches else None
             await self._produce(batches, prep)
             self._order.put_nowait(None)
             await writer
             stopper.cancel()
-            lag.cancel()
+            for lag in lags:
+                lag.cancel()
             if flusher is not None:
                 flusher.cancel()
-            for _ in workers:
-                self._queue.put_nowait(None)
-        if self._cache is not None:
-            await asyncio.to_thread(self._cache.flush)  # the rest; closing the cache flushes after a stop too
+            for q, lane in zip(self._queues, self._lanes, strict=True):
+                for _ in range(lane.concurrency):
+                    q.put_nowait(None)
+        for cache in self._caches:
+            await asyncio.to_thread(cache.flush)  # the rest; closing the cache flushes after a stop too
         if self._fatal is not None:
             raise self._fatal
 
     async def _flush_cache(self) -> None:
         """New answers to the answer cache about once a second, one transaction each, in a thread:
         never a write per row, never on the event loop (put() only appends to a list)."""
-        assert self._cache is not None
         while True:
             await asyncio.sleep(CACHE_FLUSH_EVERY)
-            if self._cache.pending:
-                await asyncio.to_thread(self._cache.flush)
+            for cache in self._caches:
+                if cache.pending:
+                    await asyncio.to_thread(cache.flush)
 
     def stop(self, err: errors.FatalError) -> None:
         """Stop this run early from outside (another engine sharing its governor stopped)."""
@@ -202,15 +209,17 @@ class Engine:
         if self._fatal is None:
             self._fatal = err
             self._stats.error_kinds[err.kind] += 1  # the answer that stopped the run, in the errors by kind
-            self.governor.stop()
+            for lane in self._lanes:  # a stop is the whole run's, whichever model's answer it was
+                lane.governor.stop()
             self._stopping.set()
 
     async def wind_down(self, grace: float) -> None:
         """An interrupt: admit nothing more, and give the requests in flight up to `grace` seconds to come
         back. Their answers are paid for; saved in the checkpoint now, the next run does not send them
         again. Returns when they are all back or the time is up; the caller then cancels the run."""
-        n = self.governor.in_flight
-        self.governor.stop()
+        n = sum(lane.governor.in_flight for lane in self._lanes)
+        for lane in self._lanes:
+            lane.governor.stop()
         if not n:
             return
         self.governor.tell(
@@ -218,17 +227,21 @@ class Engine:
             "back, so their answers are saved and not paid for again (Ctrl-C again to stop at once)"
         )
         try:
-            await asyncio.wait_for(self.governor.drained(), grace)
+            await asyncio.wait_for(self._drained(), grace)
         except TimeoutError:
-            left = self.governor.in_flight
+            left = sum(lane.governor.in_flight for lane in self._lanes)
             self.governor.tell(
                 f"pipeline: {left} request{'s' if left != 1 else ''} did not come back in {grace:.0f} s; the next run sends "
                 f"{'them' if left != 1 else 'it'} again"
             )
 
+    async def _drained(self) -> None:
+        for lane in self._lanes:
+            await lane.governor.drained()
+
     async def _stop_when_drained(self) -> None:
         await self._stopping.wait()
-        await self.governor.drained()
+        await self._drained()
         assert self._fatal is not None
         if not (self._any_success or self.deliver_partial):
             # Nothing to deliver (a bad key at the first request): no output of errors only, and no pass
@@ -244,7 +257,8 @@ class Engine:
         self._halt_kind = outcome
         for work in list(self._inflight.values()):
             self._not_sent(work, self._halted, outcome)
-        self.governor.block(fatal)  # wakes the workers waiting to be admitted: they find their work finished
+        for lane in self._lanes:
+            lane.governor.block(fatal)  # wakes the workers waiting to be admitted: they find their work finished
 
     async def _produce(self, batches: Iterator[pl.DataFrame], prep: Callable[[pl.DataFrame], Prepared]) -> None:
         def next_prepared() -> Prepared | None:
@@ -258,6 +272,7 @@ class Engine:
                 self._outstanding += n
             batch = Batch(frame=p.frame, results=[None] * n, pending=n, done=asyncio.get_running_loop().create_future())
             self._order.put_nowait(batch)
+            models = self._models
             for row in range(n):
                 reason, key = p.skip[row], p.keys[row]
                 if reason is not None or key is None:
@@ -269,7 +284,7 @@ class Engine:
                         self._checkpoint.append(hit)
                     else:
                         self._stats.from_checkpoint += 1
-                        hit = self._earlier_cost(hit)
+                        hit = self._earlier_cost(hit, self._lanes[row % models].pricing)
                     self._finish_row(batch, row, hit)
                 elif (answer := self._answered.get(key)) is not None:
                     self._stats.shared += 1
@@ -286,12 +301,13 @@ class Engine:
                 else:
                     prompt = p.prompts[row]
                     assert prompt is not None
+                    lane = row % models
                     work = Work(key=key, prompt=prompt, extra=p.extra[row], tokens=p.tokens[row], waiters=[(batch, row)],
-                                attempts=self.attempts_before.get(key, 0))  # fmt: skip
+                                attempts=self.attempts_before.get(key, 0), lane=lane)  # fmt: skip
                     if p.media is not None and p.media_bytes is not None and p.media_most is not None:
                         work.media, work.media_bytes, work.media_most = p.media[row], p.media_bytes[row], p.media_most[row]
                     self._inflight[key] = work
-                    self._queue.put_nowait(work)
+                    self._queues[lane].put_nowait(work)
 
     async def _writer(self) -> None:
         while (batch := await self._order.get()) is not None:
@@ -301,11 +317,11 @@ class Engine:
                 self._outstanding -= batch.frame.height
                 self._room.notify_all()
 
-    def _earlier_cost(self, hit: Result) -> Result:
+    def _earlier_cost(self, hit: Result, pricing: Pricing | None) -> Result:
         """A checkpoint answer's cost, as a row of this output carries it: what it cost when it was bought
         (tokens at this run's prices for one kept by a run without prices), on the first row of this run
         that uses it; the rows after it that share it carry 0, as rows sharing a request do."""
-        if self._pricing is None:
+        if pricing is None:
             return hit
         key = hit.request_key
         assert key is not None
@@ -316,27 +332,27 @@ class Engine:
         if len(self._costed) > ANSWER_MEMORY:
             self._costed.popitem(last=False)
         if hit.cost_usd is None:
-            return hit._replace(cost_usd=self._pricing.of(hit.prompt_tokens or 0, hit.completion_tokens or 0))
+            return hit._replace(cost_usd=pricing.of(hit.prompt_tokens or 0, hit.completion_tokens or 0))
         return hit
 
     def _write_batch(self, batch: Batch) -> None:
         # Apart from the input's columns: an input may have its own 'status' (written with --result-prefix).
         self._sink.write(*self._layout.shape(batch.frame, result_frame(batch.results)))  # type: ignore[arg-type]  # all settled
 
-    async def _worker(self) -> None:
-        while (work := await self._queue.get()) is not None:
+    async def _worker(self, queue: asyncio.Queue[Work | None]) -> None:
+        while (work := await queue.get()) is not None:
             await self._attempt(work)
 
     async def _attempt(self, work: Work) -> None:
         if self._inflight.get(work.key) is not work:  # finished while it waited (a stop marked it not sent)
             return
         if work.media is None:
-            await self._send(work, None, self._provider.json_mode)
+            await self._send(work, None, self._lanes[work.lane].provider.json_mode)
             return
         # A row with images: its bytes are read again now, within the room for them, and dropped with its answer.
         taken = await self._media_room.take(work.media_bytes)
         try:
-            form = self._provider.json_mode
+            form = self._lanes[work.lane].provider.json_mode
             try:
                 body = await asyncio.to_thread(self._body_with_media, work)
             except Unreadable as err:  # gone or changed since its batch was read: not sent, and said why
@@ -354,15 +370,16 @@ class Engine:
         assert self._media is not None and work.media is not None
         batch, row = work.waiters[0]  # a binary cell is read from its batch, held until this row is written
         attachments = self._media.load(work.media, batch.frame, row)
-        return self._provider.body(work.prompt, work.extra, work.followup, attachments)
+        return self._lanes[work.lane].provider.body(work.prompt, work.extra, work.followup, attachments)
 
     async def _send(self, work: Work, prebuilt: bytes | None, form: str | None) -> None:
         """One attempt: the spend reservation, the governor's admission, the request, its answer. `prebuilt`
         is the body when it was built already (a row with images), in JSON form `form`."""
-        governor = self.governor
+        lane = self._lanes[work.lane]
+        governor, provider = lane.governor, lane.provider
         held = None
         if self._spend is not None:
-            held = self._spend.worst(self._request_bytes(work) + work.media_most)
+            held = self._spend.worst(self._request_bytes(work, lane) + work.media_most)
             try:
                 reserved = await governor.reserve(held)
             except errors.FatalError as blocked:  # the run stopped while this one waited for room
@@ -381,6 +398,8 @@ class Engine:
             return
         work.attempts += 1
         self._stats.requests_sent += 1
+        if lane.stats is not None:
+            lane.stats.requests_sent += 1
         loop = asyncio.get_running_loop()
         started = loop.time()
         # `form`: what this request asks in, whatever the others switch to meanwhile.
@@ -388,14 +407,14 @@ class Engine:
         try:
             work.reply = None
             try:
-                body = prebuilt if prebuilt is not None else self._provider.body(work.prompt, work.extra, work.followup)
-                status, headers, reply = await self._transport.post(self._provider.url, self._provider.headers, body)
+                body = prebuilt if prebuilt is not None else provider.body(work.prompt, work.extra, work.followup)
+                status, headers, reply = await lane.transport.post(provider.url, provider.headers, body)
             finally:
                 governor.release()
             if self.responses is not None:
                 work.reply = (status, headers.get("x-request-id"), reply)
             governor.answered(headers)
-            completion = read_reply(self._provider, status, headers, reply)
+            completion = read_reply(provider, status, headers, reply)
             self._bill(work, held, completion)  # billed, whatever the checks below make of the answer
             latency = loop.time() - started
             governor.succeeded(ticket, latency, completion.completion_tokens)
@@ -406,7 +425,7 @@ class Engine:
                 completion = replace(completion, text=check_reply(answer, self._validator, self._dtype))
         except SchemaFormatRefused as err:
             self._bill(work, held, None, err)
-            if form == "json_schema" and self._provider.use_json_object():
+            if form == "json_schema" and provider.use_json_object():
                 self._resend_as_json_object(work, err)
             else:  # refused in json_object form too: the row fails like any other refusal
                 self._failed(work, err, ticket)
@@ -417,19 +436,22 @@ class Engine:
         else:
             self._any_success = True
             self._stats.record_latency(latency * 1000)
+            if lane.stats is not None:
+                lane.stats.record_latency(latency * 1000)
             self._finish(work, self._ok_result(work, completion, latency * 1000))
 
-    def _request_bytes(self, work: Work) -> int:
+    def _request_bytes(self, work: Work, lane: Lane) -> int:
         """Bytes of the request around the prompt plus the prompt's (and a correction's): what the
         spend ceiling bounds its prompt tokens by. The JSON form may switch mid-run, so by form."""
-        form = self._provider.json_mode
-        base = self._base_bytes.get(form)
+        provider = lane.provider
+        form = provider.json_mode
+        base = lane.base_bytes.get(form)
         if base is None:
             try:
-                base = len(self._provider.body("", None))
+                base = len(provider.body("", None))
             except orjson.JSONDecodeError:  # a conversation column: the payload is a JSON list
-                base = len(self._provider.body("[]", None))
-            self._base_bytes[form] = base
+                base = len(provider.body("[]", None))
+            lane.base_bytes[form] = base
         size = base + len(work.prompt.encode())
         if work.followup:
             size += len(orjson.dumps(work.followup))
@@ -444,6 +466,7 @@ class Engine:
         status, which carries no usage and bills nothing. Under a ceiling, an attempt that may have been
         billed without saying so (no usage, a timeout or a broken connection after sending, a garbled 200)
         counts at its worst case, so that the ceiling holds; without one it counts nothing, as nothing is known."""
+        lane = self._lanes[work.lane]
         if held is not None:
             if completion is not None:
                 pt, ct = completion.prompt_tokens, completion.completion_tokens
@@ -454,7 +477,7 @@ class Engine:
                 billed = held
             else:
                 billed = (0, 0)
-            self.governor.settle(held, *billed)  # the governor keeps the run's spent tokens under a ceiling
+            lane.governor.settle(held, *billed)  # the governor keeps the run's spent tokens under a ceiling
         elif completion is not None:
             billed = self._tokens(work, completion)[:2]
             self._stats.spent_tokens_in += billed[0]
@@ -463,8 +486,14 @@ class Engine:
             return
         work.billed_in += billed[0]
         work.billed_out += billed[1]
-        if self._pricing is not None:
-            self._stats.spent_usd += self._pricing.of(*billed)
+        if lane.stats is not None:
+            lane.stats.spent_tokens_in += billed[0]
+            lane.stats.spent_tokens_out += billed[1]
+        if lane.pricing is not None:
+            cost = lane.pricing.of(*billed)
+            self._stats.spent_usd += cost
+            if lane.stats is not None:
+                lane.stats.spent_usd += cost
 
     def _tokens(self, work: Work, c: Completion) -> tuple[int, int, bool]:
         """An answer's prompt and completion tokens, estimated where the server sent no usage (and whether they were)."""
@@ -477,7 +506,8 @@ class Engine:
         return pt, ct, estimated
 
     def _cost(self, work: Work) -> float | None:
-        return None if self._pricing is None else self._pricing.of(work.billed_in, work.billed_out)
+        pricing = self._lanes[work.lane].pricing
+        return None if pricing is None else pricing.of(work.billed_in, work.billed_out)
 
     def _not_sent(self, work: Work, message: str, kind: str) -> None:
         """The row (and every identical row sharing its request) is not sent: the ceiling is reached, or
@@ -496,19 +526,22 @@ class Engine:
         and the refusal is kept from the governor: it is the form's fault, not the server's or the row's."""
         if not self._told_json_object:
             self._told_json_object = True
-            self.governor.tell(
+            self._lanes[work.lane].governor.tell(
                 f"pipeline: the server refuses response_format json_schema ({clip(err.message, 160)}); asking for "
                 "json_object with the schema instead, as llama.cpp takes it, for the rest of this run"
             )
         work.attempts -= 1
         self._stats.retries += 1  # sent again: counted, so that requests = rows + retries in the summary
-        self._queue.put_nowait(work)
+        self._queues[work.lane].put_nowait(work)
 
     def _ok_result(self, work: Work, c: Completion, latency: float) -> Result:
         pt, ct, estimated = self._tokens(work, c)
         self._stats.prompt_tokens += pt
         self._stats.completion_tokens += ct
         self._stats.estimated_rows += estimated
+        if (own := self._lanes[work.lane].stats) is not None:
+            own.prompt_tokens += pt
+            own.completion_tokens += ct
         return Result(
             completion=c.text,
             prompt_tokens=pt,
@@ -530,11 +563,11 @@ class Engine:
         try:
             if err.fatal:
                 raise err
-            if not self.governor.failed(ticket, err):
+            if not self._lanes[work.lane].governor.failed(ticket, err):
                 # The server is down, not this row: the attempt is not charged; the row waits at the hold.
                 work.attempts -= 1
                 self._stats.retries += 1
-                self._queue.put_nowait(work)
+                self._queues[work.lane].put_nowait(work)
                 return
             delay = self._policy.delay(work.attempts, err)
             if delay is None and not self._any_success and err.kind in ("connect", "http_404"):
@@ -546,7 +579,7 @@ class Engine:
             work.followup = correction(err, self._structured.tool if self._structured else None)  # say what was wrong
         if delay is not None:
             self._stats.retries += 1
-            asyncio.get_running_loop().call_later(delay, self._queue.put_nowait, work)
+            asyncio.get_running_loop().call_later(delay, self._queues[work.lane].put_nowait, work)
             return
         self._stats.error_kinds[err.kind] += len(work.waiters)  # rows, as the errors beside it: a shared request fails each
         if err.transient:  # failed for a reason that may pass: a re-run may answer it
@@ -575,8 +608,8 @@ class Engine:
         self._stats.rows_sent += 1
         self._checkpoint.append(result)
         if result.status == "ok":
-            if self._cache is not None:
-                self._cache.put(work.key, result)
+            if (cache := self._lanes[work.lane].cache) is not None:
+                cache.put(work.key, result)
             self._answered[work.key] = result
             if len(self._answered) > ANSWER_MEMORY:
                 self._answered.popitem(last=False)
@@ -587,10 +620,17 @@ class Engine:
         """`kind`: what a row held back before any request (no key) counts under."""
         stats = self._stats
         stats.rows_done += 1
+        own = self._lanes[row % self._models].stats if self._models > 1 else None
+        if own is not None:
+            own.rows_done += 1
         if result.status == "ok":
             stats.ok += 1
+            if own is not None:
+                own.ok += 1
         else:
             stats.errors += 1
+            if own is not None:
+                own.errors += 1
             if result.request_key is None:
                 stats.error_kinds[kind] += 1
         batch.settle(row, result)

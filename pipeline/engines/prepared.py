@@ -1,11 +1,18 @@
-"""A batch of input rows made ready for the engine, off the event loop: rendered (prompts, per-row
-parameters, request keys, token estimates, image descriptors) and looked up in the checkpoint and
-the answer cache, so that only rows still to answer reach a request."""
+"""Rows made requests before the engine takes them, and the lanes a run with several models sends on.
+
+`prepare` renders an input batch (prompts, per-row parameters, request keys, token estimates, image
+descriptors) and looks its keys up (the checkpoint, the answer cache);
+`prepare_models` does so once per model and widens the batch to a row per input row and model,
+the models of one input row together, so the output keeps the input's order. Each model sends on
+its own `Lane`: its provider, HTTP client, governor (its own learned limits: a 429 from one
+model's server slows only that model), prices and answer cache.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import polars as pl
 
@@ -13,6 +20,14 @@ from pipeline.requests.media import MEDIA, MEDIA_BYTES, MEDIA_KIND, MEDIA_MOST, 
 from pipeline.requests.prompts import EST_TOKENS, EXTRA, KEY, PROMPT, SKIP_REASON, Renderer
 from pipeline.tables.cache import Answers
 from pipeline.tables.checkpoint import Result, lookup
+
+if TYPE_CHECKING:
+    from pipeline.limits.governor import Governor
+    from pipeline.limits.spend import Pricing
+    from pipeline.observe.stats import RunStats
+    from pipeline.providers import Provider
+    from pipeline.providers.transport import Transport
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -81,3 +96,42 @@ def cache_hits(cache: Answers, keys: list[str | None], skip: list[str | None], c
         for row, k in wanted.items()
         if k in stored
     }
+
+
+@dataclass(eq=False)
+class Lane:
+    """What one model sends with. `stats`: its own counters (None for a run of one model, whose
+    counters are the run's); `name`: the model as the user gave it."""
+
+    provider: Provider
+    transport: Transport
+    governor: Governor
+    concurrency: int
+    pricing: Pricing | None = None
+    cache: Answers | None = None
+    stats: RunStats | None = None
+    name: str = ""
+    base_bytes: dict[str | None, int] = field(default_factory=dict)  # the body around an empty prompt, by JSON form
+
+
+def prepare_models(
+    frame: pl.DataFrame, renderers: Sequence[Renderer], done: pl.DataFrame, caches: Sequence[Answers | None]
+) -> Prepared:
+    """A batch for several models: each row rendered and looked up for each model, then a row per input
+    row and model (row i of model m at i * models + m), so that row % models is a row's model."""
+    parts = [prepare(frame, r, done, c) for r, c in zip(renderers, caches, strict=True)]
+    m, n = len(parts), frame.height
+
+    def woven(lists: list[list[T]]) -> list[T]:
+        return [x for row in zip(*lists, strict=True) for x in row]
+
+    return Prepared(
+        frame=frame[[i for i in range(n) for _ in range(m)]] if n else frame,
+        prompts=woven([p.prompts for p in parts]),
+        extra=woven([p.extra for p in parts]),
+        skip=woven([p.skip for p in parts]),
+        keys=woven([p.keys for p in parts]),
+        tokens=woven([p.tokens for p in parts]),
+        cached={row * m + i: r for i, p in enumerate(parts) for row, r in p.cached.items()},
+        from_cache=frozenset(row * m + i for i, p in enumerate(parts) for row in p.from_cache),
+    )

@@ -64,10 +64,12 @@ class Job:
         files: bool,
         notebook: bool,
         remote: storage.Url | None = None,
+        access: tuple[tuple[str | None, dict[str, str]], ...] = (),
     ) -> None:
         self.cfg, self.plan, self.stats, self.clock = cfg, plan, stats, clock
         self.say, self.stream, self.notebook = say, stream, notebook
         self.secrets, self.api_key, self.headers = secrets, api_key, headers
+        self.access = access  # with several models: each one's key and headers, in the plan's order
         self.checkpoint_path = checkpoint  # a local folder: the checkpoint, or the working copy of a remote one
         self.remote = remote  # where the checkpoint lives in object storage, if it does
         self.checkpoint_shown = f"{remote}/" if remote is not None else str(checkpoint)  # as messages name it
@@ -128,7 +130,7 @@ class Job:
             done = self._answered_before(checkpoint)
             checkpoint.start_journal()
             cache = None
-            if cfg.cache_dir is not None:
+            if cfg.cache_dir is not None and not self.plan.models:  # several models: a cache each, opened with its lane
                 scope = scope_for(cfg.provider, cfg.setting("base_url"))
                 cache = stack.enter_context(AnswerCache(cfg.cache_dir, scope, max_mb=cfg.cache_max_mb).open())
             if cfg.mode == "batch":

@@ -75,11 +75,14 @@ class Governor:
         notice: Callable[[str], None] = lambda message: None,
         spend: SpendBudget | None = None,
         shared: SharedPace | None = None,
+        settled: asyncio.Event | None = None,
     ) -> None:
         self._stats = stats
         self._shared = shared
         self.spend = spend
-        self._settled = asyncio.Event()  # a reservation was settled or released: waiters for the budget look again
+        # A reservation was settled or released: waiters for the budget look again. Governors that share
+        # one budget (a run of several models) share this too, so a settle on one wakes the others' waiters.
+        self._settled = settled or asyncio.Event()
         if spend is not None:
             stats.ceiling_what = describe_ceiling(spend)
         self._adapt = adapt

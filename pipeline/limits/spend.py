@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from pipeline.config import BATCH_DISCOUNT, worst_out
+from pipeline.config import BATCH_DISCOUNT
+from pipeline.models import configs
+from pipeline.rules import worst_out
 
 if TYPE_CHECKING:
     import polars as pl
@@ -162,15 +164,23 @@ def answered_cost(cfg: RunConfig, done: pl.DataFrame) -> float | None:
     """What the answers a checkpoint holds cost when they were bought: each one's `cost_usd` (0 for an
     answer the answer cache gave), or, for one kept by a run without prices, its tokens at this run's."""
     paid = pricing_for(cfg, batch=cfg.mode == "batch")
-    if paid is None:
+    if paid is None and not priced(cfg):
         return None
     if done.height == 0:
         return 0.0
     import polars as pl  # here: the spend module is imported by config-level code that needs no polars
 
+    if paid is None:  # several models, each at its own prices: the answers carry what they cost
+        return float(done.select(pl.col("cost_usd").fill_null(0.0).sum()).item() or 0.0)
+
     tokens_in, tokens_out = pl.col("prompt_tokens").fill_null(0), pl.col("completion_tokens").fill_null(0)
-    priced = (tokens_in * paid.per_million_in + tokens_out * paid.per_million_out) / 1e6
-    return float(done.select(pl.coalesce(pl.col("cost_usd"), priced).sum()).item() or 0.0)
+    at_price = (tokens_in * paid.per_million_in + tokens_out * paid.per_million_out) / 1e6
+    return float(done.select(pl.coalesce(pl.col("cost_usd"), at_price).sum()).item() or 0.0)
+
+
+def priced(cfg: RunConfig) -> bool:
+    """Whether the run has prices: its own, or (with several models) those of one of its models."""
+    return any(prices(c) is not None for c in configs(cfg))
 
 
 def note_run(stats: RunStats, cfg: RunConfig, done: pl.DataFrame) -> None:
@@ -178,7 +188,7 @@ def note_run(stats: RunStats, cfg: RunConfig, done: pl.DataFrame) -> None:
     spend is what its requests were billed (`spent_tokens_*`, `spent_usd`: every attempt, as the engines
     count it, the answers' usage and an answer's that failed its checks; under a ceiling also the worst case
     of an attempt that may have been billed without saying), which the rows' `cost_usd` add up to."""
-    stats.spent_cost = stats.spent_usd if prices(cfg) is not None else None
+    stats.spent_cost = stats.spent_usd if priced(cfg) else None
     stats.earlier_tokens_in, stats.earlier_tokens_out = answered_tokens(done)
     stats.earlier_cost = answered_cost(cfg, done)
 

@@ -27,9 +27,10 @@ import orjson
 import polars as pl
 
 from pipeline import errors
-from pipeline.config import BATCH_DISCOUNT, RunConfig, worst_out
+from pipeline.config import BATCH_DISCOUNT, RunConfig
 from pipeline.engines.prepared import Prepared, prepare
 from pipeline.limits import spend
+from pipeline.models import configs as model_configs
 from pipeline.observe import estimate_media
 from pipeline.observe.estimate_media import MediaTotals
 from pipeline.plan import NOWHERE, preflight
@@ -39,6 +40,7 @@ from pipeline.providers.base import decode, endpoint, http_error
 from pipeline.providers.openai import chat_messages
 from pipeline.providers.transport import AiohttpTransport
 from pipeline.requests.prompts import Renderer
+from pipeline.rules import worst_out
 from pipeline.tables import source
 from pipeline.tables.checkpoint import STORED_SCHEMA, read_done
 
@@ -313,7 +315,7 @@ def figures(cfg: RunConfig, scan: Scan, tokens: tuple[int, str], latency: tuple[
     `base_bytes`: the request body around an empty prompt, as the run's spend ceiling counts it."""
     per_out = worst_out(cfg)
     if {"max_tokens", "max_completion_tokens"} & cfg.param_columns.keys():
-        per_out = None  # taken per row from a column: no one worst case (and no ceiling either, see config.ceiling_refusal)
+        per_out = None  # taken per row from a column: no one worst case (and no ceiling either, see rules.ceiling_refusal)
     out = None if per_out is None else scan.requests * per_out
     exact = tokens[1] == EXACT or scan.requests == 0
     # The bound the run reserves by: every request's body around an empty prompt plus its prompt, a token a byte,
@@ -501,6 +503,20 @@ def report(cfg: RunConfig, est: Estimate) -> str:
 
 def estimate_job(cfg: RunConfig, out: TextIO, samples: int = 3, *, count_limit: int = 200, full: bool = False) -> int:
     """Dry run: no generation request. Prints the report to `out` (sample texts cut unless `full`); returns
-    the exit code (0). Raises UserError (exit 2)."""
-    print(report(cfg, estimate(cfg, samples, count_limit=count_limit, full=full)), file=out)
+    the exit code (0). Raises UserError (exit 2). With several models, a report for each, on its own
+    server and at its own prices, then the total cost where every model has prices."""
+    each = model_configs(cfg)
+    if len(each) == 1:
+        print(report(cfg, estimate(cfg, samples, count_limit=count_limit, full=full)), file=out)
+        return 0
+    preflight(cfg, writes=False)  # the whole run's checks first: batch mode and Ray refuse several models
+    costs: list[float | None] = []
+    for i, one in enumerate(each, start=1):
+        found = estimate(one, samples, count_limit=count_limit, full=full)
+        costs.append(found.cost_most)
+        print(f"== model {i} of {len(each)}: {one.model} ({one.provider}) ==", file=out)
+        print(report(one, found) + "\n", file=out)
+    if all(c is not None for c in costs):
+        total = spend.money(sum(c or 0.0 for c in costs))
+        print(f"All {len(each)} models together: at most {total}.", file=out)
     return 0

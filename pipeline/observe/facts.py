@@ -20,6 +20,7 @@ import polars as pl
 
 from pipeline.errors import InputError
 from pipeline.observe.show import View
+from pipeline.tables.columns import MODEL
 
 METRICS_SCHEMA = "pipeline.metrics/1"
 BINS = 40
@@ -47,6 +48,8 @@ class Facts:
     examples: pl.DataFrame  # group, row, error, input columns...
     input_columns: list[str] = field(default_factory=list)
     answers: pl.DataFrame = field(default_factory=pl.DataFrame)  # the first SAMPLES ok rows: row, input columns, completion
+    # Several models: a row each, in the order they come (model, rows, ok, error, p50, p95, prompt, completion, cost).
+    by_model: pl.DataFrame | None = None
 
 
 def default_metrics(output: str) -> Path | None:
@@ -153,6 +156,7 @@ def read_facts(view: View) -> Facts:
         ) from None
     t = tok.row(0, named=True)
     return Facts(
+        by_model=_by_model(view),
         source=view.label,
         unit=view.unit,
         note=view.note,
@@ -167,6 +171,38 @@ def read_facts(view: View) -> Facts:
         input_columns=inputs,
         answers=answers,
     )
+
+
+def _by_model(view: View) -> pl.DataFrame | None:
+    """Each model's rows of the output side by side (one streaming pass), when the run asked several."""
+    p, model = view.prefix, view.prefix + MODEL
+    if model not in view.names:
+        return None
+
+    def num(name: str) -> pl.Expr:
+        if p + name in view.names:
+            return pl.col(p + name).cast(pl.Float64, strict=False)
+        return pl.lit(None, dtype=pl.Float64)
+
+    status = pl.col(p + "status").cast(pl.String)
+    cost = num("cost_usd").sum() if p + "cost_usd" in view.names else pl.lit(None, dtype=pl.Float64)
+    try:
+        return (
+            view.frame.group_by(pl.col(model).alias("model"), maintain_order=True)
+            .agg(
+                pl.len().alias("rows"),
+                (status == "ok").sum().alias("ok"),
+                (status == "error").sum().alias("error"),
+                num("latency_ms").quantile(0.5, "linear").alias("p50"),
+                num("latency_ms").quantile(0.95, "linear").alias("p95"),
+                num("prompt_tokens").sum().alias("prompt_tokens"),
+                num("completion_tokens").sum().alias("completion_tokens"),
+                cost.alias("cost_usd"),
+            )
+            .collect(engine="streaming")
+        )
+    except (pl.exceptions.PolarsError, OSError):
+        return None  # the page says what the rest of the output says; this table is left out
 
 
 def _histogram(frame: pl.LazyFrame, name: str, lo: float | None, hi: float | None, *, integer: bool) -> pl.DataFrame:

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import orjson
 
 from pipeline.config import RunConfig
+from pipeline.models import configs
 from pipeline.observe.stats import RunStats
 from pipeline.outcomes import EXIT_CODES, NOT_SENT, Outcome
 from pipeline.tables import storage
@@ -129,13 +130,45 @@ def _config(cfg: RunConfig) -> dict[str, Any]:
     data = cfg.model_dump(mode="json", by_alias=True)
     # Header values may hold a key or a $VAR naming one; the names alone say what was sent.
     data["headers"] = dict.fromkeys(cfg.headers, MASK)
+    for entry in data.get("models") or []:
+        if entry.get("headers"):
+            entry["headers"] = dict.fromkeys(entry["headers"], MASK)
     return data
 
 
-def _cost(cfg: RunConfig, stats: RunStats, earlier_cost: float | None) -> dict[str, Any] | None:
-    from pipeline.limits.spend import prices  # here: spend imports this module's neighbours
+def _models(cfg: RunConfig, stats: RunStats) -> list[dict[str, Any]]:
+    """Each model's figures side by side: its rows of this output (ok, errors), and this run's requests,
+    429s, tokens, latencies and cost; a run of one model has one entry, the run's own figures."""
 
-    if prices(cfg) is None:
+    found = []
+    each = configs(cfg)
+    for c in each:
+        s = stats if len(each) == 1 else stats.models.get(c.model or "") or RunStats()
+        priced = c.price_in is not None and c.price_out is not None
+        found.append(
+            {
+                "model": c.setting("model"),
+                "provider": c.provider,
+                "base_url": c.setting("base_url"),
+                "rows": {"done": s.rows_done, "ok": s.ok, "error": s.errors},
+                "requests": {
+                    "sent": s.requests_sent,
+                    "rate_limited": {"rate": s.limited_rate, "concurrency": s.limited_concurrency},
+                    "outage_holds": s.breaker_opened,
+                },
+                "tokens": {"prompt": s.prompt_tokens, "completion": s.completion_tokens},
+                "cost_usd": round(s.spent_usd, 6) if priced else None,
+                "latency_ms": {"p50": _quantile(s, 0.5), "p95": _quantile(s, 0.95)},
+                "limits": {"pace_rpm": s.pace_rpm, "pace_source": s.pace_source, "concurrency": s.concurrency},
+            }
+        )
+    return found
+
+
+def _cost(cfg: RunConfig, stats: RunStats, earlier_cost: float | None) -> dict[str, Any] | None:
+    from pipeline.limits.spend import priced  # here: spend imports this module's neighbours
+
+    if not priced(cfg):  # with several models, each may have its own prices
         return None
     # What this run's requests were billed, as the engines priced them row by row: the output's cost_usd
     # of the rows sent by this run adds up to it. Counted live, so a run stopped early has it too.
@@ -173,6 +206,7 @@ def build(
     `earlier_cost` is what the answers the checkpoint held before this run cost, for the cost across runs. `paths` is (checkpoint, metrics file, report) as the run used them, where they are
     not the settings' defaults (the API's DataFrame out has no output to put them beside)."""
     wall = clock.elapsed()
+    stats.roll_up()  # several models: what each one's governor learned, as the run's
     if not stats.timeline or stats.timeline[-1]["t"] < wall:
         stats.sample(wall)  # the last state, so the timeline ends where the run did
     not_sent_kinds = sum(stats.error_kinds.get(k, 0) for k in ("not_sent", "spend_ceiling", *NOT_SENT)) + stats.images_not_sent
@@ -238,6 +272,7 @@ def build(
         "timeline_interval_s": stats.sample_every,
         "latency_histogram": [[round(ms, 2), n] for ms, n in stats.latency_histogram()],
         "config": _config(cfg),
+        "models": _models(cfg, stats),
         "paths": {
             "output": cfg.output,
             "checkpoint": str(paths[0]) if paths else str(cfg.checkpoint_path),

@@ -176,6 +176,20 @@ def limits_text(s: RunStats) -> str:
     return f"{pace}; {conc}{limited}"
 
 
+def model_text(s: RunStats) -> str:
+    """One model's figures of a run with several, as one clause."""
+    p50, p95 = s.latency_quantile(0.5), s.latency_quantile(0.95)
+    text = f"{s.ok:,} ok, {plural(s.errors, 'error')}; {plural(s.requests_sent, 'request')}"
+    if p50 is not None and p95 is not None:
+        text += f", latency p50 {p50:.0f} ms, p95 {p95:.0f} ms"
+    text += f"; tokens {s.prompt_tokens:,} in, {s.completion_tokens:,} out"
+    if s.spent_usd:
+        text += f"; ${s.spent_usd:.5f}"
+    if s.limited_rate or s.limited_concurrency:
+        text += f"; 429s: {s.limited_rate} rate, {s.limited_concurrency} in-flight"
+    return text
+
+
 def plural(n: int, one: str, many: str | None = None) -> str:
     return f"{n:,} {one if n == 1 else (many or one + 's')}"
 
@@ -191,6 +205,7 @@ def duration(seconds: float) -> str:
 
 def summary(stats: RunStats, wall: float, output: str | None, checkpoint: str) -> str:
     s = stats
+    s.roll_up()  # several models: their 429s and limits as of now, not of the last sample
     sent = s.rows_sent
     reused = [f"{s.from_checkpoint:,} ok from the checkpoint" if s.from_checkpoint else "",
               f"{s.from_cache:,} from the answer cache" if s.from_cache else ""]  # fmt: skip
@@ -212,6 +227,8 @@ def summary(stats: RunStats, wall: float, output: str | None, checkpoint: str) -
     if s.error_kinds:
         kinds = ", ".join(f"{k} x{n}" for k, n in s.error_kinds.most_common())
         lines.append(f"  errors by kind (rows): {kinds}")
+    for name, own in s.models.items():  # several models: one line each, to compare them at a glance
+        lines.append(f"  model {name}: {model_text(own)}")
     if output:
         lines.append(f"  output: {output}")
     lines.append(f"  checkpoint: {checkpoint}")

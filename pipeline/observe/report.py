@@ -203,6 +203,7 @@ def _page(output: str, facts: Facts, m: dict[str, Any] | None, metrics_note: str
     parts.append(_section("Retries and 429s over time", drawn.get("retries"), no_metrics, "retries", _retry_note(m)))
     parts.append("</div>")
 
+    parts.append(_models(facts, m))
     parts.append(_samples(facts))
     parts.append(_errors(facts, drawn.get("errors")))
     parts.append(_trend(runs, drawn.get("trend")))
@@ -223,6 +224,9 @@ def _job_line(output: str, run: dict[str, Any], config: dict[str, Any]) -> str:
     job = f"Job <b>{e(output)}</b>" + (f" from {e(', '.join(map(str, inputs)))}" if inputs else "")
     if config.get("model"):
         job += f", model {e(str(config['model']))}"
+    elif config.get("models"):
+        names = [str(x.get("model") if isinstance(x, dict) else x) for x in config["models"]]
+        job += f", models {e(', '.join(names))}"
     started, ended = _when(run.get("started_at")), _when(run.get("ended_at"))
     if started:
         job += f" · run of <b>{e(started)}</b>" + (
@@ -259,6 +263,39 @@ def _samples(facts: Facts) -> str:
     caption = f'<p class="caption">the first {facts.answers.height} answered {facts.unit}s; examples of errors are below</p>'
     return (
         f'<section id="samples"><h2>Sample answers</h2>{caption}<table class="examples"><tr>{head}</tr>{body}</table></section>'
+    )
+
+
+def _models(facts: Facts, m: dict[str, Any] | None) -> str:
+    """Several models compared, a row each: their rows of the output (ok, errors, latency, tokens, cost),
+    and this run's requests and 429s from the metrics. Nothing for a run of one model."""
+    if facts.by_model is None:
+        return ""
+    e = html.escape
+    sent = {str(x.get("model")): x for x in (m or {}).get("models") or []}
+    head = "".join(
+        f"<th>{e(c)}</th>"
+        for c in ("model", "rows", "ok", "error", "latency p50", "latency p95", "prompt tokens", "completion tokens",
+                  "cost", "requests this run", "429s this run")
+    )  # fmt: skip
+    body = []
+    for r in facts.by_model.iter_rows(named=True):
+        run = sent.get(str(r["model"])) or {}
+        limited = (run.get("requests") or {}).get("rate_limited") or {}
+        cells = [
+            _cell(r["model"]), _int(r["rows"]), _int(r["ok"]), _int(r["error"]), _ms(r["p50"]), _ms(r["p95"]),
+            _int(r["prompt_tokens"]), _int(r["completion_tokens"]), _money(r["cost_usd"]),
+            _int((run.get("requests") or {}).get("sent")),
+            _int((limited.get("rate") or 0) + (limited.get("concurrency") or 0)) if limited else "—",
+        ]  # fmt: skip
+        body.append("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in cells) + "</tr>")
+    caption = (
+        f"each model's {facts.unit}s of this output (answers kept from earlier runs included); requests and 429s are "
+        "this run's, from the metrics file"
+    )
+    return (
+        f'<section id="models"><h2>Models compared</h2><p class="caption">{e(caption)}</p>'
+        f'<table class="examples"><tr>{head}</tr>{"".join(body)}</table></section>'
     )
 
 

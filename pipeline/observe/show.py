@@ -18,7 +18,7 @@ import polars as pl
 
 from pipeline.errors import InputError
 from pipeline.tables.checkpoint import RESULT_COLUMNS, read_results
-from pipeline.tables.columns import ADDED
+from pipeline.tables.columns import ADDED, MODEL
 from pipeline.tables.sink import FORMATS, is_stdout
 
 ROW = "__row"  # the position in the output, kept through filters to number the rows shown
@@ -61,6 +61,8 @@ def show(
     try:
         head = frame.select(ROW, *dict.fromkeys(shown)).head(rows).collect()
         counts = view.frame.group_by(status).len().sort(status).collect()
+        model = view.prefix + MODEL
+        by_model = view.frame.group_by(model, status, maintain_order=True).len().collect() if model in view.names else None
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise InputError(f"Cannot read {path}: {str(exc).splitlines()[0]}. Give the --output of a `pipeline run`.") from None
     parts = [view.note] if view.note else []
@@ -79,6 +81,11 @@ def show(
             parts.append(str(head.drop(ROW)))
     tally = ", ".join(f"{status}: {n:,} {view.unit}{'s' if n != 1 else ''}" for status, n in counts.iter_rows())
     parts.append(f"{view.label}: {tally or f'no {view.unit}s'}")
+    if by_model is not None:  # several models: the counts of each, in the order the rows give them
+        for name in by_model.get_column(model).unique(maintain_order=True).to_list():
+            mine = by_model.filter(pl.col(model) == name)
+            each = ", ".join(f"{st}: {n:,}" for _, st, n in mine.sort(status).iter_rows())
+            parts.append(f"  {name}: {each}")
     return "\n".join(parts)
 
 
@@ -150,7 +157,13 @@ def _output_view(path: Path, result_prefix: str | None = None) -> View:
     added = {prefix + c for c in ADDED}  # cost_usd, tool_calls...: result columns too, not extracted fields
     extracted = [n for n in names[names.index(last) + 1 :] if n not in added] if last in names else []
     first = [names[0]] if names[0] != prefix + "completion" else []
-    default = [*first, *(extracted or [prefix + "completion"]), *(prefix + c for c in ("status", "error", "total_tokens"))]
+    asked = [prefix + MODEL] if prefix + MODEL in names else []  # several models: which one each row asked
+    default = [
+        *first,
+        *asked,
+        *(extracted or [prefix + "completion"]),
+        *(prefix + c for c in ("status", "error", "total_tokens")),
+    ]
     return View(frame, names, prefix, [c for c in dict.fromkeys(default) if c in names], str(path), "row")
 
 

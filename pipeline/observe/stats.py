@@ -56,6 +56,9 @@ class RunStats:
     earlier_cost: float | None = None
     ceiling_what: str | None = None  # "--max-cost $0.0200", when a ceiling is set
     ceiling_reached: bool = False
+    # With several models: each one's counters (rows, requests, tokens, cost, latencies, and the limits its
+    # governor learned), by the model's name in the order given; the run's own are the sums (`roll_up`).
+    models: dict[str, RunStats] = field(default_factory=dict)
     _latency: Counter[int] = field(default_factory=Counter)
     # The metrics file's timeline: cumulative counters sampled by a timer (never per row), bounded in length.
     timeline: list[dict[str, float | int]] = field(default_factory=list)
@@ -70,6 +73,7 @@ class RunStats:
     def sample(self, t: float) -> None:
         """Record the counters at `t` seconds into the run. Past TIMELINE_MAX samples every other one is
         dropped and the interval doubles, so a week-long run keeps a timeline of the same size as an hour's."""
+        self.roll_up()
         sample: dict[str, float | int] = {
             "t": round(t, 3),
             "rows": self.rows_done,
@@ -90,6 +94,35 @@ class RunStats:
         if len(self.timeline) > TIMELINE_MAX:
             del self.timeline[1::2]
             self.sample_every *= 2
+
+    def roll_up(self) -> None:
+        """With several models, what their governors learned, as the run's: 429s and holds summed, the
+        pace and the requests in flight added up (each model's server has its own), a ceiling reached by any.
+        Each governor keeps its model's own counters; this runs once a second and at the end, never per row."""
+        if not self.models:
+            return
+        each = list(self.models.values())
+        self.limited_rate = sum(s.limited_rate for s in each)
+        self.limited_concurrency = sum(s.limited_concurrency for s in each)
+        self.breaker_opened = sum(s.breaker_opened for s in each)
+        self.concurrency = sum(s.concurrency for s in each)
+        self.concurrency_ceiling = sum(s.concurrency_ceiling for s in each)
+        self.in_flight = sum(s.in_flight for s in each)
+        paces = [s.pace_rpm for s in each]
+        if all(p is not None for p in paces):
+            self.pace_rpm = sum(p for p in paces if p is not None)
+            self.pace_source, self.pace_detail = "per model", ", ".join(f"{n}: {s.pace_source}" for n, s in self.models.items())
+        failing = max(each, key=lambda s: s.failing_streak)
+        self.failing_streak, self.failing_kind, self.next_probe_at = (
+            failing.failing_streak,
+            failing.failing_kind,
+            failing.next_probe_at,
+        )
+        # Under a ceiling the governors share one budget and each holds its totals as of its last settle.
+        self.spent_tokens_in = max(self.spent_tokens_in, *(s.spent_tokens_in for s in each))
+        self.spent_tokens_out = max(self.spent_tokens_out, *(s.spent_tokens_out for s in each))
+        self.ceiling_reached = self.ceiling_reached or any(s.ceiling_reached for s in each)
+        self.ceiling_what = self.ceiling_what or next((s.ceiling_what for s in each if s.ceiling_what), None)
 
     def latency_histogram(self) -> list[tuple[float, int]]:
         """(milliseconds at the bucket's middle, answers) per non-empty bucket, fastest first."""

@@ -5,6 +5,7 @@
     tool_calls                         with --tools
     completions, finish_reasons        with --n N (N > 1)
     sample_index                       with --n N --explode, instead of the two lists
+    requested_model                    with several models (--model a --model b, or models:)
     <extracted fields>                 with --schema, or --tools with --tool-columns
 
 A column a setting adds is written only when the setting is given, so an existing job's output keeps
@@ -15,6 +16,10 @@ adds prices finds each answer's cost.
 With --explode, each row of n samples becomes n rows, one a sample, in input order (the samples of a
 row together, by sample_index); the request's tokens and cost are on its first sample's row (null on
 the others), so that they still add up to what was billed. A row with no answer stays one row.
+
+With several models, each input row comes as one row per model, in the order the models are given
+(the rows of one input row together), and `requested_model` says which model the row asked: the
+name as given, on every row, an error's included (`model` is the name the server answered with).
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from pipeline.tables.checkpoint import RESULT_COLUMNS
 
 SAMPLE = "sample_index"
 LISTS = ("completions", "finish_reasons")
+MODEL = "requested_model"
 # Every column a job may add after the base ones, in the order they are written.
-ADDED = ("cost_usd", "tool_calls", *LISTS, SAMPLE)
+ADDED = ("cost_usd", "tool_calls", *LISTS, SAMPLE, MODEL)
 _ROW = "__row"
 _PER_REQUEST = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_usd")  # on the first sample only
 
@@ -43,6 +49,7 @@ class Layout:
     tools: bool = False  # the requests offer tools
     samples: bool = False  # n > 1: every choice's text and finish reason
     explode: bool = False  # ...as one row each
+    models: tuple[str, ...] = ()  # several models: each input row is a row per model, in this order
 
     @property
     def added(self) -> list[str]:
@@ -52,6 +59,8 @@ class Layout:
             names.append("tool_calls")
         if self.samples:
             names.extend([SAMPLE] if self.explode else LISTS)
+        if self.models:
+            names.append(MODEL)
         return names
 
     @property
@@ -65,7 +74,11 @@ class Layout:
 
     def shape(self, inputs: pl.DataFrame, results: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         """A batch's input rows and results (a `result_frame`) as the output's rows: one per sample with
-        --explode, the job's result columns only, then the extracted fields."""
+        --explode, the job's result columns only, then the extracted fields. With several models the rows
+        come a model after another for each input row (the batch was widened so), and each is named."""
+        if self.models:
+            rounds = results.height // len(self.models)  # the batch holds whole rounds of the models
+            results = results.with_columns(pl.Series(MODEL, list(self.models) * rounds, pl.String))
         if self.samples and self.explode:
             inputs, results = _explode(inputs, results)
         results = results.select(self.names)
