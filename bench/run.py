@@ -5,7 +5,7 @@ process, pinned to one core) and, in the same run, bench/baseline.py, the least 
 must do.  Clients are pinned to another core so their CPU is measured apart from the server's;
 wall is from spawn to exit, CPU from wait4() on the child, peak RSS from GNU time.
 
-    python bench/run.py [--quick] [--only overhead|ratelimit|memory|resume|faults|spend|report|api|s3|adapt|ray|s3state|reader]
+    python bench/run.py [--quick] [--only overhead|ratelimit|memory|resume|faults|spend|report|api|s3|adapt|ray|s3state|reader|images]
 
 Prints a table, then a PASS/MISS line per target of issue 8 (rate control) computed from the
 figures, and writes every figure plus machine info to bench/results/latest.json.  The table
@@ -46,6 +46,7 @@ CLIENT_CORE, SERVER_CORE = CORES[0], CORES[-1]
 GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
 SCENARIOS = (
     "overhead", "ratelimit", "memory", "resume", "faults", "spend", "report", "api", "s3", "adapt", "ray", "s3state", "reader",
+    "images",
 )  # fmt: skip
 LIVE: set[subprocess.Popen[Any]] = set()  # children still running, so every exit path can end them
 Row = tuple[str, str, float | None, float | None, float | None]
@@ -787,6 +788,13 @@ class Bench:
         import raybench  # beside this file
 
         raybench.scenario(self, sys.modules[__name__])
+
+    def images(self) -> None:
+        """Scenario 14 (bench/imagebench.py): a 50 kB image a row, 2,000 and 10,000 rows: memory flat in
+        rows, requests/s and CPU against text-only rows of the same prompts."""
+        import imagebench  # beside this file
+
+        imagebench.scenario(self, sys.modules[__name__])
 
     # ---- issue 8: the client learns the server's limits --------------------------------------------
 

@@ -454,8 +454,8 @@ def _age(text: str) -> float:
 
 def _config(config: str | None, flags: dict[str, Any]) -> RunConfig:
     """The config file (if any) with the flags laid over it, validated."""
-    flags["input"] = flags["input"] or None
-    flags["null_values"] = flags["null_values"] or None
+    # A repeatable flag not given comes as (): unset, so that the config's list (image_columns: [...]) stands.
+    flags = {k: None if v == () else v for k, v in flags.items()}
     flags["schema"] = flags.pop("schema_")
     names = flags["model"]  # --model repeated: several models in one run
     flags["model"] = None if not names else names[0] if len(names) == 1 else list(names)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pipeline.errors import ConfigError
 from pipeline.models import ModelEntry, parse_entries
 from pipeline.models import configs as model_configs
-from pipeline.rules import answers_refusal, ceiling_refusal
+from pipeline.rules import answers_refusal, ceiling_refusal, image_refusal
 
 Provider = Literal["openai", "modelslab", "anthropic", "local"]
 
@@ -94,6 +94,19 @@ class RunConfig(BaseModel):
     messages_column: str | None = opt(None, "Column holding each row's conversation: a list of {role, content}.")
     system: str | None = opt(None, "System prompt sent with every row.")
     id_column: str | None = opt(None, "Column identifying a row; identical prompts on different ids are sent separately.")
+    image_columns: tuple[str, ...] = opt(
+        (),
+        "Column holding an image or a PDF per row, sent with the prompt: a file's path (relative to the input's "
+        "folder, else the current one), an http(s):// URL, an s3:// address, a data: URL or bytes. Repeatable.",
+        flag="--image-column",
+        metavar="COLUMN",
+    )
+    inline_images: bool = opt(
+        False, "Fetch http(s) images and send their bytes, keyed by them, instead of sending the URL for the provider to fetch."
+    )
+    image_detail: Literal["low", "high", "auto"] | None = opt(
+        None, "OpenAI's image detail: low (a flat 85 tokens an image), high or auto. Default: not sent (the model's auto)."
+    )
     provider: Provider = opt("openai", "API to speak. Default: openai.")
     base_url: str | None = opt(None, "Server base URL, e.g. http://127.0.0.1:8080/v1.")
     model: str | None = opt(
@@ -322,7 +335,7 @@ class RunConfig(BaseModel):
             model_configs(self)  # each model's settings, validated as a run's
         return self
 
-    @field_validator("input", "null_values", mode="before")
+    @field_validator("input", "null_values", "image_columns", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return (value,) if isinstance(value, str) else value
@@ -415,6 +428,12 @@ class RunConfig(BaseModel):
                 "(a column holding each row's conversation as a list of {role, content})"
                 + (f"; got {', '.join(given)}" if given else "")
             )
+        return self
+
+    @model_validator(mode="after")
+    def _images_have_a_way_in(self) -> RunConfig:
+        if (why := image_refusal(self, PROVIDER_DEFAULTS["local"]["model"])) is not None:
+            raise ValueError(why)
         return self
 
     @model_validator(mode="after")

@@ -7,13 +7,16 @@ first request.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from pipeline import errors
 from pipeline.config import RunConfig
 from pipeline.models import configs as model_configs
+from pipeline.requests.media import MediaColumns, rules_for
+from pipeline.requests.media.columns import bases_for
 from pipeline.requests.prompts import Renderer, RequestSpec, parse_template
 from pipeline.requests.structured import Structured, load_schema
 from pipeline.requests.tools import check_choice, forced, load_tools, names
@@ -113,6 +116,7 @@ def renderer_for(cfg: RunConfig, structured: Structured | None = None) -> Render
         conversation=cfg.messages_column is not None,
         schema=structured.schema if structured and structured.tool is None else None,
         json_mode=cfg.setting("json_mode"),
+        image_detail=cfg.image_detail,
         tools=tools_for(cfg),
         tool_choice=cfg.tool_choice,
         tool_columns=cfg.tool_columns,
@@ -127,6 +131,21 @@ def renderer_for(cfg: RunConfig, structured: Structured | None = None) -> Render
         param_columns=dict(cfg.param_columns),
         null_as_empty=cfg.null_as_empty,
         list_join=cfg.list_join,
+    )
+
+
+FIRST_ROWS = 20  # rows whose images are read before anything is sent: not one readable means a wrong setting
+
+
+def media_for(cfg: RunConfig, files: Sequence[object], model: str) -> MediaColumns:
+    """The job's image columns: the provider's rules, and where relative paths are read from (the folder
+    of the input's `files`, then the current one)."""
+    return MediaColumns(
+        columns=cfg.image_columns,
+        rules=rules_for(cfg.provider, model, cfg.image_detail),
+        bases=bases_for(files),
+        inline=cfg.inline_images,
+        null_as_empty=cfg.null_as_empty,
     )
 
 
@@ -159,8 +178,14 @@ def preflight(cfg: RunConfig, *, writes: bool = True, table: source.Table | None
         )  # fmt: skip
     elif cfg.null_values or cfg.dtypes:  # a table in memory (the API): the same reading of its cells
         table = source.in_memory(table.frame if table.frame is not None else source.lazy(table), cfg.null_values, cfg.dtypes)
+    if cfg.image_columns:
+        renderer = replace(renderer, media=media_for(cfg, table.files, renderer.spec.model))
     for r in [m.renderer for m in models] or [renderer]:
         r.check(table.schema, table.label, hint=source.separator_hint(table))
+    if renderer.media is not None:
+        first = next(source.batches(table, FIRST_ROWS, min(FIRST_ROWS, cfg.limit or FIRST_ROWS)), None)
+        if first is not None:
+            renderer.media.check_first(first, table.label)
     output = storage.location(cfg.output) if cfg.output is not None else None
     layout = layout_for(cfg, structured)
     # With no file to write, only the column checks apply: they are the ones an output to stdout gets.
@@ -179,6 +204,8 @@ def _several_refusal(cfg: RunConfig) -> bool:
         raise errors.ConfigError(f"--mode batch takes one model per run, and this run asks {len(cfg.models)}: {fix}.")
     if cfg.engine == "ray":
         raise errors.ConfigError(f"--engine ray takes one model per run, and this run asks {len(cfg.models)}: {fix}.")
+    if cfg.image_columns:  # each model's rules (limits, tokens) and content parts would differ per lane: not yet
+        raise errors.ConfigError(f"--image-column takes one model per run, and this run asks {len(cfg.models)}: {fix}.")
     return True
 
 
@@ -201,6 +228,11 @@ def _requests_plan(cfg: RunConfig, structured: Structured | None) -> Plan:
         raise errors.ConfigError(
             f"{cfg.input[0]} holds whole requests, so {given} cannot be added to them: put response_format, tools "
             "or n in the bodies."
+        )
+    if cfg.image_columns:
+        raise errors.ConfigError(
+            f"{cfg.input[0]} holds whole requests, so --image-column cannot add images to them: put image_url parts in "
+            "the bodies' messages."
         )
     table = interchange.open_requests(cfg.input[0])
     spec = RequestSpec(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from pipeline.engines.ray import (
     start_shared,
     summary_callback,
 )
-from pipeline.plan import layout_for, renderer_for, structured_for
+from pipeline.plan import layout_for, media_for, renderer_for, structured_for
 from pipeline.settings import settings_config
 from pipeline.tables.checkpoint import read_done
 from pipeline.tables.sink import STDOUT, check_output
@@ -58,6 +59,15 @@ def complete(ds: Any, **settings: Any) -> Any:
         connect(ray, cfg)
     structured = structured_for(cfg)
     renderer = renderer_for(cfg, structured)
+    if cfg.image_columns:
+        absent = [c for c in cfg.image_columns if c not in ds.schema().names]
+        if absent:
+            raise errors.ConfigError(
+                f"The image column {absent[0]!r} is not in the dataset. Its columns are: "
+                f"{', '.join(repr(c) for c in ds.schema().names)}."
+            )
+        # Relative paths in image cells: from this process's current folder, on whichever node sends the row.
+        renderer = replace(renderer, media=media_for(cfg, (), renderer.spec.model))
     base_url = cfg.setting("base_url")
     if base_url is None:
         raise errors.ConfigError(

@@ -78,3 +78,40 @@ def ceiling_refusal(cfg: RunConfig) -> str | None:
             "set max_tokens (--max-tokens N)"
         )
     return None
+
+
+# The most images one request may hold (OpenAI: 500; Anthropic: 100 for models with a 200k context): see
+# pipeline/requests/media/rules.py for where these are published.
+MOST_IMAGE_COLUMNS = {"anthropic": 100}
+
+
+def image_refusal(cfg: RunConfig, embedded: str) -> str | None:
+    """Why the image settings cannot be kept (exit 2 before anything is sent), or None. `embedded`: the
+    embedded model's name."""
+    columns = cfg.image_columns
+    if not columns:
+        given = [f for f, on in (("--inline-images", cfg.inline_images), ("--image-detail", cfg.image_detail)) if on]
+        if given:
+            return f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for image columns: add --image-column COLUMN, or drop {' and '.join(given)}"
+        return None
+    if len(set(columns)) < len(columns):
+        twice = next(c for c in columns if columns.count(c) > 1)
+        return f"image_columns names {twice!r} twice; give each image column once"
+    if cfg.provider == "local" and cfg.base_url is None:
+        return (
+            f"the embedded model ({embedded}) reads text only, so it cannot take the image "
+            f"column{'s' if len(columns) > 1 else ''} {', '.join(repr(c) for c in columns)}. Point --base-url at a server with "
+            "a vision model (llama.cpp's llama-server with its --mmproj file, vLLM with a vision model), or use a provider "
+            "whose model reads images (--provider openai or anthropic with --model)"
+        )
+    if cfg.messages_column is not None:
+        return (
+            "--image-column goes with --prompt or --prompt-column; a conversation (--messages-column) carries its own "
+            "images: put image_url parts in its messages' content"
+        )
+    if cfg.image_detail is not None and cfg.provider == "anthropic":
+        return "--image-detail is OpenAI's setting; Anthropic sizes images by their pixels (drop --image-detail)"
+    most = MOST_IMAGE_COLUMNS.get(cfg.provider, 500)
+    if len(columns) > most:
+        return f"{len(columns)} image columns, but the {cfg.provider} provider takes at most {most} images a request"
+    return None

@@ -8,8 +8,9 @@ Endpoints: ``POST /v1/files`` (multipart), ``GET /v1/files/{id}``, ``GET /v1/fil
 Time is the fake clock, not the wall: a batch is ``validating`` at creation, ``in_progress`` once
 retrieved, and ``completed`` when the clock passes ``created_at + duration`` (60 s unless set);
 ``POST /_fake/advance?s=N`` moves the clock, so 24 hours take milliseconds. Answers are built as
-the online fake server builds them: ``echo: <last user message>``, usage counted in words; a request
-with tools gets a call to the tool it asks for, one with ``n`` gets n choices.
+the online fake server builds them: ``echo: <last user message>``, usage counted in words; a
+message's images and PDFs (OpenAI parts, Anthropic blocks) are echoed as the online fake labels them;
+a request with tools gets a call to the tool it asks for, one with ``n`` gets n choices.
 
 Fault switches (``POST /_fake/faults`` with a JSON object, or the constructor's ``faults``):
 ``expire_after`` (the batch expires after that many lines; the rest are ``batch_expired``),
@@ -27,6 +28,8 @@ takes). ``GET /_fake/stats`` counts batches created, lines seen per custom_id, p
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import random
 import re
 import socket
@@ -48,16 +51,47 @@ TERMINAL = ("completed", "failed", "expired", "cancelled")
 _ANTHROPIC_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 
 
+def _shown(content: Any) -> str:
+    """A message's content as the echo shows it: its text, then a label per image or PDF (as the online
+    fake server labels them: kind, media type, bytes decoded, the first 16 hex of their sha256)."""
+    if not isinstance(content, list):
+        return str(content)
+    texts, labels = [], []
+    for part in content:
+        kind = part.get("type")
+        if kind == "text":
+            texts.append(part.get("text", ""))
+            continue
+        source = part.get("source") or {}
+        if kind == "image_url":
+            where, label = part["image_url"]["url"], "image"
+        elif kind == "file":
+            where, label = part["file"]["file_data"], "document"
+        elif source.get("type") == "base64":  # Anthropic's image and document blocks
+            where, label = f"data:{source['media_type']};base64,{source['data']}", kind
+        else:
+            where, label = str(source.get("url")), kind
+        if not where.startswith("data:"):
+            labels.append(f"[{label}-url {where}]")
+            continue
+        head, _, data = where.partition(",")
+        raw = base64.b64decode(data, validate=True)
+        labels.append(
+            f"[{label} {head[5:].removesuffix(';base64')} {len(raw)} bytes sha256:{hashlib.sha256(raw).hexdigest()[:16]}]"
+        )
+    return " ".join(["\n".join(texts), *labels])
+
+
 def _answer(body: dict[str, Any]) -> dict[str, Any]:
     """A chat.completion for a request body (OpenAI's, or an Anthropic request's params): as the online fake
     answers, a call to the tool the request asks for (arguments a deterministic instance of its parameters),
     and n choices where n is asked (choice i says " #i" after choice 0's text)."""
     users = [m for m in body.get("messages", []) if m.get("role") == "user"]
-    content = users[-1]["content"] if users else ""
+    content = _shown(users[-1]["content"]) if users else ""
     anthropic = any(isinstance(t, dict) and "input_schema" in t for t in body.get("tools") or [])
     tool = _tool_to_call(body, "anthropic" if anthropic else "openai")
     n = body.get("n") if isinstance(body.get("n"), int) and body["n"] > 1 else 1
-    prompt = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
+    prompt = sum(len(_shown(m.get("content", "")).split()) for m in body.get("messages", []))
     choices: list[dict[str, Any]] = []
     for i in range(n):
         if tool is not None:

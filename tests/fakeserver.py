@@ -82,6 +82,18 @@ only for requests that reached the directive stage (passed every earlier check).
 Unknown directives are answered with 400 so typos fail loudly.  ``reset`` closes the socket
 with an RST: aiohttp clients see ``ClientOSError`` (errno 104, ConnectionResetError).
 
+Images and documents in a request (OpenAI ``image_url`` and ``file`` parts, Anthropic ``image`` and
+``document`` blocks) are decoded and checked as the real APIs check them (400 for a damaged base64, a
+media type the API does not take, bytes that are not what the media type says, an Anthropic image
+over 5 MB of base64), and echoed after the text, one label each, so a test sees what arrived:
+``[image image/png 1234 bytes sha256:<first 16 hex>]``, ``[document application/pdf ...]``, or
+``[image-url <url>]`` / ``[document-url <url>]`` for a URL sent unfetched.  They are billed as prompt
+tokens by the providers' published rules for PNG and GIF sizes (OpenAI: 85 + 170 a 512 px tile, or
+85 with detail low; Anthropic: width x height / 750 after scaling to 1568 px, at most 1,600), 85
+(OpenAI) or 1,600 (Anthropic) for other images and URLs, and 1,000 a document.
+``serve_file(name, data)`` serves bytes at ``GET /files/<name>`` (an image server for tests of
+http(s) image URLs; stats count ``file_gets``), ``serve_file(name, None)`` makes it a 404.
+
 Run standalone: ``python tests/fakeserver.py --port 0`` prints ``READY http://...``.
 """
 
@@ -89,7 +101,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import bisect
+import hashlib
 import itertools
 import math
 import random
@@ -182,11 +197,147 @@ def _last_user(body: object) -> str:
     return (marked or users or [""])[-1]
 
 
-def _prompt_tokens(body: dict[str, Any], dialect: Dialect) -> int:
+def _prompt_tokens(body: dict[str, Any], dialect: Dialect, media: list[_Media] | None = None) -> int:
+    """Words and messages, and the images and documents (`media`: as decoded already, else decoded here)."""
     n = sum(len(_text(m.get("content")).split()) + 3 for m in body["messages"])
     if dialect == "anthropic":
         n += len(_text(body.get("system")).split())
-    return n
+    found = _media(body, dialect) if media is None else media
+    return n + (sum(m.tokens for m in found) if isinstance(found, list) else 0)
+
+
+@dataclass(frozen=True)
+class _Media:
+    """One image or document of a request, as decoded."""
+
+    kind: str  # "image" or "document"
+    mime: str | None
+    size: int | None  # bytes decoded; None for a URL
+    sha: str | None  # sha256 of the bytes
+    url: str | None
+    tokens: int
+
+    def label(self) -> str:
+        if self.url is not None:
+            return f"[{self.kind}-url {self.url}]"
+        return f"[{self.kind} {self.mime} {self.size} bytes sha256:{(self.sha or '')[:16]}]"
+
+
+_IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+_MAGIC = {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff", "image/gif": b"GIF8", "application/pdf": b"%PDF-"}
+
+
+def _media(body: Any, dialect: Dialect) -> list[_Media] | str:
+    """Every image and document part of the request, or the message of the 400 the API would answer."""
+    found: list[_Media] = []
+    messages = body.get("messages") if isinstance(body, dict) else None
+    for m in messages if isinstance(messages, list) else []:
+        content = m.get("content") if isinstance(m, dict) else None
+        for part in content if isinstance(content, list) else []:
+            if not isinstance(part, dict) or part.get("type") in ("text", None):
+                continue
+            got = _anthropic_part(part) if dialect == "anthropic" else _openai_part(part)
+            if isinstance(got, str):
+                return got
+            found.append(got)
+    return found
+
+
+def _openai_part(part: dict[str, Any]) -> _Media | str:
+    kind = part.get("type")
+    if kind == "image_url":
+        spec = part.get("image_url")
+        url = spec.get("url") if isinstance(spec, dict) else None
+        if not isinstance(url, str):
+            return "Invalid 'image_url': expected an object with a 'url'."
+        detail = spec.get("detail", "auto") if isinstance(spec, dict) else "auto"
+        if detail not in ("low", "high", "auto"):
+            return f"Invalid value for 'detail': {detail!r}."
+        if not url.startswith("data:"):
+            return _Media("image", None, None, None, url, 85)
+        head, _, data = url.partition(",")
+        mime = head[5:].removesuffix(";base64")
+        if mime not in _IMAGE_TYPES or not head.endswith(";base64"):
+            return "Invalid MIME type. Only image types are supported."
+        raw = _b64(data)
+        if raw is None or not raw.startswith(_MAGIC.get(mime, b"RIFF")):
+            return "You uploaded an unsupported image. Please make sure your image is valid."
+        if len(raw) > 20_000_000:
+            return "Image too large: images must be at most 20 MB."
+        size = _png_or_gif_size(raw)
+        tokens = 85 if detail == "low" or size is None else _tiles(*size)
+        return _Media("image", mime, len(raw), hashlib.sha256(raw).hexdigest(), None, tokens)
+    if kind == "file":
+        spec = part.get("file")
+        data = spec.get("file_data") if isinstance(spec, dict) else None
+        if not isinstance(data, str) or not data.startswith("data:application/pdf;base64,"):
+            return "Invalid 'file': expected file_data as a data:application/pdf;base64 URL."
+        raw = _b64(data.partition(",")[2])
+        if raw is None or not raw.startswith(b"%PDF-"):
+            return "The file is not a valid PDF."
+        return _Media("document", "application/pdf", len(raw), hashlib.sha256(raw).hexdigest(), None, 1000)
+    return f"Invalid content part type: {kind!r}."
+
+
+def _anthropic_part(part: dict[str, Any]) -> _Media | str:
+    kind = part.get("type")
+    if kind not in ("image", "document"):
+        return f"messages: Input tag '{kind}' found using 'type' does not match any of the expected tags"
+    source = part.get("source")
+    if not isinstance(source, dict):
+        return f"messages: {kind}.source: Field required"
+    if source.get("type") == "url":
+        url = source.get("url")
+        return _Media(kind, None, None, None, str(url), 1600 if kind == "image" else 1000)
+    if source.get("type") != "base64":
+        return f"messages: {kind}.source.type: Input should be 'base64' or 'url'"
+    mime, data = source.get("media_type"), source.get("data")
+    allowed = _IMAGE_TYPES if kind == "image" else ("application/pdf",)
+    if mime not in allowed:
+        return f"messages: {kind}.source.media_type: Input should be " + " or ".join(repr(a) for a in allowed)
+    if not isinstance(data, str):
+        return f"messages: {kind}.source.data: Field required"
+    if kind == "image" and len(data) > 5 * 1024 * 1024:
+        return "messages: image exceeds 5 MB maximum"
+    raw = _b64(data)
+    if raw is None:
+        return f"messages: {kind}.source.data: invalid base64 data"
+    if not raw.startswith(_MAGIC.get(str(mime), b"RIFF")):
+        return f"messages: Image does not match the provided media type {mime}"
+    size = _png_or_gif_size(raw) if kind == "image" else None
+    tokens = 1000 if kind == "document" else 1600 if size is None else _area(*size)
+    return _Media(kind, str(mime), len(raw), hashlib.sha256(raw).hexdigest(), None, tokens)
+
+
+def _b64(text: str) -> bytes | None:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _png_or_gif_size(raw: bytes) -> tuple[int, int] | None:
+    if raw.startswith(b"\x89PNG") and raw[12:16] == b"IHDR":
+        return struct.unpack(">II", raw[16:24])  # type: ignore[return-value]
+    if raw.startswith(b"GIF8"):
+        return struct.unpack("<HH", raw[6:10])  # type: ignore[return-value]
+    return None
+
+
+def _tiles(w: int, h: int) -> int:
+    """OpenAI's published rule, detail high: fit 2048 x 2048, short side to 768, 85 + 170 a 512 px tile."""
+    fw, fh = float(w), float(h)
+    s = min(1.0, 2048 / max(fw, fh))
+    fw, fh = fw * s, fh * s
+    s = min(1.0, 768 / min(fw, fh))
+    fw, fh = fw * s, fh * s
+    return 85 + 170 * math.ceil(fw / 512) * math.ceil(fh / 512)
+
+
+def _area(w: int, h: int) -> int:
+    """Anthropic's published rule: width x height / 750, after scaling to a 1568 px long edge and ~1,600 tokens."""
+    s = min(1.0, 1568 / max(w, h), math.sqrt(1600 * 750 / (w * h)))
+    return min(1600, math.ceil(w * s * h * s / 750))
 
 
 def _plan(content: str) -> list[tuple[str, float | None, int | None]] | str:
@@ -419,6 +570,7 @@ class FakeLLMServer:
         self.host, self.port, self.url = host, port, ""
         self._lock = threading.Lock()  # guards everything below shared with the test thread
         self._records: list[Received] = []
+        self._files: dict[str, tuple[bytes, str]] = {}  # name -> (bytes, content type) served at GET /files/<name>
         self._generation = 0  # bumped by reset() so late finishers don't touch fresh stats
         self._stats: dict[str, int] = {}
         self._attempts: dict[tuple[str, str], int] = {}
@@ -534,6 +686,7 @@ class FakeLLMServer:
             add("POST", pre + "/v1/messages/count_tokens", partial(serve, dialect="anthropic", kind="count"))
         for path in ("/v1/models", "/models"):
             add("GET", path, partial(serve, dialect="openai", kind="models"))
+        add("GET", "/files/{name}", self._http_file)
         add("GET", "/stats", self._http_stats)
         add("GET", "/timeline", self._http_timeline)
         add("POST", "/reset", self._http_reset)
@@ -541,6 +694,24 @@ class FakeLLMServer:
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
         await self._runner.setup()
         await web.SockSite(self._runner, sock, backlog=1024).start()
+
+    def serve_file(self, name: str, data: bytes | None, content_type: str = "application/octet-stream") -> str:
+        """Serve `data` at GET /files/<name> (None: answer 404 there); returns its URL."""
+        with self._lock:
+            if data is None:
+                self._files.pop(name, None)
+            else:
+                self._files[name] = (data, content_type)
+        return f"{self.url}/files/{name}"
+
+    async def _http_file(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        with self._lock:
+            self._stats["file_gets"] = self._stats.get("file_gets", 0) + 1
+            found = self._files.get(name)
+        if found is None:
+            return web.Response(status=404, text="not found")
+        return web.Response(body=found[0], content_type=found[1])
 
     async def _http_stats(self, request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps(self.stats()), content_type="application/json")
@@ -798,6 +969,10 @@ class FakeLLMServer:
         if dialect == "openai" and isinstance(fmt, dict) and fmt.get("type") in self.refuse_formats:
             return _refuse_format(str(fmt["type"]), self.refuse_formats)
         problem = _validate(body, dialect, kind)
+        media: list[_Media] = []
+        if problem is None:
+            decoded = _media(body, dialect)
+            problem, media = (decoded, []) if isinstance(decoded, str) else (None, decoded)
         if problem is not None:
             if dialect == "modelslab":
                 return 200, orjson.dumps({"status": "error", "message": problem}), None, False
@@ -807,7 +982,7 @@ class FakeLLMServer:
             return _error(dialect, 400, f"fakeserver: unknown fault directive {plan!r}")
         attempt, tokens = 0, None
         if kind == "chat" and self.tpm is not None:  # charged at admission, as OpenAI and Azure do
-            prompt, most = _prompt_tokens(body, dialect), body.get("max_tokens", body.get("max_completion_tokens")) or 0
+            prompt, most = _prompt_tokens(body, dialect, media), body.get("max_tokens", body.get("max_completion_tokens")) or 0
             tokens = (prompt + most, prompt, most)
         with self._lock:
             rejected = self._admit(dialect, tokens)
@@ -817,16 +992,18 @@ class FakeLLMServer:
         if rejected is not None:
             return rejected
         if kind == "count":
-            return 200, orjson.dumps({"input_tokens": _prompt_tokens(body, dialect)}), None, True
+            return 200, orjson.dumps({"input_tokens": _prompt_tokens(body, dialect, media)}), None, True
         fault, fault_arg = "", None
         for fkind, arg, n in plan:
             if n is None or attempt <= n:
                 fault, fault_arg = fkind, arg
                 break
             attempt -= n
-        return await self._apply(dialect, body, content, fault, fault_arg)
+        return await self._apply(dialect, body, content, fault, fault_arg, media)
 
-    async def _apply(self, dialect: Dialect, body: dict[str, Any], content: str, fault: str, arg: float | None) -> _Reply:
+    async def _apply(
+        self, dialect: Dialect, body: dict[str, Any], content: str, fault: str, arg: float | None, media: list[_Media]
+    ) -> _Reply:
         if fault.isdigit():
             status = int(fault)
             return _error(dialect, status, wait=(1.0 if arg is None else arg) if status == 429 else None)
@@ -858,14 +1035,16 @@ class FakeLLMServer:
         finally:
             if held:
                 self._give_slot()
-        reply = self._success(dialect, body, content, fault=fault, usage=self.send_usage and fault != "nousage")
+        reply = self._success(dialect, body, content, fault=fault, usage=self.send_usage and fault != "nousage", media=media)
         if fault == "oddusage":  # usage of the wrong type, as some proxies send
             data = orjson.loads(reply[1])
             data["usage"] = "n/a"
             return reply[0], orjson.dumps(data), reply[2], reply[3]
         return reply
 
-    def _success(self, dialect: Dialect, body: dict[str, Any], content: str, *, fault: str, usage: bool) -> _Reply:
+    def _success(
+        self, dialect: Dialect, body: dict[str, Any], content: str, *, fault: str, usage: bool, media: list[_Media]
+    ) -> _Reply:
         cleaned = _DIRECTIVE.sub("", content).strip() if "[[fault:" in content else content
         tool = None if fault in ("notool", "badjson") else _tool_to_call(body, dialect)
         # Anthropic's structured output is a forced tool: a tool call or nothing (tool_choice none, badjson).
@@ -881,7 +1060,7 @@ class FakeLLMServer:
         elif fault == "badjson":
             reply = "Sure! Here are the fields: {not json"
         else:
-            reply = "echo: " + cleaned
+            reply = "echo: " + cleaned + "".join(" " + m.label() for m in media)
         limit = body.get("max_tokens", body.get("max_completion_tokens"))
         n = body.get("n") if dialect != "anthropic" and isinstance(body.get("n"), int) else 1
         # Choice i of n says the same with " #i" after it (choice 0 as without n), each cut to max_tokens alone.
@@ -891,7 +1070,7 @@ class FakeLLMServer:
             cut.append(limit is not None and len(words) > limit)
             texts.append(" ".join(words[:limit]) if cut[-1] else (reply + (f" #{i}" if i else "")))
         truncated = cut[0]
-        prompt, completion = _prompt_tokens(body, dialect), sum(len(t.split()) for t in texts)
+        prompt, completion = _prompt_tokens(body, dialect, media), sum(len(t.split()) for t in texts)
         if usage:  # what a provider would invoice, for spend tests: only answers that carry usage are billed
             with self._lock:
                 self._stats["billed_prompt_tokens"] = self._stats.get("billed_prompt_tokens", 0) + prompt

@@ -457,6 +457,48 @@ def test_complete_on_ray_keeps_its_answers_in_the_default_store(cluster: Any, se
     assert chat_requests(server) == [] and local["completion"].to_list() == first["completion"].to_list()
 
 
+def test_image_columns_on_ray_match_the_local_engine(cluster: Any, server: FakeLLMServer) -> None:
+    """Paths, bytes and a missing file: the actors read each row's image as they send it, so the same
+    bytes reach the server and the output equals the local engine's; the API over a Dataset takes them too."""
+    from tests import imagefiles
+    from tests.test_images import label
+
+    Path("img").mkdir()
+    for i in range(40):
+        Path(f"img/{i}.png").write_bytes(imagefiles.png(24, 16, seed=i))
+    rows = pl.DataFrame(
+        {"id": list(range(41)), "photo": [f"img/{i}.png" for i in range(40)] + ["img/gone.png"],
+         "logo": [imagefiles.gif(4, 4 + i % 3) for i in range(41)], "text": [f"item {i}" for i in range(41)]}
+    )  # fmt: skip
+    write_table("in.parquet", rows)
+    base = [a.replace("in.csv", "in.parquet") for a in args(server, "--image-column", "photo", "--image-column", "logo",
+                                                            "--batch-size", "10", "--max-error-rate", "0.1")]  # fmt: skip
+    local = run_cli(*base, "-o", "out/local.parquet")
+    assert local.exit_code == 0, local.output
+    server.reset()
+    on_ray = run_cli(*base, "-o", "out/ray.parquet", *RAY)
+    assert on_ray.exit_code == 0, on_ray.output
+    out = pl.read_parquet("out/ray.parquet")
+    same_output(out, pl.read_parquet("out/local.parquet"))
+    assert (
+        out["completion"][3]
+        == f"echo: Summarise: item 3 {label(Path('img/3.png').read_bytes())} {label(rows['logo'][3], 'image/gif')}"
+    )
+    assert out["error"][40].startswith("not sent: column 'photo': file img/gone.png does not exist")
+    assert len(chat_requests(server)) == 40
+    # Resumed on Ray: nothing sent again.
+    server.reset()
+    assert run_cli(*base, "-o", "out/ray.parquet", *RAY).exit_code == 0 and chat_requests(server) == []
+
+    import pipeline.ray
+
+    ds = ray.data.from_items([{"photo": f"img/{i}.png", "text": f"item {i}"} for i in range(6)], override_num_blocks=2)
+    got = pipeline.ray.complete(ds, prompt="Describe: {text}", image_columns=["photo"], base_url=f"{server.url}/v1",
+                                model="fake-model", workers=2)  # fmt: skip
+    done = pl.concat([pl.DataFrame(pl.from_arrow(ray.get(ref))) for ref in got.to_arrow_refs()])
+    assert done["completion"][5] == f"echo: Describe: item 5 {label(Path('img/5.png').read_bytes())}"
+
+
 def test_ray_complete_on_a_dataset_keeps_its_answers_in_the_default_store(cluster: Any, server: FakeLLMServer) -> None:
     """pipeline.ray.complete() without checkpoint_dir or cache_dir: consumed once, the answers are kept; the
     same call made again (a new lazy dataset, consumed) sends nothing."""

@@ -26,12 +26,14 @@ from pipeline.engines.prepared import Lane, Prepared
 from pipeline.limits.governor import Governor
 from pipeline.limits.learn import Ticket
 from pipeline.limits.retry import RetryPolicy
+from pipeline.limits.room import Room, hold_mmap_threshold
 from pipeline.limits.spend import NOT_SENT as NOT_SENT_CEILING
 from pipeline.limits.spend import Pricing
 from pipeline.observe.stats import RunStats
 from pipeline.providers import Completion, Provider, SchemaFormatRefused, read_reply
 from pipeline.providers.base import clip
 from pipeline.providers.transport import Transport
+from pipeline.requests.media import MediaColumns, Unreadable
 from pipeline.requests.prompts import estimate_tokens
 from pipeline.requests.structured import Structured, check_reply, correction
 from pipeline.requests.tools import arguments_text
@@ -43,6 +45,7 @@ from pipeline.tables.sink import Sink, result_frame
 
 ANSWER_MEMORY = 10_000  # recent answers kept for duplicates: ~10 MB, whatever the table size (50,000 cost 38 MB in make bench)
 CACHE_FLUSH_EVERY = 1.0  # seconds between writes of new answers to the answer cache
+MEDIA_ROOM = 64 << 20  # bytes of images read for requests being built or in flight: ~4x that as bodies at most
 
 
 @dataclass(eq=False)
@@ -69,6 +72,9 @@ class Work:
     attempts: int = 0
     followup: list[dict[str, str]] | None = None  # set after an invalid structured reply
     reply: tuple[int, str | None, bytes] | None = None  # the last HTTP answer (status, request id, body), when kept
+    media: str | None = None  # the row's images and documents (a descriptor; their bytes are read to send)
+    media_bytes: int = 0  # what reading them takes
+    media_most: int = 0  # the most tokens they may cost, for the spend ceiling
     billed_in: int = 0  # tokens its attempts were billed (or, under a ceiling, counted against it), for its cost
     billed_out: int = 0
     lane: int = 0  # the model it asks, with several: row % models
@@ -94,6 +100,7 @@ class Engine:
         window_rows: int | None = None,
         cache: Answers | None = None,
         answered: OrderedDict[str, Result] | None = None,
+        media: MediaColumns | None = None,
         pricing: Pricing | None = None,
         layout: Layout | None = None,
         lanes: Sequence[Lane] = (),
@@ -102,6 +109,10 @@ class Engine:
         # `lanes` (the first one's governor, provider and client are then also these arguments).
         self._lanes = list(lanes) or [Lane(provider, transport, governor, concurrency, pricing, cache)]
         self._models = len(self._lanes)
+        self._media = media  # reads a row's images again to build its request
+        self._media_room = Room(MEDIA_ROOM)
+        if media is not None:
+            hold_mmap_threshold()  # large buffers given back as they are freed: memory flat in rows
         self.governor = governor
         self._policy = policy
         self._checkpoint = checkpoint
@@ -265,7 +276,8 @@ class Engine:
             for row in range(n):
                 reason, key = p.skip[row], p.keys[row]
                 if reason is not None or key is None:
-                    self._finish_row(batch, row, error_result(reason or "not sent: empty prompt", 0, None))
+                    kind = (p.skip_kinds[row] if p.skip_kinds is not None else None) or "not_sent"
+                    self._finish_row(batch, row, error_result(reason or "not sent: empty prompt", 0, None), kind)
                 elif (hit := p.cached.get(row)) is not None:
                     if row in p.from_cache:  # kept in this output's checkpoint too: its resume needs no cache
                         self._stats.from_cache += 1
@@ -292,6 +304,8 @@ class Engine:
                     lane = row % models
                     work = Work(key=key, prompt=prompt, extra=p.extra[row], tokens=p.tokens[row], waiters=[(batch, row)],
                                 attempts=self.attempts_before.get(key, 0), lane=lane)  # fmt: skip
+                    if p.media is not None and p.media_bytes is not None and p.media_most is not None:
+                        work.media, work.media_bytes, work.media_most = p.media[row], p.media_bytes[row], p.media_most[row]
                     self._inflight[key] = work
                     self._queues[lane].put_nowait(work)
 
@@ -332,11 +346,40 @@ class Engine:
     async def _attempt(self, work: Work) -> None:
         if self._inflight.get(work.key) is not work:  # finished while it waited (a stop marked it not sent)
             return
+        if work.media is None:
+            await self._send(work, None, self._lanes[work.lane].provider.json_mode)
+            return
+        # A row with images: its bytes are read again now, within the room for them, and dropped with its answer.
+        taken = await self._media_room.take(work.media_bytes)
+        try:
+            form = self._lanes[work.lane].provider.json_mode
+            try:
+                body = await asyncio.to_thread(self._body_with_media, work)
+            except Unreadable as err:  # gone or changed since its batch was read: not sent, and said why
+                if self._inflight.get(work.key) is work:
+                    self._not_sent(work, f"not sent: {err.message}", err.kind)
+                return
+            if self._inflight.get(work.key) is work:
+                await self._send(work, body, form)
+        finally:
+            self._media_room.give(taken)
+
+    def _body_with_media(self, work: Work) -> bytes:
+        """The request with the row's images read again and checked against its key (in a thread: the
+        reads wait on disks and servers, and a large image's base64 would hold the event loop)."""
+        assert self._media is not None and work.media is not None
+        batch, row = work.waiters[0]  # a binary cell is read from its batch, held until this row is written
+        attachments = self._media.load(work.media, batch.frame, row)
+        return self._lanes[work.lane].provider.body(work.prompt, work.extra, work.followup, attachments)
+
+    async def _send(self, work: Work, prebuilt: bytes | None, form: str | None) -> None:
+        """One attempt: the spend reservation, the governor's admission, the request, its answer. `prebuilt`
+        is the body when it was built already (a row with images), in JSON form `form`."""
         lane = self._lanes[work.lane]
         governor, provider = lane.governor, lane.provider
         held = None
         if self._spend is not None:
-            held = self._spend.worst(self._request_bytes(work, lane))
+            held = self._spend.worst(self._request_bytes(work, lane) + work.media_most)
             try:
                 reserved = await governor.reserve(held)
             except errors.FatalError as blocked:  # the run stopped while this one waited for room
@@ -359,12 +402,12 @@ class Engine:
             lane.stats.requests_sent += 1
         loop = asyncio.get_running_loop()
         started = loop.time()
-        form = provider.json_mode  # what this request asks in, whatever the others switch to meanwhile
+        # `form`: what this request asks in, whatever the others switch to meanwhile.
         completion: Completion | None = None
         try:
             work.reply = None
             try:
-                body = provider.body(work.prompt, work.extra, work.followup)
+                body = prebuilt if prebuilt is not None else provider.body(work.prompt, work.extra, work.followup)
                 status, headers, reply = await lane.transport.post(provider.url, provider.headers, body)
             finally:
                 governor.release()
@@ -457,7 +500,7 @@ class Engine:
         pt, ct = c.prompt_tokens, c.completion_tokens
         estimated = pt is None or ct is None
         if pt is None:
-            pt = estimate_tokens(self._system + work.prompt)
+            pt = estimate_tokens(self._system + work.prompt) + work.media_most
         if ct is None:
             ct = sum(estimate_tokens(text) for text, _ in c.choices) if c.choices else estimate_tokens(c.text)
         return pt, ct, estimated
@@ -573,7 +616,8 @@ class Engine:
         for i, (batch, row) in enumerate(work.waiters):
             self._finish_row(batch, row, result if i == 0 else _free(result))
 
-    def _finish_row(self, batch: Batch, row: int, result: Result) -> None:
+    def _finish_row(self, batch: Batch, row: int, result: Result, kind: str = "not_sent") -> None:
+        """`kind`: what a row held back before any request (no key) counts under."""
         stats = self._stats
         stats.rows_done += 1
         own = self._lanes[row % self._models].stats if self._models > 1 else None
@@ -588,7 +632,7 @@ class Engine:
             if own is not None:
                 own.errors += 1
             if result.request_key is None:
-                stats.error_kinds["not_sent"] += 1
+                stats.error_kinds[kind] += 1
         batch.settle(row, result)
 
 

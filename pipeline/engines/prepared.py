@@ -1,6 +1,7 @@
 """Rows made requests before the engine takes them, and the lanes a run with several models sends on.
 
-`prepare` renders an input batch and looks its keys up (the checkpoint, the answer cache);
+`prepare` renders an input batch (prompts, per-row parameters, request keys, token estimates, image
+descriptors) and looks its keys up (the checkpoint, the answer cache);
 `prepare_models` does so once per model and widens the batch to a row per input row and model,
 the models of one input row together, so the output keeps the input's order. Each model sends on
 its own `Lane`: its provider, HTTP client, governor (its own learned limits: a 429 from one
@@ -11,10 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import polars as pl
 
+from pipeline.requests.media import MEDIA, MEDIA_BYTES, MEDIA_KIND, MEDIA_MOST, MEDIA_TOKENS
 from pipeline.requests.prompts import EST_TOKENS, EXTRA, KEY, PROMPT, SKIP_REASON, Renderer
 from pipeline.tables.cache import Answers
 from pipeline.tables.checkpoint import Result, lookup
@@ -40,6 +42,18 @@ class Prepared:
     tokens: list[int]
     cached: dict[int, Result]  # row -> result already in the checkpoint (or the answer cache)
     from_cache: frozenset[int] = frozenset()  # the rows of `cached` that the answer cache gave
+    media: list[str | None] | None = None  # per row: its images' descriptor (None: a job without image columns)
+    media_bytes: list[int] | None = None
+    media_most: list[int] | None = None
+    media_tokens: list[int] | None = None  # their tokens by the provider's rule (typical), for `estimate`
+    skip_kinds: list[str | None] | None = None  # per row held back by its images: the kind counted (image_missing...)
+
+
+def media_lists(rendered: pl.DataFrame) -> dict[str, Any]:
+    """A rendered batch's image descriptors, sizes and tokens, as `Prepared` takes them."""
+    fields = {"media": MEDIA, "media_bytes": MEDIA_BYTES, "media_most": MEDIA_MOST, "media_tokens": MEDIA_TOKENS,
+              "skip_kinds": MEDIA_KIND}  # fmt: skip
+    return {k: rendered.get_column(c).to_list() for k, c in fields.items()}
 
 
 def prepare(frame: pl.DataFrame, renderer: Renderer, done: pl.DataFrame, cache: Answers | None = None) -> Prepared:
@@ -69,6 +83,7 @@ def prepare(frame: pl.DataFrame, renderer: Renderer, done: pl.DataFrame, cache: 
         tokens=rendered.get_column(EST_TOKENS).to_list(),
         cached=cached,
         from_cache=from_cache,
+        **(media_lists(rendered) if MEDIA in rendered.columns else {}),
     )
 
 

@@ -42,7 +42,7 @@ import pyarrow as pa
 from pipeline import errors
 from pipeline.config import RunConfig
 from pipeline.engines.online import Engine
-from pipeline.engines.prepared import Prepared, cache_hits
+from pipeline.engines.prepared import Prepared, cache_hits, media_lists
 from pipeline.engines.ray_coordinator import SUMMED
 from pipeline.limits import spend
 from pipeline.limits.governor import Governor
@@ -53,6 +53,7 @@ from pipeline.observe.stats import RunStats
 from pipeline.providers import make_provider
 from pipeline.providers.ratelimit import dialect_for
 from pipeline.providers.transport import AiohttpTransport
+from pipeline.requests.media import MEDIA, MEDIA_BYTES, MEDIA_KIND, MEDIA_MOST, MEDIA_TOKENS
 from pipeline.requests.prompts import EST_TOKENS, EXTRA, KEY, PROMPT, SKIP_REASON, Renderer
 from pipeline.requests.structured import Structured
 from pipeline.tables.checkpoint import RESULT_COLUMNS, STORED_COLUMNS, STORED_SCHEMA, Checkpoint, Result, read_journal
@@ -62,6 +63,8 @@ from pipeline.tables.sink import PART, Sink, result_frame, write_part
 RESULT = "__result."  # result columns inside the dataset, apart from any input column of the same name
 COUNTS = ("__pipeline.rows", "__pipeline.ok", "__pipeline.stopped")  # what a block written as a part hands back
 PREPARED = (PROMPT, EXTRA, SKIP_REASON, KEY, EST_TOKENS)
+# With image columns: each row's descriptor of its images (never their bytes: the actor reads them to send).
+MEDIA_PREPARED = (MEDIA, MEDIA_BYTES, MEDIA_MOST, MEDIA_TOKENS, MEDIA_KIND)
 REPORT_EVERY = 0.25  # seconds between an actor's reports to the coordinator (counters, its share in flight)
 GROWTH = 4  # an actor asks for up to this many times its own learned limit: room for slow start to grow into
 JOURNAL_PREFIX = "journal-"
@@ -119,6 +122,7 @@ def prepare(block: pa.Table, spec: Spec, answered: Any) -> pa.Table:
     frame = pl.from_arrow(block)
     assert isinstance(frame, pl.DataFrame)
     rendered = spec.renderer.render(frame)
+    carried = PREPARED + (MEDIA_PREPARED if spec.renderer.media is not None else ())
     rows, found = answered.find(rendered.get_column(KEY))
     full = pl.DataFrame({"__row": np.arange(frame.height)})
     if len(rows):
@@ -128,7 +132,7 @@ def prepare(block: pa.Table, spec: Spec, answered: Any) -> pa.Table:
     else:
         full = full.with_columns([pl.lit(None, dtype=dtype).alias(name) for name, dtype in STORED_SCHEMA.items()])
     out = pl.concat(
-        [frame, rendered.select(PREPARED), full.select(STORED_COLUMNS).rename({c: RESULT + c for c in STORED_COLUMNS})],
+        [frame, rendered.select(carried), full.select(STORED_COLUMNS).rename({c: RESULT + c for c in STORED_COLUMNS})],
         how="horizontal",
     )
     return out.to_arrow()
@@ -390,7 +394,8 @@ class Sender:
     async def _send(self, block: pa.Table, part: int | None) -> pa.Table:
         frame = pl.from_arrow(block)
         assert isinstance(frame, pl.DataFrame)
-        inputs = frame.select([c for c in frame.columns if c not in PREPARED and not c.startswith(RESULT)])
+        added = (*PREPARED, *MEDIA_PREPARED)
+        inputs = frame.select([c for c in frame.columns if c not in added and not c.startswith(RESULT)])
         given = frame.select([RESULT + c for c in STORED_COLUMNS]).rename({RESULT + c: c for c in STORED_COLUMNS})
         await self._ensure_started()
         prepared, to_send = await asyncio.to_thread(self._prepared, frame, inputs, given)
@@ -412,6 +417,7 @@ class Sender:
             cache=self.cache,
             pricing=spend.pricing_for(self.spec.cfg, batch=False),
             layout=self.spec.layout,
+            media=self.spec.renderer.media,  # a row's images are read here, on the actor's node, as it is sent
         )
         self._engines.add(engine)
         if to_send and self._first_block is None:
@@ -498,5 +504,6 @@ class Sender:
             tokens=frame.get_column(EST_TOKENS).to_list(),
             cached=cached,
             from_cache=from_cache,
+            **(media_lists(frame) if MEDIA in frame.columns else {}),
         )
         return prepared, to_send

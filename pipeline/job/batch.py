@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ from pipeline import errors, outcomes
 from pipeline.config import RunConfig
 from pipeline.engines.batch import BatchStep, Ledger, batch_api
 from pipeline.engines.batch.ledger import BATCHES
+from pipeline.engines.batch.step import Pending
 from pipeline.engines.prepared import prepare
 from pipeline.limits import spend
 from pipeline.observe import metrics
@@ -69,7 +71,9 @@ async def batch_step(
         forced_tool=job.plan.structured.tool if job.plan.structured else None,
     )
 
-    def pending(exclude: set[str], failed: dict[str, str]) -> Iterator[tuple[str, str, str | None]]:
+    media = renderer.media
+
+    def pending(exclude: set[str], failed: dict[str, str]) -> Iterator[Pending]:
         for frame in source.batches(table, cfg.batch_size, cfg.limit):
             p = prepare(frame, renderer, done, cache)  # an answer the cache holds is not paid for again
             for row, key in enumerate(p.keys):
@@ -77,7 +81,10 @@ async def batch_step(
                     continue
                 prompt = p.prompts[row]
                 assert prompt is not None
-                yield key, prompt, p.extra[row]
+                described = p.media[row] if p.media is not None else None
+                # A row's images are read again as its line is written: their bytes go into the request file as base64.
+                load = partial(media.load, described, frame, row) if media is not None and described is not None else None
+                yield key, prompt, p.extra[row], load
 
     try:
         outcome = await step.run(pending, cfg.wait)

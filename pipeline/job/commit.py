@@ -78,9 +78,9 @@ def verdict(job: Job) -> metrics.Ending:
     rate = stats.errors / stats.rows_done if stats.rows_done else 0.0
     if rate <= cfg.max_error_rate:
         return metrics.Ending("completed")
-    not_sent = stats.error_kinds.get("not_sent", 0)
+    not_sent, images = stats.error_kinds.get("not_sent", 0), stats.images_not_sent
     advice = ["The output has every row, with the reason in 'error'."]
-    failed = stats.errors - not_sent
+    failed = stats.errors - not_sent - images
     retryable = min(stats.retryable_errors, failed)
     if retryable:
         advice.append(
@@ -98,6 +98,12 @@ def verdict(job: Job) -> metrics.Ending:
             f"{plural(not_sent, 'row was', 'rows were')} not sent because a prompt cell is null or empty: a re-run "
             "cannot fix that; fill the cells in, give the placeholder a default ({notes:} or {notes:n/a}), pass "
             "--null-as-empty, or allow such rows with --max-error-rate."
+        )
+    if images:
+        advice.append(
+            f"{plural(images, 'row was', 'rows were')} not sent because of an image or PDF (missing, unreadable, of a "
+            "type or size the provider does not take, or changed while the run read it; the reason is in 'error'): "
+            "fix those files and run the same command again; rows already answered are not sent again."
         )
     message = (
         f"pipeline: {stats.errors:,} of {plural(stats.rows_done, 'row')} failed ({rate:.1%}), above --max-error-rate "

@@ -250,6 +250,7 @@ def build_engine(
         system_prompt=cfg.system,
         structured=plan.structured,
         cache=cache,
+        media=plan.renderer.media,
         pricing=spend.pricing_for(cfg, batch=False),  # batch mode's online fallback pays the online price
         layout=plan.layout,
     )

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import statistics
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
 import orjson
@@ -31,6 +31,8 @@ from pipeline.config import BATCH_DISCOUNT, RunConfig
 from pipeline.engines.prepared import Prepared, prepare
 from pipeline.limits import spend
 from pipeline.models import configs as model_configs
+from pipeline.observe import estimate_media
+from pipeline.observe.estimate_media import MediaTotals
 from pipeline.plan import NOWHERE, preflight
 from pipeline.providers import MIN_SECRET, Provider, make_provider
 from pipeline.providers.anthropic import AnthropicMessages
@@ -40,7 +42,7 @@ from pipeline.providers.transport import AiohttpTransport
 from pipeline.requests.prompts import Renderer
 from pipeline.rules import worst_out
 from pipeline.tables import source
-from pipeline.tables.checkpoint import RESULT_COLUMNS, STORED_SCHEMA, read_done
+from pipeline.tables.checkpoint import STORED_SCHEMA, read_done
 
 COUNTING_PROVIDERS = ("anthropic", "modelslab")  # both serve /v1/messages/count_tokens
 COUNT_CONCURRENCY, COUNT_TIMEOUT = 4, 30.0
@@ -48,9 +50,6 @@ DEFAULT_LATENCY = 1.0  # seconds a request, until a run has measured one
 ESTIMATED = "estimate: about 4 bytes a token"
 EXACT = "exact, from the provider's count endpoint"
 BOUND = "1 token a byte of the request"  # spend.BOUND_LABEL, said briefly
-STATUS, PROMPT_TOKENS, COMPLETION_TOKENS, TOKENS_ESTIMATED = (
-    RESULT_COLUMNS.index(c) for c in ("status", "prompt_tokens", "completion_tokens", "tokens_estimated")
-)
 COUNT_FIELDS = ("model", "system", "messages", "tools", "tool_choice")  # what count_tokens accepts
 SAMPLE_CHARS = 400  # characters of each text in a sample request shown, without --full
 
@@ -80,10 +79,11 @@ class Scan:
     request_bytes: int  # payload + system, summed over the requests to send
     rule_tokens: int  # the 4-bytes rule, summed the same way
     charged_tokens: int  # what the --tpm limiter will charge for them
-    samples: tuple[tuple[str, str | None], ...]  # the first requests to send, in input order
+    samples: tuple[tuple[str, str | None, str | None], ...]  # the first requests to send (and their images), in input order
     count_sample: tuple[tuple[str, int], ...]  # (payload, bytes) of up to count_limit requests, uniformly chosen
     payload_bytes: int = 0  # the payloads alone, summed over the requests to send: the run's byte bound adds the body
     seen: Seen = Seen()
+    media: MediaTotals = field(default_factory=MediaTotals)  # the requests' images and PDFs, their tokens by the rule
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,7 @@ class Estimate:
     tokens_out_method: str = ""
     cost_typical: float | None = None
     cost_most: float | None = None
+    images: str | None = None  # the report's line about the requests' images, when they carry any
 
     @property
     def most_in(self) -> int:
@@ -125,27 +126,40 @@ def measured_latency(done: pl.DataFrame) -> tuple[float, str]:
 
 def _batch_requests(p: Prepared, system_bytes: int) -> pl.DataFrame:
     """One row per row of the batch: its key, payload, whether it can be sent and whether it is answered already."""
-    return pl.DataFrame(
-        {"key": p.keys, "payload": p.prompts, "extra": p.extra, "skip": p.skip, "charge": p.tokens},
-        schema={"key": pl.String, "payload": pl.String, "extra": pl.String, "skip": pl.String, "charge": pl.Int64},
-    ).with_columns(
-        sendable=pl.col("skip").is_null() & pl.col("key").is_not_null(),
-        cached=pl.int_range(pl.len()).is_in(pl.Series(list(p.cached), dtype=pl.Int64).implode()),
-        # 60 bits of the (uniform) key hash: an 8-byte stand-in for the key when de-duplicating,
-        # and the smallest ids make a uniform, repeatable sample for the count endpoint.
-        id=pl.col("key").str.slice(0, 15).str.to_integer(base=16),
-        bytes=pl.col("payload").str.len_bytes().cast(pl.Int64) + system_bytes,
-        payload_bytes=pl.col("payload").str.len_bytes().cast(pl.Int64),
+    media = estimate_media.per_request(p.media, p.media_tokens, p.media_most, len(p.keys))
+    return (
+        pl.DataFrame(
+            {"key": p.keys, "payload": p.prompts, "extra": p.extra, "skip": p.skip, "charge": p.tokens, "media": p.media},
+            schema={
+                "key": pl.String,
+                "payload": pl.String,
+                "extra": pl.String,
+                "skip": pl.String,
+                "charge": pl.Int64,
+                "media": pl.String,
+            },
+        )
+        .hstack(media)
+        .with_columns(
+            sendable=pl.col("skip").is_null() & pl.col("key").is_not_null(),
+            cached=pl.int_range(pl.len()).is_in(pl.Series(list(p.cached), dtype=pl.Int64).implode()),
+            # 60 bits of the (uniform) key hash: an 8-byte stand-in for the key when de-duplicating,
+            # and the smallest ids make a uniform, repeatable sample for the count endpoint.
+            id=pl.col("key").str.slice(0, 15).str.to_integer(base=16),
+            bytes=pl.col("payload").str.len_bytes().cast(pl.Int64) + system_bytes,
+            payload_bytes=pl.col("payload").str.len_bytes().cast(pl.Int64),
+        )
     )
 
 
 def _answered(p: Prepared, df: pl.DataFrame) -> pl.DataFrame:
     """(id, bytes, prompt_tokens, completion_tokens) of this batch's rows answered in the checkpoint
     with usage the server reported (not the pipeline's own estimate)."""
+    images = p.media_tokens or [0] * len(p.keys)  # billed with the prompt: taken out, the rest is per byte of text
     usable = [
-        (row, r[PROMPT_TOKENS], r[COMPLETION_TOKENS] or 0)
+        (row, max(0, r.prompt_tokens - images[row]), r.completion_tokens or 0)
         for row, r in p.cached.items()
-        if r[STATUS] == "ok" and r[PROMPT_TOKENS] is not None and not r[TOKENS_ESTIMATED]
+        if r.status == "ok" and r.prompt_tokens is not None and not r.tokens_estimated
     ]
     if not usable:
         return SEEN_SCHEMA.clear()
@@ -168,7 +182,7 @@ def scan_table(
     rows = not_sendable = skipped = 0
     parts: list[pl.DataFrame] = []  # (id, bytes, charge, payload bytes) of each row to send: 20 bytes a row, not the table
     answered: list[pl.DataFrame] = []  # (id, bytes, prompt and completion tokens) of rows answered already
-    shown = pl.DataFrame(schema={"id": pl.Int64, "payload": pl.String, "extra": pl.String})
+    shown = pl.DataFrame(schema={"id": pl.Int64, "payload": pl.String, "extra": pl.String, "media": pl.String})
     reservoir = pl.DataFrame(schema={"id": pl.Int64, "payload": pl.String, "bytes": pl.Int64})
     # The system prompt as sent, the schema included where the server is told it in words.
     sent = chat_messages(replace(renderer.spec, conversation=False), "")
@@ -185,9 +199,10 @@ def scan_table(
         todo = sendable.filter(~pl.col("cached")).unique(subset="id", keep="first", maintain_order=True)
         parts.append(
             todo.select(
-                "id", pl.col("bytes").cast(pl.Int32), pl.col("charge").cast(pl.Int32), pl.col("payload_bytes").cast(pl.Int32)
+                "id", pl.col("bytes").cast(pl.Int32), pl.col("charge").cast(pl.Int32), pl.col("payload_bytes").cast(pl.Int32),
+                *estimate_media.COLUMNS,
             )
-        )
+        )  # fmt: skip
         if shown.height < samples:
             more = todo.filter(~pl.col("id").is_in(shown.get_column("id").implode())).head(samples - shown.height)
             shown = pl.concat([shown, more.select(shown.columns)])
@@ -195,9 +210,11 @@ def scan_table(
         reservoir = candidates.unique(subset="id").sort("id").head(count_limit)
     # Identical requests are sent once, wherever they sit in the table: one hash pass at the end
     # (is_first_distinct needs a fraction of the memory of unique(subset=...)).
-    empty = pl.DataFrame(schema={"id": pl.Int64, "bytes": pl.Int32, "charge": pl.Int32, "payload_bytes": pl.Int32})
-    requests = pl.concat([empty, *parts])
-    totals = requests.filter(pl.col("id").is_first_distinct()).select(
+    empty = pl.DataFrame(
+        schema={"id": pl.Int64, "bytes": pl.Int32, "charge": pl.Int32, "payload_bytes": pl.Int32, **estimate_media.COLUMNS}
+    )
+    requests = pl.concat([empty, *parts]).filter(pl.col("id").is_first_distinct())
+    totals = requests.select(
         n=pl.len(),
         bytes=pl.col("bytes").cast(pl.Int64).sum(),
         rule=((pl.col("bytes").cast(pl.Int64) + 3) // 4).clip(lower_bound=1).sum(),
@@ -205,6 +222,9 @@ def scan_table(
         payload=pl.col("payload_bytes").cast(pl.Int64).sum(),
     )
     n, request_bytes, rule_tokens, charged, payload_bytes = (int(v) for v in totals.row(0))
+    media = estimate_media.totals(
+        requests.select(pl.col(c).cast(pl.Int64).sum() for c in estimate_media.COLUMNS).row(0, named=True)
+    )
     seen_rows = pl.concat([SEEN_SCHEMA, *answered])
     seen = Seen(
         *(
@@ -214,11 +234,12 @@ def scan_table(
             .row(0)
         )
     )
-    samples_rows = tuple(shown.select("payload", "extra").rows())
+    samples_rows = tuple(shown.select("payload", "extra", "media").rows())
     count_sample = tuple(reservoir.select("payload", "bytes").rows())
     return Scan(
-        rows, not_sendable, skipped, n, request_bytes, rule_tokens, charged, samples_rows, count_sample, payload_bytes, seen
-    )
+        rows, not_sendable, skipped, n, request_bytes, rule_tokens, charged, samples_rows, count_sample, payload_bytes, seen,
+        media,
+    )  # fmt: skip
 
 
 async def _count(url: str, headers: Mapping[str, str], bodies: list[bytes], secrets: tuple[str, ...]) -> list[int]:
@@ -297,8 +318,13 @@ def figures(cfg: RunConfig, scan: Scan, tokens: tuple[int, str], latency: tuple[
         per_out = None  # taken per row from a column: no one worst case (and no ceiling either, see rules.ceiling_refusal)
     out = None if per_out is None else scan.requests * per_out
     exact = tokens[1] == EXACT or scan.requests == 0
-    # The bound the run reserves by: every request's body around an empty prompt plus its prompt, a token a byte.
-    most_in = tokens[0] if exact else max(tokens[0], scan.requests * base_bytes + scan.payload_bytes)
+    # The bound the run reserves by: every request's body around an empty prompt plus its prompt, a token a byte,
+    # and its images at the provider's rule (their most where the size is not known).
+    media = scan.media
+    most_in = tokens[0] + media.most if exact else max(tokens[0], scan.requests * base_bytes + scan.payload_bytes) + media.most
+    if media.items:  # images count by a published rule, never exactly
+        tokens = (tokens[0] + media.tokens, tokens[1] + ("; images by the provider's published rule" if exact else ""))
+        exact = False
     seen = scan.seen
     typical_out: int | None
     if seen.answers:
@@ -352,15 +378,22 @@ def empty_request_bytes(provider: Provider) -> int:
 
 
 def sample_bodies(
-    cfg: RunConfig, renderer: Renderer, rows: tuple[tuple[str, str | None], ...], api_key: str | None, *, full: bool = True
+    cfg: RunConfig,
+    renderer: Renderer,
+    rows: tuple[tuple[str, str | None, str | None], ...],
+    api_key: str | None,
+    *,
+    full: bool = True,
 ) -> tuple[str, ...]:
-    """Request bodies exactly as the provider adapter builds them, with any key in the body masked;
-    unless `full`, each text in them cut to SAMPLE_CHARS characters."""
+    """Request bodies exactly as the provider adapter builds them, with any key in the body masked and
+    each image shown by what it is, not its base64; unless `full`, each text in them cut to SAMPLE_CHARS
+    characters."""
     headers, secrets = cfg.request_headers()
     provider = make_provider(cfg.provider, cfg.setting("base_url") or NOWHERE, renderer.spec, api_key, headers, secrets)
     shown = []
-    for payload, extra in rows:
-        body = orjson.loads(provider.body(payload, extra))
+    for payload, extra, media in rows:
+        body = orjson.loads(provider.body(payload, extra, None, estimate_media.placeholders(media)))
+        body = estimate_media.stand_ins(body, media)
         if "key" in body:  # ModelsLab sends the key in the body
             body["key"] = "***"
         shown.append(orjson.dumps(body if full else _cut(body), option=orjson.OPT_INDENT_2).decode())
@@ -397,7 +430,8 @@ def estimate(cfg: RunConfig, samples: int = 3, *, count_limit: int = 200, full: 
     tokens = count_tokens(cfg, renderer, scan, api_key)
     result = figures(cfg, scan, tokens, measured_latency(done), base_bytes=empty_request_bytes(provider))
     bodies = sample_bodies(cfg, renderer, scan.samples, api_key, full=full)
-    return replace(result, samples=bodies)
+    images = estimate_media.line(scan.media, renderer.media.rules if renderer.media else None)
+    return replace(result, samples=bodies, images=images)
 
 
 def _duration(seconds: float) -> str:
@@ -417,12 +451,15 @@ def report(cfg: RunConfig, est: Estimate) -> str:
         f"  rows: {est.rows:,}; already answered (skipped): {est.skipped:,}; not sendable (null/empty): {est.not_sendable:,}; "
         f"requests to send: {est.requests:,}"
     )
+    if est.images:
+        lines.append(est.images)
     if est.tokens_in_exact:
         lines.append(f"  tokens in: {est.tokens_in:,} ({est.tokens_in_method})")
     else:
+        images = " and the images by the rule" if est.images else ""
         lines.append(
             f"  tokens in: about {est.tokens_in:,} ({est.tokens_in_method}); "
-            f"at most {est.most_in:,} (bound: {BOUND}, as the run's spend ceiling counts it)"
+            f"at most {est.most_in:,} (bound: {BOUND}{images}, as the run's spend ceiling counts it)"
         )
     if est.tokens_out is None:
         typical = "" if est.tokens_out_typical is None else f"; about {est.tokens_out_typical:,} ({est.tokens_out_method})"

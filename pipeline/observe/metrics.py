@@ -209,7 +209,7 @@ def build(
     stats.roll_up()  # several models: what each one's governor learned, as the run's
     if not stats.timeline or stats.timeline[-1]["t"] < wall:
         stats.sample(wall)  # the last state, so the timeline ends where the run did
-    not_sent_kinds = sum(stats.error_kinds.get(k, 0) for k in ("not_sent", "spend_ceiling", *NOT_SENT))
+    not_sent_kinds = sum(stats.error_kinds.get(k, 0) for k in ("not_sent", "spend_ceiling", *NOT_SENT)) + stats.images_not_sent
     worked = stats.rows_done - stats.from_checkpoint - stats.from_cache  # rows answered without a request take no time
     return {
         "schema": SCHEMA,

@@ -64,6 +64,12 @@ class RunStats:
     timeline: list[dict[str, float | int]] = field(default_factory=list)
     sample_every: float = 1.0  # seconds between samples; doubles each time the timeline is thinned
 
+    @property
+    def images_not_sent(self) -> int:
+        """Rows held back by their images: missing, unreadable, of a type or size the provider does not
+        take, or changed between being read and being sent (error kinds image_*)."""
+        return sum(n for kind, n in self.error_kinds.items() if kind.startswith("image_"))
+
     def sample(self, t: float) -> None:
         """Record the counters at `t` seconds into the run. Past TIMELINE_MAX samples every other one is
         dropped and the interval doubles, so a week-long run keeps a timeline of the same size as an hour's."""

@@ -5,7 +5,8 @@ As in Anthropic's SDK, the base URL is the part before `/v1/messages`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import base64
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -23,11 +24,25 @@ from pipeline.providers.base import (
 )
 from pipeline.providers.modelslab import classify_message
 from pipeline.providers.openai import row_params
+from pipeline.requests.media import Attachment
 from pipeline.requests.structured import TOOL_NAME
 from pipeline.requests.tools import anthropic_calls, anthropic_choice, anthropic_tools
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 1024  # the API requires max_tokens; used when the user sets none
+
+
+def content_blocks(attachments: Sequence[Attachment]) -> list[dict[str, Any]]:
+    """Anthropic's `image` and `document` (PDF) blocks: base64 sources, or a URL source for the API to fetch."""
+    blocks: list[dict[str, Any]] = []
+    for a in attachments:
+        source: dict[str, Any]
+        if a.data is None:
+            source = {"type": "url", "url": a.url}
+        else:
+            source = {"type": "base64", "media_type": a.mime, "data": base64.b64encode(a.data).decode("ascii")}
+        blocks.append({"type": "document" if a.document else "image", "source": source})
+    return blocks
 
 
 class AnthropicMessages(Wire):
@@ -63,7 +78,13 @@ class AnthropicMessages(Wire):
     def use_json_object(self) -> bool:
         return False
 
-    def body(self, payload: str, extra: str | None = None, followup: list[dict[str, str]] | None = None) -> bytes:
+    def body(
+        self,
+        payload: str,
+        extra: str | None = None,
+        followup: list[dict[str, str]] | None = None,
+        attachments: Sequence[Attachment] = (),
+    ) -> bytes:
         params = self._params
         if self._spec.conversation:
             turns = orjson.loads(payload)
@@ -72,6 +93,8 @@ class AnthropicMessages(Wire):
             messages = [t for t in turns if t.get("role") != "system"]
             if system:
                 params = {**params, "system": "\n\n".join([*([params["system"]] if "system" in params else []), *system])}
+        elif attachments:  # images first: Claude works best with images before the text about them
+            messages = [{"role": "user", "content": [*content_blocks(attachments), {"type": "text", "text": payload}]}]
         else:
             messages = [{"role": "user", "content": payload}]
         if followup:

@@ -12,7 +12,7 @@ import email.utils
 import math
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -21,6 +21,7 @@ import orjson
 
 from pipeline import errors
 from pipeline.config import CREDENTIAL_HEADERS
+from pipeline.requests.media import Attachment
 from pipeline.requests.prompts import RequestSpec
 
 
@@ -61,9 +62,15 @@ class Provider(Protocol):
         """Ask for the schema as json_object from now on; False when this adapter cannot."""
         ...
 
-    def body(self, payload: str, extra: str | None = None, followup: list[dict[str, str]] | None = None) -> bytes:
-        """Request bytes for one row: a prompt (or a JSON list of messages), per-row
-        parameters as a JSON object, and turns that ask again after an invalid reply."""
+    def body(
+        self,
+        payload: str,
+        extra: str | None = None,
+        followup: list[dict[str, str]] | None = None,
+        attachments: Sequence[Attachment] = (),
+    ) -> bytes:
+        """Request bytes for one row: a prompt (or a JSON list of messages), per-row parameters as a
+        JSON object, turns that ask again after an invalid reply, and the row's images and documents."""
         ...
 
     def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> Completion: ...

@@ -3,7 +3,7 @@ and errors may come back as HTTP 200 with `{"status": "error", "message": ...}`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -21,6 +21,7 @@ from pipeline.providers.base import (
     retry_after,
 )
 from pipeline.providers.openai import SchemaForms, chat_messages, generation_params, parse_choices, row_params
+from pipeline.requests.media import Attachment
 
 _AUTH_WORDS = ("api key", "unauthori", "invalid key", "not authenticated")
 _QUOTA_WORDS = ("credit", "balance", "quota", "subscription", "plan limit")
@@ -58,8 +59,14 @@ class ModelsLabChat(SchemaForms):
         self._key = api_key or ""  # the key rides in the body, not in a header
         self._params = generation_params(self._spec)
 
-    def body(self, payload: str, extra: str | None = None, followup: list[dict[str, str]] | None = None) -> bytes:
-        messages = chat_messages(self._spec, payload, followup)
+    def body(
+        self,
+        payload: str,
+        extra: str | None = None,
+        followup: list[dict[str, str]] | None = None,
+        attachments: Sequence[Attachment] = (),
+    ) -> bytes:
+        messages = chat_messages(self._spec, payload, followup, attachments)  # images as OpenAI's parts
         return orjson.dumps(
             {"key": self._key, "model_id": self._spec.model, "messages": messages, **self._params, **row_params(extra)}
         )

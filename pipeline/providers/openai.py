@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import base64
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -21,24 +22,53 @@ from pipeline.providers.base import (
     retry_after,
     usage_of,
 )
+from pipeline.requests.media import Attachment
 from pipeline.requests.prompts import RequestSpec
 from pipeline.requests.structured import schema_instruction
 from pipeline.requests.tools import openai_calls, openai_choice
 
 
-def chat_messages(spec: RequestSpec, payload: str, followup: list[dict[str, str]] | None = None) -> list[dict[str, Any]]:
-    """System prompt (plus the schema, where the server is told it in words), then the row's turns."""
+def chat_messages(
+    spec: RequestSpec, payload: str, followup: list[dict[str, str]] | None = None, attachments: Sequence[Attachment] = ()
+) -> list[dict[str, Any]]:
+    """System prompt (plus the schema, where the server is told it in words), then the row's turns;
+    a row's images and documents go in its user turn, before its text."""
     system = spec.system or ""
     if spec.schema is not None and spec.json_mode == "json_object":
         system = (system + "\n\n" if system else "") + schema_instruction(spec.schema)
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     if spec.conversation:
         messages.extend(orjson.loads(payload))
+    elif attachments:
+        messages.append(
+            {"role": "user", "content": [*content_parts(attachments, spec.image_detail), {"type": "text", "text": payload}]}
+        )
     else:
         messages.append({"role": "user", "content": payload})
     if followup:
         messages.extend(followup)
     return messages
+
+
+def content_parts(attachments: Sequence[Attachment], detail: str | None = None) -> list[dict[str, Any]]:
+    """OpenAI's content parts: an image as `image_url` (a data: URL, or the URL for the server to fetch),
+    a PDF as a `file` part (Chat Completions takes PDFs only as base64 file_data; ModelsLab takes a URL there too)."""
+    parts: list[dict[str, Any]] = []
+    for a in attachments:
+        where = a.url if a.data is None else data_url(a)
+        if a.document:
+            parts.append({"type": "file", "file": {"filename": a.name, "file_data": where}})
+        else:
+            image: dict[str, Any] = {"url": where}
+            if detail is not None:
+                image["detail"] = detail
+            parts.append({"type": "image_url", "image_url": image})
+    return parts
+
+
+def data_url(a: Attachment) -> str:
+    assert a.data is not None
+    return f"data:{a.mime};base64,{base64.b64encode(a.data).decode('ascii')}"
 
 
 def row_params(extra: str | None) -> dict[str, Any]:
@@ -142,10 +172,16 @@ class OpenAIChat(SchemaForms):
     def _ready(self, api_key: str | None) -> None:
         self._params = generation_params(self._spec)
 
-    def body(self, payload: str, extra: str | None = None, followup: list[dict[str, str]] | None = None) -> bytes:
+    def body(
+        self,
+        payload: str,
+        extra: str | None = None,
+        followup: list[dict[str, str]] | None = None,
+        attachments: Sequence[Attachment] = (),
+    ) -> bytes:
         if self._spec.verbatim:  # a batch-request line's body: sent as the file gives it
             return payload.encode()
-        messages = chat_messages(self._spec, payload, followup)
+        messages = chat_messages(self._spec, payload, followup, attachments)
         return orjson.dumps({"model": self._spec.model, "messages": messages, **self._params, **row_params(extra)})
 
     def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> Completion:

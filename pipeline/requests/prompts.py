@@ -17,6 +17,7 @@ import polars as pl
 
 from pipeline.errors import ConfigError, InputError
 from pipeline.requests.fields import did_you_mean, dtype_of, field_names, field_of, struct_problem
+from pipeline.requests.media import MEDIA_KEY, MEDIA_SKIP, MEDIA_TOKENS, MediaColumns
 
 # Column names the pipeline adds to every row; the sink relies on them being free.
 PROMPT, EXTRA, SKIP_REASON, KEY, EST_TOKENS = "__prompt", "__extra", "__skip_reason", "__request_key", "__est_tokens"
@@ -150,6 +151,7 @@ class RequestSpec:
     schema: dict[str, Any] | None = None  # JSON Schema the reply must follow
     json_mode: str = "json_schema"
     verbatim: bool = False  # each row's payload is a whole request body (an OpenAI batch-request line's), sent as it is
+    image_detail: str | None = None  # OpenAI's image detail (low, high, auto); None: not sent
     tools: tuple[dict[str, Any], ...] | None = None  # OpenAI tool definitions offered with every request
     tool_choice: str | None = None  # auto, none, required or a tool's name; None: the server's default
     tool_columns: bool = False  # the forced tool's arguments are the answer (checked, typed columns)
@@ -177,6 +179,8 @@ class RequestSpec:
             shared["conversation"] = True
         if self.schema is not None:
             shared["schema"], shared["json_mode"] = self.schema, self.json_mode
+        if self.image_detail is not None:
+            shared["image_detail"] = self.image_detail
         if self.tools is not None:
             shared["tools"], shared["tool_choice"] = list(self.tools), self.tool_choice
             if self.tool_columns:  # the answer kept is the call's arguments, checked: not what a plain run keeps
@@ -196,6 +200,7 @@ class Renderer:
     param_columns: dict[str, str] = field(default_factory=dict)
     null_as_empty: bool = False  # a null or empty template cell renders as empty text instead of holding the row back
     list_join: str | None = None  # list cells of scalars joined with this text; None: as JSON
+    media: MediaColumns | None = None  # image and document columns (--image-column), sent with each row's prompt
 
     def _source_columns(self) -> tuple[str, ...]:
         if self.template is not None:
@@ -204,11 +209,20 @@ class Renderer:
 
     def needed_columns(self) -> tuple[str, ...]:
         extra = (self.id_column,) if self.id_column else ()
-        return tuple(dict.fromkeys(self._source_columns() + extra + tuple(self.param_columns.values())))
+        images = self.media.columns if self.media else ()
+        return tuple(dict.fromkeys(self._source_columns() + extra + tuple(self.param_columns.values()) + images))
 
     def check(self, schema: pl.Schema, where: str, hint: str = "") -> None:
         """Refuse, before anything is sent, columns that are not there or cannot be shown; `hint` ends the missing-column message."""
         columns = list(schema.names())
+        absent = [c for c in (self.media.columns if self.media else ()) if c not in columns]
+        if absent:
+            near = did_you_mean(absent[0], columns)
+            raise InputError(
+                f"The image column{'s' if len(absent) > 1 else ''} {', '.join(repr(c) for c in absent)} (--image-column) "
+                f"{'are' if len(absent) > 1 else 'is'} not in {where}. Its columns are: {', '.join(repr(c) for c in columns)}."
+                + (f" Did you mean {near!r}?" if near else hint)
+            )
         fields = self.template.columns if self.template else ()
         # A template's {user.plan} reaches into a struct column; the other settings name whole columns.
         missing = [c for c in self.needed_columns() if c not in columns and not (c in fields and field_of(c, schema))]
@@ -228,6 +242,8 @@ class Renderer:
                 f"{what} column{'s' if len(missing) > 1 else ''} {', '.join(repr(m) for m in missing)}, "
                 f"which {where} does not have. Its columns are: {', '.join(repr(c) for c in columns)}.{hint}"
             )
+        if self.media is not None and (why := self.media.check(schema, where)) is not None:
+            raise InputError(why)
         if self.messages_column:
             dtype = schema[self.messages_column]
             inner = dtype.inner if isinstance(dtype, pl.List) else None
@@ -334,6 +350,11 @@ class Renderer:
             reason = [None if b is None else f"not sent: column '{self.messages_column}' {b}" for b in bad]
             out = out.with_columns(pl.coalesce(pl.col(SKIP_REASON), pl.Series(reason, dtype=pl.String)).alias(SKIP_REASON))
             out = out.with_columns(pl.when(pl.col(SKIP_REASON).is_null()).then(pl.col(PROMPT)).alias(PROMPT))
+        if self.media is not None:
+            # Images are read for the rows still to send: their reasons come after the prompt's.
+            media = self.media.render(df, out.get_column(SKIP_REASON).to_list())
+            out = pl.concat([out, media], how="horizontal")
+            out = out.with_columns(pl.coalesce(SKIP_REASON, MEDIA_SKIP).alias(SKIP_REASON))
         if self.param_columns:
             fields = [pl.col(col).alias(param) for param, col in sorted(self.param_columns.items())]
             out = out.with_columns(pl.struct(fields).struct.json_encode().alias(EXTRA))
@@ -347,14 +368,16 @@ class Renderer:
             material.insert(0, pl.col(self.id_column).cast(pl.String).fill_null(""))
         if self.param_columns:
             material.append(pl.col(EXTRA))
+        if self.media is not None:  # each image's bytes by their hash (a URL sent unfetched by itself)
+            material.append(pl.col(MEDIA_KEY))
         joined = out.select(pl.concat_str(material, separator="\x1f")).to_series().to_list()
         keys = [None if m is None else blake2b(prefix + m.encode(), digest_size=16).hexdigest() for m in joined]
         # Roughly four bytes a token for English text; only used to pace --tpm.
         system_tokens = len((self.spec.system or "").encode()) // 4
-        return out.with_columns(
-            pl.Series(KEY, keys, dtype=pl.String),
-            (pl.col(PROMPT).str.len_bytes() // 4 + system_tokens + 8 + (self.spec.max_tokens or 256)).alias(EST_TOKENS),
-        )
+        estimate = pl.col(PROMPT).str.len_bytes() // 4 + system_tokens + 8 + (self.spec.max_tokens or 256)
+        if self.media is not None:
+            estimate = estimate + pl.col(MEDIA_TOKENS)
+        return out.with_columns(pl.Series(KEY, keys, dtype=pl.String), estimate.alias(EST_TOKENS))
 
 
 # A JSON string, escapes included; a member whose value is null.

@@ -9,7 +9,7 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,6 +21,7 @@ from pipeline.engines.batch.ledger import Entry, Ledger
 from pipeline.engines.online import answer_fields
 from pipeline.limits.spend import Pricing
 from pipeline.providers import Provider, read_reply
+from pipeline.requests.media import Attachment, Unreadable
 from pipeline.requests.prompts import estimate_tokens
 from pipeline.requests.tools import arguments_text
 from pipeline.tables.checkpoint import Checkpoint, Result
@@ -29,6 +30,8 @@ from pipeline.tables.responses import ResponseLog
 FIRST_POLL, POLL_FACTOR, POLL_MAX = 2.0, 1.5, 300.0  # --wait: seconds before the first poll, growth, cap
 # OpenAI's limits per batch file (50,000 lines, 200 MB); files are cut at 95% of the bytes.
 MAX_LINES, MAX_BYTES = 50_000, 200 * 1024 * 1024
+# A row still to answer: its key, payload, per-row parameters, and what reads its images (None: it has none).
+Pending = tuple[str, str, str | None, Callable[[], Sequence[Attachment]] | None]
 
 
 @dataclass
@@ -74,10 +77,8 @@ class BatchStep:
         self.forced_tool = forced_tool  # --tool-columns: the answer is this tool's call's arguments
         self.outcome = Outcome()
 
-    async def run(
-        self, pending: Callable[[set[str], dict[str, str]], Iterator[tuple[str, str, str | None]]], wait: bool
-    ) -> Outcome:
-        """`pending(exclude, failed)` yields (key, payload, extra) for each row the checkpoint has not answered;
+    async def run(self, pending: Callable[[set[str], dict[str, str]], Iterator[Pending]], wait: bool) -> Outcome:
+        """`pending(exclude, failed)` yields (key, payload, extra, images) for each row the checkpoint has not answered;
         those in `exclude` (in an open batch, or answered by a batch folded now) and `failed` are skipped."""
         entries = self.ledger.entries()
         self.ledger.forget_orphans(entries)
@@ -285,14 +286,13 @@ class BatchStep:
         return Result(c.text, pt, ct, pt + ct, c.finish_reason, c.model, "ok", None, attempts, None, key, estimated, cost,
                       **answer_fields(c)), None  # fmt: skip
 
-    async def _submit(
-        self, rows: Iterator[tuple[str, str, str | None]], attempts: Counter[str], entries: dict[str, Entry]
-    ) -> None:
+    async def _submit(self, rows: Iterator[Pending], attempts: Counter[str], entries: dict[str, Entry]) -> None:
         """Write the rows still to answer into request files within the limits, one model per file (OpenAI
-        refuses a file that mixes models, as an input of batch requests may), and submit each."""
+        refuses a file that mixes models, as an input of batch requests may), and submit each. A row's
+        images go into its line as base64 (read now, one row at a time: memory holds one line)."""
         files: dict[str, tuple[Any, Entry, int]] = {}  # model -> (open file, entry, bytes written)
         seen: set[str] = set()
-        for key, payload, extra in rows:
+        for key, payload, extra, images in rows:
             if key in seen:
                 continue  # identical rows share one line
             seen.add(key)
@@ -301,8 +301,16 @@ class BatchStep:
             if attempts[key] >= self.max_attempts:
                 self.outcome.failed[key] = f"not answered after {attempts[key]} batch submissions"
                 continue
-            body = orjson.loads(self.provider.body(payload, extra))
+            try:
+                attachments = images() if images is not None else ()
+            except Unreadable as err:  # gone or changed since it was read: not in this batch, and said why
+                self.outcome.failed[key] = f"not sent: {err.message}"
+                continue
+            body = orjson.loads(self.provider.body(payload, extra, None, attachments))
             line = orjson.dumps({"custom_id": key, "method": "POST", "url": ENDPOINT, "body": body}) + b"\n"
+            if len(line) > MAX_BYTES * 0.95:
+                self.outcome.failed[key] = f"not sent: its request is {len(line) / 1e6:,.0f} MB, over a batch file's 200 MB"
+                continue
             model = str(body.get("model"))
             current = files.get(model)
             if current is not None and (current[1].n >= self.max_lines or current[2] + len(line) > MAX_BYTES * 0.95):
