@@ -96,10 +96,6 @@ def connect(ray: Any, cfg: RunConfig) -> bool:
         # Ray's core logs at level "error" what is only a caveat for our actors (Ray Data keeps their
         # constructor arguments in the object store); real failures still raise. A user's own setting wins.
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-        # Calls made without waiting for their answer (settlements, leases handed back) that an actor's end
-        # at shutdown fails are logged by Ray as "Unhandled error ... ActorDiedError" on the run's stderr;
-        # every call whose answer matters is waited for, and raises.
-        os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     if cfg.ray_address:
         try:
             with _stderr_without(() if loud else ("logging.cc:",)):
