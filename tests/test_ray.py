@@ -91,9 +91,10 @@ def test_one_rate_budget_for_the_whole_cluster(cluster: Any) -> None:
         write_table("in.csv", texts(600))
         result = run_cli(*args(server, *RAY, "--rpm", "3000", "--no-adapt", "--concurrency", "32"))
         assert result.exit_code == 0, result.output
-        assert server.stats().get("429", 0) == 0, server.stats()
+        assert server.stats()["status_429"] == 0, server.stats()  # never over 50 in a wall-clock second
         per_second = [b["ok"] for b in server.timeline()["buckets"]]
-    assert max(per_second) <= 50
+    # The timeline's seconds start at the first request, not on the wall clock's: a steady 50/s may show 51-52.
+    assert max(per_second) <= 55, per_second
     busy = per_second[1:-1]  # whole seconds only
     assert sum(busy) / len(busy) >= 40, per_second  # a static split or a lost lease would show as a shortfall
 
