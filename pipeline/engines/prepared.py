@@ -68,18 +68,30 @@ def prepare(frame: pl.DataFrame, renderer: Renderer, done: pl.DataFrame, cache: 
     if done.height:
         hit, rows = lookup(done, keys)
         cached = dict(zip(hit.arg_true().to_list(), map(Result.stored, rows.rows()), strict=True))
-    key_list, skip = keys.to_list(), rendered.get_column(SKIP_REASON).to_list()
+    return assemble(frame, rendered, keys.to_list(), rendered.get_column(SKIP_REASON).to_list(), cached, cache)
+
+
+def assemble(
+    frame: pl.DataFrame,
+    rendered: pl.DataFrame,
+    keys: list[str | None],
+    skip: list[str | None],
+    cached: dict[int, Result],
+    cache: Answers | None,
+) -> Prepared:
+    """A rendered batch as the engine takes it: the rows answered already (`cached`, which the answer
+    cache's hits join) and, for the others, what to send. The local engine's and a Ray actor's."""
     from_cache: frozenset[int] = frozenset()
     if cache is not None:
-        answered = cache_hits(cache, key_list, skip, cached)
-        cached.update(answered)
-        from_cache = frozenset(answered)
+        hits = cache_hits(cache, keys, skip, cached)
+        cached.update(hits)
+        from_cache = frozenset(hits)
     return Prepared(
         frame=frame,
         prompts=rendered.get_column(PROMPT).to_list(),
         extra=rendered.get_column(EXTRA).to_list(),
         skip=skip,
-        keys=key_list,
+        keys=keys,
         tokens=rendered.get_column(EST_TOKENS).to_list(),
         cached=cached,
         from_cache=from_cache,

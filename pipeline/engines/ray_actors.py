@@ -42,7 +42,7 @@ import pyarrow as pa
 from pipeline import errors
 from pipeline.config import RunConfig
 from pipeline.engines.online import Engine
-from pipeline.engines.prepared import Prepared, cache_hits, media_lists
+from pipeline.engines.prepared import Prepared, assemble
 from pipeline.engines.ray_coordinator import SUMMED
 from pipeline.limits import spend
 from pipeline.limits.governor import Governor
@@ -489,21 +489,6 @@ class Sender:
         cached = dict(zip(answered.arg_true().to_list(), map(Result.stored, given.filter(answered).rows()), strict=True))
         if self._recovered:
             cached.update({row: self._recovered[k] for row, k in enumerate(keys) if k in self._recovered and row not in cached})
-        from_cache: frozenset[int] = frozenset()
-        if self.cache is not None:
-            hits = cache_hits(self.cache, keys, skip, cached)
-            cached.update(hits)
-            from_cache = frozenset(hits)
-        to_send = len({k for row, k in enumerate(keys) if k is not None and skip[row] is None and row not in cached})
-        prepared = Prepared(
-            frame=inputs,
-            prompts=frame.get_column(PROMPT).to_list(),
-            extra=frame.get_column(EXTRA).to_list(),
-            skip=skip,
-            keys=keys,
-            tokens=frame.get_column(EST_TOKENS).to_list(),
-            cached=cached,
-            from_cache=from_cache,
-            **(media_lists(frame) if MEDIA in frame.columns else {}),
-        )
+        prepared = assemble(inputs, frame, keys, skip, cached, self.cache)
+        to_send = len({k for row, k in enumerate(keys) if k is not None and skip[row] is None and row not in prepared.cached})
         return prepared, to_send
