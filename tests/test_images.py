@@ -51,18 +51,24 @@ def args(
     ]  # fmt: skip
 
 
-@pytest.fixture
-def files() -> dict[str, bytes]:
-    """A table in data/ whose image cells are paths relative to it: two PNGs and a PDF."""
+def image_table(*more: dict[str, Any]) -> dict[str, bytes]:
+    """data/rows.csv, whose image cells are paths relative to it: two PNGs and a PDF (and `more` rows);
+    returns the files' bytes by path."""
     made = {"img/a.png": imagefiles.png(640, 480, seed=1), "img/b.png": imagefiles.png(100, 80, seed=2),
             "docs/invoice.pdf": imagefiles.pdf(2)}  # fmt: skip
     for name, data in made.items():
         Path("data", name).parent.mkdir(parents=True, exist_ok=True)
         Path("data", name).write_bytes(data)
     rows = [{"id": 1, "photo": "img/a.png", "text": "first"}, {"id": 2, "photo": "img/b.png", "text": "second"},
-            {"id": 3, "photo": "docs/invoice.pdf", "text": "third"}]  # fmt: skip
+            {"id": 3, "photo": "docs/invoice.pdf", "text": "third"}, *more]  # fmt: skip
     write_table("data/rows.csv", rows)
     return made
+
+
+@pytest.fixture
+def files() -> dict[str, bytes]:
+    """A table in data/ whose image cells are paths relative to it: two PNGs and a PDF."""
+    return image_table()
 
 
 def test_real_png_and_pdf_reach_an_openai_server_intact(server: FakeLLMServer, files: dict[str, bytes]) -> None:

@@ -16,7 +16,7 @@ from tests import imagefiles
 from tests.conftest import chat_requests, run_cli, write_table
 from tests.fakebatch import FakeBatchServer
 from tests.fakeserver import FakeLLMServer
-from tests.test_images import decoded, label, user_content
+from tests.test_images import decoded, image_table, label, user_content
 
 KEY = "sk-batch-test-0123456789"
 
@@ -31,15 +31,7 @@ def batches(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeBatchServer]:
 @pytest.fixture
 def files() -> dict[str, bytes]:
     """data/rows.csv: two PNGs and a PDF by paths relative to the table, and a row whose file is missing."""
-    made = {"img/a.png": imagefiles.png(640, 480, seed=1), "img/b.png": imagefiles.png(100, 80, seed=2),
-            "docs/invoice.pdf": imagefiles.pdf(2)}  # fmt: skip
-    for name, data in made.items():
-        Path("data", name).parent.mkdir(parents=True, exist_ok=True)
-        Path("data", name).write_bytes(data)
-    rows = [{"id": 1, "photo": "img/a.png", "text": "first"}, {"id": 2, "photo": "img/b.png", "text": "second"},
-            {"id": 3, "photo": "docs/invoice.pdf", "text": "third"}, {"id": 4, "photo": "img/gone.png", "text": "gone"}]  # fmt: skip
-    write_table("data/rows.csv", rows)
-    return made
+    return image_table({"id": 4, "photo": "img/gone.png", "text": "gone"})
 
 
 def batch_job(srv: FakeBatchServer, provider: str, *more: str) -> list[str]:
